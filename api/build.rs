@@ -1,0 +1,16 @@
+//! Compiles `proto/weir/v1/*.proto` with the pure-Rust `protox` compiler (no protoc download)
+//! and hands the descriptors to tonic's code generator.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let protos = ["proto/weir/v1/discovery.proto"];
+    for p in protos {
+        println!("cargo:rerun-if-changed={p}");
+    }
+    let fds = protox::compile(protos, ["proto"])?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .build_transport(false)
+        .compile_fds(fds)?;
+    Ok(())
+}

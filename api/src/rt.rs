@@ -1,0 +1,115 @@
+//! Runtime helpers both binaries share: logging, the shutdown signal, and a small HTTP
+//! server for admin endpoints that drains on shutdown.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// Initialises `tracing`: human-readable by default, JSON when `json`; `level` is an
+/// `EnvFilter` directive (`info`, `weir_proxy=debug`), overridden by `RUST_LOG`.
+pub fn init_logging(level: &str, json: bool) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = if json { builder.json().try_init() } else { builder.try_init() };
+}
+
+/// A drain signal: `true` once shutdown has begun.
+#[derive(Clone)]
+pub struct Drain(watch::Receiver<bool>);
+
+/// The sending half of [`Drain`].
+pub struct DrainTrigger(watch::Sender<bool>);
+
+/// Creates a drain signal pair.
+pub fn drain() -> (DrainTrigger, Drain) {
+    let (tx, rx) = watch::channel(false);
+    (DrainTrigger(tx), Drain(rx))
+}
+
+impl DrainTrigger {
+    /// Starts draining everything holding a [`Drain`].
+    pub fn trigger(&self) {
+        let _ = self.0.send(true);
+    }
+}
+
+impl Drain {
+    /// Completes once draining has started (or the trigger is gone).
+    pub async fn signaled(mut self) {
+        let _ = self.0.wait_for(|d| *d).await;
+    }
+
+    pub fn is_draining(&self) -> bool {
+        *self.0.borrow()
+    }
+}
+
+/// Completes on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received, draining"),
+        _ = int.recv() => tracing::info!("SIGINT received, draining"),
+    }
+}
+
+/// A plain response with a body.
+pub fn text(status: http::StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut rsp = Response::new(Full::new(body.into()));
+    *rsp.status_mut() = status;
+    rsp.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain; charset=utf-8"));
+    rsp
+}
+
+/// A JSON response.
+pub fn json(value: &serde_json::Value) -> Response<Full<Bytes>> {
+    let body = serde_json::to_vec_pretty(value).unwrap_or_default();
+    let mut rsp = Response::new(Full::new(Bytes::from(body)));
+    rsp.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    rsp
+}
+
+/// Serves small HTTP/1.1 admin requests on `listener` until `drain` fires, then gives open
+/// connections up to `grace` to finish.
+pub async fn serve_admin<F, Fut>(listener: TcpListener, handler: F, drain: Drain, grace: Duration)
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
+    let graceful = GracefulShutdown::new();
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let stop = drain.signaled();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else { continue };
+                let handler = handler.clone();
+                let svc = hyper::service::service_fn(move |req| {
+                    let handler = handler.clone();
+                    async move { Ok::<_, Infallible>(handler(req).await) }
+                });
+                let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+            }
+        }
+    }
+    drop(listener);
+    let _ = tokio::time::timeout(grace, graceful.shutdown()).await;
+}

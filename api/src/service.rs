@@ -1,0 +1,95 @@
+//! The local-mode `Service` document: a Service with its endpoints written out, standing in
+//! for a Kubernetes Service plus its EndpointSlices when Weir runs from a directory of YAML.
+//!
+//! ```yaml
+//! kind: Service
+//! metadata: { name: reviews-v1, namespace: shop }
+//! spec:
+//!   ports: [{ port: 80 }]
+//!   endpoints:
+//!   - address: 127.0.0.1:4143     # the endpoint's sidecar inbound listener
+//!     meshed: true
+//!     serviceAccount: reviews
+//!     labels: { version: v1 }
+//! ```
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::validate::{FieldError, dns_label};
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct LocalServiceSpec {
+    /// Ports clients call; empty accepts any port.
+    #[serde(default)]
+    pub ports: Vec<ServicePort>,
+    #[serde(default)]
+    pub endpoints: Vec<LocalEndpoint>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ServicePort {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub port: u16,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct LocalEndpoint {
+    /// `ip:port` to connect to.
+    pub address: String,
+    /// Whether a Weir sidecar listens at `address` (traffic then rides the sidecars'
+    /// multiplexed HTTP/2 hop). Default false: plain HTTP to the address.
+    #[serde(default)]
+    pub meshed: bool,
+    /// The service port this endpoint serves; absent serves every port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// Service account of the endpoint's workload (its mesh identity).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+impl LocalServiceSpec {
+    pub fn validate(&self) -> Result<(), FieldError> {
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, p) in self.ports.iter().enumerate() {
+            if p.port == 0 {
+                return Err(FieldError::new(format!("spec.ports[{i}].port"), "0 is not a port"));
+            }
+            if !seen.insert(p.port) {
+                return Err(FieldError::new(format!("spec.ports[{i}].port"), format!("port {} listed twice", p.port)));
+            }
+        }
+        let mut addrs = std::collections::BTreeSet::new();
+        for (i, e) in self.endpoints.iter().enumerate() {
+            let at = format!("spec.endpoints[{i}]");
+            let addr: SocketAddr = e.address.parse().map_err(|_| {
+                FieldError::new(format!("{at}.address"), format!("{:?} is not an ip:port address", e.address))
+            })?;
+            if addr.port() == 0 {
+                return Err(FieldError::new(format!("{at}.address"), "port 0 cannot be connected to"));
+            }
+            if !addrs.insert((addr, e.port)) {
+                return Err(FieldError::new(format!("{at}.address"), format!("{addr} listed twice")));
+            }
+            if let Some(p) = e.port
+                && !self.ports.is_empty()
+                && !self.ports.iter().any(|sp| sp.port == p)
+            {
+                return Err(FieldError::new(format!("{at}.port"), format!("{p} is not one of the service's ports")));
+            }
+            if let Some(sa) = &e.service_account {
+                dns_label(&format!("{at}.serviceAccount"), sa)?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,81 @@
+//! The controller's admin endpoints: `/live`, `/ready`, `/metrics`, `/resources`, `/stats`.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http::StatusCode;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use tokio::sync::watch;
+use weir_api::rt::{json, text};
+
+use crate::metrics::Metrics;
+use crate::proxies::Proxies;
+use crate::reports::Reports;
+use crate::state::MeshState;
+
+#[derive(Clone)]
+pub struct Admin {
+    pub state: watch::Receiver<Arc<MeshState>>,
+    pub proxies: Proxies,
+    pub metrics: Metrics,
+    pub reports: Arc<Mutex<Reports>>,
+    pub ready: Arc<AtomicBool>,
+}
+
+impl Admin {
+    pub async fn handle(self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        match req.uri().path() {
+            "/live" => text(StatusCode::OK, "live\n"),
+            "/ready" if self.ready.load(Ordering::Acquire) => text(StatusCode::OK, "ready\n"),
+            "/ready" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+            "/metrics" => text(StatusCode::OK, self.metrics.render()),
+            "/resources" => json(&self.resources()),
+            "/stats" => json(&self.reports.lock().unwrap().to_json()),
+            _ => text(StatusCode::NOT_FOUND, "not found: try /live /ready /metrics /resources /stats\n"),
+        }
+    }
+
+    /// Each resource (in force, with the sidecars that acked its version), each rejection, and
+    /// each connected sidecar.
+    fn resources(&self) -> serde_json::Value {
+        let state = self.state.borrow().clone();
+        let proxies = self.proxies.list();
+        let resources: Vec<_> = state
+            .resources
+            .iter()
+            .map(|(key, (origin, version))| {
+                let (acked, pending): (Vec<_>, Vec<_>) =
+                    proxies.iter().partition(|p| p.acked_resources.get(key) == Some(version));
+                let rejection = state.rejections.iter().find(|r| r.resource.as_ref() == Some(key));
+                serde_json::json!({
+                    "kind": key.kind, "namespace": key.namespace, "name": key.name,
+                    "origin": origin, "version": version,
+                    "accepted": rejection.is_none(),
+                    "rejection": rejection.map(|r| r.to_string()),
+                    "ackedBy": acked.iter().map(|p| &p.workload).collect::<Vec<_>>(),
+                    "pendingOn": pending.iter().map(|p| &p.workload).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        let rejected: Vec<_> = state
+            .rejections
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "origin": r.origin, "resource": r.resource.as_ref().map(|k| k.to_string()),
+                    "field": r.field, "message": r.message, "error": r.to_string(),
+                    "previousVersionInForce": r.resource.as_ref().is_some_and(|k| state.resources.contains_key(k)),
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "generation": state.generation,
+            "resources": resources,
+            "rejected": rejected,
+            "proxies": proxies,
+        })
+    }
+}

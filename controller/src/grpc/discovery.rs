@@ -1,0 +1,181 @@
+//! `weir.v1.Discovery/Stream`: one session per sidecar. The session watches the published
+//! [`MeshState`], computes the sidecar's view, and pushes it when it differs from what the
+//! sidecar last received; a slow sidecar only ever gets the newest view (the outgoing channel
+//! holds one message).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use weir_api::proto::{self, controller_message, proxy_message};
+use weir_api::rt::Drain;
+
+use crate::index::ResourceKey;
+use crate::metrics::Metrics;
+use crate::proxies::{NackInfo, ProxyInfo, Proxies};
+use crate::reports::Reports;
+use crate::state::MeshState;
+
+/// How long a new stream may take to say Hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Clone)]
+pub struct DiscoveryService {
+    pub state: watch::Receiver<Arc<MeshState>>,
+    pub proxies: Proxies,
+    pub metrics: Metrics,
+    pub reports: Arc<Mutex<Reports>>,
+    pub drain: Drain,
+}
+
+type Outbound = ReceiverStream<Result<proto::ControllerMessage, Status>>;
+
+#[tonic::async_trait]
+impl proto::discovery_server::Discovery for DiscoveryService {
+    type StreamStream = Outbound;
+
+    async fn stream(&self, request: Request<Streaming<proto::ProxyMessage>>) -> Result<Response<Outbound>, Status> {
+        let mut inbound = request.into_inner();
+        let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no Hello within 10s"))??;
+        let hello = match first.and_then(|m| m.msg) {
+            Some(proxy_message::Msg::Hello(h)) => h,
+            _ => return Err(Status::invalid_argument("the first message on a Discovery stream must be Hello")),
+        };
+        if hello.namespace.is_empty() || hello.name.is_empty() {
+            return Err(Status::invalid_argument("Hello.namespace and Hello.name are required"));
+        }
+        let (tx, rx) = mpsc::channel(1);
+        let session = Session { svc: self.clone(), hello, tx };
+        tokio::spawn(session.run(inbound));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+struct Session {
+    svc: DiscoveryService,
+    hello: proto::Hello,
+    tx: mpsc::Sender<Result<proto::ControllerMessage, Status>>,
+}
+
+/// A snapshot sent and not yet answered.
+struct Pending {
+    version: String,
+    changed_at: Instant,
+    resources: Arc<BTreeMap<ResourceKey, u64>>,
+}
+
+impl Session {
+    async fn run(self, mut inbound: Streaming<proto::ProxyMessage>) {
+        let Session { svc, hello, tx } = self;
+        let workload = format!("{}/{}", hello.namespace, hello.name);
+        let id = svc.proxies.register(ProxyInfo {
+            workload: workload.clone(),
+            service_account: hello.service_account.clone(),
+            labels: hello.labels.clone().into_iter().collect(),
+            proxy_version: hello.proxy_version.clone(),
+            connected_at_unix_ms: unix_ms(),
+            sent_version: None,
+            acked_version: None,
+            nack: None,
+            acked_resources: Arc::default(),
+        });
+        svc.metrics.connected_proxies.inc();
+        tracing::info!(%workload, "sidecar connected");
+
+        let mut state_rx = svc.state.clone();
+        let drain = svc.drain.clone().signaled();
+        tokio::pin!(drain);
+        let mut last_sent: Option<Arc<Vec<proto::Service>>> = None;
+        let mut pending: Option<Pending> = None;
+        loop {
+            let state = state_rx.borrow_and_update().clone();
+            let view = view_for(&hello, &state);
+            let unchanged = last_sent.as_ref().is_some_and(|l| Arc::ptr_eq(l, &view) || **l == *view);
+            if !unchanged {
+                let version = state.generation.to_string();
+                let msg = proto::ControllerMessage {
+                    msg: Some(controller_message::Msg::Snapshot(proto::Snapshot {
+                        version: version.clone(),
+                        services: (*view).clone(),
+                    })),
+                };
+                tokio::select! {
+                    sent = tx.send(Ok(msg)) => if sent.is_err() { break },
+                    _ = &mut drain => break,
+                }
+                svc.metrics.snapshots_pushed.inc();
+                svc.proxies.update(id, |p| p.sent_version = Some(version.clone()));
+                pending = Some(Pending { version, changed_at: state.changed_at, resources: state.resource_versions() });
+                last_sent = Some(view);
+            } else if pending.is_none() {
+                // The view did not change, so the sidecar already runs what this state says.
+                let resources = state.resource_versions();
+                svc.proxies.update(id, |p| {
+                    if p.nack.is_none() {
+                        p.acked_resources = resources
+                    }
+                });
+            }
+
+            tokio::select! {
+                changed = state_rx.changed() => if changed.is_err() { break },
+                msg = inbound.message() => match msg {
+                    Ok(Some(m)) => handle(&svc, id, &workload, m, &mut pending),
+                    Ok(None) => break,
+                    Err(status) => {
+                        tracing::debug!(%workload, %status, "stream ended");
+                        break;
+                    }
+                },
+                _ = &mut drain => break,
+            }
+        }
+        svc.proxies.unregister(id);
+        svc.metrics.connected_proxies.dec();
+        tracing::info!(%workload, "sidecar disconnected");
+    }
+}
+
+fn handle(svc: &DiscoveryService, id: u64, workload: &str, m: proto::ProxyMessage, pending: &mut Option<Pending>) {
+    match m.msg {
+        Some(proxy_message::Msg::Ack(ack)) => {
+            if let Some(p) = pending.take_if(|p| p.version == ack.version) {
+                svc.metrics.push_latency.observe(p.changed_at.elapsed().as_secs_f64());
+                svc.proxies.update(id, |info| {
+                    info.acked_version = Some(ack.version.clone());
+                    info.acked_resources = p.resources;
+                    info.nack = None;
+                });
+            }
+        }
+        Some(proxy_message::Msg::Nack(nack)) => {
+            svc.metrics.nacks.inc();
+            tracing::warn!(%workload, version = %nack.version, reason = %nack.reason, "sidecar rejected snapshot");
+            pending.take_if(|p| p.version == nack.version);
+            svc.proxies.update(id, |info| info.nack = Some(NackInfo { version: nack.version, reason: nack.reason }));
+        }
+        Some(proxy_message::Msg::Report(report)) => {
+            svc.metrics.reports_received.inc();
+            let dropped = svc.reports.lock().unwrap().record(&report);
+            svc.metrics.reports_dropped_series.inc_by(dropped);
+        }
+        Some(proxy_message::Msg::Hello(_)) | None => {
+            tracing::debug!(%workload, "ignoring unexpected message");
+        }
+    }
+}
+
+/// What one sidecar receives. Every sidecar may call every Service today; per-workload
+/// scoping (namespaces it may call, never other workloads' inbound policy) plugs in here.
+fn view_for(_hello: &proto::Hello, state: &MeshState) -> Arc<Vec<proto::Service>> {
+    state.services.clone()
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}

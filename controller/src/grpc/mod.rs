@@ -1,0 +1,3 @@
+//! gRPC servers: [`discovery`] (the per-sidecar config stream).
+
+pub mod discovery;

@@ -1,0 +1,341 @@
+//! The index: every resource the sources produced, which version of each is in force, and
+//! which definitions were rejected and why.
+//!
+//! A rejected definition never removes a working one: the previously accepted version of the
+//! same resource stays in force until a valid definition replaces it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use serde::Serialize;
+use weir_api::route::RouteSpec;
+use weir_api::service::LocalServiceSpec;
+
+/// Resource kinds the index holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum Kind {
+    Service,
+    Route,
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Kind::Service => "Service",
+            Kind::Route => "Route",
+        })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct ResourceKey {
+    pub kind: Kind,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ResourceKey {
+    pub fn new(kind: Kind, namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self { kind, namespace: namespace.into(), name: name.into() }
+    }
+}
+
+impl fmt::Display for ResourceKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Resource {
+    Service(LocalServiceSpec),
+    Route(RouteSpec),
+}
+
+/// One definition a source produced: where it came from and what it parsed to.
+#[derive(Clone, Debug)]
+pub struct Definition {
+    /// Where the definition lives (a file name in local mode).
+    pub origin: String,
+    /// The resource it defines, when that much could be read.
+    pub key: Option<ResourceKey>,
+    pub parsed: Result<Resource, Problem>,
+}
+
+/// Why a definition was rejected.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Problem {
+    /// The field at fault, when one is.
+    pub field: Option<String>,
+    pub message: String,
+}
+
+impl Problem {
+    pub fn new(field: Option<String>, message: impl Into<String>) -> Self {
+        Self { field, message: message.into() }
+    }
+}
+
+/// A source that could not be read at all (e.g. a file that is not YAML): everything it
+/// defined before stays in force.
+#[derive(Clone, Debug)]
+pub struct UnreadableOrigin {
+    pub origin: String,
+    pub message: String,
+}
+
+/// A resource in force.
+#[derive(Clone, Debug)]
+pub struct Entry {
+    pub origin: String,
+    pub resource: Resource,
+    /// Bumped every time the accepted content changes.
+    pub version: u64,
+}
+
+/// A rejected definition, as reported to users.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Rejection {
+    pub origin: String,
+    pub resource: Option<ResourceKey>,
+    pub field: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.origin)?;
+        if let Some(r) = &self.resource {
+            write!(f, ": {r}")?;
+        }
+        if let Some(field) = &self.field {
+            write!(f, ": field {field}")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Index {
+    entries: BTreeMap<ResourceKey, Entry>,
+    rejections: Vec<Rejection>,
+    last_version: u64,
+}
+
+impl Index {
+    pub fn entries(&self) -> &BTreeMap<ResourceKey, Entry> {
+        &self.entries
+    }
+
+    pub fn rejections(&self) -> &[Rejection] {
+        &self.rejections
+    }
+
+    /// Replaces everything with what a full read of the sources produced (local mode reads
+    /// the whole directory on every change). Returns whether the resources in force changed.
+    pub fn replace_all(&mut self, definitions: Vec<Definition>, unreadable: Vec<UnreadableOrigin>) -> bool {
+        let mut next: BTreeMap<ResourceKey, Entry> = BTreeMap::new();
+        let mut rejections = Vec::new();
+        // Keys whose new definition was rejected: their previous version stays in force.
+        let mut keep_previous: BTreeSet<ResourceKey> = BTreeSet::new();
+
+        for u in &unreadable {
+            rejections.push(Rejection { origin: u.origin.clone(), resource: None, field: None, message: u.message.clone() });
+            for (k, e) in &self.entries {
+                if e.origin == u.origin {
+                    keep_previous.insert(k.clone());
+                }
+            }
+        }
+
+        let mut defined_at: BTreeMap<ResourceKey, String> = BTreeMap::new();
+        for def in definitions {
+            match def.parsed {
+                Err(p) => {
+                    if let Some(k) = &def.key {
+                        keep_previous.insert(k.clone());
+                    }
+                    rejections.push(Rejection { origin: def.origin, resource: def.key, field: p.field, message: p.message });
+                }
+                Ok(resource) => {
+                    let key = def.key.expect("a parsed definition has a key");
+                    if let Some(first) = defined_at.get(&key) {
+                        // Prefer the origin that held the resource before, so adding a duplicate
+                        // elsewhere never displaces a working definition.
+                        let incumbent = self.entries.get(&key).map(|e| e.origin.as_str());
+                        if incumbent == Some(def.origin.as_str()) && incumbent != Some(first.as_str()) {
+                            rejections.push(duplicate(first, &key, &def.origin));
+                            defined_at.insert(key.clone(), def.origin.clone());
+                            next.insert(key, Entry { origin: def.origin, resource, version: 0 });
+                        } else {
+                            rejections.push(duplicate(&def.origin, &key, first));
+                        }
+                        continue;
+                    }
+                    defined_at.insert(key.clone(), def.origin.clone());
+                    next.insert(key, Entry { origin: def.origin, resource, version: 0 });
+                }
+            }
+        }
+
+        // Carry over previous versions where the new definition failed (or its file did).
+        for k in &keep_previous {
+            if !next.contains_key(k)
+                && let Some(prev) = self.entries.get(k)
+            {
+                next.insert(k.clone(), prev.clone());
+            }
+        }
+
+        // Cross-object checks: a Route must point at Services that exist.
+        let services: BTreeSet<(String, String)> = next
+            .keys()
+            .filter(|k| k.kind == Kind::Service)
+            .map(|k| (k.namespace.clone(), k.name.clone()))
+            .collect();
+        let routes: Vec<ResourceKey> = next.keys().filter(|k| k.kind == Kind::Route).cloned().collect();
+        for key in routes {
+            let entry = &next[&key];
+            let Resource::Route(spec) = &entry.resource else { continue };
+            if keep_previous.contains(&key) {
+                continue; // a carried-over version is not re-judged
+            }
+            if let Some(problem) = missing_service(&key.namespace, spec, &services) {
+                let origin = entry.origin.clone();
+                next.remove(&key);
+                if let Some(prev) = self.entries.get(&key) {
+                    next.insert(key.clone(), prev.clone());
+                }
+                rejections.push(Rejection {
+                    origin,
+                    resource: Some(key),
+                    field: problem.field,
+                    message: problem.message,
+                });
+            }
+        }
+
+        // Versions: unchanged content keeps its version.
+        let mut changed = next.len() != self.entries.len();
+        for (k, e) in next.iter_mut() {
+            match self.entries.get(k) {
+                Some(prev) if prev.resource == e.resource => {
+                    e.version = prev.version;
+                    if prev.origin != e.origin {
+                        changed = true;
+                    }
+                }
+                _ => {
+                    self.last_version += 1;
+                    e.version = self.last_version;
+                    changed = true;
+                }
+            }
+        }
+        self.entries = next;
+        self.rejections = rejections;
+        changed
+    }
+}
+
+fn duplicate(origin: &str, key: &ResourceKey, other: &str) -> Rejection {
+    Rejection {
+        origin: origin.to_string(),
+        resource: Some(key.clone()),
+        field: Some("metadata.name".into()),
+        message: format!("duplicate: {key} is already defined in {other}"),
+    }
+}
+
+fn missing_service(ns: &str, spec: &RouteSpec, services: &BTreeSet<(String, String)>) -> Option<Problem> {
+    if !services.contains(&(ns.to_string(), spec.service.clone())) {
+        return Some(Problem::new(Some("spec.service".into()), format!("Service {ns}/{} not found", spec.service)));
+    }
+    for (i, rule) in spec.rules.iter().enumerate() {
+        for (j, b) in rule.backend_refs.iter().enumerate() {
+            let bns = b.namespace.as_deref().unwrap_or(ns);
+            if !services.contains(&(bns.to_string(), b.name.clone())) {
+                return Some(Problem::new(
+                    Some(format!("spec.rules[{i}].backendRefs[{j}].name")),
+                    format!("backend Service {bns}/{} not found", b.name),
+                ));
+            }
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc(origin: &str, name: &str) -> Definition {
+        Definition {
+            origin: origin.into(),
+            key: Some(ResourceKey::new(Kind::Service, "ns", name)),
+            parsed: Ok(Resource::Service(LocalServiceSpec::default())),
+        }
+    }
+
+    fn route(origin: &str, name: &str, service: &str, backends: &[(&str, u32)]) -> Definition {
+        let rules = serde_json::json!([{ "backendRefs": backends.iter().map(|(n, w)| serde_json::json!({"name": n, "weight": w})).collect::<Vec<_>>() }]);
+        let spec: RouteSpec = serde_json::from_value(serde_json::json!({"service": service, "rules": rules})).unwrap();
+        Definition { origin: origin.into(), key: Some(ResourceKey::new(Kind::Route, "ns", name)), parsed: Ok(Resource::Route(spec)) }
+    }
+
+    fn weights(index: &Index, name: &str) -> Vec<u32> {
+        match &index.entries()[&ResourceKey::new(Kind::Route, "ns", name)].resource {
+            Resource::Route(r) => r.rules[0].backend_refs.iter().map(|b| b.weight).collect(),
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn rejected_definition_keeps_previous_version() {
+        let mut index = Index::default();
+        assert!(index.replace_all(vec![svc("s.yaml", "a"), svc("s.yaml", "b"), route("r.yaml", "r", "a", &[("a", 1), ("b", 1)])], vec![]));
+        let v = index.entries()[&ResourceKey::new(Kind::Route, "ns", "r")].version;
+        let bad = Definition {
+            origin: "r.yaml".into(),
+            key: Some(ResourceKey::new(Kind::Route, "ns", "r")),
+            parsed: Err(Problem::new(Some("spec.rules[0].backendRefs[0].weight".into()), "negative")),
+        };
+        assert!(!index.replace_all(vec![svc("s.yaml", "a"), svc("s.yaml", "b"), bad], vec![]));
+        assert_eq!(weights(&index, "r"), vec![1, 1]);
+        assert_eq!(index.entries()[&ResourceKey::new(Kind::Route, "ns", "r")].version, v);
+        let rej = &index.rejections()[0];
+        assert_eq!(rej.to_string(), "r.yaml: Route ns/r: field spec.rules[0].backendRefs[0].weight: negative");
+    }
+
+    #[test]
+    fn route_to_missing_service_is_rejected() {
+        let mut index = Index::default();
+        index.replace_all(vec![svc("s.yaml", "a"), route("r.yaml", "r", "a", &[("a", 1)])], vec![]);
+        index.replace_all(vec![svc("s.yaml", "a"), route("r.yaml", "r", "a", &[("a", 1), ("ghost", 1)])], vec![]);
+        assert_eq!(weights(&index, "r"), vec![1]);
+        assert_eq!(index.rejections()[0].field.as_deref(), Some("spec.rules[0].backendRefs[1].name"));
+        assert!(index.rejections()[0].message.contains("ns/ghost not found"));
+    }
+
+    #[test]
+    fn duplicates_never_displace_the_incumbent() {
+        let mut index = Index::default();
+        index.replace_all(vec![svc("b.yaml", "a")], vec![]);
+        index.replace_all(vec![svc("a.yaml", "a"), svc("b.yaml", "a")], vec![]);
+        assert_eq!(index.entries()[&ResourceKey::new(Kind::Service, "ns", "a")].origin, "b.yaml");
+        assert_eq!(index.rejections()[0].origin, "a.yaml");
+        assert!(index.rejections()[0].message.contains("already defined in b.yaml"));
+    }
+
+    #[test]
+    fn unreadable_file_keeps_its_resources() {
+        let mut index = Index::default();
+        index.replace_all(vec![svc("s.yaml", "a")], vec![]);
+        let changed = index.replace_all(vec![], vec![UnreadableOrigin { origin: "s.yaml".into(), message: "bad yaml".into() }]);
+        assert!(!changed);
+        assert_eq!(index.entries().len(), 1);
+        // Deleting the definition for real removes it.
+        assert!(index.replace_all(vec![], vec![]));
+        assert!(index.entries().is_empty());
+    }
+}

@@ -1,0 +1,71 @@
+//! Controller metrics (Prometheus text format on the admin port).
+
+use prometheus::{Encoder, Histogram, HistogramOpts, IntCounter, IntGauge, Registry, TextEncoder};
+
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    pub connected_proxies: IntGauge,
+    pub snapshots_pushed: IntCounter,
+    pub push_latency: Histogram,
+    pub nacks: IntCounter,
+    pub rejected_resources: IntGauge,
+    pub config_reloads: IntCounter,
+    pub reports_received: IntCounter,
+    pub reports_dropped_series: IntCounter,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let connected_proxies = IntGauge::new("weir_controller_connected_proxies", "Sidecars with an open Discovery stream").unwrap();
+        let snapshots_pushed = IntCounter::new("weir_controller_snapshots_pushed_total", "Snapshots sent to sidecars").unwrap();
+        let push_latency = Histogram::with_opts(
+            HistogramOpts::new(
+                "weir_controller_push_latency_seconds",
+                "Time from a configuration change being observed to a sidecar acking the resulting snapshot",
+            )
+            .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+        )
+        .unwrap();
+        let nacks = IntCounter::new("weir_controller_nacks_total", "Snapshots sidecars could not apply").unwrap();
+        let rejected_resources =
+            IntGauge::new("weir_controller_rejected_resources", "Resource definitions currently rejected").unwrap();
+        let config_reloads = IntCounter::new("weir_controller_config_reloads_total", "Full re-reads of the config directory").unwrap();
+        let reports_received = IntCounter::new("weir_controller_reports_received_total", "Traffic reports received from sidecars").unwrap();
+        let reports_dropped_series = IntCounter::new(
+            "weir_controller_report_series_dropped_total",
+            "Report series dropped because the aggregation table was full",
+        )
+        .unwrap();
+        for c in [&snapshots_pushed, &nacks, &config_reloads, &reports_received, &reports_dropped_series] {
+            registry.register(Box::new(c.clone())).unwrap();
+        }
+        registry.register(Box::new(connected_proxies.clone())).unwrap();
+        registry.register(Box::new(rejected_resources.clone())).unwrap();
+        registry.register(Box::new(push_latency.clone())).unwrap();
+        Self {
+            registry,
+            connected_proxies,
+            snapshots_pushed,
+            push_latency,
+            nacks,
+            rejected_resources,
+            config_reloads,
+            reports_received,
+            reports_dropped_series,
+        }
+    }
+
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,45 @@
+//! The published view of the mesh: what the translator made of the index, shared through a
+//! `watch` channel so every sidecar session (and the admin server) sees the newest one.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use weir_api::proto;
+
+use crate::index::{Index, Rejection, ResourceKey};
+
+#[derive(Debug)]
+pub struct MeshState {
+    /// Bumped on every publication.
+    pub generation: u64,
+    /// When the change that led to this state was first observed.
+    pub changed_at: Instant,
+    pub services: Arc<Vec<proto::Service>>,
+    /// Resources in force: key → (origin, version).
+    pub resources: Arc<BTreeMap<ResourceKey, (String, u64)>>,
+    pub rejections: Arc<Vec<Rejection>>,
+}
+
+impl MeshState {
+    pub fn build(index: &Index, generation: u64, changed_at: Instant, previous: Option<&MeshState>) -> Self {
+        let services = crate::translator::services(index);
+        // Keep the same Arc when nothing changed so sessions can skip the comparison.
+        let services = match previous {
+            Some(p) if *p.services == services => p.services.clone(),
+            _ => Arc::new(services),
+        };
+        MeshState {
+            generation,
+            changed_at,
+            services,
+            resources: Arc::new(index.entries().iter().map(|(k, e)| (k.clone(), (e.origin.clone(), e.version))).collect()),
+            rejections: Arc::new(index.rejections().to_vec()),
+        }
+    }
+
+    /// Version of each resource in force (what a sidecar that acks this state has applied).
+    pub fn resource_versions(&self) -> Arc<BTreeMap<ResourceKey, u64>> {
+        Arc::new(self.resources.iter().map(|(k, (_, v))| (k.clone(), *v)).collect())
+    }
+}

@@ -1,0 +1,161 @@
+//! The translator: turns the resources in force into the protocol's view of the mesh.
+//! Pure functions of the index, so every source (local files, Kubernetes) shares them.
+
+use std::collections::BTreeMap;
+
+use weir_api::proto;
+use weir_api::route::{PathMatchType, RouteSpec, ValueMatchType};
+
+use crate::index::{Index, Kind, Resource};
+
+/// Every Service with its endpoints and merged route rules, sorted by namespace/name.
+/// Rules from several Routes for one Service are ordered by Route name.
+pub fn services(index: &Index) -> Vec<proto::Service> {
+    let mut routes: BTreeMap<(&str, &str), Vec<(&str, &RouteSpec)>> = BTreeMap::new();
+    for (key, entry) in index.entries() {
+        if let Resource::Route(spec) = &entry.resource {
+            routes.entry((key.namespace.as_str(), spec.service.as_str())).or_default().push((key.name.as_str(), spec));
+        }
+    }
+    let mut out = Vec::new();
+    for (key, entry) in index.entries() {
+        let Resource::Service(spec) = &entry.resource else { continue };
+        debug_assert_eq!(key.kind, Kind::Service);
+        let mut svc = proto::Service {
+            namespace: key.namespace.clone(),
+            name: key.name.clone(),
+            ports: spec.ports.iter().map(|p| u32::from(p.port)).collect(),
+            endpoints: spec
+                .endpoints
+                .iter()
+                .map(|e| proto::Endpoint {
+                    address: e.address.clone(),
+                    service_port: e.port.map(u32::from).unwrap_or(0),
+                    meshed: e.meshed,
+                    identity: e.service_account.clone().unwrap_or_default(),
+                    labels: e.labels.clone().into_iter().collect(),
+                })
+                .collect(),
+            rules: Vec::new(),
+        };
+        if let Some(list) = routes.get(&(key.namespace.as_str(), key.name.as_str())) {
+            for (route_name, spec) in list {
+                svc.rules.extend(rules(&key.namespace, route_name, spec));
+            }
+        }
+        out.push(svc);
+    }
+    out
+}
+
+fn rules(ns: &str, route_name: &str, spec: &RouteSpec) -> Vec<proto::RouteRule> {
+    spec.rules
+        .iter()
+        .enumerate()
+        .map(|(i, r)| proto::RouteRule {
+            route: format!("{ns}/{route_name}"),
+            name: r.name.clone().unwrap_or_else(|| i.to_string()),
+            matches: r
+                .matches
+                .iter()
+                .map(|m| proto::RouteMatch {
+                    path: m.path.as_ref().map(|p| proto::StringMatch {
+                        kind: match p.kind {
+                            PathMatchType::Exact => proto::MatchKind::Exact,
+                            PathMatchType::PathPrefix => proto::MatchKind::Prefix,
+                            PathMatchType::RegularExpression => proto::MatchKind::Regex,
+                        } as i32,
+                        value: p.value.clone(),
+                    }),
+                    headers: m.headers.iter().map(named).collect(),
+                    query_params: m.query_params.iter().map(named).collect(),
+                    method: m.method.clone().unwrap_or_default(),
+                })
+                .collect(),
+            backends: r
+                .backend_refs
+                .iter()
+                .map(|b| proto::BackendRef {
+                    namespace: b.namespace.clone().unwrap_or_else(|| ns.to_string()),
+                    name: b.name.clone(),
+                    port: b.port.unwrap_or(0),
+                    weight: b.weight,
+                })
+                .collect(),
+            timeout_ms: r
+                .timeouts
+                .as_ref()
+                .and_then(|t| t.request.as_deref())
+                .and_then(|d| weir_api::duration::parse(d).ok())
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+        })
+        .collect()
+}
+
+fn named(m: &weir_api::route::NamedValueMatch) -> proto::NamedMatch {
+    proto::NamedMatch {
+        name: m.name.clone(),
+        value: Some(proto::StringMatch {
+            kind: match m.kind {
+                ValueMatchType::Exact => proto::MatchKind::Exact,
+                ValueMatchType::RegularExpression => proto::MatchKind::Regex,
+            } as i32,
+            value: m.value.clone(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::local::parse_file;
+
+    #[test]
+    fn routes_attach_to_their_service_in_name_order() {
+        let yaml = r#"
+kind: Service
+metadata: { name: web, namespace: shop }
+spec:
+  ports: [{ port: 80 }]
+  endpoints: [{ address: "127.0.0.1:9000", meshed: true, serviceAccount: web }]
+---
+kind: Service
+metadata: { name: web-v2, namespace: shop }
+---
+apiVersion: weir.io/v1alpha1
+kind: Route
+metadata: { name: b-split, namespace: shop }
+spec:
+  service: web
+  rules:
+  - backendRefs: [{ name: web, weight: 90 }, { name: web-v2, weight: 10 }]
+    timeouts: { request: 1s500ms }
+---
+apiVersion: weir.io/v1alpha1
+kind: Route
+metadata: { name: a-testers, namespace: shop }
+spec:
+  service: web
+  rules:
+  - name: testers
+    matches: [{ headers: [{ name: x-tester, value: "1" }], path: { type: Exact, value: /x } }]
+    backendRefs: [{ name: web-v2 }]
+"#;
+        let mut index = Index::default();
+        index.replace_all(parse_file("f.yaml", yaml).unwrap(), vec![]);
+        assert!(index.rejections().is_empty(), "{:?}", index.rejections());
+        let svcs = services(&index);
+        assert_eq!(svcs.len(), 2);
+        let web = &svcs[0];
+        assert_eq!(web.ports, vec![80]);
+        assert!(web.endpoints[0].meshed);
+        assert_eq!(web.rules.len(), 2);
+        assert_eq!(web.rules[0].route, "shop/a-testers");
+        assert_eq!(web.rules[0].name, "testers");
+        assert_eq!(web.rules[0].matches[0].path.as_ref().unwrap().kind, proto::MatchKind::Exact as i32);
+        assert_eq!(web.rules[1].backends[1].weight, 10);
+        assert_eq!(web.rules[1].backends[1].namespace, "shop");
+        assert_eq!(web.rules[1].timeout_ms, 1500);
+    }
+}
