@@ -11,6 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         .build_server(true)
         .build_transport(false)
+        .type_attribute(".weir.v1", "#[derive(serde::Serialize)]")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -1,1 +1,204 @@
+//! `weir-proxy`: the sidecar data plane.
+//!
+//! # Layout
+//! - [`control`]: the Discovery client feeding a `watch` of [`config::Config`].
+//! - [`config`]: snapshots as validated domain types (the Nack boundary).
+//! - [`outbound`]: the application's calls: route, split, balance, forward.
+//! - [`inbound`]: calls to the application from peers and plain clients.
+//! - [`client`]: upstream connections (multiplexed HTTP/2 per peer, pooled HTTP/1.1).
+//! - [`server`]: the accept loop with protocol detection and draining.
+//! - [`errors`]: proxy-made responses, mapped to HTTP in one place.
+//! - [`body`]: body types and hop-by-hop header handling.
+//! - [`metrics`]: Prometheus series and the Reports sent to the controller.
+//! - [`admin`]: `/live`, `/ready`, `/metrics`, `/config`.
+#![forbid(unsafe_code)]
 
+pub mod admin;
+pub mod body;
+pub mod client;
+pub mod config;
+pub mod control;
+pub mod errors;
+pub mod inbound;
+pub mod metrics;
+pub mod outbound;
+pub mod server;
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use weir_api::{proto, rt};
+
+use crate::metrics::{Direction, Metrics};
+
+#[derive(Parser, Debug, Clone)]
+#[command(name = "weir-proxy", version, about = "Weir's sidecar proxy")]
+pub struct Args {
+    /// Controller Discovery address (host:port).
+    #[arg(long, env = "WEIR_CONTROLLER")]
+    pub controller: String,
+    /// The workload this sidecar serves, as NAMESPACE/NAME.
+    #[arg(long, env = "WEIR_WORKLOAD", value_parser = parse_workload)]
+    pub workload: (String, String),
+    /// The workload's service account (its mesh identity).
+    #[arg(long, env = "WEIR_SERVICE_ACCOUNT", default_value = "default")]
+    pub service_account: String,
+    /// Workload labels, `key=value`, repeated or comma-separated.
+    #[arg(long = "label", env = "WEIR_LABELS", value_delimiter = ',', value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+    /// Where the application's outbound calls arrive.
+    #[arg(long, env = "WEIR_OUTBOUND_ADDR", default_value = "127.0.0.1:4140")]
+    pub outbound_addr: SocketAddr,
+    /// Where peers and clients reach the application through the sidecar.
+    #[arg(long, env = "WEIR_INBOUND_ADDR", default_value = "0.0.0.0:4143")]
+    pub inbound_addr: SocketAddr,
+    /// The application's own address (inbound traffic goes there).
+    #[arg(long, env = "WEIR_APP_ADDR")]
+    pub app_addr: Option<SocketAddr>,
+    /// Admin endpoints: /live /ready /metrics /config.
+    #[arg(long, env = "WEIR_ADMIN_ADDR", default_value = "127.0.0.1:4191")]
+    pub admin_addr: SocketAddr,
+    /// Kubernetes cluster domain used in full service names.
+    #[arg(long, env = "WEIR_CLUSTER_DOMAIN", default_value = "cluster.local")]
+    pub cluster_domain: String,
+    /// How often traffic reports go to the controller.
+    #[arg(long, env = "WEIR_REPORT_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    pub report_interval: Duration,
+    /// Upstream connect timeout.
+    #[arg(long, env = "WEIR_CONNECT_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+    /// How long draining may take on SIGTERM.
+    #[arg(long, env = "WEIR_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+    /// Log level (an EnvFilter directive; RUST_LOG overrides).
+    #[arg(long, env = "WEIR_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+    /// `plain` or `json`.
+    #[arg(long, env = "WEIR_LOG_FORMAT", default_value = "plain", value_parser = ["plain", "json"])]
+    pub log_format: String,
+    /// Print the bound addresses as one JSON line on stdout once listening (for scripts and tests).
+    #[arg(long)]
+    pub print_listen_addrs: bool,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    weir_api::duration::parse(s).map_err(|e| e.to_string())
+}
+
+fn parse_workload(s: &str) -> Result<(String, String), String> {
+    let (ns, name) = s.split_once('/').ok_or_else(|| format!("{s:?}: expected NAMESPACE/NAME"))?;
+    for part in [ns, name] {
+        weir_api::validate::dns_label("workload", part).map_err(|e| e.message)?;
+    }
+    Ok((ns.to_string(), name.to_string()))
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s.split_once('=').ok_or_else(|| format!("{s:?}: expected key=value"))?;
+    if k.is_empty() {
+        return Err(format!("{s:?}: empty label key"));
+    }
+    Ok((k.to_string(), v.to_string()))
+}
+
+/// Entry point shared by `weir-proxy` and `weir proxy`.
+pub fn main_with(args: Args) -> anyhow::Result<()> {
+    rt::init_logging(&args.log_level, args.log_format == "json");
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(args))
+}
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let (ns, name) = args.workload.clone();
+    let workload = format!("{ns}/{name}");
+    let metrics = Metrics::new();
+    let (config_tx, config_rx) = watch::channel(None);
+    let clients = client::Clients::new(args.connect_timeout);
+    let balancer = outbound::balance::Balancer::default();
+    let draining = Arc::new(AtomicBool::new(false));
+
+    let bind = |addr: SocketAddr, what: &'static str| async move {
+        TcpListener::bind(addr).await.with_context(|| format!("binding the {what} listener on {addr}"))
+    };
+    let outbound_l = bind(args.outbound_addr, "outbound").await?;
+    let inbound_l = bind(args.inbound_addr, "inbound").await?;
+    let admin_l = bind(args.admin_addr, "admin").await?;
+    let addrs = serde_json::json!({
+        "outbound": outbound_l.local_addr()?, "inbound": inbound_l.local_addr()?, "admin": admin_l.local_addr()?,
+    });
+
+    let (trigger, drain) = rt::drain();
+    let (control_trigger, control_drain) = rt::drain();
+    let control_cfg = control::ControlConfig {
+        controller: args.controller.clone(),
+        hello: proto::Hello {
+            namespace: ns,
+            name,
+            service_account: args.service_account.clone(),
+            labels: args.labels.iter().cloned().collect::<BTreeMap<_, _>>().into_iter().collect(),
+            proxy_version: env!("CARGO_PKG_VERSION").to_string(),
+        },
+        cluster_domain: args.cluster_domain.clone(),
+        report_interval: args.report_interval,
+        backoff_base: Duration::from_millis(100),
+        backoff_max: Duration::from_secs(5),
+    };
+    let control = tokio::spawn(control::run(control_cfg, config_tx, metrics.clone(), control_drain));
+
+    // Forget connections and statistics of endpoints that left the configuration.
+    let mut prune_rx = config_rx.clone();
+    let (prune_balancer, prune_clients, app) = (balancer.clone(), clients.clone(), args.app_addr);
+    tokio::spawn(async move {
+        while prune_rx.changed().await.is_ok() {
+            let Some(cfg) = prune_rx.borrow_and_update().clone() else { continue };
+            let live: HashSet<SocketAddr> =
+                cfg.services.values().flat_map(|s| s.endpoints.iter().map(|e| e.addr)).chain(app).collect();
+            prune_balancer.retain(|a| live.contains(a));
+            prune_clients.h2.retain(|a| live.contains(a));
+        }
+    });
+
+    let out = outbound::Outbound { config: config_rx.clone(), clients: clients.clone(), balancer, metrics: metrics.clone() };
+    let inb = inbound::Inbound::new(args.app_addr, clients, metrics.clone(), &workload);
+    let grace = args.shutdown_grace;
+    let outbound_task = tokio::spawn(server::serve(
+        outbound_l,
+        Direction::Outbound,
+        metrics.clone(),
+        move |req, peer| out.clone().handle(req, peer),
+        drain.clone(),
+        grace,
+    ));
+    let inbound_task = tokio::spawn(server::serve(
+        inbound_l,
+        Direction::Inbound,
+        metrics.clone(),
+        move |req, peer| inb.clone().handle(req, peer),
+        drain.clone(),
+        grace,
+    ));
+    let admin = admin::Admin { config: config_rx, metrics, draining: draining.clone() };
+    let (admin_trigger, admin_drain) = rt::drain();
+    let admin_task = tokio::spawn(rt::serve_admin(admin_l, move |req| admin.clone().handle(req), admin_drain, grace));
+    tracing::info!(%workload, listening = %addrs, controller = %args.controller, "proxy started");
+    if args.print_listen_addrs {
+        println!("{addrs}");
+    }
+
+    rt::shutdown_signal().await;
+    draining.store(true, Ordering::Release);
+    trigger.trigger();
+    let _ = tokio::join!(outbound_task, inbound_task);
+    // Traffic has drained; now the control stream and the admin port can go.
+    control_trigger.trigger();
+    admin_trigger.trigger();
+    let _ = tokio::join!(control, admin_task);
+    tracing::info!("proxy stopped");
+    Ok(())
+}

@@ -1,0 +1,42 @@
+//! The sidecar's admin endpoints: `/live`, `/ready`, `/metrics`, `/config`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use bytes::Bytes;
+use http::StatusCode;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use tokio::sync::watch;
+use weir_api::rt::{json, text};
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+
+#[derive(Clone)]
+pub struct Admin {
+    pub config: watch::Receiver<Option<Arc<Config>>>,
+    pub metrics: Metrics,
+    pub draining: Arc<AtomicBool>,
+}
+
+impl Admin {
+    pub async fn handle(self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        let config = self.config.borrow().clone();
+        match req.uri().path() {
+            "/live" => text(StatusCode::OK, "live\n"),
+            "/ready" => match (&config, self.draining.load(Ordering::Acquire)) {
+                (_, true) => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
+                (Some(c), false) => text(StatusCode::OK, format!("ready (config version {})\n", c.version)),
+                (None, false) => text(StatusCode::SERVICE_UNAVAILABLE, "not ready: no configuration from the controller yet\n"),
+            },
+            "/metrics" => text(StatusCode::OK, self.metrics.render()),
+            "/config" => match config {
+                Some(c) => json(&serde_json::json!({ "version": c.version, "snapshot": c.source })),
+                None => json(&serde_json::json!({ "version": null })),
+            },
+            _ => text(StatusCode::NOT_FOUND, "not found: try /live /ready /metrics /config\n"),
+        }
+    }
+}

@@ -1,0 +1,78 @@
+//! Body and header plumbing shared by both directions.
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, header};
+use http_body_util::{BodyExt, Empty, Full};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// Every body the proxy sends: streamed from a peer, or synthetic.
+pub type Body = http_body_util::combinators::BoxBody<Bytes, BoxError>;
+
+pub fn boxed<B>(body: B) -> Body
+where
+    B: http_body::Body<Data = Bytes> + Send + Sync + 'static,
+    B::Error: Into<BoxError>,
+{
+    body.map_err(Into::into).boxed()
+}
+
+pub fn full(data: impl Into<Bytes>) -> Body {
+    boxed(Full::new(data.into()))
+}
+
+pub fn empty() -> Body {
+    boxed(Empty::new())
+}
+
+/// Carries the client's protocol across the sidecar-to-sidecar HTTP/2 hop.
+pub static ORIG_PROTO: HeaderName = HeaderName::from_static("weir-orig-proto");
+/// Set on every response the proxy made up itself, with a short reason.
+pub static WEIR_ERROR: HeaderName = HeaderName::from_static("weir-error");
+
+/// Removes connection-scoped headers (RFC 9110 §7.6.1) before a message crosses a hop.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in listed {
+        headers.remove(name);
+    }
+    for name in [
+        header::CONNECTION,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::PROXY_AUTHENTICATE,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+        HeaderName::from_static("http2-settings"),
+    ] {
+        headers.remove(name);
+    }
+    // `te` may only say `trailers` once a request is HTTP/2 (gRPC needs it).
+    if headers.get(header::TE).is_some_and(|v| v != HeaderValue::from_static("trailers")) {
+        headers.remove(header::TE);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_listed_and_standard_hop_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, "close, x-private".parse().unwrap());
+        h.insert("x-private", "1".parse().unwrap());
+        h.insert("keep-alive", "5".parse().unwrap());
+        h.insert(header::TE, "trailers".parse().unwrap());
+        h.insert("x-keep", "1".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert!(h.get("x-private").is_none() && h.get("keep-alive").is_none() && h.get(header::CONNECTION).is_none());
+        assert_eq!(h.get(header::TE).unwrap(), "trailers");
+        assert!(h.get("x-keep").is_some());
+    }
+}

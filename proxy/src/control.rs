@@ -1,0 +1,143 @@
+//! The Discovery client: one background task that keeps a stream to the controller open and
+//! turns snapshots into a `watch` of [`Config`]. Bad snapshots are Nacked and the last good one
+//! keeps serving; while the controller is away the proxy serves what it has and reconnects
+//! with capped, jittered back-off.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Code;
+use weir_api::proto::{self, controller_message, proxy_message};
+use weir_api::rt::Drain;
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+
+/// What the control task needs to know.
+#[derive(Clone, Debug)]
+pub struct ControlConfig {
+    pub controller: String,
+    pub hello: proto::Hello,
+    pub cluster_domain: String,
+    pub report_interval: Duration,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+}
+
+/// Runs until `drain` fires.
+pub async fn run(cfg: ControlConfig, tx: watch::Sender<Option<Arc<Config>>>, metrics: Metrics, drain: Drain) {
+    let mut attempt: u32 = 0;
+    let stop = drain.signaled();
+    tokio::pin!(stop);
+    loop {
+        let result = tokio::select! {
+            r = session(&cfg, &tx, &metrics, &mut attempt) => r,
+            _ = &mut stop => return,
+        };
+        metrics.control_connected.set(0);
+        let (delay, how) = match &result {
+            Err(status) if matches!(status.code(), Code::InvalidArgument | Code::PermissionDenied | Code::Unauthenticated) => {
+                // The controller refused us; retrying quickly will not help.
+                (cfg.backoff_max, "refused")
+            }
+            _ => (backoff(attempt, cfg.backoff_base, cfg.backoff_max), "lost"),
+        };
+        match result {
+            Ok(()) => tracing::warn!(controller = %cfg.controller, "control stream ended; reconnecting"),
+            Err(status) => tracing::warn!(controller = %cfg.controller, code = ?status.code(), message = status.message(), how, ?delay, "control stream failed; serving last config"),
+        }
+        attempt = attempt.saturating_add(1);
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = &mut stop => return,
+        }
+    }
+}
+
+/// Full-jitter exponential back-off.
+fn backoff(attempt: u32, base: Duration, max: Duration) -> Duration {
+    let cap = base.saturating_mul(1u32 << attempt.min(16)).min(max);
+    cap.mul_f64(rand::random::<f64>()).max(Duration::from_millis(5))
+}
+
+async fn session(
+    cfg: &ControlConfig,
+    tx: &watch::Sender<Option<Arc<Config>>>,
+    metrics: &Metrics,
+    attempt: &mut u32,
+) -> Result<(), tonic::Status> {
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", cfg.controller))
+        .map_err(|e| tonic::Status::invalid_argument(format!("bad controller address {:?}: {e}", cfg.controller)))?
+        .connect_timeout(Duration::from_secs(3))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5));
+    let channel = endpoint.connect().await.map_err(|e| tonic::Status::unavailable(crate::errors::chain(&e)))?;
+    let mut client = proto::discovery_client::DiscoveryClient::new(channel);
+    let (out_tx, out_rx) = mpsc::channel(16);
+    let hello = proto::ProxyMessage { msg: Some(proxy_message::Msg::Hello(cfg.hello.clone())) };
+    out_tx.send(hello).await.map_err(|_| tonic::Status::internal("stream closed"))?;
+    let mut inbound = client.stream(ReceiverStream::new(out_rx)).await?.into_inner();
+    metrics.control_connected.set(1);
+    tracing::info!(controller = %cfg.controller, "control stream established");
+
+    let mut reports = tokio::time::interval(cfg.report_interval);
+    reports.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    reports.tick().await;
+    loop {
+        tokio::select! {
+            msg = inbound.message() => {
+                let Some(msg) = msg? else { return Ok(()) };
+                let Some(controller_message::Msg::Snapshot(snapshot)) = msg.msg else { continue };
+                *attempt = 0;
+                let version = snapshot.version.clone();
+                let reply = match Config::from_snapshot(snapshot, &cfg.hello.namespace, &cfg.cluster_domain) {
+                    Ok(config) => {
+                        tracing::info!(%version, services = config.services.len(), "applied snapshot");
+                        tx.send_replace(Some(Arc::new(config)));
+                        metrics.snapshots_applied.inc();
+                        proxy_message::Msg::Ack(proto::Ack { version })
+                    }
+                    Err(e) => {
+                        tracing::warn!(%version, error = %e, "rejected snapshot; keeping the previous one");
+                        metrics.snapshots_rejected.inc();
+                        proxy_message::Msg::Nack(proto::Nack { version, reason: e.to_string() })
+                    }
+                };
+                if out_tx.send(proto::ProxyMessage { msg: Some(reply) }).await.is_err() {
+                    return Ok(());
+                }
+            }
+            _ = reports.tick() => {
+                let report = metrics.take_report();
+                if report.stats.is_empty() {
+                    continue;
+                }
+                match out_tx.try_send(proto::ProxyMessage { msg: Some(proxy_message::Msg::Report(report)) }) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(m) | mpsc::error::TrySendError::Closed(m)) => {
+                        if let Some(proxy_message::Msg::Report(r)) = m.msg {
+                            metrics.restore_report(r);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_capped_and_jittered() {
+        let (base, max) = (Duration::from_millis(100), Duration::from_secs(5));
+        for attempt in [0, 1, 5, 30, u32::MAX] {
+            let d = backoff(attempt, base, max);
+            assert!(d <= max && d >= Duration::from_millis(5), "{attempt}: {d:?}");
+        }
+    }
+}

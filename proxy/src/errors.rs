@@ -1,0 +1,72 @@
+//! Every failure the proxy answers for itself, and the one place they become HTTP responses
+//! (status plus a `weir-error` header with a short reason).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use http::{HeaderValue, Response, StatusCode};
+
+use crate::body::{Body, WEIR_ERROR, full};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("request has no authority (Host header or absolute URI)")]
+    NoAuthority,
+    #[error("unknown service {authority:?}")]
+    UnknownService { authority: String },
+    #[error("service {service} has no port {port}")]
+    NoSuchPort { service: String, port: u16 },
+    #[error("no backend of service {service} has a non-zero weight")]
+    NoWeightedBackend { service: String },
+    #[error("backend {backend} has no endpoints")]
+    NoEndpoints { backend: String },
+    #[error("connecting to {addr} failed: {reason}")]
+    Connect { addr: SocketAddr, reason: String },
+    #[error("upstream {addr} failed: {reason}")]
+    Upstream { addr: SocketAddr, reason: String },
+    #[error("request timed out after {after:?}")]
+    Timeout { after: Duration },
+    #[error("no application address is configured for inbound traffic")]
+    NoApp,
+    #[error("the proxy is not ready: no configuration received from the controller yet")]
+    NotReady,
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::NoAuthority => StatusCode::BAD_REQUEST,
+            ProxyError::UnknownService { .. } | ProxyError::NoSuchPort { .. } => StatusCode::NOT_FOUND,
+            ProxyError::NoWeightedBackend { .. } | ProxyError::NoEndpoints { .. } | ProxyError::NotReady => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ProxyError::Connect { .. } | ProxyError::Upstream { .. } | ProxyError::NoApp => StatusCode::BAD_GATEWAY,
+            ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    pub fn into_response(self) -> Response<Body> {
+        let message = self.to_string();
+        let mut rsp = Response::new(full(format!("{message}\n")));
+        *rsp.status_mut() = self.status();
+        let reason = HeaderValue::from_str(&message).unwrap_or_else(|_| HeaderValue::from_static("proxy error"));
+        rsp.headers_mut().insert(WEIR_ERROR.clone(), reason);
+        rsp.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+        rsp
+    }
+}
+
+/// Flattens an error chain into one line.
+pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let msg = c.to_string();
+        if !s.contains(&msg) {
+            s.push_str(": ");
+            s.push_str(&msg);
+        }
+        cur = c.source();
+    }
+    s
+}

@@ -1,0 +1,235 @@
+//! The sidecar's metrics: Prometheus series on the admin port and the compact traffic
+//! [`Report`](weir_api::proto::Report)s sent to the controller (deltas since the last one).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+use weir_api::proto;
+
+/// Latency bucket upper bounds (seconds): sub-millisecond to tens of seconds.
+pub const LATENCY_BOUNDS: [f64; 18] =
+    [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0];
+
+/// Most series a report holds; keys come from configuration, this is a backstop.
+const MAX_REPORT_SERIES: usize = 10_000;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Direction {
+    Outbound,
+    Inbound,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Outbound => "outbound",
+            Direction::Inbound => "inbound",
+        }
+    }
+}
+
+/// Label values of one request.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Labels {
+    pub direction: Direction,
+    pub service: Arc<str>,
+    pub route: Arc<str>,
+    pub backend: Arc<str>,
+}
+
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    responses: IntCounterVec,
+    duration: HistogramVec,
+    pub active_connections: IntGaugeVec,
+    pub connections: IntCounterVec,
+    pub snapshots_applied: IntCounter,
+    pub snapshots_rejected: IntCounter,
+    pub control_connected: IntGauge,
+    report: Arc<Mutex<ReportAcc>>,
+}
+
+#[derive(Default)]
+struct ReportAcc {
+    since_ms: u64,
+    series: HashMap<Labels, Stats>,
+}
+
+#[derive(Default, Clone)]
+struct Stats {
+    requests: u64,
+    failures: u64,
+    counts: Vec<u64>,
+    sum: f64,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let req_labels = ["direction", "service", "route", "backend"];
+        let requests =
+            IntCounterVec::new(Opts::new("weir_requests_total", "HTTP requests the proxy handled"), &req_labels).unwrap();
+        let responses = IntCounterVec::new(
+            Opts::new("weir_responses_total", "HTTP responses by status code and class"),
+            &["direction", "service", "route", "backend", "status_code", "status_class"],
+        )
+        .unwrap();
+        let duration = HistogramVec::new(
+            HistogramOpts::new("weir_request_duration_seconds", "Time from request to response headers")
+                .buckets(LATENCY_BOUNDS.to_vec()),
+            &["direction", "service", "route", "backend", "status_class"],
+        )
+        .unwrap();
+        let active_connections =
+            IntGaugeVec::new(Opts::new("weir_active_connections", "Open client connections"), &["direction"]).unwrap();
+        let connections =
+            IntCounterVec::new(Opts::new("weir_connections_total", "Accepted client connections"), &["direction"]).unwrap();
+        let snapshots_applied = IntCounter::new("weir_snapshots_applied_total", "Snapshots applied").unwrap();
+        let snapshots_rejected = IntCounter::new("weir_snapshots_rejected_total", "Snapshots rejected (Nacked)").unwrap();
+        let control_connected = IntGauge::new("weir_control_plane_connected", "1 while the Discovery stream is up").unwrap();
+        registry.register(Box::new(requests.clone())).unwrap();
+        registry.register(Box::new(responses.clone())).unwrap();
+        registry.register(Box::new(duration.clone())).unwrap();
+        registry.register(Box::new(active_connections.clone())).unwrap();
+        registry.register(Box::new(connections.clone())).unwrap();
+        registry.register(Box::new(snapshots_applied.clone())).unwrap();
+        registry.register(Box::new(snapshots_rejected.clone())).unwrap();
+        registry.register(Box::new(control_connected.clone())).unwrap();
+        Self {
+            registry,
+            requests,
+            responses,
+            duration,
+            active_connections,
+            connections,
+            snapshots_applied,
+            snapshots_rejected,
+            control_connected,
+            report: Arc::new(Mutex::new(ReportAcc { since_ms: unix_ms(), series: HashMap::new() })),
+        }
+    }
+
+    pub fn request_started(&self, l: &Labels) {
+        self.requests.with_label_values(&[l.direction.as_str(), &l.service, &l.route, &l.backend]).inc();
+    }
+
+    /// Records a finished request; `status` is `None` when no response came at all.
+    pub fn request_finished(&self, l: &Labels, status: u16, elapsed: Duration) {
+        let class = status_class(status);
+        let code = status.to_string();
+        let d = l.direction.as_str();
+        self.responses.with_label_values(&[d, &l.service, &l.route, &l.backend, &code, class]).inc();
+        self.duration.with_label_values(&[d, &l.service, &l.route, &l.backend, class]).observe(elapsed.as_secs_f64());
+        let mut acc = self.report.lock().unwrap();
+        if !acc.series.contains_key(l) && acc.series.len() >= MAX_REPORT_SERIES {
+            return;
+        }
+        let s = acc.series.entry(l.clone()).or_insert_with(|| Stats { counts: vec![0; LATENCY_BOUNDS.len() + 1], ..Default::default() });
+        s.requests += 1;
+        if status >= 500 {
+            s.failures += 1;
+        }
+        let secs = elapsed.as_secs_f64();
+        let bucket = LATENCY_BOUNDS.iter().position(|b| secs <= *b).unwrap_or(LATENCY_BOUNDS.len());
+        s.counts[bucket] += 1;
+        s.sum += secs;
+    }
+
+    /// Takes everything recorded since the last report.
+    pub fn take_report(&self) -> proto::Report {
+        let mut acc = self.report.lock().unwrap();
+        let now = unix_ms();
+        let series = std::mem::take(&mut acc.series);
+        let start = std::mem::replace(&mut acc.since_ms, now);
+        proto::Report {
+            window_start_ms: start,
+            window_end_ms: now,
+            latency_bounds_seconds: LATENCY_BOUNDS.to_vec(),
+            stats: series
+                .into_iter()
+                .map(|(l, s)| proto::TrafficStats {
+                    direction: l.direction.as_str().into(),
+                    service: l.service.to_string(),
+                    route: l.route.to_string(),
+                    backend: l.backend.to_string(),
+                    requests: s.requests,
+                    failures: s.failures,
+                    latency_counts: s.counts,
+                    latency_sum_seconds: s.sum,
+                })
+                .collect(),
+        }
+    }
+
+    /// Puts an unsent report back so its counts go out with the next one.
+    pub fn restore_report(&self, report: proto::Report) {
+        let mut acc = self.report.lock().unwrap();
+        acc.since_ms = acc.since_ms.min(report.window_start_ms);
+        for t in report.stats {
+            let direction = if t.direction == "inbound" { Direction::Inbound } else { Direction::Outbound };
+            let l = Labels { direction, service: t.service.into(), route: t.route.into(), backend: t.backend.into() };
+            let s = acc.series.entry(l).or_insert_with(|| Stats { counts: vec![0; LATENCY_BOUNDS.len() + 1], ..Default::default() });
+            s.requests += t.requests;
+            s.failures += t.failures;
+            s.sum += t.latency_sum_seconds;
+            for (a, b) in s.counts.iter_mut().zip(&t.latency_counts) {
+                *a += b;
+            }
+        }
+    }
+
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn status_class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reports_are_deltas_and_survive_a_failed_send() {
+        let m = Metrics::new();
+        let l = Labels { direction: Direction::Outbound, service: "ns/a".into(), route: "".into(), backend: "ns/a".into() };
+        m.request_finished(&l, 200, Duration::from_micros(300));
+        m.request_finished(&l, 503, Duration::from_millis(3));
+        let r = m.take_report();
+        assert_eq!(r.stats.len(), 1);
+        assert_eq!((r.stats[0].requests, r.stats[0].failures), (2, 1));
+        assert_eq!(r.stats[0].latency_counts[0], 1);
+        assert_eq!(r.stats[0].latency_counts[3], 1);
+        assert!(m.take_report().stats.is_empty());
+        m.restore_report(r);
+        m.request_finished(&l, 200, Duration::from_micros(300));
+        assert_eq!(m.take_report().stats[0].requests, 3);
+        assert!(m.render().contains("weir_responses_total{backend=\"ns/a\""));
+    }
+}
