@@ -47,3 +47,20 @@ pub fn crds_yaml() -> Result<Vec<(String, String)>, serde_yaml::Error> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    /// `crds/` must hold exactly what the types generate: regenerate with
+    /// `cargo run -p weir-controller -- crds --out-dir crds`.
+    #[test]
+    fn crds_directory_is_up_to_date() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds");
+        for (file, yaml) in super::crds_yaml().unwrap() {
+            let on_disk = std::fs::read_to_string(dir.join(&file)).unwrap_or_default();
+            assert!(
+                on_disk == yaml,
+                "crds/{file} is stale: run `cargo run -p weir-controller -- crds --out-dir crds`"
+            );
+        }
+    }
+}

@@ -1,1 +1,77 @@
-fn main() {}
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(name = "weir", version, about = "Weir service mesh")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run the whole mesh on loopback (no Kubernetes) and shift traffic between two versions.
+    Demo(weir::demo::DemoArgs),
+    /// A test application that can fail a share of requests or add latency.
+    DemoBackend(BackendArgs),
+    /// Run the controller (same as `weir-controller`).
+    #[command(hide = true)]
+    Controller(weir_controller::Args),
+    /// Run the sidecar (same as `weir-proxy`).
+    #[command(hide = true)]
+    Proxy(weir_proxy::Args),
+}
+
+#[derive(clap::Args, Debug)]
+struct BackendArgs {
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Name returned in the body and the `x-weir-backend` header.
+    #[arg(long, default_value = "backend")]
+    name: String,
+    /// Share of requests answered with 500 (0.0–1.0).
+    #[arg(long, default_value_t = 0.0)]
+    fail_rate: f64,
+    /// Added latency per request, e.g. `20ms`.
+    #[arg(long, default_value = "0ms", value_parser = |s: &str| weir_api::duration::parse(s).map_err(|e| e.to_string()))]
+    latency: Duration,
+    /// Print the bound address as one JSON line on stdout.
+    #[arg(long)]
+    print_listen_addrs: bool,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::Controller(args) => weir_controller::main_with(args),
+        Cmd::Proxy(args) => weir_proxy::main_with(args),
+        Cmd::Demo(args) => runtime().and_then(|rt| rt.block_on(weir::demo::run(args))),
+        Cmd::DemoBackend(args) => runtime().and_then(|rt| rt.block_on(backend(args))),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("weir: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}
+
+async fn backend(args: BackendArgs) -> anyhow::Result<()> {
+    if !(0.0..=1.0).contains(&args.fail_rate) {
+        anyhow::bail!("--fail-rate must be between 0 and 1, got {}", args.fail_rate);
+    }
+    let listener = tokio::net::TcpListener::bind(args.listen).await?;
+    if args.print_listen_addrs {
+        println!("{}", serde_json::json!({ "listen": listener.local_addr()? }));
+    }
+    let behaviour = weir::backend::Behaviour::new(&args.name, args.fail_rate, args.latency);
+    weir::backend::serve(listener, behaviour, weir_api::rt::shutdown_signal()).await;
+    Ok(())
+}

@@ -1,0 +1,182 @@
+//! `weir demo-backend`: a small HTTP/1.1 + h2c server standing in for an application, which
+//! can be told to fail a share of requests or add latency — at start or at run time via
+//! `/_control?fail=0.2&latency=50ms`.
+//!
+//! Paths: `/` answers with the backend's name (also in the `x-weir-backend` header);
+//! `/headers` answers with the request's method, version, authority and headers as JSON;
+//! `/bytes?n=N` streams N bytes; `/upload` reads the whole body and answers with its length;
+//! `/_control` changes or shows the behaviour.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+
+/// What the backend does; shared so tests and `/_control` can change it while it runs.
+#[derive(Debug)]
+pub struct Behaviour {
+    pub name: String,
+    /// Share of requests answered with 500, in millionths.
+    fail_ppm: AtomicU64,
+    latency_us: AtomicU64,
+    pub served: AtomicU64,
+}
+
+impl Behaviour {
+    pub fn new(name: &str, fail_rate: f64, latency: Duration) -> Arc<Self> {
+        let b = Arc::new(Self { name: name.into(), fail_ppm: AtomicU64::new(0), latency_us: AtomicU64::new(0), served: AtomicU64::new(0) });
+        b.set_fail_rate(fail_rate);
+        b.set_latency(latency);
+        b
+    }
+
+    pub fn set_fail_rate(&self, rate: f64) {
+        self.fail_ppm.store((rate.clamp(0.0, 1.0) * 1e6) as u64, Ordering::Relaxed);
+    }
+
+    pub fn set_latency(&self, d: Duration) {
+        self.latency_us.store(d.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    fn status(&self) -> String {
+        format!(
+            "name={} fail={} latency={}us served={}\n",
+            self.name,
+            self.fail_ppm.load(Ordering::Relaxed) as f64 / 1e6,
+            self.latency_us.load(Ordering::Relaxed),
+            self.served.load(Ordering::Relaxed)
+        )
+    }
+}
+
+type Body = BoxBody<Bytes, std::io::Error>;
+
+fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into()).map_err(|never| match never {}).boxed()
+}
+
+/// Serves until `stop` completes.
+pub async fn serve(listener: TcpListener, behaviour: Arc<Behaviour>, stop: impl std::future::Future<Output = ()>) {
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    tokio::pin!(stop);
+    loop {
+        let stream = tokio::select! {
+            _ = &mut stop => return,
+            a = listener.accept() => match a { Ok((s, _)) => s, Err(_) => continue },
+        };
+        let _ = stream.set_nodelay(true);
+        let b = behaviour.clone();
+        let svc = hyper::service::service_fn(move |req| handle(b.clone(), req));
+        let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+    }
+}
+
+fn query<'a>(req: &'a Request<Incoming>, key: &str) -> Option<&'a str> {
+    req.uri().query()?.split('&').filter_map(|kv| kv.split_once('=')).find(|(k, _)| *k == key).map(|(_, v)| v)
+}
+
+async fn handle(b: Arc<Behaviour>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    let path = req.uri().path().to_string();
+    if path == "/_control" {
+        if let Some(f) = query(&req, "fail").and_then(|v| v.parse::<f64>().ok()) {
+            b.set_fail_rate(f);
+        }
+        if let Some(l) = query(&req, "latency").and_then(|v| weir_api::duration::parse(v).ok()) {
+            b.set_latency(l);
+        }
+        return Ok(Response::new(full(b.status())));
+    }
+    b.served.fetch_add(1, Ordering::Relaxed);
+    let latency = b.latency_us.load(Ordering::Relaxed);
+    if latency > 0 {
+        tokio::time::sleep(Duration::from_micros(latency)).await;
+    }
+    let fail = b.fail_ppm.load(Ordering::Relaxed);
+    let mut rsp = if fail > 0 && rand::random_range(0..1_000_000) < fail {
+        let mut r = Response::new(full(format!("{} failed on purpose\n", b.name)));
+        *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+        r
+    } else {
+        match path.as_str() {
+            "/headers" => {
+                let headers: serde_json::Map<String, serde_json::Value> = req
+                    .headers()
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").into()))
+                    .collect();
+                let authority = req.uri().authority().map(|a| a.to_string()).or_else(|| {
+                    req.headers().get(http::header::HOST).and_then(|h| h.to_str().ok()).map(String::from)
+                });
+                let v = serde_json::json!({
+                    "backend": b.name, "method": req.method().as_str(), "version": format!("{:?}", req.version()),
+                    "authority": authority, "path": req.uri().path_and_query().map(|p| p.as_str()), "headers": headers,
+                });
+                Response::new(full(v.to_string()))
+            }
+            "/bytes" => {
+                let n: u64 = query(&req, "n").and_then(|v| v.parse().ok()).unwrap_or(0);
+                Response::new(stream_bytes(n))
+            }
+            "/upload" => {
+                let mut body = req.into_body();
+                let mut total: u64 = 0;
+                while let Some(frame) = body.frame().await {
+                    match frame {
+                        Ok(f) => total += f.data_ref().map(|d| d.len() as u64).unwrap_or(0),
+                        Err(e) => {
+                            let mut r = Response::new(full(format!("upload failed: {e}\n")));
+                            *r.status_mut() = StatusCode::BAD_REQUEST;
+                            return Ok(r);
+                        }
+                    }
+                }
+                Response::new(full(format!("{total}\n")))
+            }
+            _ => Response::new(full(format!("{}\n", b.name))),
+        }
+    };
+    rsp.headers_mut().insert("x-weir-backend", http::HeaderValue::from_str(&b.name).unwrap_or(http::HeaderValue::from_static("?")));
+    Ok(rsp)
+}
+
+/// Streams `n` bytes in 64 KiB chunks, produced as the client reads them.
+fn stream_bytes(n: u64) -> Body {
+    const CHUNK: u64 = 64 * 1024;
+    let chunk = Bytes::from(vec![b'w'; CHUNK as usize]);
+    let stream = futures_stream(n, CHUNK, chunk);
+    StreamBody::new(stream).boxed()
+}
+
+fn futures_stream(n: u64, size: u64, chunk: Bytes) -> impl futures_core::Stream<Item = Result<Frame<Bytes>, std::io::Error>> + Send + Sync {
+    let mut left = n;
+    futures_util_stream(move || {
+        if left == 0 {
+            return None;
+        }
+        let take = left.min(size);
+        left -= take;
+        Some(Ok(Frame::data(chunk.slice(..take as usize))))
+    })
+}
+
+/// A stream from a closure (std-only `poll_fn` over an iterator).
+fn futures_util_stream<T, F: FnMut() -> Option<T> + Send + Sync + Unpin>(f: F) -> impl futures_core::Stream<Item = T> + Send + Sync {
+    struct FromFn<F>(F);
+    impl<T, F: FnMut() -> Option<T> + Unpin> futures_core::Stream for FromFn<F> {
+        type Item = T;
+        fn poll_next(mut self: std::pin::Pin<&mut Self>, _: &mut std::task::Context<'_>) -> std::task::Poll<Option<T>> {
+            std::task::Poll::Ready((self.0)())
+        }
+    }
+    FromFn(f)
+}
