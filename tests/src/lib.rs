@@ -1,1 +1,281 @@
+//! Harness for the end-to-end tests: real `weir-controller` and `weir-proxy` processes on
+//! loopback with OS-chosen ports, in-process backends that fail on command, and helpers to
+//! wait for conditions (never fixed sleeps).
 
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::{Client, connect::HttpConnector};
+use hyper_util::rt::TokioExecutor;
+pub use weir::backend::Behaviour;
+pub use weir::procs::{ChildProc, memory_kib, write_atomic};
+
+/// Path of a workspace binary, built (once per test process) with the same profile as the
+/// tests so a stale binary is never tested.
+pub fn bin(name: &str) -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/..").to_path_buf();
+    BUILT.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = std::process::Command::new(cargo);
+        cmd.args(["build", "--quiet", "-p", "weir-controller", "-p", "weir-proxy", "--bins"]);
+        if dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        let status = cmd.current_dir(env!("CARGO_MANIFEST_DIR")).status().expect("running cargo build");
+        assert!(status.success(), "building the weir binaries failed");
+    });
+    let path = dir.join(name);
+    assert!(path.exists(), "{} not found", path.display());
+    path
+}
+
+fn args(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+/// A scratch directory holding the config files and the processes' logs.
+pub struct Scratch {
+    pub dir: tempfile::TempDir,
+}
+
+impl Scratch {
+    pub fn new() -> Self {
+        let dir = tempfile::Builder::new().prefix("weir-e2e-").tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("config")).unwrap();
+        Self { dir }
+    }
+
+    pub fn config_dir(&self) -> PathBuf {
+        self.dir.path().join("config")
+    }
+
+    pub fn write(&self, file: &str, yaml: &str) {
+        write_atomic(&self.config_dir().join(file), yaml).unwrap();
+    }
+
+    pub fn log(&self, name: &str) -> PathBuf {
+        self.dir.path().join(format!("{name}.log"))
+    }
+
+    /// Starts a controller over the config directory (on `grpc` when given, to restart one).
+    pub async fn controller(&self, grpc: Option<SocketAddr>) -> ChildProc {
+        let grpc = grpc.map(|a| a.to_string()).unwrap_or_else(|| "127.0.0.1:0".into());
+        let mut a = args(&["--grpc-addr", &grpc, "--admin-addr", "127.0.0.1:0", "--print-listen-addrs", "--log-level", "debug"]);
+        a.extend(["--config-dir".to_string(), self.config_dir().display().to_string()]);
+        ChildProc::spawn("controller", &bin("weir-controller"), &a, self.log("controller")).await.unwrap()
+    }
+
+    /// Starts a sidecar for `workload` (NS/NAME) forwarding inbound traffic to `app`.
+    pub async fn proxy(&self, controller: SocketAddr, workload: &str, app: Option<SocketAddr>) -> ChildProc {
+        let mut a = args(&["--controller", &controller.to_string(), "--workload", workload]);
+        a.extend(args(&["--outbound-addr", "127.0.0.1:0", "--inbound-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"]));
+        a.extend(args(&["--print-listen-addrs", "--log-level", "debug", "--report-interval", "1s"]));
+        if let Some(app) = app {
+            a.extend(["--app-addr".to_string(), app.to_string()]);
+        }
+        let name = workload.replace('/', "-");
+        ChildProc::spawn(&name, &bin("weir-proxy"), &a, self.log(&name)).await.unwrap()
+    }
+}
+
+impl Default for Scratch {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// An in-process backend; stops when dropped.
+pub struct Backend {
+    pub addr: SocketAddr,
+    pub behaviour: Arc<Behaviour>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Backend {
+    pub async fn start(name: &str) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let behaviour = Behaviour::new(name, 0.0, Duration::ZERO);
+        let task = tokio::spawn(weir::backend::serve(listener, behaviour.clone(), std::future::pending()));
+        Self { addr, behaviour, task }
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A meshed endpoint (a sidecar's inbound address) in local-mode YAML.
+pub fn meshed(addr: SocketAddr) -> String {
+    format!("{{ address: \"{addr}\", meshed: true }}")
+}
+
+/// A local-mode Service document with the given endpoint entries.
+pub fn service(ns: &str, name: &str, endpoints: &[String]) -> String {
+    format!(
+        "kind: Service\nmetadata: {{ name: {name}, namespace: {ns} }}\nspec:\n  endpoints: [{}]\n---\n",
+        endpoints.join(", ")
+    )
+}
+
+/// An HTTP/1.1 client.
+pub fn http1() -> Client<HttpConnector, BoxBody<Bytes, hyper::Error>> {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// An h2c (prior knowledge) client.
+pub fn http2() -> Client<HttpConnector, BoxBody<Bytes, hyper::Error>> {
+    Client::builder(TokioExecutor::new()).http2_only(true).build_http()
+}
+
+pub struct Reply {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: String,
+}
+
+impl Reply {
+    pub fn backend(&self) -> &str {
+        self.headers.get("x-weir-backend").and_then(|v| v.to_str().ok()).unwrap_or("")
+    }
+}
+
+pub fn empty() -> BoxBody<Bytes, hyper::Error> {
+    Empty::new().map_err(|never| match never {}).boxed()
+}
+
+/// Sends a request through a sidecar's outbound listener to `authority`.
+pub async fn send(
+    client: &Client<HttpConnector, BoxBody<Bytes, hyper::Error>>,
+    via: SocketAddr,
+    method: &str,
+    authority: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> anyhow::Result<Reply> {
+    let mut b = http::Request::builder().method(method).uri(format!("http://{via}{path}")).header("host", authority);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    let rsp = tokio::time::timeout(Duration::from_secs(10), client.request(b.body(empty())?)).await??;
+    let status = rsp.status().as_u16();
+    let headers = rsp.headers().clone();
+    let body = rsp.into_body().collect().await?.to_bytes();
+    Ok(Reply { status, headers, body: String::from_utf8_lossy(&body).into_owned() })
+}
+
+/// GETs `path` from an admin port as JSON.
+pub async fn admin_json(addr: SocketAddr, path: &str) -> serde_json::Value {
+    let client = http1();
+    let rsp = send(&client, addr, "GET", &addr.to_string(), path, &[]).await.unwrap();
+    serde_json::from_str(&rsp.body).unwrap_or(serde_json::Value::Null)
+}
+
+/// GETs `path` from an admin port as text.
+pub async fn admin_text(addr: SocketAddr, path: &str) -> String {
+    let client = http1();
+    send(&client, addr, "GET", &addr.to_string(), path, &[]).await.map(|r| r.body).unwrap_or_default()
+}
+
+/// Polls `check` every few milliseconds until it returns true; panics after `limit`.
+pub async fn wait_until<F, Fut>(what: &str, limit: Duration, mut check: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    loop {
+        if check().await {
+            return start.elapsed();
+        }
+        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Waits until the sidecar's admin `/config` satisfies `ok`.
+pub async fn wait_config(admin: SocketAddr, what: &str, ok: impl Fn(&serde_json::Value) -> bool) -> Duration {
+    wait_until(what, Duration::from_secs(20), || {
+        let ok = &ok;
+        async move { ok(&admin_json(admin, "/config").await) }
+    })
+    .await
+}
+
+/// Number of endpoints of `ns/name` in a sidecar's `/config`.
+pub fn endpoint_count(config: &serde_json::Value, ns: &str, name: &str) -> usize {
+    config["snapshot"]["services"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["namespace"] == ns && s["name"] == name))
+        .and_then(|s| s["endpoints"].as_array())
+        .map(|e| e.len())
+        .unwrap_or(0)
+}
+
+/// A standard little mesh: a controller, backends `v1` and `v2` of service `web` in namespace
+/// `test` (each behind its own sidecar), and a client sidecar. The route file is the caller's.
+pub struct TwoVersions {
+    pub scratch: Scratch,
+    pub controller: ChildProc,
+    pub v1: Backend,
+    pub v2: Backend,
+    pub sidecars: Vec<ChildProc>,
+    pub client: ChildProc,
+}
+
+impl TwoVersions {
+    pub async fn start(route_yaml: &str) -> Self {
+        let scratch = Scratch::new();
+        scratch.write("services.yaml", &services_doc(&[]));
+        scratch.write("route.yaml", route_yaml);
+        let controller = scratch.controller(None).await;
+        let grpc = controller.addr("grpc");
+        let (v1, v2) = (Backend::start("v1").await, Backend::start("v2").await);
+        let s1 = scratch.proxy(grpc, "test/web-v1", Some(v1.addr)).await;
+        let s2 = scratch.proxy(grpc, "test/web-v2", Some(v2.addr)).await;
+        let client = scratch.proxy(grpc, "test/client", None).await;
+        scratch.write("services.yaml", &services_doc(&[s1.addr("inbound"), s2.addr("inbound")]));
+        let admin = client.addr("admin");
+        wait_config(admin, "endpoints of web-v1 and web-v2", |c| {
+            endpoint_count(c, "test", "web-v1") == 1 && endpoint_count(c, "test", "web-v2") == 1
+        })
+        .await;
+        Self { scratch, controller, v1, v2, sidecars: vec![s1, s2], client }
+    }
+
+    pub fn outbound(&self) -> SocketAddr {
+        self.client.addr("outbound")
+    }
+}
+
+/// Services `web` (no endpoints of its own), `web-v1` and `web-v2` in namespace `test`.
+pub fn services_doc(inbound: &[SocketAddr]) -> String {
+    let ep = |i: usize| inbound.get(i).map(|a| vec![meshed(*a)]).unwrap_or_default();
+    format!("{}{}{}", service("test", "web", &[]), service("test", "web-v1", &ep(0)), service("test", "web-v2", &ep(1)))
+}
+
+/// A Route for `web` in namespace `test` with one weighted rule.
+pub fn split_route(w1: u32, w2: u32) -> String {
+    format!(
+        "apiVersion: weir.io/v1alpha1\nkind: Route\nmetadata: {{ name: web, namespace: test }}\nspec:\n  service: web\n  rules:\n  - name: split\n    backendRefs: [{{ name: web-v1, weight: {w1} }}, {{ name: web-v2, weight: {w2} }}]\n"
+    )
+}
+
+/// Backend weights of the first rule of `ns/name` in a sidecar's `/config`.
+pub fn weights(config: &serde_json::Value, ns: &str, name: &str) -> Vec<u64> {
+    config["snapshot"]["services"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["namespace"] == ns && s["name"] == name))
+        .and_then(|s| s["rules"][0]["backends"].as_array())
+        .map(|b| b.iter().filter_map(|b| b["weight"].as_u64()).collect())
+        .unwrap_or_default()
+}
