@@ -132,11 +132,6 @@ pub fn http1() -> Client<HttpConnector, BoxBody<Bytes, hyper::Error>> {
     Client::builder(TokioExecutor::new()).build_http()
 }
 
-/// An h2c (prior knowledge) client.
-pub fn http2() -> Client<HttpConnector, BoxBody<Bytes, hyper::Error>> {
-    Client::builder(TokioExecutor::new()).http2_only(true).build_http()
-}
-
 pub struct Reply {
     pub status: u16,
     pub headers: http::HeaderMap,
@@ -278,4 +273,20 @@ pub fn weights(config: &serde_json::Value, ns: &str, name: &str) -> Vec<u64> {
         .and_then(|s| s["rules"][0]["backends"].as_array())
         .map(|b| b.iter().filter_map(|b| b["weight"].as_u64()).collect())
         .unwrap_or_default()
+}
+
+/// Sends one HTTP/2 (prior knowledge) request to `via` with `:authority` set to `authority`,
+/// the way an h2c client that addresses the service by name does.
+pub async fn send_h2(via: SocketAddr, authority: &str, path: &str) -> anyhow::Result<Reply> {
+    let stream = tokio::net::TcpStream::connect(via).await?;
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), hyper_util::rt::TokioIo::new(stream)).await?;
+    let conn = tokio::spawn(conn);
+    let req = http::Request::get(format!("http://{authority}{path}")).body(empty())?;
+    let rsp = tokio::time::timeout(Duration::from_secs(10), sender.send_request(req)).await??;
+    let status = rsp.status().as_u16();
+    let headers = rsp.headers().clone();
+    let body = rsp.into_body().collect().await?.to_bytes();
+    conn.abort();
+    Ok(Reply { status, headers, body: String::from_utf8_lossy(&body).into_owned() })
 }

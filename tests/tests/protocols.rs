@@ -1,0 +1,120 @@
+//! Protocols through two sidecars: HTTP/1.1 and h2c clients keep their protocol end to end,
+//! gRPC unary and server-streaming calls work, and large bodies stream without buffering.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
+use tokio_stream::StreamExt;
+use tonic_health::ServingStatus;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
+use weir_tests::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_and_h2c_clients_keep_their_protocol() {
+    let mesh = TwoVersions::start(&split_route(1, 0)).await;
+    let h1 = send(&http1(), mesh.outbound(), "GET", "web.test", "/headers?x=1", &[("x-custom", "kept")]).await.unwrap();
+    let h2 = send_h2(mesh.outbound(), "web.test", "/headers?x=1").await.unwrap();
+    for (r, want) in [(h1, "HTTP/1.1"), (h2, "HTTP/2.0")] {
+        assert_eq!(r.status, 200, "{}", r.body);
+        let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+        assert_eq!(v["version"], want, "{v}");
+        assert_eq!(v["authority"], "web.test", "{v}");
+        assert_eq!(v["path"], "/headers?x=1");
+        if want == "HTTP/1.1" {
+            assert_eq!(v["headers"]["x-custom"], "kept");
+        }
+        assert!(v["headers"].get("weir-orig-proto").is_none(), "internal header leaked: {v}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_unary_and_server_streaming_through_two_sidecars() {
+    let scratch = Scratch::new();
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter.set_service_status("orders", ServingStatus::Serving).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let grpc_addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    scratch.write("services.yaml", &service("test", "orders", &[]));
+    let controller = scratch.controller(None).await;
+    let grpc = controller.addr("grpc");
+    let server_sidecar = scratch.proxy(grpc, "test/orders", Some(grpc_addr)).await;
+    let client_sidecar = scratch.proxy(grpc, "test/client", None).await;
+    scratch.write("services.yaml", &service("test", "orders", &[meshed(server_sidecar.addr("inbound"))]));
+    wait_config(client_sidecar.addr("admin"), "orders endpoint", |c| endpoint_count(c, "test", "orders") == 1).await;
+
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", client_sidecar.addr("outbound")))
+        .unwrap()
+        .origin("http://orders.test:50051".parse().unwrap())
+        .connect()
+        .await
+        .unwrap();
+    let mut client = HealthClient::new(channel);
+    let status = client.check(HealthCheckRequest { service: "orders".into() }).await.unwrap().into_inner().status;
+    assert_eq!(status, ServingStatus::Serving as i32);
+    let err = client.check(HealthCheckRequest { service: "nope".into() }).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound, "gRPC status must survive the trip: {err:?}");
+
+    let mut stream = client.watch(HealthCheckRequest { service: "orders".into() }).await.unwrap().into_inner();
+    assert_eq!(next(&mut stream).await, ServingStatus::Serving as i32);
+    reporter.set_service_status("orders", ServingStatus::NotServing).await;
+    assert_eq!(next(&mut stream).await, ServingStatus::NotServing as i32);
+    reporter.set_service_status("orders", ServingStatus::Serving).await;
+    assert_eq!(next(&mut stream).await, ServingStatus::Serving as i32);
+    drop(stream);
+    server.abort();
+}
+
+async fn next(s: &mut tonic::Streaming<tonic_health::pb::HealthCheckResponse>) -> i32 {
+    tokio::time::timeout(Duration::from_secs(10), s.message()).await.unwrap().unwrap().unwrap().status
+}
+
+const BIG: u64 = 50 * 1024 * 1024;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_megabytes_stream_through_without_buffering() {
+    let mesh = TwoVersions::start(&split_route(1, 0)).await;
+    let client = http1();
+    // Warm up connections and pools, then take the sidecars' peak RSS as the baseline.
+    for _ in 0..20 {
+        send(&client, mesh.outbound(), "GET", "web.test", "/bytes?n=1048576", &[]).await.unwrap();
+    }
+    let pids = [mesh.client.pid(), mesh.sidecars[0].pid()];
+    let before: Vec<u64> = pids.iter().map(|p| memory_kib(*p).unwrap().0).collect();
+
+    // Upload: 50 MB produced lazily in 64 KiB chunks.
+    let chunk = Bytes::from(vec![7u8; 64 * 1024]);
+    let frames = tokio_stream::iter((0..BIG / (64 * 1024)).map(move |_| Ok::<_, hyper::Error>(Frame::data(chunk.clone()))));
+    let req = http::Request::post(format!("http://{}/upload", mesh.outbound()))
+        .header("host", "web.test")
+        .body(StreamBody::new(frames).boxed())
+        .unwrap();
+    let rsp = tokio::time::timeout(Duration::from_secs(120), client.request(req)).await.unwrap().unwrap();
+    assert_eq!(rsp.status(), 200);
+    let body = rsp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(String::from_utf8_lossy(&body).trim(), BIG.to_string());
+
+    // Download: 50 MB read chunk by chunk.
+    let req = http::Request::get(format!("http://{}/bytes?n={BIG}", mesh.outbound())).header("host", "web.test").body(empty()).unwrap();
+    let rsp = tokio::time::timeout(Duration::from_secs(120), client.request(req)).await.unwrap().unwrap();
+    let mut body = rsp.into_body().into_data_stream();
+    let mut got = 0u64;
+    while let Some(chunk) = body.next().await {
+        got += chunk.unwrap().len() as u64;
+    }
+    assert_eq!(got, BIG);
+
+    for (pid, before) in pids.iter().zip(before) {
+        let after = memory_kib(*pid).unwrap().0;
+        let growth_mib = after.saturating_sub(before) as f64 / 1024.0;
+        println!("sidecar {pid}: peak RSS {before} KiB -> {after} KiB (+{growth_mib:.1} MiB) for 2 x 50 MiB");
+        assert!(growth_mib < 8.0, "sidecar {pid} peak RSS grew by {growth_mib:.1} MiB while streaming 50 MiB");
+    }
+}
