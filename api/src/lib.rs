@@ -11,8 +11,8 @@
 #![forbid(unsafe_code)]
 
 pub mod duration;
-pub mod rt;
 pub mod route;
+pub mod rt;
 pub mod service;
 pub mod validate;
 
@@ -30,8 +30,7 @@ pub const VERSION: &str = "v1alpha1";
 pub const API_VERSION: &str = "weir.io/v1alpha1";
 
 /// Every CustomResourceDefinition Weir defines, in a stable order.
-pub fn crds() -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
-{
+pub fn crds() -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> {
     use kube::CustomResourceExt;
     vec![route::Route::crd()]
 }
@@ -57,10 +56,7 @@ mod tests {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds");
         for (file, yaml) in super::crds_yaml().unwrap() {
             let on_disk = std::fs::read_to_string(dir.join(&file)).unwrap_or_default();
-            assert!(
-                on_disk == yaml,
-                "crds/{file} is stale: run `cargo run -p weir-controller -- crds --out-dir crds`"
-            );
+            assert!(on_disk == yaml, "crds/{file} is stale: run `cargo run -p weir-controller -- crds --out-dir crds`");
         }
     }
 }

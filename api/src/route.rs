@@ -274,7 +274,9 @@ mod tests {
 
     #[test]
     fn errors_name_the_field() {
-        let s = spec("service: reviews\nrules:\n- backendRefs: [{name: v1}]\n  matches: [{path: {type: RegularExpression, value: '('}}]\n");
+        let s = spec(
+            "service: reviews\nrules:\n- backendRefs: [{name: v1}]\n  matches: [{path: {type: RegularExpression, value: '('}}]\n",
+        );
         let e = s.validate().unwrap_err();
         assert_eq!(e.field, "spec.rules[0].matches[0].path.value");
         let s = spec("service: reviews\nrules:\n- backendRefs: [{name: v1, weight: 0}, {name: v2, weight: 0}]\n");

@@ -31,7 +31,12 @@ pub struct Behaviour {
 
 impl Behaviour {
     pub fn new(name: &str, fail_rate: f64, latency: Duration) -> Arc<Self> {
-        let b = Arc::new(Self { name: name.into(), fail_ppm: AtomicU64::new(0), latency_us: AtomicU64::new(0), served: AtomicU64::new(0) });
+        let b = Arc::new(Self {
+            name: name.into(),
+            fail_ppm: AtomicU64::new(0),
+            latency_us: AtomicU64::new(0),
+            served: AtomicU64::new(0),
+        });
         b.set_fail_rate(fail_rate);
         b.set_latency(latency);
         b
@@ -109,14 +114,12 @@ async fn handle(b: Arc<Behaviour>, req: Request<Incoming>) -> Result<Response<Bo
     } else {
         match path.as_str() {
             "/headers" => {
-                let headers: serde_json::Map<String, serde_json::Value> = req
-                    .headers()
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").into()))
-                    .collect();
-                let authority = req.uri().authority().map(|a| a.to_string()).or_else(|| {
-                    req.headers().get(http::header::HOST).and_then(|h| h.to_str().ok()).map(String::from)
-                });
+                let headers: serde_json::Map<String, serde_json::Value> =
+                    req.headers().iter().map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").into())).collect();
+                let authority =
+                    req.uri().authority().map(|a| a.to_string()).or_else(|| {
+                        req.headers().get(http::header::HOST).and_then(|h| h.to_str().ok()).map(String::from)
+                    });
                 let v = serde_json::json!({
                     "backend": b.name, "method": req.method().as_str(), "version": format!("{:?}", req.version()),
                     "authority": authority, "path": req.uri().path_and_query().map(|p| p.as_str()), "headers": headers,
@@ -145,7 +148,8 @@ async fn handle(b: Arc<Behaviour>, req: Request<Incoming>) -> Result<Response<Bo
             _ => Response::new(full(format!("{}\n", b.name))),
         }
     };
-    rsp.headers_mut().insert("x-weir-backend", http::HeaderValue::from_str(&b.name).unwrap_or(http::HeaderValue::from_static("?")));
+    rsp.headers_mut()
+        .insert("x-weir-backend", http::HeaderValue::from_str(&b.name).unwrap_or(http::HeaderValue::from_static("?")));
     Ok(rsp)
 }
 
@@ -157,7 +161,11 @@ fn stream_bytes(n: u64) -> Body {
     StreamBody::new(stream).boxed()
 }
 
-fn futures_stream(n: u64, size: u64, chunk: Bytes) -> impl futures_core::Stream<Item = Result<Frame<Bytes>, std::io::Error>> + Send + Sync {
+fn futures_stream(
+    n: u64,
+    size: u64,
+    chunk: Bytes,
+) -> impl futures_core::Stream<Item = Result<Frame<Bytes>, std::io::Error>> + Send + Sync {
     let mut left = n;
     futures_util_stream(move || {
         if left == 0 {
@@ -170,7 +178,9 @@ fn futures_stream(n: u64, size: u64, chunk: Bytes) -> impl futures_core::Stream<
 }
 
 /// A stream from a closure (std-only `poll_fn` over an iterator).
-fn futures_util_stream<T, F: FnMut() -> Option<T> + Send + Sync + Unpin>(f: F) -> impl futures_core::Stream<Item = T> + Send + Sync {
+fn futures_util_stream<T, F: FnMut() -> Option<T> + Send + Sync + Unpin>(
+    f: F,
+) -> impl futures_core::Stream<Item = T> + Send + Sync {
     struct FromFn<F>(F);
     impl<T, F: FnMut() -> Option<T> + Unpin> futures_core::Stream for FromFn<F> {
         type Item = T;

@@ -128,8 +128,11 @@ async fn drive(args: &DemoArgs, exe: &Path, mesh: &mut Mesh) -> anyhow::Result<(
         let b = ChildProc::spawn(
             &format!("backend-{name}"),
             exe,
-            &[s(&["demo-backend", "--listen", "127.0.0.1:0", "--print-listen-addrs", "--name", name]), vec![format!("--fail-rate={fail}")]]
-                .concat(),
+            &[
+                s(&["demo-backend", "--listen", "127.0.0.1:0", "--print-listen-addrs", "--name", name]),
+                vec![format!("--fail-rate={fail}")],
+            ]
+            .concat(),
             log(&format!("backend-{name}")),
         )
         .await?;
@@ -138,7 +141,14 @@ async fn drive(args: &DemoArgs, exe: &Path, mesh: &mut Mesh) -> anyhow::Result<(
     }
     let sidecar = |workload: &str, app: Option<SocketAddr>| {
         let mut a = s(&["proxy", "--controller", &grpc, "--workload", workload, "--service-account", "reviews"]);
-        a.extend(s(&["--outbound-addr", "127.0.0.1:0", "--inbound-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"]));
+        a.extend(s(&[
+            "--outbound-addr",
+            "127.0.0.1:0",
+            "--inbound-addr",
+            "127.0.0.1:0",
+            "--admin-addr",
+            "127.0.0.1:0",
+        ]));
         a.extend(s(&["--print-listen-addrs", "--log-level", "warn", "--report-interval", "1s"]));
         if let Some(app) = app {
             a.extend(["--app-addr".to_string(), app.to_string()]);
@@ -147,12 +157,19 @@ async fn drive(args: &DemoArgs, exe: &Path, mesh: &mut Mesh) -> anyhow::Result<(
     };
     let mut inbound = Vec::new();
     for (i, name) in ["reviews-v1", "reviews-v2"].iter().enumerate() {
-        let p = ChildProc::spawn(&format!("sidecar-{name}"), exe, &sidecar(&format!("demo/{name}"), Some(backends[i])), log(name)).await?;
+        let p = ChildProc::spawn(
+            &format!("sidecar-{name}"),
+            exe,
+            &sidecar(&format!("demo/{name}"), Some(backends[i])),
+            log(name),
+        )
+        .await?;
         say(format!("{name:<12} backend {}  sidecar inbound {}", backends[i], p.addr("inbound")));
         inbound.push(p.addr("inbound"));
         mesh.children.push(p);
     }
-    let client = ChildProc::spawn("sidecar-client", exe, &sidecar("demo/productpage", None), log("productpage")).await?;
+    let client =
+        ChildProc::spawn("sidecar-client", exe, &sidecar("demo/productpage", None), log("productpage")).await?;
     let (outbound, client_admin, client_pid) = (client.addr("outbound"), client.addr("admin"), client.pid());
     say(format!("productpage  sidecar outbound {outbound}  admin http://{client_admin}"));
     mesh.children.push(client);
@@ -168,7 +185,10 @@ async fn drive(args: &DemoArgs, exe: &Path, mesh: &mut Mesh) -> anyhow::Result<(
     let step_time = args.duration / STEPS.len() as u32;
     let mut results = Vec::new();
     let peak_rss = Arc::new(AtomicU64::new(0));
-    say(format!("\nload: {} connections to http://reviews.demo/ through {outbound}, {step_time:?} per step\n", args.concurrency));
+    say(format!(
+        "\nload: {} connections to http://reviews.demo/ through {outbound}, {step_time:?} per step\n",
+        args.concurrency
+    ));
     for (i, weights) in STEPS.iter().copied().enumerate() {
         let changed = Instant::now();
         if i > 0 {
@@ -179,7 +199,8 @@ async fn drive(args: &DemoArgs, exe: &Path, mesh: &mut Mesh) -> anyhow::Result<(
         }
         let propagation_ms = if i > 0 { changed.elapsed().as_secs_f64() * 1000.0 } else { 0.0 };
         let label = format!("step {}/{}  v1 {:>3}% v2 {:>3}%", i + 1, STEPS.len(), weights.0, weights.1);
-        let counts = load(outbound, args.concurrency, step_time, &label, !args.json, client_pid, peak_rss.clone()).await;
+        let counts =
+            load(outbound, args.concurrency, step_time, &label, !args.json, client_pid, peak_rss.clone()).await;
         let total = counts.v1 + counts.v2 + counts.errors;
         let served = (counts.v1 + counts.v2).max(1) as f64;
         let r = StepResult {
@@ -202,7 +223,11 @@ async fn drive(args: &DemoArgs, exe: &Path, mesh: &mut Mesh) -> anyhow::Result<(
         results.push(r);
     }
     let peak = peak_rss.load(Ordering::Relaxed);
-    say(format!("\nclient sidecar RSS: {:.1} MiB idle, {:.1} MiB peak under load", idle_rss as f64 / 1024.0, peak as f64 / 1024.0));
+    say(format!(
+        "\nclient sidecar RSS: {:.1} MiB idle, {:.1} MiB peak under load",
+        idle_rss as f64 / 1024.0,
+        peak as f64 / 1024.0
+    ));
     if args.json {
         let summary = serde_json::json!({
             "steps": results,
@@ -241,7 +266,8 @@ async fn load(
         workers.push(tokio::spawn(async move {
             let uri: http::Uri = format!("http://{outbound}/").parse().unwrap();
             while Instant::now() < deadline {
-                let req = http::Request::get(uri.clone()).header("host", "reviews.demo").body(Empty::<Bytes>::new()).unwrap();
+                let req =
+                    http::Request::get(uri.clone()).header("host", "reviews.demo").body(Empty::<Bytes>::new()).unwrap();
                 let ok = match tokio::time::timeout(Duration::from_secs(5), client.request(req)).await {
                     Ok(Ok(rsp)) if rsp.status().is_success() => {
                         let backend = rsp.headers().get("x-weir-backend").cloned();
@@ -329,7 +355,8 @@ fn split_weights(c: &serde_json::Value) -> Option<(u32, u32)> {
 /// `examples/demo/services.yaml` with the endpoint addresses replaced (or removed).
 fn services_yaml(inbound: Option<(SocketAddr, SocketAddr)>) -> String {
     let mut out = SERVICES_YAML.to_string();
-    for (placeholder, actual) in [("127.0.0.1:14143", inbound.map(|i| i.0)), ("127.0.0.1:24143", inbound.map(|i| i.1))] {
+    for (placeholder, actual) in [("127.0.0.1:14143", inbound.map(|i| i.0)), ("127.0.0.1:24143", inbound.map(|i| i.1))]
+    {
         out = match actual {
             Some(a) => out.replace(placeholder, &a.to_string()),
             None => strip_endpoints(&out),
@@ -369,12 +396,26 @@ mod tests {
 
     #[test]
     fn example_files_parse_and_rewrite() {
-        let r = route_yaml((90, 10));
-        assert!(r.contains("weight: 90") && r.contains("weight: 10"));
-        let s = services_yaml(None);
-        assert!(!s.contains("endpoints") && s.contains("reviews-v2"));
+        use weir_controller::index::{Index, Resource};
+        use weir_controller::source::local::parse_file;
         let a: SocketAddr = "127.0.0.1:1".parse().unwrap();
-        let s = services_yaml(Some((a, a)));
-        assert_eq!(s.matches("127.0.0.1:1\n").count() + s.matches("127.0.0.1:1 ").count(), 2);
+        for (services, endpoints) in [(services_yaml(None), 0), (services_yaml(Some((a, a))), 2)] {
+            let mut defs = parse_file("services.yaml", &services).unwrap();
+            defs.extend(parse_file("route.yaml", &route_yaml((90, 10))).unwrap());
+            let mut index = Index::default();
+            index.replace_all(defs, vec![]);
+            assert!(index.rejections().is_empty(), "{:?}", index.rejections());
+            let mut found = 0;
+            for e in index.entries().values() {
+                match &e.resource {
+                    Resource::Service(s) => found += s.endpoints.iter().filter(|e| e.address == "127.0.0.1:1").count(),
+                    Resource::Route(r) => {
+                        let w: Vec<u32> = r.rules[1].backend_refs.iter().map(|b| b.weight).collect();
+                        assert_eq!(w, [90, 10]);
+                    }
+                }
+            }
+            assert_eq!(found, endpoints);
+        }
     }
 }

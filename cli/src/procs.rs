@@ -57,7 +57,10 @@ impl ChildProc {
 
     /// One of the addresses the process printed (`admin`, `grpc`, `inbound`, …).
     pub fn addr(&self, key: &str) -> SocketAddr {
-        self.addrs[key].as_str().and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("{} has no {key} address", self.name))
+        self.addrs[key]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("{} has no {key} address", self.name))
     }
 
     /// Sends SIGTERM and waits up to `grace`, then SIGKILL. Returns whether it exited on its own.
@@ -90,9 +93,8 @@ impl ChildProc {
 /// `(VmHWM, VmRSS)` of a process in KiB.
 pub fn memory_kib(pid: u32) -> Option<(u64, u64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let field = |name: &str| {
-        status.lines().find(|l| l.starts_with(name))?.split_whitespace().nth(1)?.parse::<u64>().ok()
-    };
+    let field =
+        |name: &str| status.lines().find(|l| l.starts_with(name))?.split_whitespace().nth(1)?.parse::<u64>().ok();
     Some((field("VmHWM:")?, field("VmRSS:")?))
 }
 

@@ -140,7 +140,12 @@ impl Index {
         let mut keep_previous: BTreeSet<ResourceKey> = BTreeSet::new();
 
         for u in &unreadable {
-            rejections.push(Rejection { origin: u.origin.clone(), resource: None, field: None, message: u.message.clone() });
+            rejections.push(Rejection {
+                origin: u.origin.clone(),
+                resource: None,
+                field: None,
+                message: u.message.clone(),
+            });
             for (k, e) in &self.entries {
                 if e.origin == u.origin {
                     keep_previous.insert(k.clone());
@@ -155,7 +160,12 @@ impl Index {
                     if let Some(k) = &def.key {
                         keep_previous.insert(k.clone());
                     }
-                    rejections.push(Rejection { origin: def.origin, resource: def.key, field: p.field, message: p.message });
+                    rejections.push(Rejection {
+                        origin: def.origin,
+                        resource: def.key,
+                        field: p.field,
+                        message: p.message,
+                    });
                 }
                 Ok(resource) => {
                     let key = def.key.expect("a parsed definition has a key");
@@ -188,15 +198,14 @@ impl Index {
         }
 
         // Cross-object checks: a Route must point at Services that exist.
-        let services: BTreeSet<(String, String)> = next
-            .keys()
-            .filter(|k| k.kind == Kind::Service)
-            .map(|k| (k.namespace.clone(), k.name.clone()))
-            .collect();
+        let services: BTreeSet<(String, String)> =
+            next.keys().filter(|k| k.kind == Kind::Service).map(|k| (k.namespace.clone(), k.name.clone())).collect();
         let routes: Vec<ResourceKey> = next.keys().filter(|k| k.kind == Kind::Route).cloned().collect();
         for key in routes {
             let entry = &next[&key];
-            let Resource::Route(spec) = &entry.resource else { continue };
+            let Resource::Route(spec) = &entry.resource else {
+                continue;
+            };
             if keep_previous.contains(&key) {
                 continue; // a carried-over version is not re-judged
             }
@@ -280,7 +289,11 @@ mod tests {
     fn route(origin: &str, name: &str, service: &str, backends: &[(&str, u32)]) -> Definition {
         let rules = serde_json::json!([{ "backendRefs": backends.iter().map(|(n, w)| serde_json::json!({"name": n, "weight": w})).collect::<Vec<_>>() }]);
         let spec: RouteSpec = serde_json::from_value(serde_json::json!({"service": service, "rules": rules})).unwrap();
-        Definition { origin: origin.into(), key: Some(ResourceKey::new(Kind::Route, "ns", name)), parsed: Ok(Resource::Route(spec)) }
+        Definition {
+            origin: origin.into(),
+            key: Some(ResourceKey::new(Kind::Route, "ns", name)),
+            parsed: Ok(Resource::Route(spec)),
+        }
     }
 
     fn weights(index: &Index, name: &str) -> Vec<u32> {
@@ -293,7 +306,10 @@ mod tests {
     #[test]
     fn rejected_definition_keeps_previous_version() {
         let mut index = Index::default();
-        assert!(index.replace_all(vec![svc("s.yaml", "a"), svc("s.yaml", "b"), route("r.yaml", "r", "a", &[("a", 1), ("b", 1)])], vec![]));
+        assert!(index.replace_all(
+            vec![svc("s.yaml", "a"), svc("s.yaml", "b"), route("r.yaml", "r", "a", &[("a", 1), ("b", 1)])],
+            vec![]
+        ));
         let v = index.entries()[&ResourceKey::new(Kind::Route, "ns", "r")].version;
         let bad = Definition {
             origin: "r.yaml".into(),
@@ -331,7 +347,8 @@ mod tests {
     fn unreadable_file_keeps_its_resources() {
         let mut index = Index::default();
         index.replace_all(vec![svc("s.yaml", "a")], vec![]);
-        let changed = index.replace_all(vec![], vec![UnreadableOrigin { origin: "s.yaml".into(), message: "bad yaml".into() }]);
+        let changed =
+            index.replace_all(vec![], vec![UnreadableOrigin { origin: "s.yaml".into(), message: "bad yaml".into() }]);
         assert!(!changed);
         assert_eq!(index.entries().len(), 1);
         // Deleting the definition for real removes it.

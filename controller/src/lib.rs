@@ -115,8 +115,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     metrics.rejected_resources.set(index.rejections().len() as i64);
     let (state_tx, state_rx) = watch::channel(Arc::new(MeshState::build(&index, 1, Instant::now(), None)));
 
-    let grpc_listener = TcpListener::bind(args.grpc_addr).await.with_context(|| format!("binding {}", args.grpc_addr))?;
-    let admin_listener = TcpListener::bind(args.admin_addr).await.with_context(|| format!("binding {}", args.admin_addr))?;
+    let grpc_listener =
+        TcpListener::bind(args.grpc_addr).await.with_context(|| format!("binding {}", args.grpc_addr))?;
+    let admin_listener =
+        TcpListener::bind(args.admin_addr).await.with_context(|| format!("binding {}", args.admin_addr))?;
     let grpc_addr = grpc_listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
 

@@ -18,8 +18,10 @@ pub struct Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
-        let connected_proxies = IntGauge::new("weir_controller_connected_proxies", "Sidecars with an open Discovery stream").unwrap();
-        let snapshots_pushed = IntCounter::new("weir_controller_snapshots_pushed_total", "Snapshots sent to sidecars").unwrap();
+        let connected_proxies =
+            IntGauge::new("weir_controller_connected_proxies", "Sidecars with an open Discovery stream").unwrap();
+        let snapshots_pushed =
+            IntCounter::new("weir_controller_snapshots_pushed_total", "Snapshots sent to sidecars").unwrap();
         let push_latency = Histogram::with_opts(
             HistogramOpts::new(
                 "weir_controller_push_latency_seconds",
@@ -31,8 +33,11 @@ impl Metrics {
         let nacks = IntCounter::new("weir_controller_nacks_total", "Snapshots sidecars could not apply").unwrap();
         let rejected_resources =
             IntGauge::new("weir_controller_rejected_resources", "Resource definitions currently rejected").unwrap();
-        let config_reloads = IntCounter::new("weir_controller_config_reloads_total", "Full re-reads of the config directory").unwrap();
-        let reports_received = IntCounter::new("weir_controller_reports_received_total", "Traffic reports received from sidecars").unwrap();
+        let config_reloads =
+            IntCounter::new("weir_controller_config_reloads_total", "Full re-reads of the config directory").unwrap();
+        let reports_received =
+            IntCounter::new("weir_controller_reports_received_total", "Traffic reports received from sidecars")
+                .unwrap();
         let reports_dropped_series = IntCounter::new(
             "weir_controller_report_series_dropped_total",
             "Report series dropped because the aggregation table was full",

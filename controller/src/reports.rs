@@ -122,7 +122,12 @@ mod tests {
             latency_counts: vec![90, 9, 1],
             latency_sum_seconds: 1.0,
         };
-        let report = proto::Report { window_start_ms: 0, window_end_ms: 10, latency_bounds_seconds: vec![0.01, 0.1], stats: vec![stats] };
+        let report = proto::Report {
+            window_start_ms: 0,
+            window_end_ms: 10,
+            latency_bounds_seconds: vec![0.01, 0.1],
+            stats: vec![stats],
+        };
         assert_eq!(r.record(&report), 0);
         assert_eq!(r.record(&report), 0);
         let s = r.series.values().next().unwrap();

@@ -33,7 +33,9 @@ impl MeshState {
             generation,
             changed_at,
             services,
-            resources: Arc::new(index.entries().iter().map(|(k, e)| (k.clone(), (e.origin.clone(), e.version))).collect()),
+            resources: Arc::new(
+                index.entries().iter().map(|(k, e)| (k.clone(), (e.origin.clone(), e.version))).collect(),
+            ),
             rejections: Arc::new(index.rejections().to_vec()),
         }
     }

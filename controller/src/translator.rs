@@ -19,7 +19,9 @@ pub fn services(index: &Index) -> Vec<proto::Service> {
     }
     let mut out = Vec::new();
     for (key, entry) in index.entries() {
-        let Resource::Service(spec) = &entry.resource else { continue };
+        let Resource::Service(spec) = &entry.resource else {
+            continue;
+        };
         debug_assert_eq!(key.kind, Kind::Service);
         let mut svc = proto::Service {
             namespace: key.namespace.clone(),

@@ -29,7 +29,9 @@ impl Admin {
             "/ready" => match (&config, self.draining.load(Ordering::Acquire)) {
                 (_, true) => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
                 (Some(c), false) => text(StatusCode::OK, format!("ready (config version {})\n", c.version)),
-                (None, false) => text(StatusCode::SERVICE_UNAVAILABLE, "not ready: no configuration from the controller yet\n"),
+                (None, false) => {
+                    text(StatusCode::SERVICE_UNAVAILABLE, "not ready: no configuration from the controller yet\n")
+                }
             },
             "/metrics" => text(StatusCode::OK, self.metrics.render()),
             "/config" => match config {

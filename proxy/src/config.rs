@@ -111,7 +111,11 @@ impl Config {
         self.services.get(key)
     }
 
-    pub fn from_snapshot(snapshot: proto::Snapshot, own_namespace: &str, cluster_domain: &str) -> Result<Self, InvalidSnapshot> {
+    pub fn from_snapshot(
+        snapshot: proto::Snapshot,
+        own_namespace: &str,
+        cluster_domain: &str,
+    ) -> Result<Self, InvalidSnapshot> {
         let mut services = HashMap::new();
         let mut by_host = HashMap::new();
         for s in &snapshot.services {
@@ -120,11 +124,9 @@ impl Config {
                 return Err(InvalidSnapshot::Duplicate { service: svc.key.to_string() });
             }
             let (ns, name) = (&s.namespace, &s.name);
-            for host in [
-                format!("{name}.{ns}"),
-                format!("{name}.{ns}.svc"),
-                format!("{name}.{ns}.svc.{cluster_domain}"),
-            ] {
+            for host in
+                [format!("{name}.{ns}"), format!("{name}.{ns}.svc"), format!("{name}.{ns}.svc.{cluster_domain}")]
+            {
                 by_host.insert(host, svc.clone());
             }
             if ns == own_namespace {
@@ -174,12 +176,14 @@ impl TryFrom<&proto::Service> for Service {
                     out.headers.push((name, str_match(v, false).map_err(at)?));
                 }
                 for q in &m.query_params {
-                    let v = q.value.as_ref().ok_or_else(|| at(format!("query param {:?} has no value match", q.name)))?;
+                    let v =
+                        q.value.as_ref().ok_or_else(|| at(format!("query param {:?} has no value match", q.name)))?;
                     out.query.push((q.name.clone(), str_match(v, false).map_err(at)?));
                 }
                 if !m.method.is_empty() {
                     out.method = Some(
-                        Method::from_bytes(m.method.as_bytes()).map_err(|_| at(format!("invalid method {:?}", m.method)))?,
+                        Method::from_bytes(m.method.as_bytes())
+                            .map_err(|_| at(format!("invalid method {:?}", m.method)))?,
                     );
                 }
                 matches.push(out);
@@ -244,7 +248,12 @@ mod tests {
                         path: Some(proto::StringMatch { kind, value: "/api".into() }),
                         ..Default::default()
                     }],
-                    backends: vec![proto::BackendRef { namespace: "shop".into(), name: "web".into(), port: 0, weight: 1 }],
+                    backends: vec![proto::BackendRef {
+                        namespace: "shop".into(),
+                        name: "web".into(),
+                        port: 0,
+                        weight: 1,
+                    }],
                     timeout_ms: 0,
                 }],
             }],
@@ -257,7 +266,8 @@ mod tests {
         for host in ["web", "web.shop", "web.shop.svc", "web.shop.svc.cluster.local", "web.shop.svc.cluster.local."] {
             assert!(cfg.lookup(host).is_some(), "{host}");
         }
-        let other = Config::from_snapshot(snapshot(proto::MatchKind::Prefix as i32), "elsewhere", "cluster.local").unwrap();
+        let other =
+            Config::from_snapshot(snapshot(proto::MatchKind::Prefix as i32), "elsewhere", "cluster.local").unwrap();
         assert!(other.lookup("web").is_none());
         assert!(other.lookup("web.shop").is_some());
     }

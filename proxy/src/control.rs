@@ -38,15 +38,21 @@ pub async fn run(cfg: ControlConfig, tx: watch::Sender<Option<Arc<Config>>>, met
         };
         metrics.control_connected.set(0);
         let (delay, how) = match &result {
-            Err(status) if matches!(status.code(), Code::InvalidArgument | Code::PermissionDenied | Code::Unauthenticated) => {
+            Err(status)
+                if matches!(status.code(), Code::InvalidArgument | Code::PermissionDenied | Code::Unauthenticated) =>
+            {
                 // The controller refused us; retrying quickly will not help.
                 (cfg.backoff_max, "refused")
             }
             _ => (backoff(attempt, cfg.backoff_base, cfg.backoff_max), "lost"),
         };
         match result {
-            Ok(()) => tracing::warn!(controller = %cfg.controller, "control stream ended; reconnecting"),
-            Err(status) => tracing::warn!(controller = %cfg.controller, code = ?status.code(), message = status.message(), how, ?delay, "control stream failed; serving last config"),
+            Ok(()) => {
+                tracing::warn!(controller = %cfg.controller, "control stream ended; reconnecting")
+            }
+            Err(status) => {
+                tracing::warn!(controller = %cfg.controller, code = ?status.code(), message = status.message(), how, ?delay, "control stream failed; serving last config")
+            }
         }
         attempt = attempt.saturating_add(1);
         tokio::select! {

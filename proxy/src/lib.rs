@@ -156,7 +156,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let (prune_balancer, prune_clients, app) = (balancer.clone(), clients.clone(), args.app_addr);
     tokio::spawn(async move {
         while prune_rx.changed().await.is_ok() {
-            let Some(cfg) = prune_rx.borrow_and_update().clone() else { continue };
+            let Some(cfg) = prune_rx.borrow_and_update().clone() else {
+                continue;
+            };
             let live: HashSet<SocketAddr> =
                 cfg.services.values().flat_map(|s| s.endpoints.iter().map(|e| e.addr)).chain(app).collect();
             prune_balancer.retain(|a| live.contains(a));
@@ -164,7 +166,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         }
     });
 
-    let out = outbound::Outbound { config: config_rx.clone(), clients: clients.clone(), balancer, metrics: metrics.clone() };
+    let out =
+        outbound::Outbound { config: config_rx.clone(), clients: clients.clone(), balancer, metrics: metrics.clone() };
     let inb = inbound::Inbound::new(args.app_addr, clients, metrics.clone(), &workload);
     let grace = args.shutdown_grace;
     let outbound_task = tokio::spawn(server::serve(

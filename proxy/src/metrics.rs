@@ -74,7 +74,8 @@ impl Metrics {
         let registry = Registry::new();
         let req_labels = ["direction", "service", "route", "backend"];
         let requests =
-            IntCounterVec::new(Opts::new("weir_requests_total", "HTTP requests the proxy handled"), &req_labels).unwrap();
+            IntCounterVec::new(Opts::new("weir_requests_total", "HTTP requests the proxy handled"), &req_labels)
+                .unwrap();
         let responses = IntCounterVec::new(
             Opts::new("weir_responses_total", "HTTP responses by status code and class"),
             &["direction", "service", "route", "backend", "status_code", "status_class"],
@@ -89,10 +90,13 @@ impl Metrics {
         let active_connections =
             IntGaugeVec::new(Opts::new("weir_active_connections", "Open client connections"), &["direction"]).unwrap();
         let connections =
-            IntCounterVec::new(Opts::new("weir_connections_total", "Accepted client connections"), &["direction"]).unwrap();
+            IntCounterVec::new(Opts::new("weir_connections_total", "Accepted client connections"), &["direction"])
+                .unwrap();
         let snapshots_applied = IntCounter::new("weir_snapshots_applied_total", "Snapshots applied").unwrap();
-        let snapshots_rejected = IntCounter::new("weir_snapshots_rejected_total", "Snapshots rejected (Nacked)").unwrap();
-        let control_connected = IntGauge::new("weir_control_plane_connected", "1 while the Discovery stream is up").unwrap();
+        let snapshots_rejected =
+            IntCounter::new("weir_snapshots_rejected_total", "Snapshots rejected (Nacked)").unwrap();
+        let control_connected =
+            IntGauge::new("weir_control_plane_connected", "1 while the Discovery stream is up").unwrap();
         registry.register(Box::new(requests.clone())).unwrap();
         registry.register(Box::new(responses.clone())).unwrap();
         registry.register(Box::new(duration.clone())).unwrap();
@@ -130,7 +134,10 @@ impl Metrics {
         if !acc.series.contains_key(l) && acc.series.len() >= MAX_REPORT_SERIES {
             return;
         }
-        let s = acc.series.entry(l.clone()).or_insert_with(|| Stats { counts: vec![0; LATENCY_BOUNDS.len() + 1], ..Default::default() });
+        let s = acc
+            .series
+            .entry(l.clone())
+            .or_insert_with(|| Stats { counts: vec![0; LATENCY_BOUNDS.len() + 1], ..Default::default() });
         s.requests += 1;
         if status >= 500 {
             s.failures += 1;
@@ -174,7 +181,10 @@ impl Metrics {
         for t in report.stats {
             let direction = if t.direction == "inbound" { Direction::Inbound } else { Direction::Outbound };
             let l = Labels { direction, service: t.service.into(), route: t.route.into(), backend: t.backend.into() };
-            let s = acc.series.entry(l).or_insert_with(|| Stats { counts: vec![0; LATENCY_BOUNDS.len() + 1], ..Default::default() });
+            let s = acc
+                .series
+                .entry(l)
+                .or_insert_with(|| Stats { counts: vec![0; LATENCY_BOUNDS.len() + 1], ..Default::default() });
             s.requests += t.requests;
             s.failures += t.failures;
             s.sum += t.latency_sum_seconds;
@@ -218,7 +228,8 @@ mod tests {
     #[test]
     fn reports_are_deltas_and_survive_a_failed_send() {
         let m = Metrics::new();
-        let l = Labels { direction: Direction::Outbound, service: "ns/a".into(), route: "".into(), backend: "ns/a".into() };
+        let l =
+            Labels { direction: Direction::Outbound, service: "ns/a".into(), route: "".into(), backend: "ns/a".into() };
         m.request_finished(&l, 200, Duration::from_micros(300));
         m.request_finished(&l, 503, Duration::from_millis(3));
         let r = m.take_report();

@@ -67,7 +67,15 @@ impl Scratch {
     /// Starts a controller over the config directory (on `grpc` when given, to restart one).
     pub async fn controller(&self, grpc: Option<SocketAddr>) -> ChildProc {
         let grpc = grpc.map(|a| a.to_string()).unwrap_or_else(|| "127.0.0.1:0".into());
-        let mut a = args(&["--grpc-addr", &grpc, "--admin-addr", "127.0.0.1:0", "--print-listen-addrs", "--log-level", "debug"]);
+        let mut a = args(&[
+            "--grpc-addr",
+            &grpc,
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--print-listen-addrs",
+            "--log-level",
+            "debug",
+        ]);
         a.extend(["--config-dir".to_string(), self.config_dir().display().to_string()]);
         ChildProc::spawn("controller", &bin("weir-controller"), &a, self.log("controller")).await.unwrap()
     }
@@ -75,7 +83,14 @@ impl Scratch {
     /// Starts a sidecar for `workload` (NS/NAME) forwarding inbound traffic to `app`.
     pub async fn proxy(&self, controller: SocketAddr, workload: &str, app: Option<SocketAddr>) -> ChildProc {
         let mut a = args(&["--controller", &controller.to_string(), "--workload", workload]);
-        a.extend(args(&["--outbound-addr", "127.0.0.1:0", "--inbound-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"]));
+        a.extend(args(&[
+            "--outbound-addr",
+            "127.0.0.1:0",
+            "--inbound-addr",
+            "127.0.0.1:0",
+            "--admin-addr",
+            "127.0.0.1:0",
+        ]));
         a.extend(args(&["--print-listen-addrs", "--log-level", "debug", "--report-interval", "1s"]));
         if let Some(app) = app {
             a.extend(["--app-addr".to_string(), app.to_string()]);

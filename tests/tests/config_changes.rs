@@ -8,7 +8,11 @@ use std::time::{Duration, Instant};
 use weir_tests::*;
 
 /// Closed-loop load through `via` until `stop`; returns (requests, failures).
-fn start_load(via: std::net::SocketAddr, workers: usize, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<(u64, u64, Vec<String>)> {
+fn start_load(
+    via: std::net::SocketAddr,
+    workers: usize,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<(u64, u64, Vec<String>)> {
     tokio::spawn(async move {
         let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
         let errors = Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -54,7 +58,12 @@ async fn a_file_change_reaches_traffic_within_a_second() {
         wait_until("traffic to switch", Duration::from_secs(5), || {
             let client = &client;
             let via = mesh.outbound();
-            async move { send(client, via, "GET", "web.test", "/", &[]).await.map(|r| r.backend() == want).unwrap_or(false) }
+            async move {
+                send(client, via, "GET", "web.test", "/", &[])
+                    .await
+                    .map(|r| r.backend() == want)
+                    .unwrap_or(false)
+            }
         })
         .await;
         let took = written.elapsed();
@@ -75,7 +84,8 @@ async fn weight_changes_under_load_fail_nothing() {
         mesh.scratch.write("route.yaml", &split_route(w1 as u32, w2 as u32));
         wait_config(admin, "new weights", |c| weights(c, "test", "web") == [w1, w2]).await;
         // Let traffic run on the new split for a while before the next change.
-        let before = mesh.v1.behaviour.served.load(Ordering::Relaxed) + mesh.v2.behaviour.served.load(Ordering::Relaxed);
+        let before =
+            mesh.v1.behaviour.served.load(Ordering::Relaxed) + mesh.v2.behaviour.served.load(Ordering::Relaxed);
         wait_until("200 requests on the new split", Duration::from_secs(10), || {
             let n = mesh.v1.behaviour.served.load(Ordering::Relaxed) + mesh.v2.behaviour.served.load(Ordering::Relaxed);
             async move { n >= before + 200 }
@@ -109,7 +119,12 @@ async fn an_invalid_file_is_rejected_and_the_old_config_keeps_serving() {
     let resources = admin_json(admin, "/resources").await;
     let route = resource(&resources, "Route", "web");
     assert_eq!(route["accepted"], false);
-    assert!(route["rejection"].as_str().unwrap().contains("route.yaml: Route test/web: field spec.rules[0].backendRefs[0].weight"));
+    assert!(
+        route["rejection"]
+            .as_str()
+            .unwrap()
+            .contains("route.yaml: Route test/web: field spec.rules[0].backendRefs[0].weight")
+    );
     for _ in 0..20 {
         let r = send(&client, mesh.outbound(), "GET", "web.test", "/", &[]).await.unwrap();
         assert_eq!(r.backend(), "v2");
@@ -119,8 +134,18 @@ async fn an_invalid_file_is_rejected_and_the_old_config_keeps_serving() {
     // with its reason, the rest keeps working.
     for (file, yaml, field, needle) in [
         ("route.yaml", "kind: Route\nmetadata: { name: web\n", None, "invalid YAML"),
-        ("route.yaml", &split_route(1, 0).replace("service: web", "service: web\n  colour: red"), Some("spec.colour"), "unknown field"),
-        ("route.yaml", &split_route(1, 0).replace("web-v1", "ghost"), Some("spec.rules[0].backendRefs[0].name"), "test/ghost not found"),
+        (
+            "route.yaml",
+            &split_route(1, 0).replace("service: web", "service: web\n  colour: red"),
+            Some("spec.colour"),
+            "unknown field",
+        ),
+        (
+            "route.yaml",
+            &split_route(1, 0).replace("web-v1", "ghost"),
+            Some("spec.rules[0].backendRefs[0].name"),
+            "test/ghost not found",
+        ),
         ("zz-dup.yaml", &split_route(1, 0), Some("metadata.name"), "already defined in route.yaml"),
     ] {
         if file == "zz-dup.yaml" {
@@ -129,11 +154,19 @@ async fn an_invalid_file_is_rejected_and_the_old_config_keeps_serving() {
         mesh.scratch.write(file, yaml);
         wait_until(needle, Duration::from_secs(5), || async move {
             let v = admin_json(admin, "/resources").await;
-            v["rejected"].as_array().is_some_and(|r| r.iter().any(|r| r["message"].as_str().unwrap_or("").contains(needle)))
+            v["rejected"]
+                .as_array()
+                .is_some_and(|r| r.iter().any(|r| r["message"].as_str().unwrap_or("").contains(needle)))
         })
         .await;
         let v = admin_json(admin, "/resources").await;
-        let r = v["rejected"].as_array().unwrap().iter().find(|r| r["message"].as_str().unwrap().contains(needle)).unwrap().clone();
+        let r = v["rejected"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["message"].as_str().unwrap().contains(needle))
+            .unwrap()
+            .clone();
         assert_eq!(r["origin"], file, "{r}");
         if let Some(field) = field {
             assert_eq!(r["field"], field, "{r}");

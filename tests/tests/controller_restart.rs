@@ -70,5 +70,12 @@ async fn controller_kill_and_restart_fail_no_request() {
         w.await.unwrap();
     }
     let errors = errors.lock().unwrap();
-    assert_eq!(failed.load(Ordering::Relaxed), 0, "{} of {} requests failed: {:?}", errors.len(), total.load(Ordering::Relaxed), &errors[..errors.len().min(5)]);
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "{} of {} requests failed: {:?}",
+        errors.len(),
+        total.load(Ordering::Relaxed),
+        &errors[..errors.len().min(5)]
+    );
 }

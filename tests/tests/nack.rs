@@ -21,9 +21,13 @@ struct ScriptedController {
 impl proto::discovery_server::Discovery for ScriptedController {
     type StreamStream = ReceiverStream<Result<proto::ControllerMessage, Status>>;
 
-    async fn stream(&self, req: Request<Streaming<proto::ProxyMessage>>) -> Result<Response<Self::StreamStream>, Status> {
+    async fn stream(
+        &self,
+        req: Request<Streaming<proto::ProxyMessage>>,
+    ) -> Result<Response<Self::StreamStream>, Status> {
         let mut inbound = req.into_inner();
-        let mut snapshots = self.snapshots.lock().unwrap().take().ok_or_else(|| Status::unavailable("one stream only"))?;
+        let mut snapshots =
+            self.snapshots.lock().unwrap().take().ok_or_else(|| Status::unavailable("one stream only"))?;
         let (tx, rx) = mpsc::channel(1);
         let replies = self.replies.clone();
         tokio::spawn(async move {
@@ -73,7 +77,8 @@ fn snapshot(version: &str, backend: std::net::SocketAddr, match_kind: i32) -> pr
 /// Waits for the next Ack/Nack (skipping Hello and Reports).
 async fn next_verdict(replies: &mut mpsc::Receiver<proxy_message::Msg>) -> proxy_message::Msg {
     loop {
-        let m = tokio::time::timeout(Duration::from_secs(20), replies.recv()).await.expect("a reply").expect("stream open");
+        let m =
+            tokio::time::timeout(Duration::from_secs(20), replies.recv()).await.expect("a reply").expect("stream open");
         if matches!(m, proxy_message::Msg::Ack(_) | proxy_message::Msg::Nack(_)) {
             return m;
         }
@@ -123,10 +128,19 @@ async fn controller_reports_nacks_and_acks() {
     let scratch = Scratch::new();
     scratch.write("services.yaml", &service("test", "web", &[]));
     let controller = scratch.controller(None).await;
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", controller.addr("grpc"))).unwrap().connect().await.unwrap();
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", controller.addr("grpc")))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
     let mut client = proto::discovery_client::DiscoveryClient::new(channel);
     let (tx, rx) = mpsc::channel(4);
-    let hello = proto::Hello { namespace: "test".into(), name: "fake".into(), service_account: "fake".into(), ..Default::default() };
+    let hello = proto::Hello {
+        namespace: "test".into(),
+        name: "fake".into(),
+        service_account: "fake".into(),
+        ..Default::default()
+    };
     tx.send(proto::ProxyMessage { msg: Some(proxy_message::Msg::Hello(hello)) }).await.unwrap();
     let mut inbound = client.stream(ReceiverStream::new(rx)).await.unwrap().into_inner();
     let first = match inbound.message().await.unwrap().unwrap().msg {
@@ -145,22 +159,31 @@ async fn controller_reports_nacks_and_acks() {
     assert!(admin_text(admin, "/metrics").await.contains("weir_controller_nacks_total 1"));
 
     // A malformed first message is refused with a clear status.
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", controller.addr("grpc"))).unwrap().connect().await.unwrap();
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", controller.addr("grpc")))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
     let mut client = proto::discovery_client::DiscoveryClient::new(channel);
     let (tx2, rx2) = mpsc::channel(1);
-    tx2.send(proto::ProxyMessage { msg: Some(proxy_message::Msg::Ack(proto::Ack { version: "1".into() })) }).await.unwrap();
+    tx2.send(proto::ProxyMessage { msg: Some(proxy_message::Msg::Ack(proto::Ack { version: "1".into() })) })
+        .await
+        .unwrap();
     let err = client.stream(ReceiverStream::new(rx2)).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     assert!(err.message().contains("Hello"), "{}", err.message());
 
     // The next change is pushed; acking it shows the sidecar in sync for the resource.
     scratch.write("services.yaml", &service("test", "web", &[meshed("127.0.0.1:9".parse().unwrap())]));
-    let second = match tokio::time::timeout(Duration::from_secs(5), inbound.message()).await.unwrap().unwrap().unwrap().msg {
-        Some(controller_message::Msg::Snapshot(s)) => s,
-        None => panic!("no snapshot"),
-    };
+    let second =
+        match tokio::time::timeout(Duration::from_secs(5), inbound.message()).await.unwrap().unwrap().unwrap().msg {
+            Some(controller_message::Msg::Snapshot(s)) => s,
+            None => panic!("no snapshot"),
+        };
     assert_ne!(second.version, first.version);
-    tx.send(proto::ProxyMessage { msg: Some(proxy_message::Msg::Ack(proto::Ack { version: second.version.clone() })) }).await.unwrap();
+    tx.send(proto::ProxyMessage { msg: Some(proxy_message::Msg::Ack(proto::Ack { version: second.version.clone() })) })
+        .await
+        .unwrap();
     wait_until("the ack to show in /resources", Duration::from_secs(10), || async move {
         let v = admin_json(admin, "/resources").await;
         v["resources"][0]["ackedBy"][0] == "test/fake" && v["proxies"][0]["nack"].is_null()

@@ -91,7 +91,8 @@ async fn fifty_megabytes_stream_through_without_buffering() {
 
     // Upload: 50 MB produced lazily in 64 KiB chunks.
     let chunk = Bytes::from(vec![7u8; 64 * 1024]);
-    let frames = tokio_stream::iter((0..BIG / (64 * 1024)).map(move |_| Ok::<_, hyper::Error>(Frame::data(chunk.clone()))));
+    let frames =
+        tokio_stream::iter((0..BIG / (64 * 1024)).map(move |_| Ok::<_, hyper::Error>(Frame::data(chunk.clone()))));
     let req = http::Request::post(format!("http://{}/upload", mesh.outbound()))
         .header("host", "web.test")
         .body(StreamBody::new(frames).boxed())
@@ -102,7 +103,10 @@ async fn fifty_megabytes_stream_through_without_buffering() {
     assert_eq!(String::from_utf8_lossy(&body).trim(), BIG.to_string());
 
     // Download: 50 MB read chunk by chunk.
-    let req = http::Request::get(format!("http://{}/bytes?n={BIG}", mesh.outbound())).header("host", "web.test").body(empty()).unwrap();
+    let req = http::Request::get(format!("http://{}/bytes?n={BIG}", mesh.outbound()))
+        .header("host", "web.test")
+        .body(empty())
+        .unwrap();
     let rsp = tokio::time::timeout(Duration::from_secs(120), client.request(req)).await.unwrap().unwrap();
     let mut body = rsp.into_body().into_data_stream();
     let mut got = 0u64;

@@ -68,7 +68,8 @@ spec:
 async fn rules_match_headers_paths_methods_and_queries_in_order() {
     let mesh = TwoVersions::start(MATCHING).await;
     let client = http1();
-    let cases: &[(&str, &str, &[(&str, &str)], &str)] = &[
+    type Case<'a> = (&'a str, &'a str, &'a [(&'a str, &'a str)], &'a str);
+    let cases: &[Case] = &[
         ("GET", "/", &[("x-canary", "yes")], "v2"),
         ("GET", "/", &[("x-canary", "no")], "v1"),
         ("GET", "/exact", &[], "v2"),
@@ -111,7 +112,12 @@ async fn synthetic_errors_carry_weir_error() {
     let scratch = &mesh.scratch;
     scratch.write(
         "services.yaml",
-        &format!("{}{}{}", service("test", "web", &[]), service("test", "web-v1", &[meshed("127.0.0.1:1".parse().unwrap())]), service("test", "web-v2", &[])),
+        &format!(
+            "{}{}{}",
+            service("test", "web", &[]),
+            service("test", "web-v1", &[meshed("127.0.0.1:1".parse().unwrap())]),
+            service("test", "web-v2", &[])
+        ),
     );
     wait_config(mesh.client.addr("admin"), "dead endpoint", |c| c.to_string().contains("127.0.0.1:1\"")).await;
     let r = send(&client, mesh.outbound(), "GET", "web.test", "/", &[]).await.unwrap();

@@ -15,7 +15,7 @@ use weir_api::rt::Drain;
 
 use crate::index::ResourceKey;
 use crate::metrics::Metrics;
-use crate::proxies::{NackInfo, ProxyInfo, Proxies};
+use crate::proxies::{NackInfo, Proxies, ProxyInfo};
 use crate::reports::Reports;
 use crate::state::MeshState;
 
@@ -44,7 +44,9 @@ impl proto::discovery_server::Discovery for DiscoveryService {
             .map_err(|_| Status::deadline_exceeded("no Hello within 10s"))??;
         let hello = match first.and_then(|m| m.msg) {
             Some(proxy_message::Msg::Hello(h)) => h,
-            _ => return Err(Status::invalid_argument("the first message on a Discovery stream must be Hello")),
+            _ => {
+                return Err(Status::invalid_argument("the first message on a Discovery stream must be Hello"));
+            }
         };
         if hello.namespace.is_empty() || hello.name.is_empty() {
             return Err(Status::invalid_argument("Hello.namespace and Hello.name are required"));

@@ -15,10 +15,8 @@ use crate::index::{Definition, Kind, Problem, Resource, ResourceKey, UnreadableO
 
 /// Reads every YAML file of `dir` (sorted by name).
 pub fn read_dir(dir: &Path) -> std::io::Result<(Vec<Definition>, Vec<UnreadableOrigin>)> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| is_config_file(p))
-        .collect();
+    let mut files: Vec<PathBuf> =
+        std::fs::read_dir(dir)?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| is_config_file(p)).collect();
     files.sort();
     let mut defs = Vec::new();
     let mut unreadable = Vec::new();
@@ -75,7 +73,13 @@ fn parse_document(origin: &str, number: usize, value: serde_yaml::Value) -> Defi
     let kind = match kind {
         "Service" => Kind::Service,
         "Route" => Kind::Route,
-        other => return fail(None, Some("kind"), format!("document {number}: unknown kind {other:?} (expected Service or Route)")),
+        other => {
+            return fail(
+                None,
+                Some("kind"),
+                format!("document {number}: unknown kind {other:?} (expected Service or Route)"),
+            );
+        }
     };
     let meta = get("metadata");
     let name = meta.and_then(|m| m.get("name")).and_then(|n| n.as_str());
@@ -147,7 +151,12 @@ mod k8s_meta {
 
 /// Watches `dir` and sends the time of the first change of every burst, after the burst has
 /// been quiet for `settle` (or after `max_delay`). Ends when `tx` closes.
-pub fn watch(dir: &Path, tx: mpsc::Sender<Instant>, settle: Duration, max_delay: Duration) -> notify::Result<WatchGuard> {
+pub fn watch(
+    dir: &Path,
+    tx: mpsc::Sender<Instant>,
+    settle: Duration,
+    max_delay: Duration,
+) -> notify::Result<WatchGuard> {
     let (raw_tx, mut raw_rx) = mpsc::channel::<Instant>(64);
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
         Ok(ev) if !matches!(ev.kind, notify::EventKind::Access(_)) => {
@@ -206,7 +215,9 @@ mod tests {
         );
         assert_eq!(key.unwrap().to_string(), "Route shop/r");
         assert_eq!(p.field.as_deref(), Some("spec.rules[0].backendRefs[0].weight"));
-        let (_, p) = problem("apiVersion: weir.io/v1alpha1\nkind: Route\nmetadata: {name: r}\nspec:\n  service: s\n  rulez: []\n");
+        let (_, p) = problem(
+            "apiVersion: weir.io/v1alpha1\nkind: Route\nmetadata: {name: r}\nspec:\n  service: s\n  rulez: []\n",
+        );
         assert_eq!(p.field.as_deref(), Some("spec.rulez"));
         assert_eq!(p.message, "unknown field");
         let (_, p) = problem("kind: Service\nmetadata: {name: s}\nspec:\n  endpoints: [{address: nowhere}]\n");
@@ -225,7 +236,11 @@ mod tests {
 
     #[test]
     fn multi_document_files_and_default_namespace() {
-        let defs = parse_file("x.yaml", "kind: Service\nmetadata: {name: a}\n---\n---\nkind: Service\nmetadata: {name: b, namespace: x}\n").unwrap();
+        let defs = parse_file(
+            "x.yaml",
+            "kind: Service\nmetadata: {name: a}\n---\n---\nkind: Service\nmetadata: {name: b, namespace: x}\n",
+        )
+        .unwrap();
         let keys: Vec<String> = defs.iter().map(|d| d.key.as_ref().unwrap().to_string()).collect();
         assert_eq!(keys, ["Service default/a", "Service x/b"]);
     }

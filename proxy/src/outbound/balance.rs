@@ -109,7 +109,12 @@ mod tests {
     use super::*;
 
     fn ep(port: u16) -> Endpoint {
-        Endpoint { addr: SocketAddr::from(([127, 0, 0, 1], port)), service_port: None, meshed: false, identity: String::new() }
+        Endpoint {
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            service_port: None,
+            meshed: false,
+            identity: String::new(),
+        }
     }
 
     #[test]

@@ -52,9 +52,17 @@ impl Outbound {
         let Some(target) = route::select(svc, &parts, |n| rand::random_range(0..n)) else {
             return ProxyError::NoWeightedBackend { service: svc.key.to_string() }.into_response();
         };
-        let route_label: Arc<str> =
-            if target.route.is_empty() { target.route.clone() } else { format!("{}:{}", target.route, target.rule).into() };
-        let labels = Labels { direction: Direction::Outbound, service: svc.key.clone(), route: route_label, backend: target.backend.clone() };
+        let route_label: Arc<str> = if target.route.is_empty() {
+            target.route.clone()
+        } else {
+            format!("{}:{}", target.route, target.rule).into()
+        };
+        let labels = Labels {
+            direction: Direction::Outbound,
+            service: svc.key.clone(),
+            route: route_label,
+            backend: target.backend.clone(),
+        };
         self.metrics.request_started(&labels);
 
         let backend_port = target.backend_port.unwrap_or(port);
@@ -73,10 +81,11 @@ impl Outbound {
         } else {
             format!("{}:{backend_port}", authority.host())
         };
-        if parts.headers.get(header::HOST).is_none() && version != Version::HTTP_2 {
-            if let Ok(v) = HeaderValue::from_str(&upstream_authority) {
-                parts.headers.insert(header::HOST, v);
-            }
+        if parts.headers.get(header::HOST).is_none()
+            && version != Version::HTTP_2
+            && let Ok(v) = HeaderValue::from_str(&upstream_authority)
+        {
+            parts.headers.insert(header::HOST, v);
         }
         let addr = endpoint.addr;
         let send = async {

@@ -80,7 +80,8 @@ fn match_one(m: &Match, req: &Parts) -> bool {
     if !m.query.is_empty() {
         let query = req.uri.query().unwrap_or("");
         for (name, want) in &m.query {
-            let found = query.split('&').filter_map(|kv| kv.split_once('=').or(Some((kv, "")))).find(|(k, _)| k == name);
+            let found =
+                query.split('&').filter_map(|kv| kv.split_once('=').or(Some((kv, "")))).find(|(k, _)| k == name);
             match found {
                 Some((_, v)) if want.matches(&percent_decode(v)) => {}
                 _ => return false,
@@ -162,7 +163,10 @@ mod tests {
         let s = svc(vec![
             rule(
                 "hdr",
-                vec![Match { headers: vec![("x-user".parse().unwrap(), StrMatch::Exact("jason".into()))], ..Default::default() }],
+                vec![Match {
+                    headers: vec![("x-user".parse().unwrap(), StrMatch::Exact("jason".into()))],
+                    ..Default::default()
+                }],
                 vec![backend("v2", 1)],
             ),
             rule(
