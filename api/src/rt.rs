@@ -113,3 +113,16 @@ where
     drop(listener);
     let _ = tokio::time::timeout(grace, graceful.shutdown()).await;
 }
+
+/// Renders a Prometheus registry in the text exposition format.
+pub fn render_metrics(registry: &prometheus::Registry) -> String {
+    use prometheus::Encoder;
+    let mut buf = Vec::new();
+    let _ = prometheus::TextEncoder::new().encode(&registry.gather(), &mut buf);
+    String::from_utf8(buf).unwrap_or_default()
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}

@@ -17,7 +17,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use hyper_util::rt::TokioExecutor;
 
-use crate::procs::{ChildProc, memory_kib, write_atomic};
+use crate::procs::{ChildProc, loopback_controller_args, loopback_sidecar_args, memory_kib, write_atomic};
 
 const SERVICES_YAML: &str = include_str!("../../examples/demo/services.yaml");
 const ROUTE_YAML: &str = include_str!("../../examples/demo/route.yaml");
@@ -44,6 +44,7 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 #[derive(Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
 struct StepResult {
     weights: (u32, u32),
     propagation_ms: f64,
@@ -107,19 +108,10 @@ async fn drive(args: &DemoArgs, exe: &Path, mesh: &mut Mesh) -> anyhow::Result<(
 
     let s = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     let log = |name: &str| logs.join(format!("{name}.log"));
-    let controller = ChildProc::spawn(
-        "controller",
-        exe,
-        &[
-            s(&["controller", "--grpc-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0", "--print-listen-addrs"]),
-            s(&["--log-level", "warn", "--config-dir"]),
-            vec![config_dir.display().to_string()],
-        ]
-        .concat(),
-        log("controller"),
-    )
-    .await?;
-    let grpc = controller.addr("grpc").to_string();
+    let controller_args =
+        [vec!["controller".to_string()], loopback_controller_args(&config_dir, None, "warn")].concat();
+    let controller = ChildProc::spawn("controller", exe, &controller_args, log("controller")).await?;
+    let grpc = controller.addr("grpc");
     say(format!("controller   grpc {grpc}  admin http://{}", controller.addr("admin")));
     mesh.children.push(controller);
 
@@ -140,20 +132,7 @@ async fn drive(args: &DemoArgs, exe: &Path, mesh: &mut Mesh) -> anyhow::Result<(
         mesh.children.push(b);
     }
     let sidecar = |workload: &str, app: Option<SocketAddr>| {
-        let mut a = s(&["proxy", "--controller", &grpc, "--workload", workload, "--service-account", "reviews"]);
-        a.extend(s(&[
-            "--outbound-addr",
-            "127.0.0.1:0",
-            "--inbound-addr",
-            "127.0.0.1:0",
-            "--admin-addr",
-            "127.0.0.1:0",
-        ]));
-        a.extend(s(&["--print-listen-addrs", "--log-level", "warn", "--report-interval", "1s"]));
-        if let Some(app) = app {
-            a.extend(["--app-addr".to_string(), app.to_string()]);
-        }
-        a
+        [vec!["proxy".to_string()], loopback_sidecar_args(grpc, workload, app, "warn")].concat()
     };
     let mut inbound = Vec::new();
     for (i, name) in ["reviews-v1", "reviews-v2"].iter().enumerate() {

@@ -104,3 +104,41 @@ pub fn write_atomic(path: &Path, contents: &str) -> std::io::Result<()> {
     std::fs::write(&tmp, contents)?;
     std::fs::rename(&tmp, path)
 }
+
+/// Arguments for a controller in local mode over `config_dir`, on loopback with OS-chosen
+/// ports unless `grpc` is given, printing its addresses.
+pub fn loopback_controller_args(config_dir: &Path, grpc: Option<SocketAddr>, log_level: &str) -> Vec<String> {
+    let grpc = grpc.map(|a| a.to_string()).unwrap_or_else(|| "127.0.0.1:0".into());
+    let mut a: Vec<String> = ["--grpc-addr", &grpc, "--admin-addr", "127.0.0.1:0", "--print-listen-addrs"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    a.extend(["--log-level".into(), log_level.into(), "--config-dir".into(), config_dir.display().to_string()]);
+    a
+}
+
+/// Arguments for a sidecar of `workload` on loopback with OS-chosen ports, printing its
+/// addresses and reporting every second.
+pub fn loopback_sidecar_args(
+    controller: SocketAddr,
+    workload: &str,
+    app: Option<SocketAddr>,
+    log_level: &str,
+) -> Vec<String> {
+    let controller = controller.to_string();
+    let mut a: Vec<String> = [
+        ["--controller", &controller, "--workload", workload],
+        ["--outbound-addr", "127.0.0.1:0", "--inbound-addr", "127.0.0.1:0"],
+        ["--admin-addr", "127.0.0.1:0", "--report-interval", "1s"],
+        ["--print-listen-addrs", "--log-level", log_level, "--service-account"],
+    ]
+    .concat()
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    a.push(workload.rsplit('/').next().unwrap_or("default").to_string());
+    if let Some(app) = app {
+        a.extend(["--app-addr".to_string(), app.to_string()]);
+    }
+    a
+}

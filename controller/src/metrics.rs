@@ -1,6 +1,6 @@
 //! Controller metrics (Prometheus text format on the admin port).
 
-use prometheus::{Encoder, Histogram, HistogramOpts, IntCounter, IntGauge, Registry, TextEncoder};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge, Registry};
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -63,9 +63,7 @@ impl Metrics {
     }
 
     pub fn render(&self) -> String {
-        let mut buf = Vec::new();
-        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
-        String::from_utf8(buf).unwrap_or_default()
+        weir_api::rt::render_metrics(&self.registry)
     }
 }
 

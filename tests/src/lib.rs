@@ -13,7 +13,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use hyper_util::rt::TokioExecutor;
 pub use weir::backend::Behaviour;
-pub use weir::procs::{ChildProc, memory_kib, write_atomic};
+pub use weir::procs::{ChildProc, loopback_controller_args, loopback_sidecar_args, memory_kib, write_atomic};
 
 /// Path of a workspace binary, built (once per test process) with the same profile as the
 /// tests so a stale binary is never tested.
@@ -34,10 +34,6 @@ pub fn bin(name: &str) -> PathBuf {
     let path = dir.join(name);
     assert!(path.exists(), "{} not found", path.display());
     path
-}
-
-fn args(v: &[&str]) -> Vec<String> {
-    v.iter().map(|s| s.to_string()).collect()
 }
 
 /// A scratch directory holding the config files and the processes' logs.
@@ -66,35 +62,13 @@ impl Scratch {
 
     /// Starts a controller over the config directory (on `grpc` when given, to restart one).
     pub async fn controller(&self, grpc: Option<SocketAddr>) -> ChildProc {
-        let grpc = grpc.map(|a| a.to_string()).unwrap_or_else(|| "127.0.0.1:0".into());
-        let mut a = args(&[
-            "--grpc-addr",
-            &grpc,
-            "--admin-addr",
-            "127.0.0.1:0",
-            "--print-listen-addrs",
-            "--log-level",
-            "debug",
-        ]);
-        a.extend(["--config-dir".to_string(), self.config_dir().display().to_string()]);
+        let a = loopback_controller_args(&self.config_dir(), grpc, "debug");
         ChildProc::spawn("controller", &bin("weir-controller"), &a, self.log("controller")).await.unwrap()
     }
 
     /// Starts a sidecar for `workload` (NS/NAME) forwarding inbound traffic to `app`.
     pub async fn proxy(&self, controller: SocketAddr, workload: &str, app: Option<SocketAddr>) -> ChildProc {
-        let mut a = args(&["--controller", &controller.to_string(), "--workload", workload]);
-        a.extend(args(&[
-            "--outbound-addr",
-            "127.0.0.1:0",
-            "--inbound-addr",
-            "127.0.0.1:0",
-            "--admin-addr",
-            "127.0.0.1:0",
-        ]));
-        a.extend(args(&["--print-listen-addrs", "--log-level", "debug", "--report-interval", "1s"]));
-        if let Some(app) = app {
-            a.extend(["--app-addr".to_string(), app.to_string()]);
-        }
+        let a = loopback_sidecar_args(controller, workload, app, "debug");
         let name = workload.replace('/', "-");
         ChildProc::spawn(&name, &bin("weir-proxy"), &a, self.log(&name)).await.unwrap()
     }

@@ -128,12 +128,7 @@ async fn controller_reports_nacks_and_acks() {
     let scratch = Scratch::new();
     scratch.write("services.yaml", &service("test", "web", &[]));
     let controller = scratch.controller(None).await;
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", controller.addr("grpc")))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut client = proto::discovery_client::DiscoveryClient::new(channel);
+    let mut client = discovery_client(controller.addr("grpc")).await;
     let (tx, rx) = mpsc::channel(4);
     let hello = proto::Hello {
         namespace: "test".into(),
@@ -159,12 +154,7 @@ async fn controller_reports_nacks_and_acks() {
     assert!(admin_text(admin, "/metrics").await.contains("weir_controller_nacks_total 1"));
 
     // A malformed first message is refused with a clear status.
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", controller.addr("grpc")))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut client = proto::discovery_client::DiscoveryClient::new(channel);
+    let mut client = discovery_client(controller.addr("grpc")).await;
     let (tx2, rx2) = mpsc::channel(1);
     tx2.send(proto::ProxyMessage { msg: Some(proxy_message::Msg::Ack(proto::Ack { version: "1".into() })) })
         .await
@@ -190,4 +180,11 @@ async fn controller_reports_nacks_and_acks() {
     })
     .await;
     assert!(admin_text(admin, "/metrics").await.contains("weir_controller_push_latency_seconds_count 1"));
+}
+
+async fn discovery_client(
+    addr: std::net::SocketAddr,
+) -> proto::discovery_client::DiscoveryClient<tonic::transport::Channel> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+    proto::discovery_client::DiscoveryClient::new(channel)
 }

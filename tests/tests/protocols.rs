@@ -31,6 +31,32 @@ async fn http1_and_h2c_clients_keep_their_protocol() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn absolute_form_requests_and_one_connection_per_peer() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mesh = TwoVersions::start(&split_route(1, 0)).await;
+    // What `curl -x http://outbound http://web.test/` sends.
+    let mut tcp = tokio::net::TcpStream::connect(mesh.outbound()).await.unwrap();
+    tcp.write_all(b"GET http://web.test/headers HTTP/1.1\r\nHost: web.test\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut raw = String::new();
+    tcp.read_to_string(&mut raw).await.unwrap();
+    assert!(raw.starts_with("HTTP/1.1 200"), "{raw}");
+    assert!(raw.contains("\"authority\":\"web.test\""), "{raw}");
+
+    // 64 concurrent HTTP/1.1 requests on separate client connections ride one HTTP/2
+    // connection between the sidecars.
+    let via = mesh.outbound();
+    let calls: Vec<_> =
+        (0..64).map(|_| tokio::spawn(async move { send(&http1(), via, "GET", "web.test", "/", &[]).await })).collect();
+    for c in calls {
+        assert_eq!(c.await.unwrap().unwrap().status, 200);
+    }
+    let metrics = admin_text(mesh.sidecars[0].addr("admin"), "/metrics").await;
+    assert!(metrics.contains("weir_connections_total{direction=\"inbound\"} 1\n"), "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_unary_and_server_streaming_through_two_sidecars() {
     let scratch = Scratch::new();
     let (reporter, health) = tonic_health::server::health_reporter();

@@ -25,6 +25,21 @@ async fn weighted_split_lands_within_five_points() {
     assert!((15.0..=25.0).contains(&v2), "v2 served {v2:.1}% of requests, expected 20±5: {counts:?}");
     assert_eq!(counts.values().sum::<usize>(), n);
 
+    // The sidecars' Reports reach the controller, which aggregates them per backend.
+    let admin = mesh.controller.addr("admin");
+    wait_until("reports for 2000 requests", std::time::Duration::from_secs(20), || async move {
+        let stats = admin_json(admin, "/stats").await;
+        let outbound: u64 = stats["series"]
+            .as_array()
+            .map(|s| s.iter().filter(|s| s["direction"] == "outbound" && s["service"] == "test/web"))
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s["requests"].as_u64())
+            .sum();
+        outbound >= 2000
+    })
+    .await;
+
     // 0/100: the zero-weight backend gets nothing.
     mesh.scratch.write("route.yaml", &split_route(0, 100));
     let admin = mesh.client.addr("admin");

@@ -5,13 +5,13 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use weir_api::proto::{self, controller_message, proxy_message};
-use weir_api::rt::Drain;
+use weir_api::rt::{Drain, unix_ms};
 
 use crate::index::ResourceKey;
 use crate::metrics::Metrics;
@@ -176,8 +176,4 @@ fn handle(svc: &DiscoveryService, id: u64, workload: &str, m: proto::ProxyMessag
 /// scoping (namespaces it may call, never other workloads' inbound policy) plugs in here.
 fn view_for(_hello: &proto::Hello, state: &MeshState) -> Arc<Vec<proto::Service>> {
     state.services.clone()
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
