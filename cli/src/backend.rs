@@ -4,7 +4,7 @@
 //!
 //! Paths: `/` answers with the backend's name (also in the `x-weir-backend` header);
 //! `/headers` answers with the request's method, version, authority and headers as JSON;
-//! `/bytes?n=N` streams N bytes; `/upload` reads the whole body and answers with its length;
+//! `/bytes?n=N` streams N bytes; `/sse?n=N&every=1s` sends N server-sent events, one per interval; `/upload` reads the whole body and answers with its length;
 //! `/_control` changes or shows the behaviour.
 
 use std::convert::Infallible;
@@ -130,6 +130,15 @@ async fn handle(b: Arc<Behaviour>, req: Request<Incoming>) -> Result<Response<Bo
                 let n: u64 = query(&req, "n").and_then(|v| v.parse().ok()).unwrap_or(0);
                 Response::new(stream_bytes(n))
             }
+            "/sse" => {
+                let n: u64 = query(&req, "n").and_then(|v| v.parse().ok()).unwrap_or(3);
+                let every = query(&req, "every")
+                    .and_then(|v| weir_api::duration::parse(v).ok())
+                    .unwrap_or(Duration::from_secs(1));
+                let mut r = Response::new(server_sent_events(n, every));
+                r.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/event-stream"));
+                r
+            }
             "/upload" => {
                 let mut body = req.into_body();
                 let mut total: u64 = 0;
@@ -151,6 +160,22 @@ async fn handle(b: Arc<Behaviour>, req: Request<Incoming>) -> Result<Response<Bo
     rsp.headers_mut()
         .insert("x-weir-backend", http::HeaderValue::from_str(&b.name).unwrap_or(http::HeaderValue::from_static("?")));
     Ok(rsp)
+}
+
+/// `n` server-sent events, the first at once and then one every `every`.
+fn server_sent_events(n: u64, every: Duration) -> Body {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(1);
+    tokio::spawn(async move {
+        for i in 0..n {
+            if i > 0 {
+                tokio::time::sleep(every).await;
+            }
+            if tx.send(Ok(Frame::data(Bytes::from(format!("data: event {i}\n\n"))))).await.is_err() {
+                return;
+            }
+        }
+    });
+    StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)).boxed()
 }
 
 /// Streams `n` bytes in 64 KiB chunks, produced as the client reads them.

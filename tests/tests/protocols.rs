@@ -148,3 +148,19 @@ async fn fifty_megabytes_stream_through_without_buffering() {
         assert!(growth_mib < 8.0, "sidecar {pid} peak RSS grew by {growth_mib:.1} MiB while streaming 50 MiB");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_sent_events_are_not_buffered() {
+    let mesh = TwoVersions::start(&split_route(1, 0)).await;
+    // The second event comes a minute after the first: if any hop buffered the body, the first
+    // would not arrive within the 20 s allowed here.
+    let req = http::Request::get(format!("http://{}/sse?n=2&every=60s", mesh.outbound()))
+        .header("host", "web.test")
+        .body(empty())
+        .unwrap();
+    let rsp = tokio::time::timeout(Duration::from_secs(20), http1().request(req)).await.unwrap().unwrap();
+    assert_eq!(rsp.headers()["content-type"], "text/event-stream");
+    let mut body = rsp.into_body().into_data_stream();
+    let first = tokio::time::timeout(Duration::from_secs(20), body.next()).await.expect("first event in time");
+    assert_eq!(&first.unwrap().unwrap()[..], b"data: event 0\n\n");
+}

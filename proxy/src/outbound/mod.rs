@@ -76,11 +76,8 @@ impl Outbound {
 
         strip_hop_by_hop(&mut parts.headers);
         let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
-        let upstream_authority = if backend_port == port || target.backend_port.is_none() {
-            authority.to_string()
-        } else {
-            format!("{}:{backend_port}", authority.host())
-        };
+        // The client's authority travels unchanged, whichever backend serves the request.
+        let upstream_authority = authority.to_string();
         if parts.headers.get(header::HOST).is_none()
             && version != Version::HTTP_2
             && let Ok(v) = HeaderValue::from_str(&upstream_authority)
