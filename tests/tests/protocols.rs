@@ -54,6 +54,11 @@ async fn absolute_form_requests_and_one_connection_per_peer() {
     }
     let metrics = admin_text(mesh.sidecars[0].addr("admin"), "/metrics").await;
     assert!(metrics.contains("weir_connections_total{direction=\"inbound\"} 1\n"), "{metrics}");
+
+    // A plain (non-mesh) client may call the inbound listener directly.
+    let r = send(&http1(), mesh.sidecars[0].addr("inbound"), "GET", "web-v1.test", "/headers", &[]).await.unwrap();
+    assert_eq!((r.status, r.backend()), (200, "v1"), "{}", r.body);
+    assert!(r.body.contains("\"authority\":\"web-v1.test\""), "{}", r.body);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
