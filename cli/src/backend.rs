@@ -1,6 +1,6 @@
 //! `weir demo-backend`: a small HTTP/1.1 + h2c server standing in for an application, which
 //! can be told to fail a share of requests or add latency — at start or at run time via
-//! `/_control?fail=0.2&latency=50ms`.
+//! `/_control?fail=0.2&status=503&latency=50ms`.
 //!
 //! Paths: `/` answers with the backend's name (also in the `x-weir-backend` header);
 //! `/headers` answers with the request's method, version, authority and headers as JSON;
@@ -26,6 +26,7 @@ pub struct Behaviour {
     /// Share of requests answered with 500, in millionths.
     fail_ppm: AtomicU64,
     latency_us: AtomicU64,
+    fail_status: std::sync::atomic::AtomicU16,
     pub served: AtomicU64,
 }
 
@@ -35,6 +36,7 @@ impl Behaviour {
             name: name.into(),
             fail_ppm: AtomicU64::new(0),
             latency_us: AtomicU64::new(0),
+            fail_status: std::sync::atomic::AtomicU16::new(500),
             served: AtomicU64::new(0),
         });
         b.set_fail_rate(fail_rate);
@@ -44,6 +46,13 @@ impl Behaviour {
 
     pub fn set_fail_rate(&self, rate: f64) {
         self.fail_ppm.store((rate.clamp(0.0, 1.0) * 1e6) as u64, Ordering::Relaxed);
+    }
+
+    /// The status failed requests get (default 500).
+    pub fn set_fail_status(&self, status: u16) {
+        if StatusCode::from_u16(status).is_ok() {
+            self.fail_status.store(status, Ordering::Relaxed);
+        }
     }
 
     pub fn set_latency(&self, d: Duration) {
@@ -96,6 +105,9 @@ async fn handle(b: Arc<Behaviour>, req: Request<Incoming>) -> Result<Response<Bo
         if let Some(f) = query(&req, "fail").and_then(|v| v.parse::<f64>().ok()) {
             b.set_fail_rate(f);
         }
+        if let Some(s) = query(&req, "status").and_then(|v| v.parse().ok()) {
+            b.set_fail_status(s);
+        }
         if let Some(l) = query(&req, "latency").and_then(|v| weir_api::duration::parse(v).ok()) {
             b.set_latency(l);
         }
@@ -109,7 +121,8 @@ async fn handle(b: Arc<Behaviour>, req: Request<Incoming>) -> Result<Response<Bo
     let fail = b.fail_ppm.load(Ordering::Relaxed);
     let mut rsp = if fail > 0 && rand::random_range(0..1_000_000) < fail {
         let mut r = Response::new(full(format!("{} failed on purpose\n", b.name)));
-        *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+        *r.status_mut() =
+            StatusCode::from_u16(b.fail_status.load(Ordering::Relaxed)).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         r
     } else {
         match path.as_str() {

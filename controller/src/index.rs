@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use serde::Serialize;
+use weir_api::resilience::ResiliencePolicySpec;
 use weir_api::route::RouteSpec;
 use weir_api::service::LocalServiceSpec;
 
@@ -16,6 +17,7 @@ use weir_api::service::LocalServiceSpec;
 pub enum Kind {
     Service,
     Route,
+    ResiliencePolicy,
 }
 
 impl fmt::Display for Kind {
@@ -23,6 +25,7 @@ impl fmt::Display for Kind {
         f.write_str(match self {
             Kind::Service => "Service",
             Kind::Route => "Route",
+            Kind::ResiliencePolicy => "ResiliencePolicy",
         })
     }
 }
@@ -50,6 +53,7 @@ impl fmt::Display for ResourceKey {
 pub enum Resource {
     Service(LocalServiceSpec),
     Route(RouteSpec),
+    ResiliencePolicy(ResiliencePolicySpec),
 }
 
 /// One definition a source produced: where it came from and what it parsed to.
@@ -224,6 +228,24 @@ impl Index {
             }
         }
 
+        // A ResiliencePolicy must target a Service that exists (and a rule that exists).
+        let policies: Vec<ResourceKey> = next.keys().filter(|k| k.kind == Kind::ResiliencePolicy).cloned().collect();
+        for key in policies {
+            let entry = &next[&key];
+            let Resource::ResiliencePolicy(spec) = &entry.resource else { continue };
+            if keep_previous.contains(&key) {
+                continue;
+            }
+            if let Some(problem) = missing_policy_target(&key.namespace, spec, &next) {
+                let origin = entry.origin.clone();
+                next.remove(&key);
+                if let Some(prev) = self.entries.get(&key) {
+                    next.insert(key.clone(), prev.clone());
+                }
+                rejections.push(Rejection { origin, resource: Some(key), field: problem.field, message: problem.message });
+            }
+        }
+
         // Versions: unchanged content keeps its version.
         let mut changed = next.len() != self.entries.len();
         for (k, e) in next.iter_mut() {
@@ -254,6 +276,32 @@ fn duplicate(origin: &str, key: &ResourceKey, other: &str) -> Rejection {
         field: Some("metadata.name".into()),
         message: format!("duplicate: {key} is already defined in {other}"),
     }
+}
+
+fn missing_policy_target(
+    ns: &str,
+    spec: &ResiliencePolicySpec,
+    entries: &BTreeMap<ResourceKey, Entry>,
+) -> Option<Problem> {
+    let target = &spec.target_ref.service;
+    if !entries.contains_key(&ResourceKey::new(Kind::Service, ns, target.clone())) {
+        return Some(Problem::new(Some("spec.targetRef.service".into()), format!("Service {ns}/{target} not found")));
+    }
+    if let Some(rule) = &spec.target_ref.rule {
+        let found = entries.iter().any(|(k, e)| match &e.resource {
+            Resource::Route(r) if k.namespace == ns && &r.service == target => {
+                r.rules.iter().enumerate().any(|(i, x)| x.name.as_deref().map(str::to_string).unwrap_or(i.to_string()) == *rule)
+            }
+            _ => false,
+        });
+        if !found {
+            return Some(Problem::new(
+                Some("spec.targetRef.rule".into()),
+                format!("no Route rule named {rule:?} for Service {ns}/{target}"),
+            ));
+        }
+    }
+    None
 }
 
 fn missing_service(ns: &str, spec: &RouteSpec, services: &BTreeSet<(String, String)>) -> Option<Problem> {

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 
 use weir_api::proto;
+use weir_api::resilience::ResiliencePolicySpec;
 use weir_api::route::{PathMatchType, RouteSpec, ValueMatchType};
 
 use crate::index::{Index, Kind, Resource};
@@ -12,9 +13,17 @@ use crate::index::{Index, Kind, Resource};
 /// Rules from several Routes for one Service are ordered by Route name.
 pub fn services(index: &Index) -> Vec<proto::Service> {
     let mut routes: BTreeMap<(&str, &str), Vec<(&str, &RouteSpec)>> = BTreeMap::new();
+    let mut policies: BTreeMap<(&str, &str), Vec<proto::ResiliencePolicy>> = BTreeMap::new();
     for (key, entry) in index.entries() {
-        if let Resource::Route(spec) = &entry.resource {
-            routes.entry((key.namespace.as_str(), spec.service.as_str())).or_default().push((key.name.as_str(), spec));
+        match &entry.resource {
+            Resource::Route(spec) => {
+                routes.entry((key.namespace.as_str(), spec.service.as_str())).or_default().push((key.name.as_str(), spec))
+            }
+            Resource::ResiliencePolicy(spec) => policies
+                .entry((key.namespace.as_str(), spec.target_ref.service.as_str()))
+                .or_default()
+                .push(policy(&key.namespace, &key.name, spec)),
+            Resource::Service(_) => {}
         }
     }
     let mut out = Vec::new();
@@ -39,6 +48,7 @@ pub fn services(index: &Index) -> Vec<proto::Service> {
                 })
                 .collect(),
             rules: Vec::new(),
+            policies: policies.remove(&(key.namespace.as_str(), key.name.as_str())).unwrap_or_default(),
         };
         if let Some(list) = routes.get(&(key.namespace.as_str(), key.name.as_str())) {
             for (route_name, spec) in list {
@@ -93,6 +103,38 @@ fn rules(ns: &str, route_name: &str, spec: &RouteSpec) -> Vec<proto::RouteRule> 
                 .unwrap_or(0),
         })
         .collect()
+}
+
+fn ms(d: &str) -> u64 {
+    weir_api::duration::parse(d).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+fn policy(ns: &str, name: &str, spec: &ResiliencePolicySpec) -> proto::ResiliencePolicy {
+    let timeouts = spec.timeouts.clone().unwrap_or_default();
+    proto::ResiliencePolicy {
+        name: format!("{ns}/{name}"),
+        rule: spec.target_ref.rule.clone().unwrap_or_default(),
+        port: spec.target_ref.port.unwrap_or(0),
+        request_timeout_ms: timeouts.request.as_deref().map(ms).unwrap_or(0),
+        per_try_timeout_ms: timeouts.per_try.as_deref().map(ms).unwrap_or(0),
+        retry: spec.retries.as_ref().map(|r| proto::RetryPolicy {
+            retries: r.attempts,
+            retry_on: r.retry_on.clone(),
+            retry_non_idempotent: r.retry_non_idempotent,
+            backoff_base_ms: ms(&r.backoff.base),
+            backoff_max_ms: ms(&r.backoff.max),
+            budget_percent: r.budget.percent,
+            budget_min_per_second: r.budget.min_retries_per_second,
+            budget_window_ms: ms(&r.budget.window),
+        }),
+        circuit_breaker: spec.circuit_breaker.as_ref().map(|c| proto::CircuitBreaker {
+            consecutive_failures: c.consecutive_failures,
+            open_ms: ms(&c.open_duration),
+            max_open_ms: ms(&c.max_open_duration),
+            half_open_requests: c.half_open_requests,
+            success_threshold: c.success_threshold,
+        }),
+    }
 }
 
 fn named(m: &weir_api::route::NamedValueMatch) -> proto::NamedMatch {

@@ -21,7 +21,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
 use crate::body::Body;
-use crate::errors::{ProxyError, chain};
+use crate::errors::{ProxyError, chain, is_refused_stream};
 
 type Slot = Arc<tokio::sync::Mutex<Option<http2::SendRequest<Body>>>>;
 
@@ -52,7 +52,11 @@ impl Clients {
         *req.uri_mut() = format!("http://{addr}{pq}").parse().expect("ip:port and a valid path form a URI");
         self.h1.request(req).await.map_err(|e| {
             let reason = chain(&e);
-            if e.is_connect() { ProxyError::Connect { addr, reason } } else { ProxyError::Upstream { addr, reason } }
+            if e.is_connect() {
+                ProxyError::Connect { addr, reason }
+            } else {
+                ProxyError::Upstream { addr, reason, refused: is_refused_stream(&e) }
+            }
         })
     }
 }
@@ -78,9 +82,9 @@ impl H2Pool {
             Err(mut e) => match e.take_message() {
                 Some(req) if !self.is_usable(&sender) => {
                     let mut sender = self.sender(addr).await?;
-                    sender.send_request(req).await.map_err(|e| ProxyError::Upstream { addr, reason: chain(&e) })
+                    sender.send_request(req).await.map_err(|e| upstream(addr, &e))
                 }
-                _ => Err(ProxyError::Upstream { addr, reason: chain(e.error()) }),
+                _ => Err(upstream(addr, e.error())),
             },
         }
     }
@@ -131,4 +135,8 @@ impl H2Pool {
     pub fn retain(&self, keep: impl Fn(&SocketAddr) -> bool) {
         self.conns.lock().unwrap().retain(|a, _| keep(a));
     }
+}
+
+fn upstream(addr: SocketAddr, e: &hyper::Error) -> ProxyError {
+    ProxyError::Upstream { addr, reason: chain(e), refused: is_refused_stream(e) }
 }

@@ -38,6 +38,18 @@ pub struct Service {
     pub ports: Vec<u16>,
     pub endpoints: Vec<Endpoint>,
     pub rules: Vec<Rule>,
+    pub policies: Vec<Arc<Policy>>,
+}
+
+impl Service {
+    /// The most specific policy for a request matched by `rule` on `port`: rule and port,
+    /// then rule, then port, then the whole Service.
+    pub fn policy_for(&self, rule: &str, port: u16) -> Option<&Arc<Policy>> {
+        self.policies
+            .iter()
+            .filter(|p| p.rule.as_deref().is_none_or(|r| r == rule) && p.port.is_none_or(|p| p == port))
+            .max_by_key(|p| (p.rule.is_some(), p.port.is_some()))
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -211,7 +223,145 @@ impl TryFrom<&proto::Service> for Service {
                 timeout: (r.timeout_ms > 0).then(|| Duration::from_millis(r.timeout_ms)),
             });
         }
-        Ok(Service { key, ports, endpoints, rules })
+        let policies = s
+            .policies
+            .iter()
+            .map(|p| Policy::try_from(p).map(Arc::new).map_err(|m| bad(format!("policy {}: {m}", p.name))))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Service { key, ports, endpoints, rules, policies })
+    }
+}
+
+/// A resilience policy, as the outbound path applies it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Policy {
+    /// `namespace/name` of the resource (label value and the key of its retry budget).
+    pub name: Arc<str>,
+    pub rule: Option<String>,
+    pub port: Option<u16>,
+    pub request_timeout: Option<Duration>,
+    pub per_try_timeout: Option<Duration>,
+    pub retry: Option<RetryPolicy>,
+    pub breaker: Option<BreakerPolicy>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetryPolicy {
+    pub retries: u32,
+    pub on: RetryOn,
+    pub non_idempotent: bool,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    pub budget: BudgetPolicy,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BudgetPolicy {
+    pub percent: u32,
+    pub min_per_second: u32,
+    pub window: Duration,
+}
+
+/// The conditions a retry is made on.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RetryOn {
+    pub any_5xx: bool,
+    pub gateway_error: bool,
+    pub reset: bool,
+    pub connect_failure: bool,
+    pub refused_stream: bool,
+    pub statuses: Vec<u16>,
+    /// gRPC status codes (from `grpc-status` in the response headers).
+    pub grpc: Vec<u32>,
+}
+
+impl RetryOn {
+    pub fn parse(conditions: &[String]) -> Result<Self, String> {
+        let mut on = RetryOn::default();
+        for c in conditions {
+            match c.as_str() {
+                "5xx" => on.any_5xx = true,
+                "gateway-error" => on.gateway_error = true,
+                "reset" => on.reset = true,
+                "connect-failure" => on.connect_failure = true,
+                "refused-stream" => on.refused_stream = true,
+                "cancelled" => on.grpc.push(1),
+                "deadline-exceeded" => on.grpc.push(4),
+                "resource-exhausted" => on.grpc.push(8),
+                "internal" => on.grpc.push(13),
+                "unavailable" => on.grpc.push(14),
+                code => match code.parse::<u16>() {
+                    Ok(n) if (100..=599).contains(&n) => on.statuses.push(n),
+                    _ => return Err(format!("unknown retry condition {code:?}")),
+                },
+            }
+        }
+        Ok(on)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BreakerPolicy {
+    pub consecutive_failures: u32,
+    pub open: Duration,
+    pub max_open: Duration,
+    pub half_open_requests: u32,
+    pub success_threshold: u32,
+}
+
+impl TryFrom<&proto::ResiliencePolicy> for Policy {
+    type Error = String;
+
+    fn try_from(p: &proto::ResiliencePolicy) -> Result<Self, String> {
+        let ms = |v: u64| (v > 0).then(|| Duration::from_millis(v));
+        let port = u16::try_from(p.port).map_err(|_| format!("{} is not a port", p.port))?;
+        let retry = match &p.retry {
+            None => None,
+            Some(r) => {
+                if r.budget_percent > 100 {
+                    return Err(format!("retry budget {}% is over 100%", r.budget_percent));
+                }
+                let base = ms(r.backoff_base_ms).ok_or("back-off base must be positive")?;
+                let max = ms(r.backoff_max_ms).ok_or("back-off max must be positive")?;
+                Some(RetryPolicy {
+                    retries: r.retries,
+                    on: RetryOn::parse(&r.retry_on)?,
+                    non_idempotent: r.retry_non_idempotent,
+                    backoff_base: base,
+                    backoff_max: max.max(base),
+                    budget: BudgetPolicy {
+                        percent: r.budget_percent,
+                        min_per_second: r.budget_min_per_second,
+                        window: ms(r.budget_window_ms).ok_or("retry budget window must be positive")?,
+                    },
+                })
+            }
+        };
+        let breaker = match &p.circuit_breaker {
+            None => None,
+            Some(c) => {
+                if c.consecutive_failures == 0 || c.half_open_requests == 0 || c.success_threshold == 0 {
+                    return Err("circuit breaker thresholds must be at least 1".into());
+                }
+                let open = ms(c.open_ms).ok_or("circuit breaker open duration must be positive")?;
+                Some(BreakerPolicy {
+                    consecutive_failures: c.consecutive_failures,
+                    open,
+                    max_open: ms(c.max_open_ms).unwrap_or(open).max(open),
+                    half_open_requests: c.half_open_requests,
+                    success_threshold: c.success_threshold,
+                })
+            }
+        };
+        Ok(Policy {
+            name: p.name.clone().into(),
+            rule: (!p.rule.is_empty()).then(|| p.rule.clone()),
+            port: (port != 0).then_some(port),
+            request_timeout: ms(p.request_timeout_ms),
+            per_try_timeout: ms(p.per_try_timeout_ms),
+            retry,
+            breaker,
+        })
     }
 }
 
@@ -256,6 +406,7 @@ mod tests {
                     }],
                     timeout_ms: 0,
                 }],
+                policies: vec![],
             }],
         }
     }
@@ -284,5 +435,47 @@ mod tests {
         assert!(p.matches("/api") && p.matches("/api/x") && !p.matches("/apix"));
         assert!(StrMatch::Prefix("/".into()).matches("/anything"));
         assert!(StrMatch::Prefix("/api/".into()).matches("/api/v1"));
+    }
+}
+
+#[cfg(test)]
+mod policy_tests {
+    use super::*;
+
+    fn policy(rule: &str, port: u32) -> proto::ResiliencePolicy {
+        proto::ResiliencePolicy { name: format!("ns/{rule}-{port}"), rule: rule.into(), port, ..Default::default() }
+    }
+
+    #[test]
+    fn most_specific_policy_wins() {
+        let svc = proto::Service {
+            namespace: "ns".into(),
+            name: "web".into(),
+            policies: vec![policy("", 0), policy("", 80), policy("a", 0), policy("a", 80)],
+            ..Default::default()
+        };
+        let svc = Service::try_from(&svc).unwrap();
+        let name = |rule, port| svc.policy_for(rule, port).map(|p| p.name.to_string()).unwrap();
+        assert_eq!(name("a", 80), "ns/a-80");
+        assert_eq!(name("a", 81), "ns/a-0");
+        assert_eq!(name("b", 80), "ns/-80");
+        assert_eq!(name("b", 81), "ns/-0");
+    }
+
+    #[test]
+    fn unknown_retry_condition_is_invalid() {
+        let mut p = policy("", 0);
+        p.retry = Some(proto::RetryPolicy {
+            retries: 1,
+            retry_on: vec!["teapot".into()],
+            backoff_base_ms: 25,
+            backoff_max_ms: 250,
+            budget_window_ms: 10_000,
+            ..Default::default()
+        });
+        assert!(Policy::try_from(&p).unwrap_err().contains("teapot"));
+        p.retry.as_mut().unwrap().retry_on = vec!["503".into(), "unavailable".into(), "5xx".into()];
+        let on = Policy::try_from(&p).unwrap().retry.unwrap().on;
+        assert_eq!((on.statuses.as_slice(), on.grpc.as_slice(), on.any_5xx), (&[503][..], &[14][..], true));
     }
 }

@@ -23,7 +23,11 @@ pub enum ProxyError {
     #[error("connecting to {addr} failed: {reason}")]
     Connect { addr: SocketAddr, reason: String },
     #[error("upstream {addr} failed: {reason}")]
-    Upstream { addr: SocketAddr, reason: String },
+    Upstream { addr: SocketAddr, reason: String, refused: bool },
+    #[error("circuit open for backend {backend}")]
+    CircuitOpen { backend: String },
+    #[error("reading the request body failed: {reason}")]
+    ClientBody { reason: String },
     #[error("request timed out after {after:?}")]
     Timeout { after: Duration },
     #[error("no application address is configured for inbound traffic")]
@@ -35,7 +39,8 @@ pub enum ProxyError {
 impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::NoAuthority => StatusCode::BAD_REQUEST,
+            ProxyError::NoAuthority | ProxyError::ClientBody { .. } => StatusCode::BAD_REQUEST,
+            ProxyError::CircuitOpen { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::UnknownService { .. } | ProxyError::NoSuchPort { .. } => StatusCode::NOT_FOUND,
             ProxyError::NoWeightedBackend { .. } | ProxyError::NoEndpoints { .. } | ProxyError::NotReady => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -54,6 +59,21 @@ impl ProxyError {
         rsp.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
         rsp
     }
+}
+
+/// Whether an error (or one of its causes) is an HTTP/2 REFUSED_STREAM: the peer did not
+/// process the request, so it is always safe to retry.
+pub fn is_refused_stream(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(c) = cur {
+        if let Some(h2) = c.downcast_ref::<h2::Error>()
+            && h2.reason() == Some(h2::Reason::REFUSED_STREAM)
+        {
+            return true;
+        }
+        cur = c.source();
+    }
+    false
 }
 
 /// Flattens an error chain into one line.

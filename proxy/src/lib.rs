@@ -153,7 +153,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
     // Forget connections and statistics of endpoints that left the configuration.
     let mut prune_rx = config_rx.clone();
-    let (prune_balancer, prune_clients, app) = (balancer.clone(), clients.clone(), args.app_addr);
+    let resilience = outbound::resilience::Resilience::new(metrics.resilience.clone());
+    let (prune_balancer, prune_clients, prune_resilience, app) =
+        (balancer.clone(), clients.clone(), resilience.clone(), args.app_addr);
     tokio::spawn(async move {
         while prune_rx.changed().await.is_ok() {
             let Some(cfg) = prune_rx.borrow_and_update().clone() else {
@@ -163,11 +165,20 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 cfg.services.values().flat_map(|s| s.endpoints.iter().map(|e| e.addr)).chain(app).collect();
             prune_balancer.retain(|a| live.contains(a));
             prune_clients.h2.retain(|a| live.contains(a));
+            let policies: HashSet<Arc<str>> =
+                cfg.services.values().flat_map(|s| s.policies.iter().map(|p| p.name.clone())).collect();
+            prune_resilience.retain(&policies);
         }
     });
 
     let out =
-        outbound::Outbound { config: config_rx.clone(), clients: clients.clone(), balancer, metrics: metrics.clone() };
+        outbound::Outbound {
+        config: config_rx.clone(),
+        clients: clients.clone(),
+        balancer,
+        resilience: resilience.clone(),
+        metrics: metrics.clone(),
+    };
     let inb = inbound::Inbound::new(args.app_addr, clients, metrics.clone(), &workload);
     let grace = args.shutdown_grace;
     let outbound_task = tokio::spawn(server::serve(

@@ -10,6 +10,8 @@ use weir_api::rt::unix_ms;
 use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 use weir_api::proto;
 
+use crate::outbound::resilience::ResilienceMetrics;
+
 /// Latency bucket upper bounds (seconds): sub-millisecond to tens of seconds.
 pub const LATENCY_BOUNDS: [f64; 18] =
     [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0];
@@ -52,6 +54,7 @@ pub struct Metrics {
     pub snapshots_applied: IntCounter,
     pub snapshots_rejected: IntCounter,
     pub control_connected: IntGauge,
+    pub resilience: ResilienceMetrics,
     report: Arc<Mutex<ReportAcc>>,
 }
 
@@ -105,7 +108,9 @@ impl Metrics {
         registry.register(Box::new(snapshots_applied.clone())).unwrap();
         registry.register(Box::new(snapshots_rejected.clone())).unwrap();
         registry.register(Box::new(control_connected.clone())).unwrap();
+        let resilience = ResilienceMetrics::register(&registry);
         Self {
+            resilience,
             registry,
             requests,
             responses,

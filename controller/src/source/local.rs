@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use notify::Watcher;
 use serde::Deserialize;
 use tokio::sync::mpsc;
+use weir_api::resilience::ResiliencePolicySpec;
 use weir_api::route::RouteSpec;
 use weir_api::service::LocalServiceSpec;
 use weir_api::validate::{FieldError, from_yaml};
@@ -73,11 +74,12 @@ fn parse_document(origin: &str, number: usize, value: serde_yaml::Value) -> Defi
     let kind = match kind {
         "Service" => Kind::Service,
         "Route" => Kind::Route,
+        "ResiliencePolicy" => Kind::ResiliencePolicy,
         other => {
             return fail(
                 None,
                 Some("kind"),
-                format!("document {number}: unknown kind {other:?} (expected Service or Route)"),
+                format!("document {number}: unknown kind {other:?} (expected Service, Route or ResiliencePolicy)"),
             );
         }
     };
@@ -110,13 +112,18 @@ fn parse_resource(kind: Kind, map: &serde_yaml::Mapping) -> Result<Resource, Fie
     }
     let spec = map.get("spec").cloned().unwrap_or(serde_yaml::Value::Mapping(Default::default()));
     match kind {
+        Kind::Route | Kind::ResiliencePolicy if api_version != Some(weir_api::API_VERSION) => {
+            Err(FieldError::new("apiVersion", format!("must be {}", weir_api::API_VERSION)))
+        }
         Kind::Route => {
-            if api_version != Some(weir_api::API_VERSION) {
-                return Err(FieldError::new("apiVersion", format!("must be {}", weir_api::API_VERSION)));
-            }
             let spec: RouteSpec = from_yaml(spec, "spec")?;
             spec.validate()?;
             Ok(Resource::Route(spec))
+        }
+        Kind::ResiliencePolicy => {
+            let spec: ResiliencePolicySpec = from_yaml(spec, "spec")?;
+            spec.validate()?;
+            Ok(Resource::ResiliencePolicy(spec))
         }
         Kind::Service => {
             if let Some(v) = api_version

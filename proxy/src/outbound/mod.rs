@@ -1,23 +1,27 @@
 //! The outbound path: the application's calls. In order, a request meets:
 //! authority → Service lookup → [`route::select`] (rule, then backend by weight) →
-//! endpoints of the backend for the port → [`balance::Balancer`] (P2C, peak EWMA) →
-//! timeout → upstream: the peer sidecar over one multiplexed HTTP/2 connection (the
+//! request timeout → per attempt: circuit breaker → [`balance::Balancer`] (P2C, peak EWMA;
+//! another endpoint on a retry) → per-try timeout → upstream; then retry (budget, back-off) → the peer sidecar over one multiplexed HTTP/2 connection (the
 //! client's protocol rides in `weir-orig-proto`), or the endpoint itself when unmeshed.
 
 pub mod balance;
+pub mod resilience;
 pub mod route;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
+use bytes::Bytes;
 use http::{HeaderValue, Request, Response, Version, header};
+use http_body::Body as _;
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::sync::watch;
 
-use crate::body::{Body, ORIG_PROTO, boxed, strip_hop_by_hop};
+use crate::body::{Body, ORIG_PROTO, boxed, full, strip_hop_by_hop};
 use crate::client::Clients;
-use crate::config::Config;
+use crate::config::{Config, Endpoint, Policy, RetryOn};
 use crate::errors::ProxyError;
 use crate::metrics::{Direction, Labels, Metrics};
 
@@ -26,7 +30,38 @@ pub struct Outbound {
     pub config: watch::Receiver<Option<Arc<Config>>>,
     pub clients: Clients,
     pub balancer: balance::Balancer,
+    pub resilience: resilience::Resilience,
     pub metrics: Metrics,
+}
+
+/// Request bodies up to this size are kept so that a retry can replay them.
+const MAX_REPLAY_BODY: u64 = 64 * 1024;
+
+/// What one request needs on its way upstream, decided before the first attempt.
+struct Call<'a> {
+    config: &'a Config,
+    target: &'a route::Target,
+    labels: &'a Labels,
+    policy: Option<Arc<Policy>>,
+    backend_port: u16,
+    version: Version,
+    authority: String,
+}
+
+enum RequestBody {
+    /// Sent once, streamed.
+    Streaming(Option<Incoming>),
+    /// Small enough to replay on a retry.
+    Buffered(Bytes),
+}
+
+impl RequestBody {
+    fn next(&mut self) -> Body {
+        match self {
+            RequestBody::Streaming(b) => b.take().map(boxed).unwrap_or_else(crate::body::empty),
+            RequestBody::Buffered(b) => full(b.clone()),
+        }
+    }
 }
 
 impl Outbound {
@@ -52,74 +87,230 @@ impl Outbound {
         let Some(target) = route::select(svc, &parts, |n| rand::random_range(0..n)) else {
             return ProxyError::NoWeightedBackend { service: svc.key.to_string() }.into_response();
         };
-        let route_label: Arc<str> = if target.route.is_empty() {
-            target.route.clone()
-        } else {
-            format!("{}:{}", target.route, target.rule).into()
-        };
-        let labels = Labels {
-            direction: Direction::Outbound,
-            service: svc.key.clone(),
-            route: route_label,
-            backend: target.backend.clone(),
-        };
+        let route_label: Arc<str> =
+            if target.route.is_empty() { target.route.clone() } else { format!("{}:{}", target.route, target.rule).into() };
+        let labels =
+            Labels { direction: Direction::Outbound, service: svc.key.clone(), route: route_label, backend: target.backend.clone() };
         self.metrics.request_started(&labels);
 
-        let backend_port = target.backend_port.unwrap_or(port);
-        let endpoints: Vec<_> = config
-            .service(&target.backend)
-            .map(|b| b.endpoints.iter().filter(|e| e.service_port.is_none_or(|p| p == backend_port)).collect())
-            .unwrap_or_default();
-        let Some((endpoint, in_flight)) = self.balancer.pick(&endpoints) else {
-            return self.fail(&labels, started, ProxyError::NoEndpoints { backend: target.backend.to_string() });
-        };
-
         strip_hop_by_hop(&mut parts.headers);
-        let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
-        // The client's authority travels unchanged, whichever backend serves the request.
-        let upstream_authority = authority.to_string();
-        if parts.headers.get(header::HOST).is_none()
-            && version != Version::HTTP_2
-            && let Ok(v) = HeaderValue::from_str(&upstream_authority)
-        {
-            parts.headers.insert(header::HOST, v);
-        }
-        let addr = endpoint.addr;
-        let send = async {
-            if endpoint.meshed || version == Version::HTTP_2 {
-                if endpoint.meshed {
-                    parts.headers.insert(ORIG_PROTO.clone(), HeaderValue::from_static(proto_name(version)));
-                    parts.headers.remove(header::HOST);
-                }
-                parts.uri = format!("http://{upstream_authority}{pq}").parse().map_err(|_| ProxyError::NoAuthority)?;
-                parts.version = Version::HTTP_2;
-                self.clients.h2.send(addr, Request::from_parts(parts, boxed(body))).await
-            } else {
-                self.clients.send_h1(addr, Request::from_parts(parts, boxed(body))).await
-            }
+        let policy = svc.policy_for(&target.rule, port).cloned();
+        // The tighter of the route's and the policy's request timeouts bounds every attempt.
+        let deadline = [target.timeout, policy.as_ref().and_then(|p| p.request_timeout)].into_iter().flatten().min();
+        let call = Call {
+            config: &config,
+            target: &target,
+            labels: &labels,
+            policy,
+            backend_port: target.backend_port.unwrap_or(port),
+            version,
+            // The client's authority travels unchanged, whichever backend serves the request.
+            authority: authority.to_string(),
         };
-        let result = match target.timeout {
-            Some(after) => tokio::time::timeout(after, send).await.unwrap_or(Err(ProxyError::Timeout { after })),
-            None => send.await,
+        let attempts = self.attempts(&call, parts, body);
+        let result = match deadline {
+            Some(after) => tokio::time::timeout(after, attempts).await.unwrap_or(Err((ProxyError::Timeout { after }, 0))),
+            None => attempts.await,
         };
-        match result {
-            Ok(rsp) => {
-                in_flight.done();
+        let (mut rsp, attempts) = match result {
+            Ok((rsp, attempts)) => {
                 let (mut rparts, rbody) = rsp.into_parts();
                 strip_hop_by_hop(&mut rparts.headers);
                 rparts.headers.remove(&ORIG_PROTO);
                 rparts.version = version;
                 self.metrics.request_finished(&labels, rparts.status.as_u16(), started.elapsed());
-                Response::from_parts(rparts, boxed(rbody))
+                (Response::from_parts(rparts, boxed(rbody)), attempts)
             }
-            Err(e) => self.fail(&labels, started, e),
+            Err((e, attempts)) => {
+                tracing::debug!(service = %labels.service, backend = %labels.backend, error = %e, "outbound request failed");
+                self.metrics.request_finished(&labels, e.status().as_u16(), started.elapsed());
+                (e.into_response(), attempts)
+            }
+        };
+        if attempts > 1 {
+            rsp.headers_mut().insert(ATTEMPTS.clone(), HeaderValue::from(attempts));
+        }
+        rsp
+    }
+
+    /// Sends the request, retrying as the policy allows. Returns the final answer and how many
+    /// attempts were made. The order of what each attempt meets is written here:
+    /// circuit breaker → balancer (another endpoint on a retry) → per-try timeout → upstream;
+    /// then retry classification → retry budget → back-off.
+    async fn attempts(
+        &self,
+        call: &Call<'_>,
+        parts: http::request::Parts,
+        body: Incoming,
+    ) -> Result<(Response<Incoming>, u32), (ProxyError, u32)> {
+        let service = &*call.labels.service;
+        let backend = call.target.backend.to_string();
+        let endpoints: Vec<_> = call
+            .config
+            .service(&call.target.backend)
+            .map(|b| b.endpoints.iter().filter(|e| e.service_port.is_none_or(|p| p == call.backend_port)).collect())
+            .unwrap_or_default();
+        if endpoints.is_empty() {
+            return Err((ProxyError::NoEndpoints { backend }, 0));
+        }
+        let rm = &self.resilience.metrics;
+        let mut retry = call.policy.as_ref().and_then(|p| p.retry.clone()).filter(|r| r.retries > 0);
+        let mut body = RequestBody::Streaming(Some(body));
+        if let Some(r) = &retry {
+            if !r.non_idempotent && !is_idempotent(&parts.method) {
+                rm.retries_skipped.with_label_values(&[service, "method"]).inc();
+                retry = None;
+            } else {
+                match replayable(body) {
+                    Replay::Now(b) => body = RequestBody::Buffered(b),
+                    Replay::Collect(b) => match b.collect().await {
+                        Ok(collected) => body = RequestBody::Buffered(collected.to_bytes()),
+                        Err(e) => return Err((ProxyError::ClientBody { reason: e.to_string() }, 0)),
+                    },
+                    Replay::No(b) => {
+                        rm.retries_skipped.with_label_values(&[service, "body"]).inc();
+                        body = b;
+                        retry = None;
+                    }
+                }
+            }
+        }
+        let policy = call.policy.as_ref();
+        let budget = retry.as_ref().zip(policy).map(|(r, p)| self.resilience.budget(&p.name, r.budget));
+        if let Some(b) = &budget {
+            b.deposit();
+        }
+        let breaker =
+            policy.and_then(|p| p.breaker.map(|b| self.resilience.breaker(&p.name, service, &call.target.backend, b)));
+        let per_try = policy.and_then(|p| p.per_try_timeout);
+
+        let mut tried: Vec<SocketAddr> = Vec::new();
+        let mut attempt: u32 = 0;
+        loop {
+            attempt += 1;
+            let permit = match &breaker {
+                Some(b) => match b.acquire() {
+                    Ok(p) => Some(p),
+                    Err(()) => {
+                        rm.circuit_rejected.with_label_values(&[service, &backend]).inc();
+                        return Err((ProxyError::CircuitOpen { backend }, attempt - 1));
+                    }
+                },
+                None => None,
+            };
+            // A retry goes to an endpoint not tried yet, where there is one.
+            let fresh: Vec<_> = endpoints.iter().copied().filter(|e| !tried.contains(&e.addr)).collect();
+            let candidates = if fresh.is_empty() { &endpoints } else { &fresh };
+            let (endpoint, in_flight) = self.balancer.pick(candidates).expect("endpoints is not empty");
+            tried.push(endpoint.addr);
+
+            let send = self.send(call, endpoint, rebuild(&parts), body.next());
+            let outcome = match per_try {
+                Some(after) => tokio::time::timeout(after, send).await.unwrap_or(Err(ProxyError::Timeout { after })),
+                None => send.await,
+            };
+            let healthy = matches!(&outcome, Ok(r) if r.status().as_u16() < 500);
+            if let (Some(b), Some(p)) = (&breaker, permit) {
+                b.record(p, healthy);
+            }
+            if outcome.is_ok() {
+                in_flight.done();
+            }
+            let Some(r) = retry.as_ref().filter(|r| attempt <= r.retries && should_retry(&r.on, &outcome)) else {
+                return outcome.map(|rsp| (rsp, attempt)).map_err(|e| (e, attempt));
+            };
+            if !budget.as_ref().is_some_and(|b| b.withdraw()) {
+                rm.budget_exhausted.with_label_values(&[service]).inc();
+                return outcome.map(|rsp| (rsp, attempt)).map_err(|e| (e, attempt));
+            }
+            rm.retries.with_label_values(&[service]).inc();
+            drop(outcome);
+            tokio::time::sleep(resilience::backoff(attempt, r.backoff_base, r.backoff_max)).await;
         }
     }
 
-    fn fail(&self, labels: &Labels, started: Instant, e: ProxyError) -> Response<Body> {
-        tracing::debug!(service = %labels.service, backend = %labels.backend, error = %e, "outbound request failed");
-        self.metrics.request_finished(labels, e.status().as_u16(), started.elapsed());
-        e.into_response()
+    /// One attempt: to the peer sidecar over the shared HTTP/2 connection (the client's
+    /// protocol in `weir-orig-proto`), or to an unmeshed endpoint in the client's protocol.
+    async fn send(
+        &self,
+        call: &Call<'_>,
+        endpoint: &Endpoint,
+        mut parts: http::request::Parts,
+        body: Body,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let version = call.version;
+        if parts.headers.get(header::HOST).is_none()
+            && version != Version::HTTP_2
+            && let Ok(v) = HeaderValue::from_str(&call.authority)
+        {
+            parts.headers.insert(header::HOST, v);
+        }
+        if endpoint.meshed || version == Version::HTTP_2 {
+            if endpoint.meshed {
+                parts.headers.insert(ORIG_PROTO.clone(), HeaderValue::from_static(proto_name(version)));
+                parts.headers.remove(header::HOST);
+            }
+            let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+            parts.uri = format!("http://{}{pq}", call.authority).parse().map_err(|_| ProxyError::NoAuthority)?;
+            parts.version = Version::HTTP_2;
+            self.clients.h2.send(endpoint.addr, Request::from_parts(parts, body)).await
+        } else {
+            self.clients.send_h1(endpoint.addr, Request::from_parts(parts, body)).await
+        }
+    }
+}
+
+/// Set on responses when more than one attempt was made.
+pub static ATTEMPTS: http::HeaderName = http::HeaderName::from_static("weir-attempts");
+
+enum Replay {
+    Now(Bytes),
+    Collect(http_body_util::Limited<Incoming>),
+    No(RequestBody),
+}
+
+/// Whether a request body can be kept for replay (known to be at most 64 KiB).
+fn replayable(body: RequestBody) -> Replay {
+    let RequestBody::Streaming(Some(b)) = body else { return Replay::Now(Bytes::new()) };
+    if b.is_end_stream() {
+        return Replay::Now(Bytes::new());
+    }
+    match b.size_hint().upper() {
+        Some(n) if n <= MAX_REPLAY_BODY => Replay::Collect(http_body_util::Limited::new(b, MAX_REPLAY_BODY as usize)),
+        _ => Replay::No(RequestBody::Streaming(Some(b))),
+    }
+}
+
+fn is_idempotent(m: &http::Method) -> bool {
+    use http::Method;
+    [Method::GET, Method::HEAD, Method::OPTIONS, Method::TRACE, Method::PUT, Method::DELETE].contains(m)
+}
+
+/// A copy of the request head for another attempt.
+fn rebuild(parts: &http::request::Parts) -> http::request::Parts {
+    let mut req = Request::new(());
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = parts.uri.clone();
+    *req.version_mut() = parts.version;
+    *req.headers_mut() = parts.headers.clone();
+    req.into_parts().0
+}
+
+/// Whether an attempt's outcome is one the policy retries.
+fn should_retry(on: &RetryOn, outcome: &Result<Response<Incoming>, ProxyError>) -> bool {
+    match outcome {
+        Ok(rsp) => {
+            let s = rsp.status().as_u16();
+            let grpc = rsp.headers().get("grpc-status").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
+            (on.any_5xx && s >= 500)
+                || (on.gateway_error && matches!(s, 502..=504))
+                || on.statuses.contains(&s)
+                || grpc.is_some_and(|c: u32| on.grpc.contains(&c))
+        }
+        Err(ProxyError::Connect { .. }) => on.connect_failure || on.any_5xx || on.gateway_error,
+        Err(ProxyError::Upstream { refused, .. }) => (*refused && on.refused_stream) || on.reset || on.any_5xx,
+        Err(ProxyError::Timeout { .. }) => on.any_5xx || on.gateway_error || on.reset,
+        Err(_) => false,
     }
 }
 

@@ -1,0 +1,374 @@
+//! The `ResiliencePolicy` resource: how callers of a Service time out, retry, and fail fast.
+//! Enforced by the calling sidecars (outbound). See `examples/resilience/policy.yaml` for
+//! every field with its default.
+//!
+//! ```yaml
+//! apiVersion: weir.io/v1alpha1
+//! kind: ResiliencePolicy
+//! metadata: { name: reviews, namespace: shop }
+//! spec:
+//!   targetRef: { service: reviews }
+//!   timeouts: { request: 2s, perTry: 500ms }
+//!   retries:
+//!     attempts: 2
+//!     retryOn: [gateway-error, connect-failure, reset]
+//!     budget: { percent: 20, minRetriesPerSecond: 10 }
+//! ```
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::duration;
+use crate::validate::{FieldError, dns_label};
+
+/// Timeouts, retries and circuit breaking for the callers of one Service (optionally only one
+/// route rule or port of it). The most specific policy wins: rule and port, then rule, then
+/// port, then the whole Service.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "weir.io",
+    version = "v1alpha1",
+    kind = "ResiliencePolicy",
+    namespaced,
+    status = "ResiliencePolicyStatus",
+    shortname = "wrp",
+    category = "weir",
+    printcolumn = r#"{"name":"Service","type":"string","jsonPath":".spec.targetRef.service"}"#,
+    printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ResiliencePolicySpec {
+    pub target_ref: TargetRef,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeouts: Option<Timeouts>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retries: Option<Retries>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub circuit_breaker: Option<CircuitBreaker>,
+}
+
+/// What the policy applies to.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TargetRef {
+    /// A Service in the policy's namespace.
+    #[schemars(length(min = 1, max = 63))]
+    pub service: String,
+    /// Only requests matched by this rule (a Route rule's `name`) of the Service's routes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+    /// Only requests to this service port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: Option<u32>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Timeouts {
+    /// The whole call, retries and back-off included, until response headers. Default: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^([0-9]{1,5}(h|m|s|ms)){1,4}$"))]
+    pub request: Option<String>,
+    /// Each attempt, until response headers. Default: none (only `request` applies).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^([0-9]{1,5}(h|m|s|ms)){1,4}$"))]
+    pub per_try: Option<String>,
+}
+
+/// Conditions a retry can be made on.
+pub const RETRY_ON: &[&str] = &[
+    "5xx",
+    "gateway-error",
+    "reset",
+    "connect-failure",
+    "refused-stream",
+    "cancelled",
+    "deadline-exceeded",
+    "internal",
+    "resource-exhausted",
+    "unavailable",
+];
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Retries {
+    /// Retries after the first attempt (as Istio's `attempts`). Default 2.
+    #[serde(default = "default_attempts")]
+    #[schemars(range(min = 0, max = 10))]
+    pub attempts: u32,
+    /// When to retry: `5xx`, `gateway-error` (502/503/504), `reset`, `connect-failure`,
+    /// `refused-stream`, a status code such as `"429"`, or a gRPC code (`unavailable`,
+    /// `resource-exhausted`, `internal`, `cancelled`, `deadline-exceeded`). Per-try timeouts
+    /// count as `5xx`, `gateway-error` and `reset`. Default `[gateway-error, connect-failure, reset]`.
+    #[serde(default = "default_retry_on")]
+    pub retry_on: Vec<String>,
+    /// Retry methods that are not idempotent (POST, PATCH, CONNECT) too. Default false.
+    #[serde(default)]
+    pub retry_non_idempotent: bool,
+    /// Exponential back-off with full jitter between attempts.
+    #[serde(default)]
+    pub backoff: Backoff,
+    /// How much extra load retries may add.
+    #[serde(default)]
+    pub budget: RetryBudget,
+}
+
+fn default_attempts() -> u32 {
+    2
+}
+
+fn default_retry_on() -> Vec<String> {
+    ["gateway-error", "connect-failure", "reset"].map(String::from).to_vec()
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Backoff {
+    /// First back-off ceiling. Default 25ms.
+    #[serde(default = "default_backoff_base")]
+    #[schemars(regex(pattern = r"^([0-9]{1,5}(h|m|s|ms)){1,4}$"))]
+    pub base: String,
+    /// Largest back-off. Default 250ms.
+    #[serde(default = "default_backoff_max")]
+    #[schemars(regex(pattern = r"^([0-9]{1,5}(h|m|s|ms)){1,4}$"))]
+    pub max: String,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self { base: default_backoff_base(), max: default_backoff_max() }
+    }
+}
+
+fn default_backoff_base() -> String {
+    "25ms".into()
+}
+
+fn default_backoff_max() -> String {
+    "250ms".into()
+}
+
+/// Retries may add at most `percent` % of the requests of the last `window`, plus
+/// `minRetriesPerSecond` so that low-traffic services can still retry.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RetryBudget {
+    /// Default 20.
+    #[serde(default = "default_budget_percent")]
+    #[schemars(range(min = 0, max = 100))]
+    pub percent: u32,
+    /// Default 10.
+    #[serde(default = "default_min_retries")]
+    #[schemars(range(min = 0, max = 100000))]
+    pub min_retries_per_second: u32,
+    /// Default 10s.
+    #[serde(default = "default_budget_window")]
+    #[schemars(regex(pattern = r"^([0-9]{1,5}(h|m|s|ms)){1,4}$"))]
+    pub window: String,
+}
+
+impl Default for RetryBudget {
+    fn default() -> Self {
+        Self {
+            percent: default_budget_percent(),
+            min_retries_per_second: default_min_retries(),
+            window: default_budget_window(),
+        }
+    }
+}
+
+fn default_budget_percent() -> u32 {
+    20
+}
+
+fn default_min_retries() -> u32 {
+    10
+}
+
+fn default_budget_window() -> String {
+    "10s".into()
+}
+
+/// A per-backend breaker: closed → open after `consecutiveFailures`; open fails fast with 503
+/// for `openDuration` (doubling with each re-open, up to `maxOpenDuration`); then half-open lets
+/// `halfOpenRequests` probes through and closes after `successThreshold` successes in a row.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CircuitBreaker {
+    /// Default 5.
+    #[serde(default = "default_consecutive")]
+    #[schemars(range(min = 1, max = 100000))]
+    pub consecutive_failures: u32,
+    /// Default 10s.
+    #[serde(default = "default_open")]
+    #[schemars(regex(pattern = r"^([0-9]{1,5}(h|m|s|ms)){1,4}$"))]
+    pub open_duration: String,
+    /// Default 5m.
+    #[serde(default = "default_max_open")]
+    #[schemars(regex(pattern = r"^([0-9]{1,5}(h|m|s|ms)){1,4}$"))]
+    pub max_open_duration: String,
+    /// Probes allowed at once while half-open. Default 1.
+    #[serde(default = "default_probes")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub half_open_requests: u32,
+    /// Successful probes in a row that close the breaker. Default 3.
+    #[serde(default = "default_success")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub success_threshold: u32,
+}
+
+fn default_consecutive() -> u32 {
+    5
+}
+fn default_open() -> String {
+    "10s".into()
+}
+fn default_max_open() -> String {
+    "5m".into()
+}
+fn default_probes() -> u32 {
+    1
+}
+fn default_success() -> u32 {
+    3
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ResiliencePolicyStatus {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+fn positive_duration(field: &str, value: &str) -> Result<std::time::Duration, FieldError> {
+    let d = duration::parse(value).map_err(|e| FieldError::new(field, e.to_string()))?;
+    if d.is_zero() {
+        return Err(FieldError::new(field, "must be greater than 0"));
+    }
+    Ok(d)
+}
+
+/// Whether `cond` is a known retry-on condition (a name or a status code 100–599).
+pub fn retry_on_valid(cond: &str) -> bool {
+    RETRY_ON.contains(&cond) || cond.parse::<u16>().is_ok_and(|c| (100..=599).contains(&c))
+}
+
+impl ResiliencePolicySpec {
+    /// Checks what the schema cannot.
+    pub fn validate(&self) -> Result<(), FieldError> {
+        dns_label("spec.targetRef.service", &self.target_ref.service)?;
+        if let Some(rule) = &self.target_ref.rule
+            && rule.is_empty()
+        {
+            return Err(FieldError::new("spec.targetRef.rule", "must not be empty"));
+        }
+        if let Some(p) = self.target_ref.port
+            && !(1..=65535).contains(&p)
+        {
+            return Err(FieldError::new("spec.targetRef.port", format!("{p} is not a port")));
+        }
+        let mut request = None;
+        if let Some(t) = &self.timeouts {
+            if let Some(r) = &t.request {
+                request = Some(positive_duration("spec.timeouts.request", r)?);
+            }
+            if let Some(p) = &t.per_try {
+                let per_try = positive_duration("spec.timeouts.perTry", p)?;
+                if request.is_some_and(|r| per_try > r) {
+                    return Err(FieldError::new("spec.timeouts.perTry", "must not exceed spec.timeouts.request"));
+                }
+            }
+        }
+        if let Some(r) = &self.retries {
+            if r.attempts > 10 {
+                return Err(FieldError::new("spec.retries.attempts", "at most 10 retries"));
+            }
+            if r.retry_on.is_empty() {
+                return Err(FieldError::new("spec.retries.retryOn", "at least one condition is required"));
+            }
+            for (i, c) in r.retry_on.iter().enumerate() {
+                if !retry_on_valid(c) {
+                    return Err(FieldError::new(
+                        format!("spec.retries.retryOn[{i}]"),
+                        format!("unknown condition {c:?} (expected one of {} or a status code)", RETRY_ON.join(", ")),
+                    ));
+                }
+            }
+            let base = positive_duration("spec.retries.backoff.base", &r.backoff.base)?;
+            let max = positive_duration("spec.retries.backoff.max", &r.backoff.max)?;
+            if max < base {
+                return Err(FieldError::new("spec.retries.backoff.max", "must not be less than backoff.base"));
+            }
+            if r.budget.percent > 100 {
+                return Err(FieldError::new("spec.retries.budget.percent", "must be between 0 and 100"));
+            }
+            positive_duration("spec.retries.budget.window", &r.budget.window)?;
+        }
+        if let Some(cb) = &self.circuit_breaker {
+            if cb.consecutive_failures == 0 {
+                return Err(FieldError::new("spec.circuitBreaker.consecutiveFailures", "must be at least 1"));
+            }
+            let open = positive_duration("spec.circuitBreaker.openDuration", &cb.open_duration)?;
+            let max = positive_duration("spec.circuitBreaker.maxOpenDuration", &cb.max_open_duration)?;
+            if max < open {
+                return Err(FieldError::new("spec.circuitBreaker.maxOpenDuration", "must not be less than openDuration"));
+            }
+            if cb.half_open_requests == 0 {
+                return Err(FieldError::new("spec.circuitBreaker.halfOpenRequests", "must be at least 1"));
+            }
+            if cb.success_threshold == 0 {
+                return Err(FieldError::new("spec.circuitBreaker.successThreshold", "must be at least 1"));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(yaml: &str) -> ResiliencePolicySpec {
+        crate::validate::from_yaml(serde_yaml::from_str(yaml).unwrap(), "spec").unwrap()
+    }
+
+    #[test]
+    fn defaults_are_documented_values() {
+        let s = spec("targetRef: {service: web}\nretries: {}\ncircuitBreaker: {}\n");
+        s.validate().unwrap();
+        let r = s.retries.unwrap();
+        assert_eq!(r.attempts, 2);
+        assert_eq!(r.retry_on, ["gateway-error", "connect-failure", "reset"]);
+        assert_eq!((r.backoff.base.as_str(), r.backoff.max.as_str()), ("25ms", "250ms"));
+        assert_eq!((r.budget.percent, r.budget.min_retries_per_second), (20, 10));
+        let cb = s.circuit_breaker.unwrap();
+        assert_eq!((cb.consecutive_failures, cb.half_open_requests, cb.success_threshold), (5, 1, 3));
+    }
+
+    #[test]
+    fn bad_values_name_their_field() {
+        let cases = [
+            ("targetRef: {service: web}\ntimeouts: {request: 1s, perTry: 2s}\n", "spec.timeouts.perTry"),
+            ("targetRef: {service: web}\ntimeouts: {request: 0s}\n", "spec.timeouts.request"),
+            ("targetRef: {service: web}\nretries: {retryOn: [5xx, teapot]}\n", "spec.retries.retryOn[1]"),
+            ("targetRef: {service: web}\nretries: {retryOn: ['999']}\n", "spec.retries.retryOn[0]"),
+            ("targetRef: {service: web}\nretries: {budget: {percent: 150}}\n", "spec.retries.budget.percent"),
+            ("targetRef: {service: web}\nretries: {backoff: {base: 1s, max: 10ms}}\n", "spec.retries.backoff.max"),
+            ("targetRef: {service: web}\ncircuitBreaker: {consecutiveFailures: 0}\n", "spec.circuitBreaker.consecutiveFailures"),
+            ("targetRef: {service: web, port: 70000}\n", "spec.targetRef.port"),
+        ];
+        for (yaml, field) in cases {
+            assert_eq!(spec(yaml).validate().unwrap_err().field, field, "{yaml}");
+        }
+        let err = crate::validate::from_yaml::<ResiliencePolicySpec>(
+            serde_yaml::from_str("targetRef: {service: web}\nretries: {attempts: -1}\n").unwrap(),
+            "spec",
+        )
+        .unwrap_err();
+        assert_eq!(err.field, "spec.retries.attempts");
+    }
+}
