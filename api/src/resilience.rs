@@ -315,7 +315,10 @@ impl ResiliencePolicySpec {
             let open = positive_duration("spec.circuitBreaker.openDuration", &cb.open_duration)?;
             let max = positive_duration("spec.circuitBreaker.maxOpenDuration", &cb.max_open_duration)?;
             if max < open {
-                return Err(FieldError::new("spec.circuitBreaker.maxOpenDuration", "must not be less than openDuration"));
+                return Err(FieldError::new(
+                    "spec.circuitBreaker.maxOpenDuration",
+                    "must not be less than openDuration",
+                ));
             }
             if cb.half_open_requests == 0 {
                 return Err(FieldError::new("spec.circuitBreaker.halfOpenRequests", "must be at least 1"));
@@ -358,7 +361,10 @@ mod tests {
             ("targetRef: {service: web}\nretries: {retryOn: ['999']}\n", "spec.retries.retryOn[0]"),
             ("targetRef: {service: web}\nretries: {budget: {percent: 150}}\n", "spec.retries.budget.percent"),
             ("targetRef: {service: web}\nretries: {backoff: {base: 1s, max: 10ms}}\n", "spec.retries.backoff.max"),
-            ("targetRef: {service: web}\ncircuitBreaker: {consecutiveFailures: 0}\n", "spec.circuitBreaker.consecutiveFailures"),
+            (
+                "targetRef: {service: web}\ncircuitBreaker: {consecutiveFailures: 0}\n",
+                "spec.circuitBreaker.consecutiveFailures",
+            ),
             ("targetRef: {service: web, port: 70000}\n", "spec.targetRef.port"),
         ];
         for (yaml, field) in cases {

@@ -53,7 +53,7 @@ impl fmt::Display for ResourceKey {
 pub enum Resource {
     Service(LocalServiceSpec),
     Route(RouteSpec),
-    ResiliencePolicy(ResiliencePolicySpec),
+    ResiliencePolicy(Box<ResiliencePolicySpec>),
 }
 
 /// One definition a source produced: where it came from and what it parsed to.
@@ -242,7 +242,12 @@ impl Index {
                 if let Some(prev) = self.entries.get(&key) {
                     next.insert(key.clone(), prev.clone());
                 }
-                rejections.push(Rejection { origin, resource: Some(key), field: problem.field, message: problem.message });
+                rejections.push(Rejection {
+                    origin,
+                    resource: Some(key),
+                    field: problem.field,
+                    message: problem.message,
+                });
             }
         }
 
@@ -289,9 +294,11 @@ fn missing_policy_target(
     }
     if let Some(rule) = &spec.target_ref.rule {
         let found = entries.iter().any(|(k, e)| match &e.resource {
-            Resource::Route(r) if k.namespace == ns && &r.service == target => {
-                r.rules.iter().enumerate().any(|(i, x)| x.name.as_deref().map(str::to_string).unwrap_or(i.to_string()) == *rule)
-            }
+            Resource::Route(r) if k.namespace == ns && &r.service == target => r
+                .rules
+                .iter()
+                .enumerate()
+                .any(|(i, x)| x.name.as_deref().map(str::to_string).unwrap_or(i.to_string()) == *rule),
             _ => false,
         });
         if !found {

@@ -16,9 +16,10 @@ pub fn services(index: &Index) -> Vec<proto::Service> {
     let mut policies: BTreeMap<(&str, &str), Vec<proto::ResiliencePolicy>> = BTreeMap::new();
     for (key, entry) in index.entries() {
         match &entry.resource {
-            Resource::Route(spec) => {
-                routes.entry((key.namespace.as_str(), spec.service.as_str())).or_default().push((key.name.as_str(), spec))
-            }
+            Resource::Route(spec) => routes
+                .entry((key.namespace.as_str(), spec.service.as_str()))
+                .or_default()
+                .push((key.name.as_str(), spec)),
             Resource::ResiliencePolicy(spec) => policies
                 .entry((key.namespace.as_str(), spec.target_ref.service.as_str()))
                 .or_default()

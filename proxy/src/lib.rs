@@ -171,8 +171,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         }
     });
 
-    let out =
-        outbound::Outbound {
+    let out = outbound::Outbound {
         config: config_rx.clone(),
         clients: clients.clone(),
         balancer,

@@ -70,6 +70,7 @@ fn snapshot(version: &str, backend: std::net::SocketAddr, match_kind: i32) -> pr
                 backends: vec![proto::BackendRef { namespace: "test".into(), name: "web".into(), port: 0, weight: 1 }],
                 timeout_ms: 0,
             }],
+            policies: vec![],
         }],
     }
 }

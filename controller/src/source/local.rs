@@ -123,7 +123,7 @@ fn parse_resource(kind: Kind, map: &serde_yaml::Mapping) -> Result<Resource, Fie
         Kind::ResiliencePolicy => {
             let spec: ResiliencePolicySpec = from_yaml(spec, "spec")?;
             spec.validate()?;
-            Ok(Resource::ResiliencePolicy(spec))
+            Ok(Resource::ResiliencePolicy(Box::new(spec)))
         }
         Kind::Service => {
             if let Some(v) = api_version
@@ -250,5 +250,31 @@ mod tests {
         .unwrap();
         let keys: Vec<String> = defs.iter().map(|d| d.key.as_ref().unwrap().to_string()).collect();
         assert_eq!(keys, ["Service default/a", "Service x/b"]);
+    }
+}
+
+#[cfg(test)]
+mod examples {
+    use crate::index::Index;
+
+    /// Every directory under `examples/` is a valid local-mode configuration.
+    #[test]
+    fn every_example_loads_without_rejections() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+        let mut dirs = 0;
+        for entry in std::fs::read_dir(&root).unwrap() {
+            let dir = entry.unwrap().path();
+            if !dir.is_dir() {
+                continue;
+            }
+            dirs += 1;
+            let (defs, unreadable) = super::read_dir(&dir).unwrap();
+            assert!(unreadable.is_empty(), "{}: {unreadable:?}", dir.display());
+            assert!(!defs.is_empty(), "{} holds no resources", dir.display());
+            let mut index = Index::default();
+            index.replace_all(defs, unreadable);
+            assert!(index.rejections().is_empty(), "{}: {:?}", dir.display(), index.rejections());
+        }
+        assert!(dirs >= 2);
     }
 }

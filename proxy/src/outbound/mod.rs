@@ -87,10 +87,17 @@ impl Outbound {
         let Some(target) = route::select(svc, &parts, |n| rand::random_range(0..n)) else {
             return ProxyError::NoWeightedBackend { service: svc.key.to_string() }.into_response();
         };
-        let route_label: Arc<str> =
-            if target.route.is_empty() { target.route.clone() } else { format!("{}:{}", target.route, target.rule).into() };
-        let labels =
-            Labels { direction: Direction::Outbound, service: svc.key.clone(), route: route_label, backend: target.backend.clone() };
+        let route_label: Arc<str> = if target.route.is_empty() {
+            target.route.clone()
+        } else {
+            format!("{}:{}", target.route, target.rule).into()
+        };
+        let labels = Labels {
+            direction: Direction::Outbound,
+            service: svc.key.clone(),
+            route: route_label,
+            backend: target.backend.clone(),
+        };
         self.metrics.request_started(&labels);
 
         strip_hop_by_hop(&mut parts.headers);
@@ -109,7 +116,9 @@ impl Outbound {
         };
         let attempts = self.attempts(&call, parts, body);
         let result = match deadline {
-            Some(after) => tokio::time::timeout(after, attempts).await.unwrap_or(Err((ProxyError::Timeout { after }, 0))),
+            Some(after) => {
+                tokio::time::timeout(after, attempts).await.unwrap_or(Err((ProxyError::Timeout { after }, 0)))
+            }
             None => attempts.await,
         };
         let (mut rsp, attempts) = match result {

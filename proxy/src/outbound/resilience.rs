@@ -201,12 +201,15 @@ impl Breaker {
     }
 }
 
+/// Breakers by (policy, backend).
+type BreakerMap = HashMap<(Arc<str>, Arc<str>), Arc<Breaker>>;
+
 /// Budgets and breakers, shared by every request and kept across snapshots.
 #[derive(Clone)]
 pub struct Resilience {
     pub metrics: ResilienceMetrics,
     budgets: Arc<Mutex<HashMap<Arc<str>, Arc<RetryBudget>>>>,
-    breakers: Arc<Mutex<HashMap<(Arc<str>, Arc<str>), Arc<Breaker>>>>,
+    breakers: Arc<Mutex<BreakerMap>>,
 }
 
 impl Resilience {
@@ -279,13 +282,15 @@ mod tests {
     #[test]
     fn budget_allows_percent_of_requests_plus_floor() {
         let r = resilience();
-        let b = r.budget(&"ns/p".into(), BudgetPolicy { percent: 20, min_per_second: 0, window: Duration::from_secs(10) });
+        let b =
+            r.budget(&"ns/p".into(), BudgetPolicy { percent: 20, min_per_second: 0, window: Duration::from_secs(10) });
         for _ in 0..100 {
             b.deposit();
         }
         let granted = (0..100).filter(|_| b.withdraw()).count();
         assert_eq!(granted, 20);
-        let floor = r.budget(&"ns/q".into(), BudgetPolicy { percent: 0, min_per_second: 2, window: Duration::from_secs(5) });
+        let floor =
+            r.budget(&"ns/q".into(), BudgetPolicy { percent: 0, min_per_second: 2, window: Duration::from_secs(5) });
         assert_eq!((0..100).filter(|_| floor.withdraw()).count(), 10);
     }
 
