@@ -48,6 +48,186 @@ pub struct ResiliencePolicySpec {
     pub retries: Option<Retries>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub circuit_breaker: Option<CircuitBreaker>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outlier_detection: Option<OutlierDetection>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bulkhead: Option<Bulkhead>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub faults: Option<Faults>,
+}
+
+/// Per-endpoint circuit breaking: an endpoint that fails is taken out of the balancer for
+/// `baseEjectionTime × (times ejected)`, up to `maxEjectionTime`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OutlierDetection {
+    /// 5xx responses or failed attempts in a row that eject an endpoint. Default 5.
+    #[serde(default = "default_consecutive")]
+    #[schemars(range(min = 1, max = 100000))]
+    pub consecutive_failures: u32,
+    /// Eject when at least this share (%) of an endpoint's requests in `window` failed.
+    /// Default none (only consecutive failures eject).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100))]
+    pub failure_rate_percent: Option<u32>,
+    /// Requests an endpoint must have served in `window` before its failure rate counts. Default 20.
+    #[serde(default = "default_min_requests")]
+    #[schemars(range(min = 1, max = 1000000))]
+    pub min_requests: u32,
+    /// Default 10s.
+    #[serde(default = "default_budget_window")]
+    #[schemars(regex(pattern = r"^([0-9]{1,5}(h|m|s|ms)){1,4}$"))]
+    pub window: String,
+    /// Default 30s.
+    #[serde(default = "default_ejection")]
+    #[schemars(regex(pattern = r"^([0-9]{1,5}(h|m|s|ms)){1,4}$"))]
+    pub base_ejection_time: String,
+    /// Default 5m.
+    #[serde(default = "default_max_open")]
+    #[schemars(regex(pattern = r"^([0-9]{1,5}(h|m|s|ms)){1,4}$"))]
+    pub max_ejection_time: String,
+    /// Most endpoints of a backend ejected at once (%). One may always be ejected while
+    /// another remains. Default 50.
+    #[serde(default = "default_max_ejected")]
+    #[schemars(range(min = 0, max = 100))]
+    pub max_ejected_percent: u32,
+}
+
+fn default_min_requests() -> u32 {
+    20
+}
+fn default_ejection() -> String {
+    "30s".into()
+}
+fn default_max_ejected() -> u32 {
+    50
+}
+
+/// Concurrency limits per backend: overflow fails fast with 503, never an unbounded queue.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Bulkhead {
+    /// Requests in flight to the backend at once. Default 1024.
+    #[serde(default = "default_max_in_flight")]
+    #[schemars(range(min = 1, max = 1000000))]
+    pub max_in_flight: u32,
+    /// Requests that may wait for a slot. Default 0 (fail at once).
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 1000000))]
+    pub max_pending: u32,
+    /// How long a request may wait for a slot. Default 1s.
+    #[serde(default = "default_pending_timeout")]
+    #[schemars(regex(pattern = r"^([0-9]{1,5}(h|m|s|ms)){1,4}$"))]
+    pub pending_timeout: String,
+}
+
+fn default_max_in_flight() -> u32 {
+    1024
+}
+fn default_pending_timeout() -> String {
+    "1s".into()
+}
+
+/// A local token bucket on the calling side ("protect them"): `requestsPerSecond` refill,
+/// `burst` capacity, one bucket per key. Exceeded: 429 with `retry-after`; gRPC callers get
+/// `RESOURCE_EXHAUSTED`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimit {
+    #[schemars(range(min = 1, max = 10000000))]
+    pub requests_per_second: u32,
+    /// Default: requestsPerSecond.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10000000))]
+    pub burst: Option<u32>,
+    /// What a bucket is per. Default: one bucket for the whole workload.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<RateLimitKey>,
+    /// Most keys tracked; the least recently used is forgotten beyond. Default 10000.
+    #[serde(default = "default_max_keys")]
+    #[schemars(range(min = 1, max = 1000000))]
+    pub max_keys: u32,
+}
+
+fn default_max_keys() -> u32 {
+    10_000
+}
+
+/// Exactly one of the fields.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimitKey {
+    /// A bucket per value of this request header (requests without it share one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<String>,
+    /// A bucket per client IP address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_ip: Option<bool>,
+}
+
+/// Fault injection for chaos tests: delays and aborts for a share of requests, optionally only
+/// those carrying a header.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Faults {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delay: Option<FaultDelay>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub abort: Option<FaultAbort>,
+    /// Only requests with every one of these headers (exact values) get faults.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<crate::route::NamedValueMatch>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FaultDelay {
+    #[schemars(regex(pattern = r"^([0-9]{1,5}(h|m|s|ms)){1,4}$"))]
+    pub fixed: String,
+    /// Share of requests delayed (0–100, fractions allowed).
+    pub percent: f64,
+}
+
+/// Exactly one of `httpStatus` and `grpcStatus`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FaultAbort {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 200, max = 599))]
+    pub http_status: Option<u32>,
+    /// A gRPC code by name (`unavailable`) or number (`14`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc_status: Option<String>,
+    /// Share of requests aborted (0–100, fractions allowed).
+    pub percent: f64,
+}
+
+/// gRPC status codes by their lower-case, dash-separated names.
+pub const GRPC_CODES: &[&str] = &[
+    "ok",
+    "cancelled",
+    "unknown",
+    "invalid-argument",
+    "deadline-exceeded",
+    "not-found",
+    "already-exists",
+    "permission-denied",
+    "resource-exhausted",
+    "failed-precondition",
+    "aborted",
+    "out-of-range",
+    "unimplemented",
+    "internal",
+    "unavailable",
+    "data-loss",
+    "unauthenticated",
+];
+
+/// A gRPC code from its name or number.
+pub fn grpc_code(s: &str) -> Option<u32> {
+    GRPC_CODES.iter().position(|c| *c == s).map(|i| i as u32).or_else(|| s.parse().ok().filter(|n| *n <= 16))
 }
 
 /// What the policy applies to.
@@ -252,6 +432,15 @@ fn positive_duration(field: &str, value: &str) -> Result<std::time::Duration, Fi
     Ok(d)
 }
 
+fn percent(field: &str, p: f64) -> Result<(), FieldError> {
+    if (0.0..=100.0).contains(&p) { Ok(()) } else { Err(FieldError::new(field, "must be between 0 and 100")) }
+}
+
+fn http_header_name(field: &str, name: &str) -> Result<(), FieldError> {
+    let ok = !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+    if ok { Ok(()) } else { Err(FieldError::new(field, format!("{name:?} is not a valid header name"))) }
+}
+
 /// Whether `cond` is a known retry-on condition (a name or a status code 100–599).
 pub fn retry_on_valid(cond: &str) -> bool {
     RETRY_ON.contains(&cond) || cond.parse::<u16>().is_ok_and(|c| (100..=599).contains(&c))
@@ -307,6 +496,97 @@ impl ResiliencePolicySpec {
                 return Err(FieldError::new("spec.retries.budget.percent", "must be between 0 and 100"));
             }
             positive_duration("spec.retries.budget.window", &r.budget.window)?;
+        }
+        if let Some(o) = &self.outlier_detection {
+            let at = |f: &str| format!("spec.outlierDetection.{f}");
+            if o.consecutive_failures == 0 {
+                return Err(FieldError::new(at("consecutiveFailures"), "must be at least 1"));
+            }
+            if o.failure_rate_percent.is_some_and(|p| p == 0 || p > 100) {
+                return Err(FieldError::new(at("failureRatePercent"), "must be between 1 and 100"));
+            }
+            if o.min_requests == 0 {
+                return Err(FieldError::new(at("minRequests"), "must be at least 1"));
+            }
+            if o.max_ejected_percent > 100 {
+                return Err(FieldError::new(at("maxEjectedPercent"), "must be between 0 and 100"));
+            }
+            positive_duration(&at("window"), &o.window)?;
+            let base = positive_duration(&at("baseEjectionTime"), &o.base_ejection_time)?;
+            if positive_duration(&at("maxEjectionTime"), &o.max_ejection_time)? < base {
+                return Err(FieldError::new(at("maxEjectionTime"), "must not be less than baseEjectionTime"));
+            }
+        }
+        if let Some(b) = &self.bulkhead {
+            if b.max_in_flight == 0 {
+                return Err(FieldError::new("spec.bulkhead.maxInFlight", "must be at least 1"));
+            }
+            positive_duration("spec.bulkhead.pendingTimeout", &b.pending_timeout)?;
+        }
+        if let Some(r) = &self.rate_limit {
+            if r.requests_per_second == 0 {
+                return Err(FieldError::new("spec.rateLimit.requestsPerSecond", "must be at least 1"));
+            }
+            if r.burst == Some(0) {
+                return Err(FieldError::new("spec.rateLimit.burst", "must be at least 1"));
+            }
+            if r.max_keys == 0 {
+                return Err(FieldError::new("spec.rateLimit.maxKeys", "must be at least 1"));
+            }
+            if let Some(k) = &r.key {
+                match (&k.header, k.source_ip) {
+                    (Some(h), None | Some(false)) if !h.is_empty() => http_header_name("spec.rateLimit.key.header", h)?,
+                    (None, Some(true)) => {}
+                    _ => {
+                        return Err(FieldError::new(
+                            "spec.rateLimit.key",
+                            "set exactly one of header and sourceIP: true",
+                        ));
+                    }
+                }
+            }
+        }
+        if let Some(f) = &self.faults {
+            if let Some(d) = &f.delay {
+                positive_duration("spec.faults.delay.fixed", &d.fixed)?;
+                percent("spec.faults.delay.percent", d.percent)?;
+            }
+            if let Some(a) = &f.abort {
+                percent("spec.faults.abort.percent", a.percent)?;
+                match (a.http_status, &a.grpc_status) {
+                    (Some(s), None) if (200..=599).contains(&s) => {}
+                    (Some(_), None) => {
+                        return Err(FieldError::new("spec.faults.abort.httpStatus", "must be between 200 and 599"));
+                    }
+                    (None, Some(g)) if grpc_code(g).is_some() => {}
+                    (None, Some(g)) => {
+                        return Err(FieldError::new(
+                            "spec.faults.abort.grpcStatus",
+                            format!("unknown gRPC code {g:?}"),
+                        ));
+                    }
+                    _ => {
+                        return Err(FieldError::new(
+                            "spec.faults.abort",
+                            "set exactly one of httpStatus and grpcStatus",
+                        ));
+                    }
+                }
+            }
+            if f.delay.is_none() && f.abort.is_none() {
+                return Err(FieldError::new("spec.faults", "set delay, abort or both"));
+            }
+            for (i, h) in f.headers.iter().enumerate() {
+                http_header_name(&format!("spec.faults.headers[{i}].name"), &h.name)?;
+                if h.kind == crate::route::ValueMatchType::RegularExpression {
+                    crate::route::compile_regex(&h.value).map_err(|e| {
+                        FieldError::new(
+                            format!("spec.faults.headers[{i}].value"),
+                            format!("invalid regular expression: {e}"),
+                        )
+                    })?;
+                }
+            }
         }
         if let Some(cb) = &self.circuit_breaker {
             if cb.consecutive_failures == 0 {
@@ -366,6 +646,22 @@ mod tests {
                 "spec.circuitBreaker.consecutiveFailures",
             ),
             ("targetRef: {service: web, port: 70000}\n", "spec.targetRef.port"),
+            (
+                "targetRef: {service: web}\nfaults: {abort: {httpStatus: 503, percent: 120}}\n",
+                "spec.faults.abort.percent",
+            ),
+            (
+                "targetRef: {service: web}\nfaults: {abort: {grpcStatus: nope, percent: 1}}\n",
+                "spec.faults.abort.grpcStatus",
+            ),
+            ("targetRef: {service: web}\nfaults: {abort: {percent: 1}}\n", "spec.faults.abort"),
+            ("targetRef: {service: web}\nrateLimit: {requestsPerSecond: 0}\n", "spec.rateLimit.requestsPerSecond"),
+            ("targetRef: {service: web}\nrateLimit: {requestsPerSecond: 5, key: {}}\n", "spec.rateLimit.key"),
+            ("targetRef: {service: web}\nbulkhead: {maxInFlight: 0}\n", "spec.bulkhead.maxInFlight"),
+            (
+                "targetRef: {service: web}\noutlierDetection: {maxEjectedPercent: 101}\n",
+                "spec.outlierDetection.maxEjectedPercent",
+            ),
         ];
         for (yaml, field) in cases {
             assert_eq!(spec(yaml).validate().unwrap_err().field, field, "{yaml}");

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use weir_api::proto;
-use weir_api::resilience::ResiliencePolicySpec;
+use weir_api::resilience::{ResiliencePolicySpec, grpc_code};
 use weir_api::route::{PathMatchType, RouteSpec, ValueMatchType};
 
 use crate::index::{Index, Kind, Resource};
@@ -134,6 +134,35 @@ fn policy(ns: &str, name: &str, spec: &ResiliencePolicySpec) -> proto::Resilienc
             max_open_ms: ms(&c.max_open_duration),
             half_open_requests: c.half_open_requests,
             success_threshold: c.success_threshold,
+        }),
+        outlier_detection: spec.outlier_detection.as_ref().map(|o| proto::OutlierDetection {
+            consecutive_failures: o.consecutive_failures,
+            failure_rate_percent: o.failure_rate_percent.unwrap_or(0),
+            min_requests: o.min_requests,
+            window_ms: ms(&o.window),
+            base_ejection_ms: ms(&o.base_ejection_time),
+            max_ejection_ms: ms(&o.max_ejection_time),
+            max_ejected_percent: o.max_ejected_percent,
+        }),
+        bulkhead: spec.bulkhead.as_ref().map(|b| proto::Bulkhead {
+            max_in_flight: b.max_in_flight,
+            max_pending: b.max_pending,
+            pending_timeout_ms: ms(&b.pending_timeout),
+        }),
+        rate_limit: spec.rate_limit.as_ref().map(|r| proto::RateLimit {
+            requests_per_second: r.requests_per_second,
+            burst: r.burst.unwrap_or(r.requests_per_second),
+            header: r.key.as_ref().and_then(|k| k.header.clone()).unwrap_or_default(),
+            source_ip: r.key.as_ref().and_then(|k| k.source_ip).unwrap_or(false),
+            max_keys: r.max_keys,
+        }),
+        faults: spec.faults.as_ref().map(|f| proto::Faults {
+            delay_ms: f.delay.as_ref().map(|d| ms(&d.fixed)).unwrap_or(0),
+            delay_percent: f.delay.as_ref().map(|d| d.percent).unwrap_or(0.0),
+            abort_http_status: f.abort.as_ref().and_then(|a| a.http_status).unwrap_or(0),
+            abort_grpc_status: f.abort.as_ref().and_then(|a| a.grpc_status.as_deref()).and_then(grpc_code),
+            abort_percent: f.abort.as_ref().map(|a| a.percent).unwrap_or(0.0),
+            headers: f.headers.iter().map(named).collect(),
         }),
     }
 }

@@ -24,6 +24,32 @@ pub fn empty() -> Body {
     boxed(Empty::new())
 }
 
+/// Keeps `guard` alive until `body` has been sent to the end (or dropped): how a bulkhead
+/// slot covers the whole response, not just its headers.
+pub fn with_guard<G: Send + Sync + Unpin + 'static>(body: Body, guard: G) -> Body {
+    struct Guarded<G> {
+        inner: Body,
+        _guard: G,
+    }
+    impl<G: Send + Sync + Unpin + 'static> http_body::Body for Guarded<G> {
+        type Data = Bytes;
+        type Error = BoxError;
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+            std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+        }
+        fn is_end_stream(&self) -> bool {
+            self.inner.is_end_stream()
+        }
+        fn size_hint(&self) -> http_body::SizeHint {
+            self.inner.size_hint()
+        }
+    }
+    Guarded { inner: body, _guard: guard }.boxed()
+}
+
 /// Carries the client's protocol across the sidecar-to-sidecar HTTP/2 hop.
 pub static ORIG_PROTO: HeaderName = HeaderName::from_static("weir-orig-proto");
 /// Set on every response the proxy made up itself, with a short reason.

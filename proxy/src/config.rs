@@ -86,7 +86,7 @@ pub struct Match {
     pub method: Option<Method>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum StrMatch {
     Exact(String),
     Prefix(String),
@@ -233,7 +233,7 @@ impl TryFrom<&proto::Service> for Service {
 }
 
 /// A resilience policy, as the outbound path applies it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Policy {
     /// `namespace/name` of the resource (label value and the key of its retry budget).
     pub name: Arc<str>,
@@ -243,6 +243,57 @@ pub struct Policy {
     pub per_try_timeout: Option<Duration>,
     pub retry: Option<RetryPolicy>,
     pub breaker: Option<BreakerPolicy>,
+    pub outlier: Option<OutlierPolicy>,
+    pub bulkhead: Option<BulkheadPolicy>,
+    pub rate_limit: Option<RateLimitPolicy>,
+    pub faults: Option<FaultPolicy>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct OutlierPolicy {
+    pub consecutive_failures: u32,
+    pub failure_rate_percent: Option<u32>,
+    pub min_requests: u32,
+    pub window: Duration,
+    pub base_ejection: Duration,
+    pub max_ejection: Duration,
+    pub max_ejected_percent: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BulkheadPolicy {
+    pub max_in_flight: u32,
+    pub max_pending: u32,
+    pub pending_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum RateKey {
+    Whole,
+    Header(HeaderName),
+    SourceIp,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RateLimitPolicy {
+    pub per_second: u32,
+    pub burst: u32,
+    pub key: RateKey,
+    pub max_keys: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Abort {
+    Http(http::StatusCode),
+    Grpc(u32),
+}
+
+#[derive(Debug, Clone)]
+pub struct FaultPolicy {
+    /// Delay and the share (0–1) of requests it applies to.
+    pub delay: Option<(Duration, f64)>,
+    pub abort: Option<(Abort, f64)>,
+    pub headers: Vec<(HeaderName, StrMatch)>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -353,7 +404,96 @@ impl TryFrom<&proto::ResiliencePolicy> for Policy {
                 })
             }
         };
+        let outlier = match &p.outlier_detection {
+            None => None,
+            Some(o) => {
+                if o.consecutive_failures == 0 || o.min_requests == 0 || o.max_ejected_percent > 100 {
+                    return Err("outlier detection thresholds out of range".into());
+                }
+                let base = ms(o.base_ejection_ms).ok_or("base ejection time must be positive")?;
+                Some(OutlierPolicy {
+                    consecutive_failures: o.consecutive_failures,
+                    failure_rate_percent: (o.failure_rate_percent > 0).then_some(o.failure_rate_percent.min(100)),
+                    min_requests: o.min_requests,
+                    window: ms(o.window_ms).ok_or("outlier window must be positive")?,
+                    base_ejection: base,
+                    max_ejection: ms(o.max_ejection_ms).unwrap_or(base).max(base),
+                    max_ejected_percent: o.max_ejected_percent,
+                })
+            }
+        };
+        let bulkhead = match &p.bulkhead {
+            None => None,
+            Some(b) if b.max_in_flight == 0 => return Err("bulkhead maxInFlight must be at least 1".into()),
+            Some(b) => Some(BulkheadPolicy {
+                max_in_flight: b.max_in_flight,
+                max_pending: b.max_pending,
+                pending_timeout: Duration::from_millis(b.pending_timeout_ms),
+            }),
+        };
+        let rate_limit = match &p.rate_limit {
+            None => None,
+            Some(r) => {
+                if r.requests_per_second == 0 || r.max_keys == 0 {
+                    return Err("rate limit rate and maxKeys must be at least 1".into());
+                }
+                let key = match (r.header.as_str(), r.source_ip) {
+                    ("", false) => RateKey::Whole,
+                    ("", true) => RateKey::SourceIp,
+                    (h, false) => RateKey::Header(
+                        HeaderName::from_bytes(h.as_bytes()).map_err(|_| format!("invalid rate limit header {h:?}"))?,
+                    ),
+                    (_, true) => return Err("rate limit key: header and source IP are exclusive".into()),
+                };
+                Some(RateLimitPolicy {
+                    per_second: r.requests_per_second,
+                    burst: r.burst.max(1),
+                    key,
+                    max_keys: r.max_keys,
+                })
+            }
+        };
+        let faults = match &p.faults {
+            None => None,
+            Some(f) => {
+                let share = |pct: f64| {
+                    if (0.0..=100.0).contains(&pct) {
+                        Ok(pct / 100.0)
+                    } else {
+                        Err(format!("fault percent {pct} out of range"))
+                    }
+                };
+                let delay = match ms(f.delay_ms) {
+                    Some(d) => Some((d, share(f.delay_percent)?)),
+                    None => None,
+                };
+                let abort = match (f.abort_http_status, f.abort_grpc_status) {
+                    (0, None) => None,
+                    (0, Some(code)) if code <= 16 => Some((Abort::Grpc(code), share(f.abort_percent)?)),
+                    (status, None) => {
+                        let s = u16::try_from(status)
+                            .ok()
+                            .and_then(|s| http::StatusCode::from_u16(s).ok())
+                            .ok_or_else(|| format!("abort status {status} is not an HTTP status"))?;
+                        Some((Abort::Http(s), share(f.abort_percent)?))
+                    }
+                    _ => return Err("fault abort: set exactly one valid HTTP or gRPC status".into()),
+                };
+                let mut headers = Vec::new();
+                for h in &f.headers {
+                    let name = HeaderName::from_bytes(h.name.as_bytes())
+                        .map_err(|_| format!("invalid fault header name {:?}", h.name))?;
+                    let v = h.value.as_ref().ok_or_else(|| format!("fault header {:?} has no value match", h.name))?;
+                    headers.push((name, str_match(v, false)?));
+                }
+                Some(FaultPolicy { delay, abort, headers })
+            }
+        };
         Ok(Policy {
+            outlier,
+            bulkhead,
+            rate_limit,
+            faults,
             name: p.name.clone().into(),
             rule: (!p.rule.is_empty()).then(|| p.rule.clone()),
             port: (port != 0).then_some(port),

@@ -26,6 +26,12 @@ pub enum ProxyError {
     Upstream { addr: SocketAddr, reason: String, refused: bool },
     #[error("circuit open for backend {backend}")]
     CircuitOpen { backend: String },
+    #[error("bulkhead full for backend {backend}")]
+    BulkheadFull { backend: String },
+    #[error("rate limited")]
+    RateLimited { retry_after: Duration },
+    #[error("fault injected")]
+    FaultAbort { status: StatusCode },
     #[error("reading the request body failed: {reason}")]
     ClientBody { reason: String },
     #[error("request timed out after {after:?}")]
@@ -40,7 +46,9 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::NoAuthority | ProxyError::ClientBody { .. } => StatusCode::BAD_REQUEST,
-            ProxyError::CircuitOpen { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::CircuitOpen { .. } | ProxyError::BulkheadFull { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::FaultAbort { status } => *status,
             ProxyError::UnknownService { .. } | ProxyError::NoSuchPort { .. } => StatusCode::NOT_FOUND,
             ProxyError::NoWeightedBackend { .. } | ProxyError::NoEndpoints { .. } | ProxyError::NotReady => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -50,6 +58,32 @@ impl ProxyError {
         }
     }
 
+    /// The gRPC status a gRPC caller gets instead of the HTTP status.
+    pub fn grpc_status(&self) -> u32 {
+        match self {
+            ProxyError::NoAuthority | ProxyError::ClientBody { .. } => 13,
+            ProxyError::UnknownService { .. } | ProxyError::NoSuchPort { .. } => 12,
+            ProxyError::RateLimited { .. } => 8,
+            ProxyError::Timeout { .. } => 4,
+            ProxyError::FaultAbort { status } => match status.as_u16() {
+                400 => 13,
+                401 => 16,
+                403 => 7,
+                404 => 12,
+                _ => 14,
+            },
+            _ => 14,
+        }
+    }
+
+    /// The response for this error: HTTP, or a trailers-only gRPC response for gRPC callers.
+    pub fn into_response_for(self, grpc: bool) -> Response<Body> {
+        if !grpc {
+            return self.into_response();
+        }
+        grpc_error(self.grpc_status(), &self.to_string())
+    }
+
     pub fn into_response(self) -> Response<Body> {
         let message = self.to_string();
         let mut rsp = Response::new(full(format!("{message}\n")));
@@ -57,8 +91,25 @@ impl ProxyError {
         let reason = HeaderValue::from_str(&message).unwrap_or_else(|_| HeaderValue::from_static("proxy error"));
         rsp.headers_mut().insert(WEIR_ERROR.clone(), reason);
         rsp.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+        if let ProxyError::RateLimited { retry_after } = self {
+            let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
+            rsp.headers_mut().insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
+        }
         rsp
     }
+}
+
+/// A trailers-only gRPC response carrying `code` and `message`.
+pub fn grpc_error(code: u32, message: &str) -> Response<Body> {
+    let mut rsp = Response::new(crate::body::empty());
+    let h = rsp.headers_mut();
+    h.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    h.insert("grpc-status", HeaderValue::from(code));
+    if let Ok(v) = HeaderValue::from_str(&message.replace(|c: char| !c.is_ascii() || c.is_ascii_control(), " ")) {
+        h.insert("grpc-message", v.clone());
+        h.insert(WEIR_ERROR.clone(), v);
+    }
+    rsp
 }
 
 /// Whether an error (or one of its causes) is an HTTP/2 REFUSED_STREAM: the peer did not

@@ -182,3 +182,157 @@ async fn invalid_policies_are_rejected_with_the_field() {
     let c = admin_json(mesh.client.addr("admin"), "/config").await;
     assert!(c.to_string().contains("\"request_timeout_ms\":5000"), "{c}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bulkhead_fails_the_eleventh_request_fast() {
+    let mesh = mesh_with("  bulkhead: { maxInFlight: 10, maxPending: 0 }\n").await;
+    mesh.v1.behaviour.set_latency(Duration::from_secs(3));
+    let via = mesh.outbound();
+    let before = served(&mesh);
+    let slow: Vec<_> =
+        (0..10).map(|_| tokio::spawn(async move { send(&http1(), via, "GET", "web.test", "/", &[]).await })).collect();
+    wait_until("ten requests in flight", Duration::from_secs(10), || {
+        let n = served(&mesh);
+        async move { n >= before + 10 }
+    })
+    .await;
+    let started = Instant::now();
+    let r = send(&http1(), via, "GET", "web.test", "/", &[]).await.unwrap();
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert!(r.headers["weir-error"].to_str().unwrap().contains("bulkhead full"));
+    assert!(started.elapsed() < Duration::from_secs(2), "the 11th request waited {:?}", started.elapsed());
+    assert_eq!(served(&mesh), before + 10, "the 11th request must not reach the backend");
+    mesh.v1.behaviour.set_latency(Duration::ZERO);
+    for s in slow {
+        assert_eq!(s.await.unwrap().unwrap().status, 200);
+    }
+    // Slots are released when responses end.
+    assert_eq!(send(&http1(), via, "GET", "web.test", "/", &[]).await.unwrap().status, 200);
+    let metrics = admin_text(mesh.client.addr("admin"), "/metrics").await;
+    assert!(
+        metrics.contains("weir_bulkhead_rejected_total{backend=\"test/web-v1\",service=\"test/web\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rate_limit_allows_the_rate_and_keeps_buckets_per_key() {
+    let mesh = mesh_with("  rateLimit: { requestsPerSecond: 100, burst: 20, key: { header: x-user } }\n").await;
+    let via = mesh.outbound();
+    let started = Instant::now();
+    let (mut allowed, mut limited, mut attempts) = (0u64, 0u64, 0u64);
+    while started.elapsed() < Duration::from_secs(2) {
+        let r = send(&http1(), via, "GET", "web.test", "/", &[("x-user", "alice")]).await.unwrap();
+        attempts += 1;
+        match r.status {
+            200 => allowed += 1,
+            429 => {
+                limited += 1;
+                assert!(r.headers.contains_key("retry-after"));
+            }
+            s => panic!("unexpected status {s}: {}", r.body),
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let ceiling = 20.0 + 100.0 * elapsed;
+    // A token bucket never allows more than burst + rate × time; it allows about that much
+    // when asked often enough.
+    assert!((allowed as f64) <= ceiling + 1.0, "{allowed} allowed in {elapsed:.2}s (ceiling {ceiling:.0})");
+    assert!(
+        (allowed as f64) >= 0.7 * ceiling.min(attempts as f64),
+        "only {allowed} of {attempts} allowed in {elapsed:.2}s"
+    );
+    assert!(limited > 0, "nothing was limited ({attempts} attempts)");
+    // Bob has his own bucket.
+    let r = send(&http1(), via, "GET", "web.test", "/", &[("x-user", "bob")]).await.unwrap();
+    assert_eq!(r.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faults_hit_their_share_and_only_matching_requests() {
+    let mesh = mesh_with(
+        "  faults:\n    abort: { httpStatus: 503, percent: 50 }\n    delay: { fixed: 10ms, percent: 100 }\n    headers: [{ name: x-chaos, value: \"yes\" }]\n",
+    )
+    .await;
+    let client = http1();
+    let before = served(&mesh);
+    let n = 400;
+    let mut aborted = 0;
+    let started = Instant::now();
+    for _ in 0..n {
+        let r = send(&client, mesh.outbound(), "GET", "web.test", "/", &[("x-chaos", "yes")]).await.unwrap();
+        if r.status == 503 {
+            assert_eq!(r.headers["weir-error"], "fault injected");
+            aborted += 1;
+        }
+    }
+    // Every request was delayed 10 ms.
+    assert!(started.elapsed() >= Duration::from_millis(10 * n as u64));
+    // 50 % of 400: σ = 10, so 150–250 is five σ either way.
+    assert!((150..=250).contains(&aborted), "{aborted} of {n} aborted, expected about 200");
+    wait_until("backend counts", Duration::from_secs(5), || {
+        let s = served(&mesh);
+        async move { s == before + (n - aborted) as u64 }
+    })
+    .await;
+    for _ in 0..100 {
+        let r = send(&client, mesh.outbound(), "GET", "web.test", "/", &[]).await.unwrap();
+        assert_eq!(r.status, 200, "requests without the header get no faults");
+    }
+
+    // A gRPC abort: a trailers-only response with the code.
+    mesh.scratch.write("policy.yaml", &policy("  faults: { abort: { grpcStatus: unavailable, percent: 100 } }\n"));
+    wait_config(mesh.client.addr("admin"), "grpc abort", |c| c.to_string().contains("\"abort_grpc_status\":14")).await;
+    let r =
+        send(&client, mesh.outbound(), "POST", "web.test", "/pkg.Svc/Call", &[("content-type", "application/grpc")])
+            .await
+            .unwrap();
+    assert_eq!((r.status, r.headers["grpc-status"].to_str().unwrap()), (200, "14"));
+    let metrics = admin_text(mesh.client.addr("admin"), "/metrics").await;
+    assert!(metrics.contains("weir_faults_injected_total{kind=\"abort\",service=\"test/web\"}"), "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outlier_ejection_removes_a_bad_endpoint_and_respects_the_cap() {
+    let scratch = Scratch::new();
+    let backends = [Backend::start("a").await, Backend::start("b").await, Backend::start("c").await];
+    let eps: Vec<String> = backends.iter().map(|b| format!("{{ address: \"{}\" }}", b.addr)).collect();
+    scratch.write("services.yaml", &service("test", "pool", &eps));
+    scratch.write(
+        "policy.yaml",
+        "apiVersion: weir.io/v1alpha1\nkind: ResiliencePolicy\nmetadata: { name: pool, namespace: test }\nspec:\n  targetRef: { service: pool }\n  outlierDetection: { consecutiveFailures: 3, baseEjectionTime: 1m, maxEjectedPercent: 34 }\n",
+    );
+    let controller = scratch.controller(None).await;
+    let client = scratch.proxy(controller.addr("grpc"), "test/client", None).await;
+    wait_config(client.addr("admin"), "pool with policy", |c| endpoint_count(c, "test", "pool") == 3).await;
+    let http = http1();
+    let run = |n: usize| {
+        let http = &http;
+        let via = client.addr("outbound");
+        async move {
+            let mut failed = 0;
+            for _ in 0..n {
+                if send(http, via, "GET", "pool.test", "/", &[]).await.unwrap().status != 200 {
+                    failed += 1;
+                }
+            }
+            failed
+        }
+    };
+    backends[0].behaviour.set_fail_rate(1.0);
+    let failed = run(300).await;
+    assert!(failed <= 3, "{failed} failures: the bad endpoint should be ejected after 3 in a row");
+    let after = backends[0].behaviour.served.load(Ordering::Relaxed);
+    run(100).await;
+    assert_eq!(backends[0].behaviour.served.load(Ordering::Relaxed), after, "an ejected endpoint got traffic");
+
+    // A second bad endpoint: 34 % of 3 allows one ejection, so it stays in rotation.
+    backends[1].behaviour.set_fail_rate(1.0);
+    let failed = run(300).await;
+    assert!(failed > 20, "only {failed} failures: the cap on ejections did not hold");
+    let metrics = admin_text(client.addr("admin"), "/metrics").await;
+    assert!(
+        metrics.contains("weir_endpoint_ejections_total{backend=\"test/pool\",service=\"test/pool\"} 1"),
+        "{metrics}"
+    );
+}

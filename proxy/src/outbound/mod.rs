@@ -1,6 +1,6 @@
 //! The outbound path: the application's calls. In order, a request meets:
 //! authority → Service lookup → [`route::select`] (rule, then backend by weight) →
-//! request timeout → per attempt: circuit breaker → [`balance::Balancer`] (P2C, peak EWMA;
+//! policy: rate limit → faults → request timeout → bulkhead → per attempt: circuit breaker → [`balance::Balancer`] (P2C, peak EWMA;
 //! another endpoint on a retry) → per-try timeout → upstream; then retry (budget, back-off) → the peer sidecar over one multiplexed HTTP/2 connection (the
 //! client's protocol rides in `weir-orig-proto`), or the endpoint itself when unmeshed.
 
@@ -19,10 +19,12 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::sync::watch;
 
-use crate::body::{Body, ORIG_PROTO, boxed, full, strip_hop_by_hop};
+use tokio::sync::OwnedSemaphorePermit;
+
+use crate::body::{Body, ORIG_PROTO, boxed, full, strip_hop_by_hop, with_guard};
 use crate::client::Clients;
-use crate::config::{Config, Endpoint, Policy, RetryOn};
-use crate::errors::ProxyError;
+use crate::config::{Abort, Config, Endpoint, Policy, RateKey, RetryOn};
+use crate::errors::{ProxyError, grpc_error};
 use crate::metrics::{Direction, Labels, Metrics};
 
 #[derive(Clone)]
@@ -65,7 +67,7 @@ impl RequestBody {
 }
 
 impl Outbound {
-    pub async fn handle(self, req: Request<Incoming>, _client: SocketAddr) -> Response<Body> {
+    pub async fn handle(self, req: Request<Incoming>, client: SocketAddr) -> Response<Body> {
         let started = Instant::now();
         let version = req.version();
         // In-flight requests finish on the config they started with.
@@ -101,7 +103,18 @@ impl Outbound {
         self.metrics.request_started(&labels);
 
         strip_hop_by_hop(&mut parts.headers);
+        let grpc = is_grpc(&parts.headers);
         let policy = svc.policy_for(&target.rule, port).cloned();
+        if let Some(p) = &policy
+            && let Some(early) = self.before_upstream(p, &labels, &parts, client).await
+        {
+            let (status, e) = match early {
+                Early::Fail(e) => (e.status().as_u16(), e.into_response_for(grpc)),
+                Early::Grpc(code) => (200, grpc_error(code, "fault injected")),
+            };
+            self.metrics.request_finished(&labels, status, started.elapsed());
+            return e;
+        }
         // The tighter of the route's and the policy's request timeouts bounds every attempt.
         let deadline = [target.timeout, policy.as_ref().and_then(|p| p.request_timeout)].into_iter().flatten().min();
         let call = Call {
@@ -114,32 +127,111 @@ impl Outbound {
             // The client's authority travels unchanged, whichever backend serves the request.
             authority: authority.to_string(),
         };
-        let attempts = self.attempts(&call, parts, body);
+        let limited = self.limited(&call, parts, body);
         let result = match deadline {
             Some(after) => {
-                tokio::time::timeout(after, attempts).await.unwrap_or(Err((ProxyError::Timeout { after }, 0)))
+                tokio::time::timeout(after, limited).await.unwrap_or(Err((ProxyError::Timeout { after }, 0)))
             }
-            None => attempts.await,
+            None => limited.await,
         };
         let (mut rsp, attempts) = match result {
-            Ok((rsp, attempts)) => {
+            Ok((rsp, attempts, slot)) => {
                 let (mut rparts, rbody) = rsp.into_parts();
                 strip_hop_by_hop(&mut rparts.headers);
                 rparts.headers.remove(&ORIG_PROTO);
                 rparts.version = version;
                 self.metrics.request_finished(&labels, rparts.status.as_u16(), started.elapsed());
-                (Response::from_parts(rparts, boxed(rbody)), attempts)
+                let body = match slot {
+                    Some(slot) => with_guard(boxed(rbody), slot),
+                    None => boxed(rbody),
+                };
+                (Response::from_parts(rparts, body), attempts)
             }
             Err((e, attempts)) => {
                 tracing::debug!(service = %labels.service, backend = %labels.backend, error = %e, "outbound request failed");
                 self.metrics.request_finished(&labels, e.status().as_u16(), started.elapsed());
-                (e.into_response(), attempts)
+                (e.into_response_for(grpc), attempts)
             }
         };
         if attempts > 1 {
             rsp.headers_mut().insert(ATTEMPTS.clone(), HeaderValue::from(attempts));
         }
         rsp
+    }
+
+    /// What a policy does before anything goes upstream, in order: the local rate limit, then
+    /// fault injection (delay, then abort). `Some` ends the request here.
+    async fn before_upstream(
+        &self,
+        policy: &Policy,
+        labels: &Labels,
+        parts: &http::request::Parts,
+        client: SocketAddr,
+    ) -> Option<Early> {
+        let rm = &self.resilience.metrics;
+        let service = &*labels.service;
+        if let Some(rl) = &policy.rate_limit {
+            let key = match &rl.key {
+                RateKey::Whole => String::new(),
+                RateKey::Header(h) => parts.headers.get(h).and_then(|v| v.to_str().ok()).unwrap_or("").to_string(),
+                RateKey::SourceIp => client.ip().to_string(),
+            };
+            if let Err(retry_after) = self.resilience.limiter(&policy.name, rl).check(&key) {
+                rm.rate_limited.with_label_values(&[service, "outbound"]).inc();
+                return Some(Early::Fail(ProxyError::RateLimited { retry_after }));
+            }
+        }
+        let faults = policy.faults.as_ref()?;
+        let selected = faults.headers.iter().all(|(name, want)| {
+            let values: Vec<&str> = parts.headers.get_all(name).iter().filter_map(|v| v.to_str().ok()).collect();
+            !values.is_empty() && want.matches(&values.join(","))
+        });
+        if !selected {
+            return None;
+        }
+        if let Some((delay, share)) = faults.delay
+            && rand::random::<f64>() < share
+        {
+            rm.faults_injected.with_label_values(&[service, "delay"]).inc();
+            tokio::time::sleep(delay).await;
+        }
+        if let Some((abort, share)) = faults.abort
+            && rand::random::<f64>() < share
+        {
+            rm.faults_injected.with_label_values(&[service, "abort"]).inc();
+            return Some(match abort {
+                Abort::Http(status) => Early::Fail(ProxyError::FaultAbort { status }),
+                Abort::Grpc(code) => Early::Grpc(code),
+            });
+        }
+        None
+    }
+
+    /// The bulkhead around all attempts: a slot is held until the response body ends.
+    async fn limited(
+        &self,
+        call: &Call<'_>,
+        parts: http::request::Parts,
+        body: Incoming,
+    ) -> Result<(Response<Incoming>, u32, Option<OwnedSemaphorePermit>), (ProxyError, u32)> {
+        let policy = call.policy.as_ref();
+        let slot = match policy.and_then(|p| p.bulkhead.map(|b| (p, b))) {
+            None => None,
+            Some((p, b)) => match self.resilience.bulkhead(&p.name, &call.target.backend, b).acquire().await {
+                Ok(slot) => Some(slot),
+                Err(()) => {
+                    let backend = call.target.backend.to_string();
+                    self.resilience
+                        .metrics
+                        .bulkhead_rejected
+                        .with_label_values(&[&*call.labels.service, backend.as_str()])
+                        .inc();
+                    return Err((ProxyError::BulkheadFull { backend }, 0));
+                }
+            },
+        };
+        let (rsp, attempts) = self.attempts(call, parts, body).await?;
+        Ok((rsp, attempts, slot))
     }
 
     /// Sends the request, retrying as the policy allows. Returns the final answer and how many
@@ -192,6 +284,8 @@ impl Outbound {
         let breaker =
             policy.and_then(|p| p.breaker.map(|b| self.resilience.breaker(&p.name, service, &call.target.backend, b)));
         let per_try = policy.and_then(|p| p.per_try_timeout);
+        let outliers =
+            policy.and_then(|p| p.outlier.map(|o| self.resilience.outliers(&p.name, service, &call.target.backend, o)));
 
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut attempt: u32 = 0;
@@ -207,9 +301,14 @@ impl Outbound {
                 },
                 None => None,
             };
-            // A retry goes to an endpoint not tried yet, where there is one.
-            let fresh: Vec<_> = endpoints.iter().copied().filter(|e| !tried.contains(&e.addr)).collect();
-            let candidates = if fresh.is_empty() { &endpoints } else { &fresh };
+            // Ejected endpoints are skipped; a retry goes to an endpoint not tried yet, where
+            // there is one.
+            let healthy_now = match &outliers {
+                Some(o) => o.available(&endpoints),
+                None => endpoints.clone(),
+            };
+            let fresh: Vec<_> = healthy_now.iter().copied().filter(|e| !tried.contains(&e.addr)).collect();
+            let candidates = if fresh.is_empty() { &healthy_now } else { &fresh };
             let (endpoint, in_flight) = self.balancer.pick(candidates).expect("endpoints is not empty");
             tried.push(endpoint.addr);
 
@@ -221,6 +320,9 @@ impl Outbound {
             let healthy = matches!(&outcome, Ok(r) if r.status().as_u16() < 500);
             if let (Some(b), Some(p)) = (&breaker, permit) {
                 b.record(p, healthy);
+            }
+            if let Some(o) = &outliers {
+                o.record(endpoint.addr, healthy, endpoints.len());
             }
             if outcome.is_ok() {
                 in_flight.done();
@@ -267,6 +369,17 @@ impl Outbound {
             self.clients.send_h1(endpoint.addr, Request::from_parts(parts, body)).await
         }
     }
+}
+
+/// How a request ended before going upstream.
+enum Early {
+    Fail(ProxyError),
+    /// An injected gRPC abort with this code.
+    Grpc(u32),
+}
+
+fn is_grpc(headers: &http::HeaderMap) -> bool {
+    headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("application/grpc"))
 }
 
 /// Set on responses when more than one attempt was made.

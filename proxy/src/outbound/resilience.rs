@@ -7,7 +7,12 @@ use std::time::{Duration, Instant};
 
 use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
 
-use crate::config::{BreakerPolicy, BudgetPolicy};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::config::{BreakerPolicy, BudgetPolicy, BulkheadPolicy, Endpoint, OutlierPolicy, RateLimitPolicy};
 
 /// Most budgets and breakers kept; keys come from configuration, this is a backstop.
 const MAX_ENTRIES: usize = 10_000;
@@ -20,6 +25,10 @@ pub struct ResilienceMetrics {
     pub circuit_state: IntGaugeVec,
     pub circuit_transitions: IntCounterVec,
     pub circuit_rejected: IntCounterVec,
+    pub bulkhead_rejected: IntCounterVec,
+    pub rate_limited: IntCounterVec,
+    pub faults_injected: IntCounterVec,
+    pub ejections: IntCounterVec,
 }
 
 impl ResilienceMetrics {
@@ -56,6 +65,22 @@ impl ResilienceMetrics {
             circuit_rejected: counter(
                 "weir_circuit_rejected_total",
                 "Requests failed fast because the circuit was open",
+                &["service", "backend"],
+            ),
+            bulkhead_rejected: counter(
+                "weir_bulkhead_rejected_total",
+                "Requests failed fast because the backend's concurrency limit was reached",
+                &["service", "backend"],
+            ),
+            rate_limited: counter(
+                "weir_rate_limited_total",
+                "Requests refused by a local rate limit",
+                &["service", "direction"],
+            ),
+            faults_injected: counter("weir_faults_injected_total", "Faults injected, by kind", &["service", "kind"]),
+            ejections: counter(
+                "weir_endpoint_ejections_total",
+                "Endpoints ejected by outlier detection",
                 &["service", "backend"],
             ),
         }
@@ -201,20 +226,210 @@ impl Breaker {
     }
 }
 
-/// Breakers by (policy, backend).
-type BreakerMap = HashMap<(Arc<str>, Arc<str>), Arc<Breaker>>;
+/// A per-backend concurrency limit: `max_in_flight` slots, up to `max_pending` requests
+/// waiting at most `pending_timeout` for one.
+pub struct Bulkhead {
+    policy: BulkheadPolicy,
+    slots: Arc<Semaphore>,
+    pending: AtomicU32,
+}
+
+impl Bulkhead {
+    fn new(policy: BulkheadPolicy) -> Self {
+        Self { policy, slots: Arc::new(Semaphore::new(policy.max_in_flight as usize)), pending: AtomicU32::new(0) }
+    }
+
+    /// A slot, held until the response has been fully sent; `Err` when full.
+    #[allow(clippy::result_unit_err)]
+    pub async fn acquire(&self) -> Result<OwnedSemaphorePermit, ()> {
+        if let Ok(p) = self.slots.clone().try_acquire_owned() {
+            return Ok(p);
+        }
+        if self.pending.fetch_add(1, Ordering::AcqRel) >= self.policy.max_pending {
+            self.pending.fetch_sub(1, Ordering::AcqRel);
+            return Err(());
+        }
+        let waited = tokio::time::timeout(self.policy.pending_timeout, self.slots.clone().acquire_owned()).await;
+        self.pending.fetch_sub(1, Ordering::AcqRel);
+        match waited {
+            Ok(Ok(p)) => Ok(p),
+            _ => Err(()),
+        }
+    }
+}
+
+/// Token buckets, one per key, in a table of bounded size.
+pub struct RateLimiter {
+    policy: RateLimitPolicy,
+    buckets: Mutex<HashMap<String, (f64, Instant)>>,
+}
+
+impl RateLimiter {
+    fn new(policy: RateLimitPolicy) -> Self {
+        Self { policy, buckets: Mutex::new(HashMap::new()) }
+    }
+
+    /// Takes a token for `key`; `Err(wait)` with how long until one is available.
+    pub fn check(&self, key: &str) -> Result<(), Duration> {
+        let now = Instant::now();
+        let rate = f64::from(self.policy.per_second);
+        let burst = f64::from(self.policy.burst);
+        let mut g = self.buckets.lock().unwrap();
+        if !g.contains_key(key) && g.len() >= self.policy.max_keys as usize {
+            // Forget the key used least recently.
+            if let Some(oldest) = g.iter().min_by_key(|(_, (_, at))| *at).map(|(k, _)| k.clone()) {
+                g.remove(&oldest);
+            }
+        }
+        let (tokens, at) = g.entry(key.to_string()).or_insert((burst, now));
+        *tokens = (*tokens + now.saturating_duration_since(*at).as_secs_f64() * rate).min(burst);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - *tokens) / rate))
+        }
+    }
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Health {
+    consecutive: u32,
+    window_start: Option<Instant>,
+    requests: u32,
+    failures: u32,
+    ejected_until: Option<Instant>,
+    ejections: u32,
+}
+
+/// Per-endpoint circuit breaking (outlier ejection) for one backend.
+pub struct Outliers {
+    policy: OutlierPolicy,
+    endpoints: Mutex<HashMap<SocketAddr, Health>>,
+    ejections: prometheus::IntCounter,
+}
+
+impl Outliers {
+    /// The endpoints not ejected now (all of them, should every one be ejected).
+    pub fn available<'a>(&self, endpoints: &[&'a Endpoint]) -> Vec<&'a Endpoint> {
+        let now = Instant::now();
+        let g = self.endpoints.lock().unwrap();
+        let ok: Vec<_> = endpoints
+            .iter()
+            .copied()
+            .filter(|e| g.get(&e.addr).and_then(|h| h.ejected_until).is_none_or(|until| now >= until))
+            .collect();
+        if ok.is_empty() { endpoints.to_vec() } else { ok }
+    }
+
+    /// Records an attempt's result on `addr`, ejecting it when it crosses a threshold and the
+    /// cap on ejected endpoints (`total` endpoints in the backend) allows.
+    pub fn record(&self, addr: SocketAddr, success: bool, total: usize) {
+        let now = Instant::now();
+        let p = self.policy;
+        let mut g = self.endpoints.lock().unwrap();
+        let ejected_now = g.values().filter(|h| h.ejected_until.is_some_and(|u| now < u)).count();
+        let h = g.entry(addr).or_default();
+        if h.window_start.is_none_or(|s| now.saturating_duration_since(s) >= p.window) {
+            *h = Health { window_start: Some(now), ..*h };
+            h.requests = 0;
+            h.failures = 0;
+        }
+        h.requests += 1;
+        if success {
+            h.consecutive = 0;
+            return;
+        }
+        h.failures += 1;
+        h.consecutive += 1;
+        let by_rate = p.failure_rate_percent.is_some_and(|pct| {
+            h.requests >= p.min_requests && u64::from(h.failures) * 100 >= u64::from(pct) * u64::from(h.requests)
+        });
+        let already = h.ejected_until.is_some_and(|u| now < u);
+        if already || !(h.consecutive >= p.consecutive_failures || by_rate) {
+            return;
+        }
+        // Never empty a backend: at most max_ejected_percent, at least one, never the last.
+        let cap = (total * p.max_ejected_percent as usize / 100).max(1).min(total.saturating_sub(1));
+        if ejected_now >= cap {
+            return;
+        }
+        let time = p.base_ejection.saturating_mul(h.ejections + 1).min(p.max_ejection);
+        h.ejections += 1;
+        h.ejected_until = Some(now + time);
+        h.consecutive = 0;
+        h.requests = 0;
+        h.failures = 0;
+        self.ejections.inc();
+    }
+}
+
+/// Per-backend state, by (policy, backend).
+type PerBackend<T> = HashMap<(Arc<str>, Arc<str>), Arc<T>>;
 
 /// Budgets and breakers, shared by every request and kept across snapshots.
 #[derive(Clone)]
 pub struct Resilience {
     pub metrics: ResilienceMetrics,
     budgets: Arc<Mutex<HashMap<Arc<str>, Arc<RetryBudget>>>>,
-    breakers: Arc<Mutex<BreakerMap>>,
+    breakers: Arc<Mutex<PerBackend<Breaker>>>,
+    bulkheads: Arc<Mutex<PerBackend<Bulkhead>>>,
+    limiters: Arc<Mutex<HashMap<Arc<str>, Arc<RateLimiter>>>>,
+    outliers: Arc<Mutex<PerBackend<Outliers>>>,
+}
+
+/// Gets the entry for `key` from a table, replacing it when its policy changed.
+fn get_or_make<K: std::hash::Hash + Eq + Clone, V, P: PartialEq>(
+    table: &Mutex<HashMap<K, Arc<V>>>,
+    key: K,
+    policy: &P,
+    policy_of: impl Fn(&V) -> &P,
+    make: impl FnOnce() -> V,
+) -> Arc<V> {
+    let mut g = table.lock().unwrap();
+    if let Some(v) = g.get(&key)
+        && policy_of(v) == policy
+    {
+        return v.clone();
+    }
+    if g.len() >= MAX_ENTRIES {
+        g.clear();
+    }
+    let v = Arc::new(make());
+    g.insert(key, v.clone());
+    v
 }
 
 impl Resilience {
     pub fn new(metrics: ResilienceMetrics) -> Self {
-        Self { metrics, budgets: Arc::default(), breakers: Arc::default() }
+        Self {
+            metrics,
+            budgets: Arc::default(),
+            breakers: Arc::default(),
+            bulkheads: Arc::default(),
+            limiters: Arc::default(),
+            outliers: Arc::default(),
+        }
+    }
+
+    pub fn bulkhead(&self, name: &Arc<str>, backend: &Arc<str>, policy: BulkheadPolicy) -> Arc<Bulkhead> {
+        get_or_make(&self.bulkheads, (name.clone(), backend.clone()), &policy, |b| &b.policy, || Bulkhead::new(policy))
+    }
+
+    pub fn limiter(&self, name: &Arc<str>, policy: &RateLimitPolicy) -> Arc<RateLimiter> {
+        get_or_make(&self.limiters, name.clone(), policy, |l| &l.policy, || RateLimiter::new(policy.clone()))
+    }
+
+    pub fn outliers(&self, name: &Arc<str>, service: &str, backend: &Arc<str>, policy: OutlierPolicy) -> Arc<Outliers> {
+        let ejections = self.metrics.ejections.with_label_values(&[service, backend]);
+        get_or_make(
+            &self.outliers,
+            (name.clone(), backend.clone()),
+            &policy,
+            |o| &o.policy,
+            || Outliers { policy, endpoints: Mutex::new(HashMap::new()), ejections },
+        )
     }
 
     /// The budget of policy `name`; a changed budget policy starts a fresh budget.
@@ -262,6 +477,9 @@ impl Resilience {
     pub fn retain(&self, live: &std::collections::HashSet<Arc<str>>) {
         self.budgets.lock().unwrap().retain(|k, _| live.contains(k));
         self.breakers.lock().unwrap().retain(|(k, _), _| live.contains(k));
+        self.bulkheads.lock().unwrap().retain(|(k, _), _| live.contains(k));
+        self.limiters.lock().unwrap().retain(|k, _| live.contains(k));
+        self.outliers.lock().unwrap().retain(|(k, _), _| live.contains(k));
     }
 }
 
@@ -338,6 +556,52 @@ mod tests {
         b.record(probe, false); // re-open for 20 ms
         std::thread::sleep(Duration::from_millis(12));
         assert!(b.acquire().is_err(), "second opening lasts longer");
+    }
+
+    #[test]
+    fn token_bucket_refills_at_the_rate() {
+        let r = resilience();
+        let l = r.limiter(
+            &"ns/p".into(),
+            &RateLimitPolicy { per_second: 10, burst: 5, key: crate::config::RateKey::Whole, max_keys: 2 },
+        );
+        assert_eq!((0..10).filter(|_| l.check("a").is_ok()).count(), 5, "burst");
+        let wait = l.check("a").unwrap_err();
+        assert!(wait <= Duration::from_millis(100));
+        assert!(l.check("b").is_ok(), "separate bucket per key");
+        assert!(l.check("c").is_ok(), "a third key evicts the least recently used");
+        assert_eq!(l.buckets.lock().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn outlier_ejection_respects_the_cap() {
+        let r = resilience();
+        let policy = OutlierPolicy {
+            consecutive_failures: 2,
+            failure_rate_percent: None,
+            min_requests: 1,
+            window: Duration::from_secs(10),
+            base_ejection: Duration::from_secs(30),
+            max_ejection: Duration::from_secs(60),
+            max_ejected_percent: 34,
+        };
+        let o = r.outliers(&"ns/p".into(), "s", &"b".into(), policy);
+        let eps: Vec<Endpoint> = (1..=3)
+            .map(|p| Endpoint {
+                addr: SocketAddr::from(([127, 0, 0, 1], p)),
+                service_port: None,
+                meshed: false,
+                identity: String::new(),
+            })
+            .collect();
+        let all: Vec<&Endpoint> = eps.iter().collect();
+        for _ in 0..2 {
+            o.record(eps[0].addr, false, 3);
+            o.record(eps[1].addr, false, 3);
+        }
+        let left = o.available(&all);
+        assert_eq!(left.len(), 2, "only one of three may be ejected at 34 %");
+        assert!(!left.iter().any(|e| e.addr == eps[0].addr));
     }
 
     #[test]
