@@ -56,6 +56,49 @@ pub struct ResiliencePolicySpec {
     pub rate_limit: Option<RateLimit>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub faults: Option<Faults>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_balancer: Option<LoadBalancer>,
+}
+
+/// How a backend's endpoints share requests.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LoadBalancer {
+    /// Default `P2CPeakEWMA`.
+    #[serde(default)]
+    pub algorithm: LbAlgorithm,
+    /// The key for `RingHash` and `Maglev` (required for them, not allowed otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash_key: Option<HashKey>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum LbAlgorithm {
+    /// Power of two choices on peak-EWMA latency × in-flight requests.
+    #[default]
+    P2CPeakEWMA,
+    /// Smooth weighted round robin (endpoint `weight`s).
+    RoundRobin,
+    /// Power of two choices on in-flight requests.
+    LeastRequest,
+    /// Weighted random.
+    Random,
+    /// Consistent hashing on a ring (weights set each endpoint's share of the ring).
+    RingHash,
+    /// Google's Maglev consistent hashing (a 65537-entry table).
+    Maglev,
+}
+
+/// Exactly one of the fields.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HashKey {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cookie: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_ip: Option<bool>,
 }
 
 /// Per-endpoint circuit breaking: an endpoint that fails is taken out of the balancer for
@@ -588,6 +631,36 @@ impl ResiliencePolicySpec {
                 }
             }
         }
+        if let Some(lb) = &self.load_balancer {
+            let hashing = matches!(lb.algorithm, LbAlgorithm::RingHash | LbAlgorithm::Maglev);
+            match (&lb.hash_key, hashing) {
+                (None, true) => {
+                    return Err(FieldError::new("spec.loadBalancer.hashKey", "required for RingHash and Maglev"));
+                }
+                (Some(_), false) => {
+                    return Err(FieldError::new(
+                        "spec.loadBalancer.hashKey",
+                        "only RingHash and Maglev use a hash key",
+                    ));
+                }
+                (Some(k), true) => {
+                    let set = [k.header.is_some(), k.cookie.is_some(), k.source_ip == Some(true)];
+                    if set.iter().filter(|s| **s).count() != 1 {
+                        return Err(FieldError::new(
+                            "spec.loadBalancer.hashKey",
+                            "set exactly one of header, cookie and sourceIP: true",
+                        ));
+                    }
+                    if let Some(h) = &k.header {
+                        http_header_name("spec.loadBalancer.hashKey.header", h)?;
+                    }
+                    if k.cookie.as_deref() == Some("") {
+                        return Err(FieldError::new("spec.loadBalancer.hashKey.cookie", "must not be empty"));
+                    }
+                }
+                (None, false) => {}
+            }
+        }
         if let Some(cb) = &self.circuit_breaker {
             if cb.consecutive_failures == 0 {
                 return Err(FieldError::new("spec.circuitBreaker.consecutiveFailures", "must be at least 1"));
@@ -658,6 +731,11 @@ mod tests {
             ("targetRef: {service: web}\nrateLimit: {requestsPerSecond: 0}\n", "spec.rateLimit.requestsPerSecond"),
             ("targetRef: {service: web}\nrateLimit: {requestsPerSecond: 5, key: {}}\n", "spec.rateLimit.key"),
             ("targetRef: {service: web}\nbulkhead: {maxInFlight: 0}\n", "spec.bulkhead.maxInFlight"),
+            ("targetRef: {service: web}\nloadBalancer: {algorithm: RingHash}\n", "spec.loadBalancer.hashKey"),
+            (
+                "targetRef: {service: web}\nloadBalancer: {algorithm: Random, hashKey: {header: x}}\n",
+                "spec.loadBalancer.hashKey",
+            ),
             (
                 "targetRef: {service: web}\noutlierDetection: {maxEjectedPercent: 101}\n",
                 "spec.outlierDetection.maxEjectedPercent",

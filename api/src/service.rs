@@ -55,6 +55,13 @@ pub struct LocalEndpoint {
     pub service_account: Option<String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// Relative share of traffic for weighted balancing (1–1000). Default 1.
+    #[serde(default = "default_endpoint_weight")]
+    pub weight: u32,
+}
+
+fn default_endpoint_weight() -> u32 {
+    1
 }
 
 impl LocalServiceSpec {
@@ -85,6 +92,9 @@ impl LocalServiceSpec {
                 && !self.ports.iter().any(|sp| sp.port == p)
             {
                 return Err(FieldError::new(format!("{at}.port"), format!("{p} is not one of the service's ports")));
+            }
+            if !(1..=1000).contains(&e.weight) {
+                return Err(FieldError::new(format!("{at}.weight"), "must be between 1 and 1000"));
             }
             if let Some(sa) = &e.service_account {
                 dns_label(&format!("{at}.serviceAccount"), sa)?;

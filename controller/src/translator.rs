@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use weir_api::proto;
-use weir_api::resilience::{ResiliencePolicySpec, grpc_code};
+use weir_api::resilience::{LbAlgorithm, ResiliencePolicySpec, grpc_code};
 use weir_api::route::{PathMatchType, RouteSpec, ValueMatchType};
 
 use crate::index::{Index, Kind, Resource};
@@ -46,6 +46,7 @@ pub fn services(index: &Index) -> Vec<proto::Service> {
                     meshed: e.meshed,
                     identity: e.service_account.clone().unwrap_or_default(),
                     labels: e.labels.clone().into_iter().collect(),
+                    weight: e.weight,
                 })
                 .collect(),
             rules: Vec::new(),
@@ -163,6 +164,27 @@ fn policy(ns: &str, name: &str, spec: &ResiliencePolicySpec) -> proto::Resilienc
             abort_grpc_status: f.abort.as_ref().and_then(|a| a.grpc_status.as_deref()).and_then(grpc_code),
             abort_percent: f.abort.as_ref().map(|a| a.percent).unwrap_or(0.0),
             headers: f.headers.iter().map(named).collect(),
+        }),
+        load_balancer: spec.load_balancer.as_ref().map(|lb| {
+            use proto::load_balancer::Algorithm;
+            let key = lb.hash_key.clone().unwrap_or(weir_api::resilience::HashKey {
+                header: None,
+                cookie: None,
+                source_ip: None,
+            });
+            proto::LoadBalancer {
+                algorithm: match lb.algorithm {
+                    LbAlgorithm::P2CPeakEWMA => Algorithm::P2cPeakEwma,
+                    LbAlgorithm::RoundRobin => Algorithm::RoundRobin,
+                    LbAlgorithm::LeastRequest => Algorithm::LeastRequest,
+                    LbAlgorithm::Random => Algorithm::Random,
+                    LbAlgorithm::RingHash => Algorithm::RingHash,
+                    LbAlgorithm::Maglev => Algorithm::Maglev,
+                } as i32,
+                hash_header: key.header.unwrap_or_default(),
+                hash_cookie: key.cookie.unwrap_or_default(),
+                hash_source_ip: key.source_ip.unwrap_or(false),
+            }
         }),
     }
 }

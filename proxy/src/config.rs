@@ -59,6 +59,8 @@ pub struct Endpoint {
     pub service_port: Option<u16>,
     pub meshed: bool,
     pub identity: String,
+    /// Relative weight for weighted balancing (at least 1).
+    pub weight: u32,
 }
 
 #[derive(Debug)]
@@ -170,6 +172,7 @@ impl TryFrom<&proto::Service> for Service {
                 service_port: (sp != 0).then_some(sp),
                 meshed: e.meshed,
                 identity: e.identity.clone(),
+                weight: e.weight.clamp(1, 1000),
             });
         }
         let mut rules = Vec::with_capacity(s.rules.len());
@@ -247,6 +250,31 @@ pub struct Policy {
     pub bulkhead: Option<BulkheadPolicy>,
     pub rate_limit: Option<RateLimitPolicy>,
     pub faults: Option<FaultPolicy>,
+    pub lb: Option<LbPolicy>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LbAlgorithm {
+    P2cPeakEwma,
+    RoundRobin,
+    LeastRequest,
+    Random,
+    RingHash,
+    Maglev,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum HashKey {
+    Header(HeaderName),
+    Cookie(String),
+    SourceIp,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LbPolicy {
+    pub algorithm: LbAlgorithm,
+    /// For ring hash and Maglev.
+    pub key: Option<HashKey>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -489,7 +517,38 @@ impl TryFrom<&proto::ResiliencePolicy> for Policy {
                 Some(FaultPolicy { delay, abort, headers })
             }
         };
+        let lb = match &p.load_balancer {
+            None => None,
+            Some(lb) => {
+                use proto::load_balancer::Algorithm as A;
+                let algorithm = match A::try_from(lb.algorithm) {
+                    Ok(A::P2cPeakEwma) => LbAlgorithm::P2cPeakEwma,
+                    Ok(A::RoundRobin) => LbAlgorithm::RoundRobin,
+                    Ok(A::LeastRequest) => LbAlgorithm::LeastRequest,
+                    Ok(A::Random) => LbAlgorithm::Random,
+                    Ok(A::RingHash) => LbAlgorithm::RingHash,
+                    Ok(A::Maglev) => LbAlgorithm::Maglev,
+                    Ok(A::Unspecified) | Err(_) => {
+                        return Err(format!("unsupported load-balancing algorithm {}", lb.algorithm));
+                    }
+                };
+                let key = match (lb.hash_header.as_str(), lb.hash_cookie.as_str(), lb.hash_source_ip) {
+                    ("", "", false) => None,
+                    (h, "", false) => Some(HashKey::Header(
+                        HeaderName::from_bytes(h.as_bytes()).map_err(|_| format!("invalid hash header {h:?}"))?,
+                    )),
+                    ("", c, false) => Some(HashKey::Cookie(c.to_string())),
+                    ("", "", true) => Some(HashKey::SourceIp),
+                    _ => return Err("hash key: set exactly one of header, cookie and source IP".into()),
+                };
+                if matches!(algorithm, LbAlgorithm::RingHash | LbAlgorithm::Maglev) != key.is_some() {
+                    return Err("a hash key goes with RingHash and Maglev, and only with them".into());
+                }
+                Some(LbPolicy { algorithm, key })
+            }
+        };
         Ok(Policy {
+            lb,
             outlier,
             bulkhead,
             rate_limit,

@@ -168,6 +168,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             let policies: HashSet<Arc<str>> =
                 cfg.services.values().flat_map(|s| s.policies.iter().map(|p| p.name.clone())).collect();
             prune_resilience.retain(&policies);
+            prune_balancer.retain_policies(&policies);
         }
     });
 

@@ -23,7 +23,7 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use crate::body::{Body, ORIG_PROTO, boxed, full, strip_hop_by_hop, with_guard};
 use crate::client::Clients;
-use crate::config::{Abort, Config, Endpoint, Policy, RateKey, RetryOn};
+use crate::config::{Abort, Config, Endpoint, HashKey, Policy, RateKey, RetryOn};
 use crate::errors::{ProxyError, grpc_error};
 use crate::metrics::{Direction, Labels, Metrics};
 
@@ -48,6 +48,7 @@ struct Call<'a> {
     backend_port: u16,
     version: Version,
     authority: String,
+    client: SocketAddr,
 }
 
 enum RequestBody {
@@ -126,6 +127,7 @@ impl Outbound {
             version,
             // The client's authority travels unchanged, whichever backend serves the request.
             authority: authority.to_string(),
+            client,
         };
         let limited = self.limited(&call, parts, body);
         let result = match deadline {
@@ -287,6 +289,10 @@ impl Outbound {
         let outliers =
             policy.and_then(|p| p.outlier.map(|o| self.resilience.outliers(&p.name, service, &call.target.backend, o)));
 
+        let hash = policy
+            .and_then(|p| p.lb.as_ref())
+            .and_then(|lb| lb.key.as_ref())
+            .and_then(|k| hash_key(k, &parts, call.client));
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut attempt: u32 = 0;
         loop {
@@ -309,7 +315,17 @@ impl Outbound {
             };
             let fresh: Vec<_> = healthy_now.iter().copied().filter(|e| !tried.contains(&e.addr)).collect();
             let candidates = if fresh.is_empty() { &healthy_now } else { &fresh };
-            let (endpoint, in_flight) = self.balancer.pick(candidates).expect("endpoints is not empty");
+            let (endpoint, in_flight) = match policy.and_then(|p| p.lb.as_ref().map(|lb| (p, lb))) {
+                // A retry with a hash key moves along the ring (or table) to another slot.
+                Some((p, lb)) => self.balancer.pick_with(
+                    lb.algorithm,
+                    &(p.name.clone(), call.target.backend.clone()),
+                    hash.map(|h| h.wrapping_add(u64::from(attempt - 1).wrapping_mul(0x9e37_79b9_7f4a_7c15))),
+                    if hash.is_some() { &healthy_now } else { candidates },
+                ),
+                None => self.balancer.pick(candidates),
+            }
+            .expect("endpoints is not empty");
             tried.push(endpoint.addr);
 
             let send = self.send(call, endpoint, rebuild(&parts), body.next());
@@ -376,6 +392,23 @@ enum Early {
     Fail(ProxyError),
     /// An injected gRPC abort with this code.
     Grpc(u32),
+}
+
+/// The consistent-hashing key of a request, hashed; `None` when the request lacks it.
+fn hash_key(key: &HashKey, parts: &http::request::Parts, client: SocketAddr) -> Option<u64> {
+    match key {
+        HashKey::Header(h) => parts.headers.get(h).map(|v| balance::key_hash(v.as_bytes())),
+        HashKey::Cookie(name) => parts
+            .headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .filter_map(|c| c.trim().split_once('='))
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| balance::key_hash(v.as_bytes())),
+        HashKey::SourceIp => Some(balance::key_hash(client.ip().to_string().as_bytes())),
+    }
 }
 
 fn is_grpc(headers: &http::HeaderMap) -> bool {

@@ -592,6 +592,7 @@ mod tests {
                 service_port: None,
                 meshed: false,
                 identity: String::new(),
+                weight: 1,
             })
             .collect();
         let all: Vec<&Endpoint> = eps.iter().collect();

@@ -1,0 +1,102 @@
+//! Load-balancing algorithms through a real sidecar, each shown by its distinctive property.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use weir_tests::*;
+
+struct Pool {
+    scratch: Scratch,
+    backends: Vec<Backend>,
+    _controller: ChildProc,
+    client: ChildProc,
+}
+
+/// Service `pool` in namespace `test` with one direct endpoint per backend (weights given)
+/// and a ResiliencePolicy with `lb` as its `loadBalancer` (none when empty).
+async fn pool(weights: &[u32], lb: &str) -> Pool {
+    let scratch = Scratch::new();
+    let mut backends = Vec::new();
+    for i in 0..weights.len() {
+        backends.push(Backend::start(&format!("b{i}")).await);
+    }
+    let eps: Vec<String> =
+        backends.iter().zip(weights).map(|(b, w)| format!("{{ address: \"{}\", weight: {w} }}", b.addr)).collect();
+    scratch.write("services.yaml", &service("test", "pool", &eps));
+    write_policy(&scratch, lb);
+    let controller = scratch.controller(None).await;
+    let client = scratch.proxy(controller.addr("grpc"), "test/client", None).await;
+    let n = weights.len();
+    wait_config(client.addr("admin"), "the pool", |c| endpoint_count(c, "test", "pool") == n).await;
+    Pool { scratch, backends, _controller: controller, client }
+}
+
+fn write_policy(scratch: &Scratch, lb: &str) {
+    if !lb.is_empty() {
+        scratch.write(
+            "policy.yaml",
+            &format!(
+                "apiVersion: weir.io/v1alpha1\nkind: ResiliencePolicy\nmetadata: {{ name: pool, namespace: test }}\nspec:\n  targetRef: {{ service: pool }}\n  loadBalancer: {lb}\n"
+            ),
+        );
+    }
+}
+
+impl Pool {
+    async fn get(&self, headers: &[(&str, &str)]) -> String {
+        let r = send(&http1(), self.client.addr("outbound"), "GET", "pool.test", "/", headers).await.unwrap();
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.backend().to_string()
+    }
+
+    async fn shares(&self, n: usize) -> HashMap<String, usize> {
+        let mut counts = HashMap::new();
+        for _ in 0..n {
+            *counts.entry(self.get(&[]).await).or_default() += 1;
+        }
+        counts
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peak_ewma_avoids_a_slow_endpoint() {
+    let pool = pool(&[1, 1, 1], "").await;
+    pool.backends[2].behaviour.set_latency(Duration::from_millis(40));
+    let counts = pool.shares(300).await;
+    let slow = counts.get("b2").copied().unwrap_or(0);
+    // Round robin would send it 100; P2C on latency learns after the first and avoids it.
+    assert!(slow < 30, "the slow endpoint served {slow} of 300: {counts:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weighted_round_robin_serves_exact_shares() {
+    let pool = pool(&[1, 1, 2], "{ algorithm: RoundRobin }").await;
+    let counts = pool.shares(400).await;
+    for (b, want) in [("b0", 100), ("b1", 100), ("b2", 200)] {
+        let got = counts.get(b).copied().unwrap_or(0);
+        assert!(got.abs_diff(want) <= 2, "{b} served {got}, expected {want}: {counts:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consistent_hashing_keeps_each_key_on_one_endpoint() {
+    let pool = pool(&[1, 1, 1, 1], "{ algorithm: RingHash, hashKey: { header: x-user } }").await;
+    for algorithm in ["RingHash", "Maglev"] {
+        write_policy(&pool.scratch, &format!("{{ algorithm: {algorithm}, hashKey: {{ header: x-user }} }}"));
+        let want = if algorithm == "Maglev" { 6 } else { 5 };
+        wait_config(pool.client.addr("admin"), algorithm, |c| {
+            c["snapshot"]["services"][0]["policies"][0]["load_balancer"]["algorithm"] == want
+        })
+        .await;
+        let mut used = HashSet::new();
+        for user in 0..40 {
+            let user = format!("user-{user}");
+            let first = pool.get(&[("x-user", &user)]).await;
+            for _ in 0..4 {
+                assert_eq!(pool.get(&[("x-user", &user)]).await, first, "{algorithm}: {user} moved");
+            }
+            used.insert(first);
+        }
+        assert!(used.len() >= 3, "{algorithm}: 40 keys landed on only {used:?}");
+    }
+}
