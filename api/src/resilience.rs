@@ -58,6 +58,48 @@ pub struct ResiliencePolicySpec {
     pub faults: Option<Faults>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub load_balancer: Option<LoadBalancer>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<HealthCheck>,
+}
+
+/// Active health checks: every calling sidecar probes the endpoints of the target Service (and
+/// of the backends its routes name); an endpoint that fails `unhealthyThreshold` probes in a
+/// row takes no traffic until it passes `healthyThreshold` in a row. Endpoints start healthy.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HealthCheck {
+    /// Path of the probe (`GET`); a 2xx answer passes.
+    #[schemars(length(min = 1, max = 1024))]
+    pub path: String,
+    /// Default 5s.
+    #[serde(default = "default_hc_interval")]
+    #[schemars(regex(pattern = r"^([0-9]{1,5}(h|m|s|ms)){1,4}$"))]
+    pub interval: String,
+    /// Default 1s.
+    #[serde(default = "default_hc_timeout")]
+    #[schemars(regex(pattern = r"^([0-9]{1,5}(h|m|s|ms)){1,4}$"))]
+    pub timeout: String,
+    /// Default 2.
+    #[serde(default = "default_two")]
+    #[schemars(range(min = 1, max = 100))]
+    pub healthy_threshold: u32,
+    /// Default 3.
+    #[serde(default = "default_three")]
+    #[schemars(range(min = 1, max = 100))]
+    pub unhealthy_threshold: u32,
+}
+
+fn default_hc_interval() -> String {
+    "5s".into()
+}
+fn default_hc_timeout() -> String {
+    "1s".into()
+}
+fn default_two() -> u32 {
+    2
+}
+fn default_three() -> u32 {
+    3
 }
 
 /// How a backend's endpoints share requests.
@@ -631,6 +673,22 @@ impl ResiliencePolicySpec {
                 }
             }
         }
+        if let Some(h) = &self.health_check {
+            if !h.path.starts_with('/') {
+                return Err(FieldError::new("spec.healthCheck.path", "must start with '/'"));
+            }
+            if h.path.parse::<http::uri::PathAndQuery>().is_err() {
+                return Err(FieldError::new("spec.healthCheck.path", "not a valid path"));
+            }
+            positive_duration("spec.healthCheck.interval", &h.interval)?;
+            positive_duration("spec.healthCheck.timeout", &h.timeout)?;
+            if h.healthy_threshold == 0 {
+                return Err(FieldError::new("spec.healthCheck.healthyThreshold", "must be at least 1"));
+            }
+            if h.unhealthy_threshold == 0 {
+                return Err(FieldError::new("spec.healthCheck.unhealthyThreshold", "must be at least 1"));
+            }
+        }
         if let Some(lb) = &self.load_balancer {
             let hashing = matches!(lb.algorithm, LbAlgorithm::RingHash | LbAlgorithm::Maglev);
             match (&lb.hash_key, hashing) {
@@ -732,6 +790,7 @@ mod tests {
             ("targetRef: {service: web}\nrateLimit: {requestsPerSecond: 5, key: {}}\n", "spec.rateLimit.key"),
             ("targetRef: {service: web}\nbulkhead: {maxInFlight: 0}\n", "spec.bulkhead.maxInFlight"),
             ("targetRef: {service: web}\nloadBalancer: {algorithm: RingHash}\n", "spec.loadBalancer.hashKey"),
+            ("targetRef: {service: web}\nhealthCheck: {path: healthz}\n", "spec.healthCheck.path"),
             (
                 "targetRef: {service: web}\nloadBalancer: {algorithm: Random, hashKey: {header: x}}\n",
                 "spec.loadBalancer.hashKey",

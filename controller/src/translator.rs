@@ -165,6 +165,13 @@ fn policy(ns: &str, name: &str, spec: &ResiliencePolicySpec) -> proto::Resilienc
             abort_percent: f.abort.as_ref().map(|a| a.percent).unwrap_or(0.0),
             headers: f.headers.iter().map(named).collect(),
         }),
+        health_check: spec.health_check.as_ref().map(|h| proto::HealthCheck {
+            path: h.path.clone(),
+            interval_ms: ms(&h.interval),
+            timeout_ms: ms(&h.timeout),
+            healthy_threshold: h.healthy_threshold,
+            unhealthy_threshold: h.unhealthy_threshold,
+        }),
         load_balancer: spec.load_balancer.as_ref().map(|lb| {
             use proto::load_balancer::Algorithm;
             let key = lb.hash_key.clone().unwrap_or(weir_api::resilience::HashKey {

@@ -251,6 +251,16 @@ pub struct Policy {
     pub rate_limit: Option<RateLimitPolicy>,
     pub faults: Option<FaultPolicy>,
     pub lb: Option<LbPolicy>,
+    pub health: Option<HealthPolicy>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct HealthPolicy {
+    pub path: http::uri::PathAndQuery,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub healthy_threshold: u32,
+    pub unhealthy_threshold: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -547,7 +557,18 @@ impl TryFrom<&proto::ResiliencePolicy> for Policy {
                 Some(LbPolicy { algorithm, key })
             }
         };
+        let health = match &p.health_check {
+            None => None,
+            Some(h) => Some(HealthPolicy {
+                path: h.path.parse().map_err(|_| format!("invalid health check path {:?}", h.path))?,
+                interval: ms(h.interval_ms).ok_or("health check interval must be positive")?,
+                timeout: ms(h.timeout_ms).ok_or("health check timeout must be positive")?,
+                healthy_threshold: h.healthy_threshold.max(1),
+                unhealthy_threshold: h.unhealthy_threshold.max(1),
+            }),
+        };
         Ok(Policy {
+            health,
             lb,
             outlier,
             bulkhead,

@@ -154,6 +154,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     // Forget connections and statistics of endpoints that left the configuration.
     let mut prune_rx = config_rx.clone();
     let resilience = outbound::resilience::Resilience::new(metrics.resilience.clone());
+    let health = outbound::health::Health::default();
+    let (health_trigger, health_drain) = rt::drain();
+    let health_task = tokio::spawn(outbound::health::run(
+        config_rx.clone(),
+        clients.clone(),
+        health.clone(),
+        metrics.resilience.clone(),
+        health_drain,
+    ));
     let (prune_balancer, prune_clients, prune_resilience, app) =
         (balancer.clone(), clients.clone(), resilience.clone(), args.app_addr);
     tokio::spawn(async move {
@@ -177,6 +186,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         clients: clients.clone(),
         balancer,
         resilience: resilience.clone(),
+        health: health.clone(),
         metrics: metrics.clone(),
     };
     let inb = inbound::Inbound::new(args.app_addr, clients, metrics.clone(), &workload);
@@ -212,7 +222,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     // Traffic has drained; now the control stream and the admin port can go.
     control_trigger.trigger();
     admin_trigger.trigger();
-    let _ = tokio::join!(control, admin_task);
+    health_trigger.trigger();
+    let _ = tokio::join!(control, admin_task, health_task);
     tracing::info!("proxy stopped");
     Ok(())
 }

@@ -100,3 +100,39 @@ async fn consistent_hashing_keeps_each_key_on_one_endpoint() {
         assert!(used.len() >= 3, "{algorithm}: 40 keys landed on only {used:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn active_health_checks_take_a_failing_endpoint_out_and_bring_it_back() {
+    let pool = pool(&[1, 1], "{ algorithm: RoundRobin }").await;
+    let policy = "apiVersion: weir.io/v1alpha1\nkind: ResiliencePolicy\nmetadata: { name: pool, namespace: test }\nspec:\n  targetRef: { service: pool }\n  loadBalancer: { algorithm: RoundRobin }\n  healthCheck: { path: /healthz, interval: 100ms, timeout: 500ms, healthyThreshold: 2, unhealthyThreshold: 2 }\n";
+    pool.scratch.write("policy.yaml", policy);
+    let admin = pool.client.addr("admin");
+    wait_config(admin, "health check policy", |c| c.to_string().contains("\"path\":\"/healthz\"")).await;
+    wait_until("probes to run", Duration::from_secs(10), || async move {
+        admin_text(admin, "/metrics").await.contains("weir_health_checks_total{result=\"pass\"")
+    })
+    .await;
+
+    // b1 starts failing everything, probes included: it is taken out.
+    pool.backends[1].behaviour.set_fail_rate(1.0);
+    wait_until("b1 marked unhealthy", Duration::from_secs(10), || async move {
+        admin_text(admin, "/metrics")
+            .await
+            .contains("weir_health_transitions_total{service=\"test/pool\",state=\"unhealthy\"} 1")
+    })
+    .await;
+    for _ in 0..50 {
+        assert_eq!(pool.get(&[]).await, "b0", "an unhealthy endpoint got traffic");
+    }
+
+    // It recovers: two passing probes bring it back.
+    pool.backends[1].behaviour.set_fail_rate(0.0);
+    wait_until("b1 marked healthy", Duration::from_secs(10), || async move {
+        admin_text(admin, "/metrics")
+            .await
+            .contains("weir_health_transitions_total{service=\"test/pool\",state=\"healthy\"} 1")
+    })
+    .await;
+    let counts = pool.shares(20).await;
+    assert_eq!(counts.get("b1"), Some(&10), "round robin over both again: {counts:?}");
+}

@@ -5,6 +5,7 @@
 //! client's protocol rides in `weir-orig-proto`), or the endpoint itself when unmeshed.
 
 pub mod balance;
+pub mod health;
 pub mod resilience;
 pub mod route;
 
@@ -33,6 +34,7 @@ pub struct Outbound {
     pub clients: Clients,
     pub balancer: balance::Balancer,
     pub resilience: resilience::Resilience,
+    pub health: health::Health,
     pub metrics: Metrics,
 }
 
@@ -309,10 +311,13 @@ impl Outbound {
             };
             // Ejected endpoints are skipped; a retry goes to an endpoint not tried yet, where
             // there is one.
-            let healthy_now = match &outliers {
+            let mut healthy_now = match &outliers {
                 Some(o) => o.available(&endpoints),
                 None => endpoints.clone(),
             };
+            if let Some(p) = policy.filter(|p| p.health.is_some()) {
+                healthy_now = self.health.filter(&p.name, &healthy_now);
+            }
             let fresh: Vec<_> = healthy_now.iter().copied().filter(|e| !tried.contains(&e.addr)).collect();
             let candidates = if fresh.is_empty() { &healthy_now } else { &fresh };
             let (endpoint, in_flight) = match policy.and_then(|p| p.lb.as_ref().map(|lb| (p, lb))) {

@@ -29,6 +29,8 @@ pub struct ResilienceMetrics {
     pub rate_limited: IntCounterVec,
     pub faults_injected: IntCounterVec,
     pub ejections: IntCounterVec,
+    pub health_checks: IntCounterVec,
+    pub health_transitions: IntCounterVec,
 }
 
 impl ResilienceMetrics {
@@ -78,6 +80,16 @@ impl ResilienceMetrics {
                 &["service", "direction"],
             ),
             faults_injected: counter("weir_faults_injected_total", "Faults injected, by kind", &["service", "kind"]),
+            health_checks: counter(
+                "weir_health_checks_total",
+                "Active health probes, by result",
+                &["service", "result"],
+            ),
+            health_transitions: counter(
+                "weir_health_transitions_total",
+                "Endpoints marked healthy or unhealthy by active checks",
+                &["service", "state"],
+            ),
             ejections: counter(
                 "weir_endpoint_ejections_total",
                 "Endpoints ejected by outlier detection",
