@@ -1,0 +1,134 @@
+#!/usr/bin/env python3
+"""Cost of the resilience stack: the same sidecar pair with no policy and with a full one.
+
+Starts, on loopback with OS-chosen ports, a release controller (local mode), a backend
+(`weir demo-backend`), its sidecar, and a client sidecar; then for each configuration runs
+wrk (HTTP/1.1, 16 connections, 2 threads) through the client sidecar, and reads the two
+sidecars' CPU time from /proc. Prints latency percentiles, throughput and sidecar CPU
+microseconds per request, then the full/none ratios. Stops every process it started, by PID.
+
+    cargo build --release && python3 bench/resilience_cost.py [--seconds 10]
+Needs wrk (Debian package `wrk`).
+"""
+import argparse, json, os, re, shutil, signal, subprocess, tempfile, time, urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.join(ROOT, "target", "release")
+TICK = os.sysconf("SC_CLK_TCK")
+
+FULL_POLICY = """apiVersion: weir.io/v1alpha1
+kind: ResiliencePolicy
+metadata: {name: web, namespace: bench}
+spec:
+  targetRef: {service: web}
+  timeouts: {request: 5s, perTry: 2s}
+  retries: {attempts: 2, retryOn: [gateway-error, connect-failure, reset]}
+  circuitBreaker: {consecutiveFailures: 50}
+  outlierDetection: {consecutiveFailures: 50}
+  bulkhead: {maxInFlight: 10000}
+  rateLimit: {requestsPerSecond: 10000000}
+  faults: {abort: {httpStatus: 503, percent: 0}, headers: [{name: x-chaos, value: "yes"}]}
+  healthCheck: {path: /, interval: 1s}
+"""
+
+def write_atomic(path, text):
+    with open(path + ".tmp~", "w") as f:
+        f.write(text)
+    os.rename(path + ".tmp~", path)
+
+def start(args, log):
+    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=open(log, "w"), text=True)
+    line = p.stdout.readline()
+    if not line:
+        raise SystemExit(f"{args[0]} did not start; see {log}")
+    return p, json.loads(line)
+
+def get(url):
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return r.read().decode()
+
+def cpu_seconds(pid):
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+def to_ms(v):
+    m = re.match(r"([\d.]+)(us|ms|s)", v)
+    n, unit = float(m.group(1)), m.group(2)
+    return n / 1000 if unit == "us" else n * 1000 if unit == "s" else n
+
+def wrk(url, seconds):
+    out = subprocess.run(["wrk", "-t2", "-c16", f"-d{seconds}s", "--latency", "-H", "Host: web.bench", url],
+                         capture_output=True, text=True, timeout=seconds + 30).stdout
+    lat = {p: to_ms(v) for p, v in re.findall(r"^\s+(50|75|90|99)%\s+(\S+)", out, re.M)}
+    total = int(re.search(r"(\d+) requests in", out).group(1))
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return lat, total, rps, int(non2xx.group(1)) if non2xx else 0
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=int, default=10)
+    opts = ap.parse_args()
+    if not shutil.which("wrk"):
+        raise SystemExit("wrk not found: apt-get install wrk")
+    tmp = tempfile.mkdtemp(prefix="weir-bench-")
+    cfg = os.path.join(tmp, "config")
+    os.mkdir(cfg)
+    write_atomic(os.path.join(cfg, "services.yaml"), "kind: Service\nmetadata: {name: web, namespace: bench}\n")
+    procs = []
+    try:
+        ctl, ca = start([os.path.join(BIN, "weir-controller"), "--config-dir", cfg, "--grpc-addr", "127.0.0.1:0",
+                         "--admin-addr", "127.0.0.1:0", "--print-listen-addrs", "--log-level", "warn"],
+                        os.path.join(tmp, "controller.log"))
+        procs.append(ctl)
+        be, ba = start([os.path.join(BIN, "weir"), "demo-backend", "--listen", "127.0.0.1:0", "--print-listen-addrs",
+                        "--name", "web"], os.path.join(tmp, "backend.log"))
+        procs.append(be)
+        sidecar = lambda name, app: start(
+            [os.path.join(BIN, "weir-proxy"), "--controller", ca["grpc"], "--workload", f"bench/{name}",
+             "--outbound-addr", "127.0.0.1:0", "--inbound-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0",
+             "--print-listen-addrs", "--log-level", "warn"] + (["--app-addr", app] if app else []),
+            os.path.join(tmp, f"{name}.log"))
+        server, sa = sidecar("web", ba["listen"])
+        procs.append(server)
+        client, cla = sidecar("client", None)
+        procs.append(client)
+        write_atomic(os.path.join(cfg, "services.yaml"),
+                     "kind: Service\nmetadata: {name: web, namespace: bench}\nspec:\n"
+                     f"  endpoints: [{{address: \"{sa['inbound']}\", meshed: true}}]\n")
+        def wait_for(pred, what):
+            deadline = time.time() + 20
+            while not pred(json.loads(get(f"http://{cla['admin']}/config"))):
+                if time.time() > deadline:
+                    raise SystemExit(f"timed out waiting for {what}")
+                time.sleep(0.02)
+        svc = lambda c: ((c.get("snapshot") or {}).get("services") or [{}])[0]
+        wait_for(lambda c: len(svc(c).get("endpoints", [])) == 1, "the endpoint")
+        url = f"http://{cla['outbound']}/"
+        results = {}
+        for name in ["none", "full"]:
+            if name == "full":
+                write_atomic(os.path.join(cfg, "policy.yaml"), FULL_POLICY)
+                wait_for(lambda c: len(svc(c).get("policies", [])) == 1, "the policy")
+            wrk(url, 2)  # warm up connections and pools
+            before = cpu_seconds(client.pid) + cpu_seconds(server.pid)
+            lat, total, rps, errors = wrk(url, opts.seconds)
+            cpu = cpu_seconds(client.pid) + cpu_seconds(server.pid) - before
+            results[name] = dict(lat=lat, rps=rps, errors=errors, cpu_us_per_req=cpu / total * 1e6)
+            print(f"{name:>4}: p50 {lat['50']:.3f} ms  p90 {lat['90']:.3f} ms  p99 {lat['99']:.3f} ms  "
+                  f"{rps:,.0f} rps  errors {errors}  sidecar CPU {cpu / total * 1e6:.1f} µs/request (both sidecars)")
+        n, f = results["none"], results["full"]
+        print(f"full/none: p50 x{f['lat']['50'] / n['lat']['50']:.2f}, p99 x{f['lat']['99'] / n['lat']['99']:.2f}, "
+              f"throughput x{f['rps'] / n['rps']:.2f}, CPU/request x{f['cpu_us_per_req'] / n['cpu_us_per_req']:.2f}")
+    finally:
+        for p in reversed(procs):
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+if __name__ == "__main__":
+    main()
