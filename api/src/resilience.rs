@@ -342,6 +342,20 @@ pub struct Timeouts {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^([0-9]{1,5}(h|m|s|ms)){1,4}$"))]
     pub per_try: Option<String>,
+    /// Establishing a new upstream connection. Default: the sidecar's `--connect-timeout` (1s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^([0-9]{1,5}(h|m|s|ms)){1,4}$"))]
+    pub connect: Option<String>,
+    /// How long an unused HTTP/1.1 upstream connection is kept. Default 90s. (The multiplexed
+    /// connection between sidecars stays open, kept alive by HTTP/2 pings.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^([0-9]{1,5}(h|m|s|ms)){1,4}$"))]
+    pub idle: Option<String>,
+    /// Longest pause in a request or response body; a stream that stalls longer is reset.
+    /// Default: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^([0-9]{1,5}(h|m|s|ms)){1,4}$"))]
+    pub stream_idle: Option<String>,
 }
 
 /// Conditions a retry can be made on.
@@ -549,6 +563,11 @@ impl ResiliencePolicySpec {
         if let Some(t) = &self.timeouts {
             if let Some(r) = &t.request {
                 request = Some(positive_duration("spec.timeouts.request", r)?);
+            }
+            for (field, v) in [("connect", &t.connect), ("idle", &t.idle), ("streamIdle", &t.stream_idle)] {
+                if let Some(v) = v {
+                    positive_duration(&format!("spec.timeouts.{field}"), v)?;
+                }
             }
             if let Some(p) = &t.per_try {
                 let per_try = positive_duration("spec.timeouts.perTry", p)?;

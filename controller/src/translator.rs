@@ -119,6 +119,9 @@ fn policy(ns: &str, name: &str, spec: &ResiliencePolicySpec) -> proto::Resilienc
         port: spec.target_ref.port.unwrap_or(0),
         request_timeout_ms: timeouts.request.as_deref().map(ms).unwrap_or(0),
         per_try_timeout_ms: timeouts.per_try.as_deref().map(ms).unwrap_or(0),
+        connect_timeout_ms: timeouts.connect.as_deref().map(ms).unwrap_or(0),
+        idle_timeout_ms: timeouts.idle.as_deref().map(ms).unwrap_or(0),
+        stream_idle_timeout_ms: timeouts.stream_idle.as_deref().map(ms).unwrap_or(0),
         retry: spec.retries.as_ref().map(|r| proto::RetryPolicy {
             retries: r.attempts,
             retry_on: r.retry_on.clone(),

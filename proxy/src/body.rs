@@ -50,6 +50,48 @@ pub fn with_guard<G: Send + Sync + Unpin + 'static>(body: Body, guard: G) -> Bod
     Guarded { inner: body, _guard: guard }.boxed()
 }
 
+/// Fails `body` with an error when it makes no progress for `idle`: a stalled stream is
+/// reset instead of holding its connection and slots forever.
+pub fn with_idle_timeout(body: Body, idle: std::time::Duration) -> Body {
+    struct Idle {
+        inner: Body,
+        idle: std::time::Duration,
+        timer: std::pin::Pin<Box<tokio::time::Sleep>>,
+    }
+    impl http_body::Body for Idle {
+        type Data = Bytes;
+        type Error = BoxError;
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+            use std::future::Future;
+            use std::task::Poll;
+            match std::pin::Pin::new(&mut self.inner).poll_frame(cx) {
+                Poll::Ready(frame) => {
+                    let next = tokio::time::Instant::now() + self.idle;
+                    self.timer.as_mut().reset(next);
+                    Poll::Ready(frame)
+                }
+                Poll::Pending => match self.timer.as_mut().poll(cx) {
+                    Poll::Ready(()) => {
+                        let idle = self.idle;
+                        Poll::Ready(Some(Err(format!("stream idle for {idle:?}").into())))
+                    }
+                    Poll::Pending => Poll::Pending,
+                },
+            }
+        }
+        fn is_end_stream(&self) -> bool {
+            self.inner.is_end_stream()
+        }
+        fn size_hint(&self) -> http_body::SizeHint {
+            self.inner.size_hint()
+        }
+    }
+    Idle { inner: body, idle, timer: Box::pin(tokio::time::sleep(idle)) }.boxed()
+}
+
 /// Carries the client's protocol across the sidecar-to-sidecar HTTP/2 hop.
 pub static ORIG_PROTO: HeaderName = HeaderName::from_static("weir-orig-proto");
 /// Set on every response the proxy made up itself, with a short reason.
@@ -87,6 +129,20 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_body_fails_after_the_idle_timeout() {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<http_body::Frame<Bytes>, BoxError>>(1);
+        let body = boxed(http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)));
+        let mut body = with_idle_timeout(body, std::time::Duration::from_secs(5));
+        tx.send(Ok(http_body::Frame::data(Bytes::from_static(b"a")))).await.unwrap();
+        assert!(body.frame().await.unwrap().is_ok());
+        let started = tokio::time::Instant::now();
+        let err = body.frame().await.unwrap().unwrap_err();
+        assert!(err.to_string().contains("idle"), "{err}");
+        assert_eq!(started.elapsed(), std::time::Duration::from_secs(5));
+        drop(tx);
+    }
 
     #[test]
     fn strips_listed_and_standard_hop_headers() {

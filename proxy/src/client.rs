@@ -25,33 +25,71 @@ use crate::errors::{ProxyError, chain, is_refused_stream};
 
 type Slot = Arc<tokio::sync::Mutex<Option<http2::SendRequest<Body>>>>;
 
+/// Per-policy overrides of how upstream connections are made and kept.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ConnectOpts {
+    pub connect: Option<Duration>,
+    pub idle: Option<Duration>,
+}
+
+/// Default time an unused HTTP/1.1 upstream connection is kept.
+const DEFAULT_IDLE: Duration = Duration::from_secs(90);
+
+type H1 = legacy::Client<HttpConnector, Body>;
+
 #[derive(Clone)]
 pub struct Clients {
     pub h2: H2Pool,
-    h1: legacy::Client<HttpConnector, Body>,
+    connect_timeout: Duration,
+    /// One HTTP/1.1 pool per distinct (connect, idle) setting; the first is the default.
+    h1: Arc<Mutex<HashMap<(Duration, Duration), H1>>>,
 }
+
+/// Most distinct HTTP/1.1 pools; settings come from configuration, this is a backstop.
+const MAX_H1_POOLS: usize = 64;
 
 impl Clients {
     pub fn new(connect_timeout: Duration) -> Self {
+        Self { h2: H2Pool::new(connect_timeout), connect_timeout, h1: Arc::default() }
+    }
+
+    fn h1_pool(&self, opts: ConnectOpts) -> H1 {
+        let key = (opts.connect.unwrap_or(self.connect_timeout), opts.idle.unwrap_or(DEFAULT_IDLE));
+        let mut g = self.h1.lock().unwrap();
+        if let Some(c) = g.get(&key) {
+            return c.clone();
+        }
+        if g.len() >= MAX_H1_POOLS {
+            g.clear();
+        }
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(connect_timeout));
+        connector.set_connect_timeout(Some(key.0));
         connector.enforce_http(true);
-        let h1 = legacy::Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
+        let client = legacy::Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(key.1)
             .pool_max_idle_per_host(256)
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .build(connector);
-        Self { h2: H2Pool::new(connect_timeout), h1 }
+        g.insert(key, client.clone());
+        client
     }
 
     /// Sends an HTTP/1.x request to `addr`, keeping the request's Host header.
-    pub async fn send_h1(&self, addr: SocketAddr, mut req: Request<Body>) -> Result<Response<Incoming>, ProxyError> {
+    pub async fn send_h1(
+        &self,
+        addr: SocketAddr,
+        mut req: Request<Body>,
+        opts: ConnectOpts,
+    ) -> Result<Response<Incoming>, ProxyError> {
         let pq = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
         *req.uri_mut() = format!("http://{addr}{pq}").parse().expect("ip:port and a valid path form a URI");
-        self.h1.request(req).await.map_err(|e| {
-            let reason = chain(&e);
+        self.h1_pool(opts).request(req).await.map_err(|e| {
+            let mut reason = chain(&e);
+            if e.is_connect() && reason.contains("deadline has elapsed") {
+                reason = format!("timed out after {:?}", opts.connect.unwrap_or(self.connect_timeout));
+            }
             if e.is_connect() {
                 ProxyError::Connect { addr, reason }
             } else {
@@ -75,13 +113,19 @@ impl H2Pool {
     /// Sends `req` over the shared connection to `addr`, connecting (once, however many
     /// requests wait) when there is none. A request the connection never took (it closed
     /// first) is retried once on a new connection.
-    pub async fn send(&self, addr: SocketAddr, req: Request<Body>) -> Result<Response<Incoming>, ProxyError> {
-        let mut sender = self.sender(addr).await?;
+    pub async fn send(
+        &self,
+        addr: SocketAddr,
+        req: Request<Body>,
+        opts: ConnectOpts,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let connect = opts.connect.unwrap_or(self.connect_timeout);
+        let mut sender = self.sender(addr, connect).await?;
         match sender.try_send_request(req).await {
             Ok(rsp) => Ok(rsp),
             Err(mut e) => match e.take_message() {
                 Some(req) if !self.is_usable(&sender) => {
-                    let mut sender = self.sender(addr).await?;
+                    let mut sender = self.sender(addr, connect).await?;
                     sender.send_request(req).await.map_err(|e| upstream(addr, &e))
                 }
                 _ => Err(upstream(addr, e.error())),
@@ -93,7 +137,7 @@ impl H2Pool {
         !s.is_closed()
     }
 
-    async fn sender(&self, addr: SocketAddr) -> Result<http2::SendRequest<Body>, ProxyError> {
+    async fn sender(&self, addr: SocketAddr, connect: Duration) -> Result<http2::SendRequest<Body>, ProxyError> {
         let slot = self.conns.lock().unwrap().entry(addr).or_default().clone();
         let mut guard = slot.lock().await;
         if let Some(s) = guard.as_ref()
@@ -101,16 +145,16 @@ impl H2Pool {
         {
             return Ok(s.clone());
         }
-        let s = self.connect(addr).await?;
+        let s = self.connect(addr, connect).await?;
         *guard = Some(s.clone());
         Ok(s)
     }
 
-    async fn connect(&self, addr: SocketAddr) -> Result<http2::SendRequest<Body>, ProxyError> {
+    async fn connect(&self, addr: SocketAddr, timeout: Duration) -> Result<http2::SendRequest<Body>, ProxyError> {
         let connect_err = |reason: String| ProxyError::Connect { addr, reason };
-        let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr))
+        let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
             .await
-            .map_err(|_| connect_err(format!("timed out after {:?}", self.connect_timeout)))?
+            .map_err(|_| connect_err(format!("timed out after {timeout:?}")))?
             .map_err(|e| connect_err(e.to_string()))?;
         let _ = stream.set_nodelay(true);
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())

@@ -244,6 +244,8 @@ pub struct Policy {
     pub port: Option<u16>,
     pub request_timeout: Option<Duration>,
     pub per_try_timeout: Option<Duration>,
+    pub upstream: crate::client::ConnectOpts,
+    pub stream_idle_timeout: Option<Duration>,
     pub retry: Option<RetryPolicy>,
     pub breaker: Option<BreakerPolicy>,
     pub outlier: Option<OutlierPolicy>,
@@ -579,6 +581,8 @@ impl TryFrom<&proto::ResiliencePolicy> for Policy {
             port: (port != 0).then_some(port),
             request_timeout: ms(p.request_timeout_ms),
             per_try_timeout: ms(p.per_try_timeout_ms),
+            upstream: crate::client::ConnectOpts { connect: ms(p.connect_timeout_ms), idle: ms(p.idle_timeout_ms) },
+            stream_idle_timeout: ms(p.stream_idle_timeout_ms),
             retry,
             breaker,
         })

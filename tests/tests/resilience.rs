@@ -336,3 +336,56 @@ async fn outlier_ejection_removes_a_bad_endpoint_and_respects_the_cap() {
         "{metrics}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_stream_is_reset_after_stream_idle() {
+    use futures_util::StreamExt;
+    use http_body_util::BodyExt;
+    let mesh = mesh_with("  timeouts: { streamIdle: 300ms }\n").await;
+    let req = http::Request::get(format!("http://{}/sse?n=2&every=60s", mesh.outbound()))
+        .header("host", "web.test")
+        .body(empty())
+        .unwrap();
+    let rsp = tokio::time::timeout(Duration::from_secs(10), http1().request(req)).await.unwrap().unwrap();
+    let mut body = rsp.into_body().into_data_stream();
+    let first = tokio::time::timeout(Duration::from_secs(10), body.next()).await.unwrap().unwrap().unwrap();
+    assert_eq!(&first[..], b"data: event 0\n\n");
+    let started = Instant::now();
+    // The next event is a minute away: the sidecar gives up on the stream after 300 ms.
+    let end = tokio::time::timeout(Duration::from_secs(10), body.next()).await.expect("the stalled stream must end");
+    assert!(end.is_none_or(|r| r.is_err()), "the stream should end early, not deliver");
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connect_timeout_applies_per_policy() {
+    // A listener that never accepts, with its accept queue full: new SYNs are dropped, so a
+    // connect hangs until the caller's timeout.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(1).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut fillers = Vec::new();
+    for _ in 0..4 {
+        if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_millis(300), tokio::net::TcpStream::connect(addr)).await
+        {
+            fillers.push(s);
+        }
+    }
+    let scratch = Scratch::new();
+    scratch.write("services.yaml", &service("test", "stuck", &[format!("{{ address: \"{addr}\" }}")]));
+    scratch.write(
+        "policy.yaml",
+        "apiVersion: weir.io/v1alpha1\nkind: ResiliencePolicy\nmetadata: { name: stuck, namespace: test }\nspec:\n  targetRef: { service: stuck }\n  timeouts: { connect: 250ms }\n",
+    );
+    let controller = scratch.controller(None).await;
+    let client = scratch.proxy(controller.addr("grpc"), "test/client", None).await;
+    wait_config(client.addr("admin"), "stuck service", |c| endpoint_count(c, "test", "stuck") == 1).await;
+    let started = Instant::now();
+    let r = send(&http1(), client.addr("outbound"), "GET", "stuck.test", "/", &[]).await.unwrap();
+    let took = started.elapsed();
+    assert_eq!(r.status, 502, "{}", r.body);
+    assert!(r.body.contains("timed out") || r.body.contains("timeout"), "{}", r.body);
+    assert!(took >= Duration::from_millis(240) && took < Duration::from_millis(950), "connect gave up after {took:?}");
+    drop(listener);
+}

@@ -10,7 +10,7 @@ use http::{HeaderValue, Request, Response, Version, header};
 use hyper::body::Incoming;
 
 use crate::body::{Body, ORIG_PROTO, boxed, strip_hop_by_hop};
-use crate::client::Clients;
+use crate::client::{Clients, ConnectOpts};
 use crate::errors::ProxyError;
 use crate::metrics::{Direction, Labels, Metrics};
 use crate::outbound::request_authority;
@@ -61,7 +61,7 @@ impl Inbound {
         let rsp = if version == Version::HTTP_2 {
             parts.uri = format!("http://{authority}{pq}").parse().map_err(|_| ProxyError::NoAuthority)?;
             parts.version = Version::HTTP_2;
-            self.clients.h2.send(app, Request::from_parts(parts, boxed(body))).await?
+            self.clients.h2.send(app, Request::from_parts(parts, boxed(body)), ConnectOpts::default()).await?
         } else {
             if parts.headers.get(header::HOST).is_none()
                 && let Ok(v) = HeaderValue::from_str(&authority)
@@ -69,7 +69,7 @@ impl Inbound {
                 parts.headers.insert(header::HOST, v);
             }
             parts.version = version;
-            self.clients.send_h1(app, Request::from_parts(parts, boxed(body))).await?
+            self.clients.send_h1(app, Request::from_parts(parts, boxed(body)), ConnectOpts::default()).await?
         };
         let (mut rparts, rbody) = rsp.into_parts();
         strip_hop_by_hop(&mut rparts.headers);

@@ -14,7 +14,7 @@ use tokio::task::JoinHandle;
 use weir_api::rt::Drain;
 
 use crate::body::{ORIG_PROTO, empty};
-use crate::client::Clients;
+use crate::client::{Clients, ConnectOpts};
 use crate::config::{Config, Endpoint, HealthPolicy};
 use crate::outbound::resilience::ResilienceMetrics;
 
@@ -154,12 +154,12 @@ async fn probe_once(p: &Probe, clients: &Clients) -> bool {
     let rsp = if p.meshed {
         *req.version_mut() = Version::HTTP_2;
         req.headers_mut().insert(ORIG_PROTO.clone(), HeaderValue::from_static("HTTP/1.1"));
-        clients.h2.send(p.addr, req).await
+        clients.h2.send(p.addr, req, ConnectOpts::default()).await
     } else {
         if let Ok(host) = HeaderValue::from_str(&p.authority) {
             req.headers_mut().insert(http::header::HOST, host);
         }
-        clients.send_h1(p.addr, req).await
+        clients.send_h1(p.addr, req, ConnectOpts::default()).await
     };
     rsp.is_ok_and(|r| r.status().is_success())
 }

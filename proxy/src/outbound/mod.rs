@@ -22,7 +22,7 @@ use tokio::sync::watch;
 
 use tokio::sync::OwnedSemaphorePermit;
 
-use crate::body::{Body, ORIG_PROTO, boxed, full, strip_hop_by_hop, with_guard};
+use crate::body::{Body, ORIG_PROTO, boxed, full, strip_hop_by_hop, with_guard, with_idle_timeout};
 use crate::client::Clients;
 use crate::config::{Abort, Config, Endpoint, HashKey, Policy, RateKey, RetryOn};
 use crate::errors::{ProxyError, grpc_error};
@@ -131,6 +131,7 @@ impl Outbound {
             authority: authority.to_string(),
             client,
         };
+        let call_idle = call.policy.as_ref().and_then(|p| p.stream_idle_timeout);
         let limited = self.limited(&call, parts, body);
         let result = match deadline {
             Some(after) => {
@@ -145,10 +146,13 @@ impl Outbound {
                 rparts.headers.remove(&ORIG_PROTO);
                 rparts.version = version;
                 self.metrics.request_finished(&labels, rparts.status.as_u16(), started.elapsed());
-                let body = match slot {
-                    Some(slot) => with_guard(boxed(rbody), slot),
-                    None => boxed(rbody),
-                };
+                let mut body = boxed(rbody);
+                if let Some(idle) = call_idle {
+                    body = with_idle_timeout(body, idle);
+                }
+                if let Some(slot) = slot {
+                    body = with_guard(body, slot);
+                }
                 (Response::from_parts(rparts, body), attempts)
             }
             Err((e, attempts)) => {
@@ -333,7 +337,11 @@ impl Outbound {
             .expect("endpoints is not empty");
             tried.push(endpoint.addr);
 
-            let send = self.send(call, endpoint, rebuild(&parts), body.next());
+            let mut request_body = body.next();
+            if let Some(idle) = policy.and_then(|p| p.stream_idle_timeout) {
+                request_body = with_idle_timeout(request_body, idle);
+            }
+            let send = self.send(call, endpoint, rebuild(&parts), request_body);
             let outcome = match per_try {
                 Some(after) => tokio::time::timeout(after, send).await.unwrap_or(Err(ProxyError::Timeout { after })),
                 None => send.await,
@@ -371,6 +379,7 @@ impl Outbound {
         body: Body,
     ) -> Result<Response<Incoming>, ProxyError> {
         let version = call.version;
+        let opts = call.policy.as_ref().map(|p| p.upstream).unwrap_or_default();
         if parts.headers.get(header::HOST).is_none()
             && version != Version::HTTP_2
             && let Ok(v) = HeaderValue::from_str(&call.authority)
@@ -385,9 +394,9 @@ impl Outbound {
             let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
             parts.uri = format!("http://{}{pq}", call.authority).parse().map_err(|_| ProxyError::NoAuthority)?;
             parts.version = Version::HTTP_2;
-            self.clients.h2.send(endpoint.addr, Request::from_parts(parts, body)).await
+            self.clients.h2.send(endpoint.addr, Request::from_parts(parts, body), opts).await
         } else {
-            self.clients.send_h1(endpoint.addr, Request::from_parts(parts, body)).await
+            self.clients.send_h1(endpoint.addr, Request::from_parts(parts, body), opts).await
         }
     }
 }
