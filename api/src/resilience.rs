@@ -215,8 +215,8 @@ fn default_pending_timeout() -> String {
     "1s".into()
 }
 
-/// A local token bucket on the calling side ("protect them"): `requestsPerSecond` refill,
-/// `burst` capacity, one bucket per key. Exceeded: 429 with `retry-after`; gRPC callers get
+/// A local token bucket: `requestsPerSecond` refill, `burst` capacity, one bucket per key;
+/// enforced by the callers (outbound) or by the Service's own sidecars (inbound). Exceeded: 429 with `retry-after`; gRPC callers get
 /// `RESOURCE_EXHAUSTED`.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -234,6 +234,18 @@ pub struct RateLimit {
     #[serde(default = "default_max_keys")]
     #[schemars(range(min = 1, max = 1000000))]
     pub max_keys: u32,
+    /// `Outbound` (default): each calling sidecar limits its own calls ("protect them").
+    /// `Inbound`: the sidecars of the Service's endpoints limit all calls they receive, from
+    /// any caller ("protect me").
+    #[serde(default)]
+    pub direction: Direction,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum Direction {
+    #[default]
+    Outbound,
+    Inbound,
 }
 
 fn default_max_keys() -> u32 {

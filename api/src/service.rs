@@ -55,6 +55,11 @@ pub struct LocalEndpoint {
     pub service_account: Option<String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// Name of the workload (in the Service's namespace) whose sidecar serves this endpoint,
+    /// as a Kubernetes EndpointSlice names its pod; that sidecar gets the Service's inbound
+    /// policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<String>,
     /// Relative share of traffic for weighted balancing (1–1000). Default 1.
     #[serde(default = "default_endpoint_weight")]
     pub weight: u32,
@@ -95,6 +100,9 @@ impl LocalServiceSpec {
             }
             if !(1..=1000).contains(&e.weight) {
                 return Err(FieldError::new(format!("{at}.weight"), "must be between 1 and 1000"));
+            }
+            if let Some(w) = &e.workload {
+                dns_label(&format!("{at}.workload"), w)?;
             }
             if let Some(sa) = &e.service_account {
                 dns_label(&format!("{at}.serviceAccount"), sa)?;

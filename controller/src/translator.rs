@@ -47,6 +47,7 @@ pub fn services(index: &Index) -> Vec<proto::Service> {
                     identity: e.service_account.clone().unwrap_or_default(),
                     labels: e.labels.clone().into_iter().collect(),
                     weight: e.weight,
+                    workload: e.workload.clone().unwrap_or_default(),
                 })
                 .collect(),
             rules: Vec::new(),
@@ -159,6 +160,7 @@ fn policy(ns: &str, name: &str, spec: &ResiliencePolicySpec) -> proto::Resilienc
             header: r.key.as_ref().and_then(|k| k.header.clone()).unwrap_or_default(),
             source_ip: r.key.as_ref().and_then(|k| k.source_ip).unwrap_or(false),
             max_keys: r.max_keys,
+            inbound: r.direction == weir_api::resilience::Direction::Inbound,
         }),
         faults: spec.faults.as_ref().map(|f| proto::Faults {
             delay_ms: f.delay.as_ref().map(|d| ms(&d.fixed)).unwrap_or(0),
@@ -210,6 +212,27 @@ fn named(m: &weir_api::route::NamedValueMatch) -> proto::NamedMatch {
             value: m.value.clone(),
         }),
     }
+}
+
+/// The inbound policy of workload `namespace/name`: inbound rate limits of the Services whose
+/// endpoints it serves.
+pub fn inbound_for(services: &[proto::Service], namespace: &str, name: &str) -> proto::InboundPolicy {
+    let mut out = proto::InboundPolicy::default();
+    for svc in services.iter().filter(|s| s.namespace == namespace) {
+        if !svc.endpoints.iter().any(|e| e.workload == name) {
+            continue;
+        }
+        for p in &svc.policies {
+            if let Some(limit) = p.rate_limit.as_ref().filter(|l| l.inbound) {
+                out.rate_limits.push(proto::InboundRateLimit {
+                    policy: p.name.clone(),
+                    service: format!("{}/{}", svc.namespace, svc.name),
+                    limit: Some(limit.clone()),
+                });
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]

@@ -28,6 +28,8 @@ pub struct Config {
     pub services: HashMap<ServiceKey, Arc<Service>>,
     /// Every accepted host name (`svc`, `svc.ns`, `svc.ns.svc`, `svc.ns.svc.cluster.local`).
     by_host: HashMap<String, Arc<Service>>,
+    /// Limits on traffic this sidecar's workload receives.
+    pub inbound: Vec<InboundLimit>,
     /// The protocol message, kept for `/config`.
     pub source: proto::Snapshot,
 }
@@ -147,7 +149,17 @@ impl Config {
                 by_host.insert(name.clone(), svc.clone());
             }
         }
-        Ok(Config { version: snapshot.version.clone(), services, by_host, source: snapshot })
+        let mut inbound = Vec::new();
+        for l in snapshot.inbound.iter().flat_map(|i| &i.rate_limits) {
+            let limit = l.limit.as_ref().ok_or_else(|| InvalidSnapshot::Service {
+                service: l.service.clone(),
+                message: format!("inbound rate limit of {} has no limit", l.policy),
+            })?;
+            let limit = rate_limit(limit)
+                .map_err(|message| InvalidSnapshot::Service { service: l.service.clone(), message })?;
+            inbound.push(InboundLimit { policy: l.policy.clone().into(), service: l.service.clone().into(), limit });
+        }
+        Ok(Config { version: snapshot.version.clone(), services, by_host, inbound, source: snapshot })
     }
 }
 
@@ -471,27 +483,10 @@ impl TryFrom<&proto::ResiliencePolicy> for Policy {
                 pending_timeout: Duration::from_millis(b.pending_timeout_ms),
             }),
         };
+        // Inbound limits are enforced by the Service's own sidecars (see `Config::inbound`).
         let rate_limit = match &p.rate_limit {
-            None => None,
-            Some(r) => {
-                if r.requests_per_second == 0 || r.max_keys == 0 {
-                    return Err("rate limit rate and maxKeys must be at least 1".into());
-                }
-                let key = match (r.header.as_str(), r.source_ip) {
-                    ("", false) => RateKey::Whole,
-                    ("", true) => RateKey::SourceIp,
-                    (h, false) => RateKey::Header(
-                        HeaderName::from_bytes(h.as_bytes()).map_err(|_| format!("invalid rate limit header {h:?}"))?,
-                    ),
-                    (_, true) => return Err("rate limit key: header and source IP are exclusive".into()),
-                };
-                Some(RateLimitPolicy {
-                    per_second: r.requests_per_second,
-                    burst: r.burst.max(1),
-                    key,
-                    max_keys: r.max_keys,
-                })
-            }
+            Some(r) if !r.inbound => Some(rate_limit(r)?),
+            _ => None,
         };
         let faults = match &p.faults {
             None => None,
@@ -589,6 +584,29 @@ impl TryFrom<&proto::ResiliencePolicy> for Policy {
     }
 }
 
+fn rate_limit(r: &proto::RateLimit) -> Result<RateLimitPolicy, String> {
+    if r.requests_per_second == 0 || r.max_keys == 0 {
+        return Err("rate limit rate and maxKeys must be at least 1".into());
+    }
+    let key = match (r.header.as_str(), r.source_ip) {
+        ("", false) => RateKey::Whole,
+        ("", true) => RateKey::SourceIp,
+        (h, false) => RateKey::Header(
+            HeaderName::from_bytes(h.as_bytes()).map_err(|_| format!("invalid rate limit header {h:?}"))?,
+        ),
+        (_, true) => return Err("rate limit key: header and source IP are exclusive".into()),
+    };
+    Ok(RateLimitPolicy { per_second: r.requests_per_second, burst: r.burst.max(1), key, max_keys: r.max_keys })
+}
+
+/// A rate limit this sidecar enforces on traffic it receives.
+#[derive(Debug, Clone)]
+pub struct InboundLimit {
+    pub policy: Arc<str>,
+    pub service: ServiceKey,
+    pub limit: RateLimitPolicy,
+}
+
 fn str_match(m: &proto::StringMatch, is_path: bool) -> Result<StrMatch, String> {
     match proto::MatchKind::try_from(m.kind) {
         Ok(proto::MatchKind::Exact) => Ok(StrMatch::Exact(m.value.clone())),
@@ -632,6 +650,7 @@ mod tests {
                 }],
                 policies: vec![],
             }],
+            inbound: None,
         }
     }
 

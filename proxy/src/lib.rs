@@ -189,7 +189,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         health: health.clone(),
         metrics: metrics.clone(),
     };
-    let inb = inbound::Inbound::new(args.app_addr, clients, metrics.clone(), &workload);
+    let inb = inbound::Inbound::new(args.app_addr, clients, metrics.clone(), &workload, config_rx.clone(), resilience);
     let grace = args.shutdown_grace;
     let outbound_task = tokio::spawn(server::serve(
         outbound_l,

@@ -72,6 +72,7 @@ fn snapshot(version: &str, backend: std::net::SocketAddr, match_kind: i32) -> pr
             }],
             policies: vec![],
         }],
+        inbound: None,
     }
 }
 

@@ -389,3 +389,51 @@ async fn the_connect_timeout_applies_per_policy() {
     assert!(took >= Duration::from_millis(240) && took < Duration::from_millis(950), "connect gave up after {took:?}");
     drop(listener);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inbound_rate_limit_protects_the_server_from_every_caller() {
+    let mesh = TwoVersions::start(&split_route(1, 0)).await;
+    // web-v1's endpoint names its workload, so web-v1's sidecar gets the Service's inbound policy.
+    let s1 = mesh.sidecars[0].addr("inbound");
+    let s2 = mesh.sidecars[1].addr("inbound");
+    mesh.scratch.write(
+        "services.yaml",
+        &format!(
+            "{}{}{}",
+            service("test", "web", &[]),
+            service("test", "web-v1", &[format!("{{ address: \"{s1}\", meshed: true, workload: web-v1 }}")]),
+            service("test", "web-v2", &[meshed(s2)]),
+        ),
+    );
+    mesh.scratch.write(
+        "policy.yaml",
+        "apiVersion: weir.io/v1alpha1\nkind: ResiliencePolicy\nmetadata: { name: web-v1, namespace: test }\nspec:\n  targetRef: { service: web-v1 }\n  rateLimit: { requestsPerSecond: 1, burst: 10, direction: Inbound }\n",
+    );
+    let server_admin = mesh.sidecars[0].addr("admin");
+    wait_config(server_admin, "the inbound limit", |c| {
+        c["snapshot"]["inbound"]["rate_limits"][0]["policy"] == "test/web-v1"
+    })
+    .await;
+    // Only the server's sidecar holds it; callers do not limit themselves.
+    let client_config = admin_json(mesh.client.addr("admin"), "/config").await;
+    assert!(client_config["snapshot"]["inbound"]["rate_limits"].as_array().is_none_or(|l| l.is_empty()));
+
+    // Two callers, one through the mesh and one plain, share the server's bucket of 10.
+    let (mut ok, mut limited) = (0, 0);
+    for i in 0..30 {
+        let r = if i % 2 == 0 {
+            send(&http1(), mesh.outbound(), "GET", "web.test", "/", &[]).await.unwrap()
+        } else {
+            send(&http1(), s1, "GET", "web-v1.test", "/", &[]).await.unwrap()
+        };
+        match r.status {
+            200 => ok += 1,
+            429 => limited += 1,
+            s => panic!("unexpected {s}: {}", r.body),
+        }
+    }
+    // 10 of burst plus at most a couple refilled at 1/s while the 30 requests run.
+    assert!((10..=13).contains(&ok), "{ok} allowed, {limited} limited");
+    let metrics = admin_text(server_admin, "/metrics").await;
+    assert!(metrics.contains("weir_rate_limited_total{direction=\"inbound\",service=\"test/web-v1\"}"), "{metrics}");
+}

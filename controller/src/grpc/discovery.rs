@@ -92,18 +92,21 @@ impl Session {
         let mut state_rx = svc.state.clone();
         let drain = svc.drain.clone().signaled();
         tokio::pin!(drain);
-        let mut last_sent: Option<Arc<Vec<proto::Service>>> = None;
+        let mut last_sent: Option<View> = None;
         let mut pending: Option<Pending> = None;
         loop {
             let state = state_rx.borrow_and_update().clone();
             let view = view_for(&hello, &state);
-            let unchanged = last_sent.as_ref().is_some_and(|l| Arc::ptr_eq(l, &view) || **l == *view);
+            let unchanged = last_sent.as_ref().is_some_and(|l| {
+                (Arc::ptr_eq(&l.services, &view.services) || l.services == view.services) && l.inbound == view.inbound
+            });
             if !unchanged {
                 let version = state.generation.to_string();
                 let msg = proto::ControllerMessage {
                     msg: Some(controller_message::Msg::Snapshot(proto::Snapshot {
                         version: version.clone(),
-                        services: (*view).clone(),
+                        services: (*view.services).clone(),
+                        inbound: Some(view.inbound.clone()),
                     })),
                 };
                 tokio::select! {
@@ -172,8 +175,17 @@ fn handle(svc: &DiscoveryService, id: u64, workload: &str, m: proto::ProxyMessag
     }
 }
 
-/// What one sidecar receives. Every sidecar may call every Service today; per-workload
-/// scoping (namespaces it may call, never other workloads' inbound policy) plugs in here.
-fn view_for(_hello: &proto::Hello, state: &MeshState) -> Arc<Vec<proto::Service>> {
-    state.services.clone()
+/// What one sidecar receives: every Service it may call (all of them today; per-namespace
+/// scoping plugs in here) and only its own workload's inbound policy.
+#[derive(PartialEq)]
+struct View {
+    services: Arc<Vec<proto::Service>>,
+    inbound: proto::InboundPolicy,
+}
+
+fn view_for(hello: &proto::Hello, state: &MeshState) -> View {
+    View {
+        services: state.services.clone(),
+        inbound: crate::translator::inbound_for(&state.services, &hello.namespace, &hello.name),
+    }
 }

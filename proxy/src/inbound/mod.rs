@@ -10,10 +10,14 @@ use http::{HeaderValue, Request, Response, Version, header};
 use hyper::body::Incoming;
 
 use crate::body::{Body, ORIG_PROTO, boxed, strip_hop_by_hop};
+use tokio::sync::watch;
+
 use crate::client::{Clients, ConnectOpts};
+use crate::config::{Config, InboundLimit, RateKey};
 use crate::errors::ProxyError;
 use crate::metrics::{Direction, Labels, Metrics};
 use crate::outbound::request_authority;
+use crate::outbound::resilience::Resilience;
 
 #[derive(Clone)]
 pub struct Inbound {
@@ -21,18 +25,35 @@ pub struct Inbound {
     pub clients: Clients,
     pub metrics: Metrics,
     pub labels: Labels,
+    pub config: watch::Receiver<Option<Arc<Config>>>,
+    pub resilience: Resilience,
 }
 
 impl Inbound {
-    pub fn new(app: Option<SocketAddr>, clients: Clients, metrics: Metrics, workload: &str) -> Self {
+    pub fn new(
+        app: Option<SocketAddr>,
+        clients: Clients,
+        metrics: Metrics,
+        workload: &str,
+        config: watch::Receiver<Option<Arc<Config>>>,
+        resilience: Resilience,
+    ) -> Self {
         let me: Arc<str> = workload.into();
         let labels = Labels { direction: Direction::Inbound, service: me.clone(), route: "".into(), backend: me };
-        Self { app, clients, metrics, labels }
+        Self { app, clients, metrics, labels, config, resilience }
     }
 
-    pub async fn handle(self, req: Request<Incoming>, _client: SocketAddr) -> Response<Body> {
+    pub async fn handle(self, req: Request<Incoming>, client: SocketAddr) -> Response<Body> {
         let started = Instant::now();
         self.metrics.request_started(&self.labels);
+        if let Some(e) = self.rate_limited(&req, client) {
+            let grpc =
+                req.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+            let status = e.status().as_u16();
+            let rsp = e.into_response_for(grpc);
+            self.metrics.request_finished(&self.labels, status, started.elapsed());
+            return rsp;
+        }
         let result = self.forward(req).await;
         let rsp = match result {
             Ok(rsp) => rsp,
@@ -43,6 +64,36 @@ impl Inbound {
         };
         self.metrics.request_finished(&self.labels, rsp.status().as_u16(), started.elapsed());
         rsp
+    }
+
+    /// The inbound rate limits of the Service the request is for (all of this workload's, when
+    /// the authority names none of them).
+    fn rate_limited(&self, req: &Request<Incoming>, client: SocketAddr) -> Option<ProxyError> {
+        let config = self.config.borrow().clone()?;
+        if config.inbound.is_empty() {
+            return None;
+        }
+        let host = req.uri().host().map(str::to_string).or_else(|| {
+            let h = req.headers().get(header::HOST)?.to_str().ok()?;
+            h.parse::<http::uri::Authority>().ok().map(|a| a.host().to_string())
+        });
+        let target = host.as_deref().and_then(|h| config.lookup(h)).map(|s| s.key.clone());
+        let applies = |l: &&InboundLimit| match &target {
+            Some(t) if config.inbound.iter().any(|l| &l.service == t) => &l.service == t,
+            _ => true,
+        };
+        for l in config.inbound.iter().filter(applies) {
+            let key = match &l.limit.key {
+                RateKey::Whole => String::new(),
+                RateKey::Header(h) => req.headers().get(h).and_then(|v| v.to_str().ok()).unwrap_or("").to_string(),
+                RateKey::SourceIp => client.ip().to_string(),
+            };
+            if let Err(retry_after) = self.resilience.limiter(&l.policy, &l.limit).check(&key) {
+                self.resilience.metrics.rate_limited.with_label_values(&[&*l.service, "inbound"]).inc();
+                return Some(ProxyError::RateLimited { retry_after });
+            }
+        }
+        None
     }
 
     async fn forward(&self, req: Request<Incoming>) -> Result<Response<Body>, ProxyError> {
