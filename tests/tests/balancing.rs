@@ -136,3 +136,22 @@ async fn active_health_checks_take_a_failing_endpoint_out_and_bring_it_back() {
     let counts = pool.shares(20).await;
     assert_eq!(counts.get("b1"), Some(&10), "round robin over both again: {counts:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_goes_to_another_endpoint() {
+    let pool = pool(&[1, 1], "{ algorithm: RoundRobin }").await;
+    pool.scratch.write(
+        "policy.yaml",
+        "apiVersion: weir.io/v1alpha1\nkind: ResiliencePolicy\nmetadata: { name: pool, namespace: test }\nspec:\n  targetRef: { service: pool }\n  loadBalancer: { algorithm: RoundRobin }\n  retries: { attempts: 1, retryOn: [gateway-error], budget: { percent: 100 } }\n",
+    );
+    wait_config(pool.client.addr("admin"), "retry policy", |c| c.to_string().contains("\"retries\":1")).await;
+    pool.backends[0].behaviour.set_fail_status(503);
+    pool.backends[0].behaviour.set_fail_rate(1.0);
+    // Every request that lands on the failing endpoint is retried once, on the other one.
+    for _ in 0..100 {
+        assert_eq!(pool.get(&[]).await, "b1");
+    }
+    let failed_attempts = pool.backends[0].behaviour.served.load(std::sync::atomic::Ordering::Relaxed);
+    // Round robin keeps sending first attempts to b0 too (the retries prove they were needed).
+    assert!(failed_attempts >= 20, "only {failed_attempts} attempts reached the failing endpoint");
+}
