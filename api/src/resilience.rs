@@ -194,6 +194,12 @@ fn default_max_ejected() -> u32 {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Bulkhead {
+    /// HTTP/1.1 connections to the backend's unmeshed endpoints at once; a request waits up to
+    /// the connect timeout for one to free. Default: no limit. (Towards meshed endpoints there
+    /// is one multiplexed HTTP/2 connection per endpoint anyway.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000000))]
+    pub max_connections: Option<u32>,
     /// Requests in flight to the backend at once. Default 1024.
     #[serde(default = "default_max_in_flight")]
     #[schemars(range(min = 1, max = 1000000))]
@@ -636,6 +642,9 @@ impl ResiliencePolicySpec {
         if let Some(b) = &self.bulkhead {
             if b.max_in_flight == 0 {
                 return Err(FieldError::new("spec.bulkhead.maxInFlight", "must be at least 1"));
+            }
+            if b.max_connections == Some(0) {
+                return Err(FieldError::new("spec.bulkhead.maxConnections", "must be at least 1"));
             }
             positive_duration("spec.bulkhead.pendingTimeout", &b.pending_timeout)?;
         }

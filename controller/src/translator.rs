@@ -153,6 +153,7 @@ fn policy(ns: &str, name: &str, spec: &ResiliencePolicySpec) -> proto::Resilienc
             max_in_flight: b.max_in_flight,
             max_pending: b.max_pending,
             pending_timeout_ms: ms(&b.pending_timeout),
+            max_connections: b.max_connections.unwrap_or(0),
         }),
         rate_limit: spec.rate_limit.as_ref().map(|r| proto::RateLimit {
             requests_per_second: r.requests_per_second,

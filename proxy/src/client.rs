@@ -26,23 +26,125 @@ use crate::errors::{ProxyError, chain, is_refused_stream};
 type Slot = Arc<tokio::sync::Mutex<Option<http2::SendRequest<Body>>>>;
 
 /// Per-policy overrides of how upstream connections are made and kept.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct ConnectOpts {
     pub connect: Option<Duration>,
     pub idle: Option<Duration>,
+    /// At most this many HTTP/1.1 connections, shared by every request with the same key
+    /// (policy and backend); a request waits up to the connect timeout for one to free.
+    pub limit: Option<(Arc<str>, u32)>,
 }
 
 /// Default time an unused HTTP/1.1 upstream connection is kept.
 const DEFAULT_IDLE: Duration = Duration::from_secs(90);
 
-type H1 = legacy::Client<HttpConnector, Body>;
+type H1 = legacy::Client<LimitedConnector, Body>;
+type PoolKey = (Duration, Duration, Option<(Arc<str>, u32)>);
 
 #[derive(Clone)]
 pub struct Clients {
     pub h2: H2Pool,
     connect_timeout: Duration,
-    /// One HTTP/1.1 pool per distinct (connect, idle) setting; the first is the default.
-    h1: Arc<Mutex<HashMap<(Duration, Duration), H1>>>,
+    /// One HTTP/1.1 pool per distinct (connect, idle, limit) setting.
+    h1: Arc<Mutex<HashMap<PoolKey, H1>>>,
+}
+
+/// Makes TCP connections, at most `slots` open at once when set; each connection holds its
+/// slot until it closes.
+#[derive(Clone)]
+pub struct LimitedConnector {
+    inner: HttpConnector,
+    slots: Option<Arc<tokio::sync::Semaphore>>,
+    wait: Duration,
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl tower_service::Service<http::Uri> for LimitedConnector {
+    type Response = LimitedConn;
+    type Error = BoxError;
+    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<LimitedConn, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let mut inner = self.inner.clone();
+        let (slots, wait) = (self.slots.clone(), self.wait);
+        Box::pin(async move {
+            let permit = match slots {
+                Some(s) => Some(
+                    tokio::time::timeout(wait, s.acquire_owned())
+                        .await
+                        .map_err(|_| MaxConnections)?
+                        .map_err(|_| "connection limit closed")?,
+                ),
+                None => None,
+            };
+            let io = inner.call(uri).await?;
+            Ok(LimitedConn { io, _permit: permit })
+        })
+    }
+}
+
+/// Every connection slot stayed taken for the whole connect timeout.
+#[derive(Debug, thiserror::Error)]
+#[error("max connections reached")]
+pub struct MaxConnections;
+
+/// A connection and the slot it holds.
+pub struct LimitedConn {
+    io: TokioIo<TcpStream>,
+    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl hyper::rt::Read for LimitedConn {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for LimitedConn {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+}
+
+impl hyper_util::client::legacy::connect::Connection for LimitedConn {
+    fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
+        self.io.connected()
+    }
 }
 
 /// Most distinct HTTP/1.1 pools; settings come from configuration, this is a backstop.
@@ -53,8 +155,8 @@ impl Clients {
         Self { h2: H2Pool::new(connect_timeout), connect_timeout, h1: Arc::default() }
     }
 
-    fn h1_pool(&self, opts: ConnectOpts) -> H1 {
-        let key = (opts.connect.unwrap_or(self.connect_timeout), opts.idle.unwrap_or(DEFAULT_IDLE));
+    fn h1_pool(&self, opts: &ConnectOpts) -> H1 {
+        let key = (opts.connect.unwrap_or(self.connect_timeout), opts.idle.unwrap_or(DEFAULT_IDLE), opts.limit.clone());
         let mut g = self.h1.lock().unwrap();
         if let Some(c) = g.get(&key) {
             return c.clone();
@@ -66,6 +168,8 @@ impl Clients {
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(key.0));
         connector.enforce_http(true);
+        let slots = key.2.as_ref().map(|(_, max)| Arc::new(tokio::sync::Semaphore::new(*max as usize)));
+        let connector = LimitedConnector { inner: connector, slots, wait: key.0 };
         let client = legacy::Client::builder(TokioExecutor::new())
             .pool_idle_timeout(key.1)
             .pool_max_idle_per_host(256)
@@ -85,7 +189,14 @@ impl Clients {
     ) -> Result<Response<Incoming>, ProxyError> {
         let pq = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
         *req.uri_mut() = format!("http://{addr}{pq}").parse().expect("ip:port and a valid path form a URI");
-        self.h1_pool(opts).request(req).await.map_err(|e| {
+        self.h1_pool(&opts).request(req).await.map_err(|e| {
+            let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+            while let Some(c) = cause {
+                if c.is::<MaxConnections>() {
+                    return ProxyError::MaxConnections { addr };
+                }
+                cause = c.source();
+            }
             let mut reason = chain(&e);
             if e.is_connect() && reason.contains("deadline has elapsed") {
                 reason = format!("timed out after {:?}", opts.connect.unwrap_or(self.connect_timeout));

@@ -314,6 +314,7 @@ pub struct OutlierPolicy {
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct BulkheadPolicy {
+    pub max_connections: Option<u32>,
     pub max_in_flight: u32,
     pub max_pending: u32,
     pub pending_timeout: Duration,
@@ -478,6 +479,7 @@ impl TryFrom<&proto::ResiliencePolicy> for Policy {
             None => None,
             Some(b) if b.max_in_flight == 0 => return Err("bulkhead maxInFlight must be at least 1".into()),
             Some(b) => Some(BulkheadPolicy {
+                max_connections: (b.max_connections > 0).then_some(b.max_connections),
                 max_in_flight: b.max_in_flight,
                 max_pending: b.max_pending,
                 pending_timeout: Duration::from_millis(b.pending_timeout_ms),
@@ -576,7 +578,11 @@ impl TryFrom<&proto::ResiliencePolicy> for Policy {
             port: (port != 0).then_some(port),
             request_timeout: ms(p.request_timeout_ms),
             per_try_timeout: ms(p.per_try_timeout_ms),
-            upstream: crate::client::ConnectOpts { connect: ms(p.connect_timeout_ms), idle: ms(p.idle_timeout_ms) },
+            upstream: crate::client::ConnectOpts {
+                connect: ms(p.connect_timeout_ms),
+                idle: ms(p.idle_timeout_ms),
+                limit: None,
+            },
             stream_idle_timeout: ms(p.stream_idle_timeout_ms),
             retry,
             breaker,

@@ -28,6 +28,8 @@ pub enum ProxyError {
     CircuitOpen { backend: String },
     #[error("bulkhead full for backend {backend}")]
     BulkheadFull { backend: String },
+    #[error("bulkhead full: max connections to {addr} reached")]
+    MaxConnections { addr: SocketAddr },
     #[error("rate limited")]
     RateLimited { retry_after: Duration },
     #[error("fault injected")]
@@ -46,7 +48,9 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::NoAuthority | ProxyError::ClientBody { .. } => StatusCode::BAD_REQUEST,
-            ProxyError::CircuitOpen { .. } | ProxyError::BulkheadFull { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::CircuitOpen { .. } | ProxyError::BulkheadFull { .. } | ProxyError::MaxConnections { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::FaultAbort { status } => *status,
             ProxyError::UnknownService { .. } | ProxyError::NoSuchPort { .. } => StatusCode::NOT_FOUND,

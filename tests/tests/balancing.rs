@@ -155,3 +155,34 @@ async fn a_retry_goes_to_another_endpoint() {
     // Round robin keeps sending first attempts to b0 too (the retries prove they were needed).
     assert!(failed_attempts >= 20, "only {failed_attempts} attempts reached the failing endpoint");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_connections_caps_http1_connections_to_a_backend() {
+    let pool = pool(&[1], "").await;
+    pool.scratch.write(
+        "policy.yaml",
+        "apiVersion: weir.io/v1alpha1\nkind: ResiliencePolicy\nmetadata: { name: pool, namespace: test }\nspec:\n  targetRef: { service: pool }\n  timeouts: { connect: 300ms }\n  bulkhead: { maxConnections: 2 }\n",
+    );
+    wait_config(pool.client.addr("admin"), "max connections", |c| c.to_string().contains("\"max_connections\":2"))
+        .await;
+    let b = &pool.backends[0].behaviour;
+    b.set_latency(Duration::from_secs(2));
+    let via = pool.client.addr("outbound");
+    let slow: Vec<_> =
+        (0..2).map(|_| tokio::spawn(async move { send(&http1(), via, "GET", "pool.test", "/", &[]).await })).collect();
+    wait_until("two requests in flight", Duration::from_secs(10), || async {
+        b.served.load(std::sync::atomic::Ordering::Relaxed) >= 2
+    })
+    .await;
+    // A third concurrent request finds no connection free within the connect timeout.
+    let r = send(&http1(), via, "GET", "pool.test", "/", &[]).await.unwrap();
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert!(r.body.contains("max connections"), "{}", r.body);
+    assert_eq!(b.served.load(std::sync::atomic::Ordering::Relaxed), 2);
+    b.set_latency(Duration::ZERO);
+    for s in slow {
+        assert_eq!(s.await.unwrap().unwrap().status, 200);
+    }
+    // Pooled connections are reused afterwards.
+    assert_eq!(pool.get(&[]).await, "b0");
+}

@@ -379,7 +379,16 @@ impl Outbound {
         body: Body,
     ) -> Result<Response<Incoming>, ProxyError> {
         let version = call.version;
-        let opts = call.policy.as_ref().map(|p| p.upstream).unwrap_or_default();
+        let mut opts = call.policy.as_ref().map(|p| p.upstream.clone()).unwrap_or_default();
+        // Connection limits apply to HTTP/1.1 pools; towards a peer sidecar (or over h2c)
+        // there is one multiplexed connection per endpoint anyway.
+        if !endpoint.meshed
+            && version != Version::HTTP_2
+            && let Some(p) = &call.policy
+            && let Some(max) = p.bulkhead.and_then(|b| b.max_connections)
+        {
+            opts.limit = Some((format!("{}|{}", p.name, call.target.backend).into(), max));
+        }
         if parts.headers.get(header::HOST).is_none()
             && version != Version::HTTP_2
             && let Ok(v) = HeaderValue::from_str(&call.authority)
