@@ -8,10 +8,11 @@ weights show. Prints p50/p90/max and the controller's own push-latency histogram
 
     cargo build --release && python3 bench/propagation.py [--writes 50]
 """
-import argparse, json, os, signal, subprocess, sys, tempfile, time, urllib.request
+import argparse, json, os, sys, tempfile, time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.join(ROOT, "target", "release")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from weirbench import BIN, get, start, stop, write_atomic  # noqa: E402
+
 
 SERVICES = """kind: Service
 metadata: {name: web, namespace: bench}
@@ -35,22 +36,8 @@ spec:
   - backendRefs: [{{name: web-v1, weight: {w1}}}, {{name: web-v2, weight: {w2}}}]
 """
 
-def write_atomic(path, text):
-    tmp = path + ".tmp~"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.rename(tmp, path)
 
-def start(args, log):
-    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=open(log, "w"), text=True)
-    line = p.stdout.readline()
-    if not line:
-        raise SystemExit(f"{args[0]} did not start; see {log}")
-    return p, json.loads(line)
 
-def get(url):
-    with urllib.request.urlopen(url, timeout=5) as r:
-        return r.read().decode()
 
 def weights(admin):
     cfg = json.loads(get(f"http://{admin}/config"))
@@ -103,13 +90,7 @@ def main():
             if line.startswith("weir_controller_push_latency_seconds_sum") or line.startswith("weir_controller_push_latency_seconds_count"):
                 print(line)
     finally:
-        for p in reversed(procs):
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop(procs)
 
 if __name__ == "__main__":
     main()

@@ -10,10 +10,11 @@ microseconds per request, then the full/none ratios. Stops every process it star
     cargo build --release && python3 bench/resilience_cost.py [--seconds 10]
 Needs wrk (Debian package `wrk`).
 """
-import argparse, json, os, re, shutil, signal, subprocess, tempfile, time, urllib.request
+import argparse, json, os, re, shutil, subprocess, sys, tempfile, time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.join(ROOT, "target", "release")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from weirbench import BIN, get, start, stop, write_atomic  # noqa: E402
+
 TICK = os.sysconf("SC_CLK_TCK")
 
 FULL_POLICY = """apiVersion: weir.io/v1alpha1
@@ -31,21 +32,8 @@ spec:
   healthCheck: {path: /, interval: 1s}
 """
 
-def write_atomic(path, text):
-    with open(path + ".tmp~", "w") as f:
-        f.write(text)
-    os.rename(path + ".tmp~", path)
 
-def start(args, log):
-    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=open(log, "w"), text=True)
-    line = p.stdout.readline()
-    if not line:
-        raise SystemExit(f"{args[0]} did not start; see {log}")
-    return p, json.loads(line)
 
-def get(url):
-    with urllib.request.urlopen(url, timeout=5) as r:
-        return r.read().decode()
 
 def cpu_seconds(pid):
     fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
@@ -121,13 +109,7 @@ def main():
         print(f"full/none: p50 x{f['lat']['50'] / n['lat']['50']:.2f}, p99 x{f['lat']['99'] / n['lat']['99']:.2f}, "
               f"throughput x{f['rps'] / n['rps']:.2f}, CPU/request x{f['cpu_us_per_req'] / n['cpu_us_per_req']:.2f}")
     finally:
-        for p in reversed(procs):
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop(procs)
         shutil.rmtree(tmp, ignore_errors=True)
 
 if __name__ == "__main__":

@@ -201,54 +201,27 @@ impl Index {
             }
         }
 
-        // Cross-object checks: a Route must point at Services that exist.
+        // Cross-object checks: a Route must point at Services that exist; a ResiliencePolicy
+        // at a Service (and rule) that exist.
         let services: BTreeSet<(String, String)> =
             next.keys().filter(|k| k.kind == Kind::Service).map(|k| (k.namespace.clone(), k.name.clone())).collect();
-        let routes: Vec<ResourceKey> = next.keys().filter(|k| k.kind == Kind::Route).cloned().collect();
-        for key in routes {
+        // A carried-over version is not re-judged.
+        let to_check: Vec<ResourceKey> =
+            next.keys().filter(|k| k.kind != Kind::Service && !keep_previous.contains(*k)).cloned().collect();
+        for key in to_check {
             let entry = &next[&key];
-            let Resource::Route(spec) = &entry.resource else {
-                continue;
+            let problem = match &entry.resource {
+                Resource::Route(spec) => missing_service(&key.namespace, spec, &services),
+                Resource::ResiliencePolicy(spec) => missing_policy_target(&key.namespace, spec, &next),
+                Resource::Service(_) => None,
             };
-            if keep_previous.contains(&key) {
-                continue; // a carried-over version is not re-judged
+            let Some(problem) = problem else { continue };
+            let origin = entry.origin.clone();
+            next.remove(&key);
+            if let Some(prev) = self.entries.get(&key) {
+                next.insert(key.clone(), prev.clone());
             }
-            if let Some(problem) = missing_service(&key.namespace, spec, &services) {
-                let origin = entry.origin.clone();
-                next.remove(&key);
-                if let Some(prev) = self.entries.get(&key) {
-                    next.insert(key.clone(), prev.clone());
-                }
-                rejections.push(Rejection {
-                    origin,
-                    resource: Some(key),
-                    field: problem.field,
-                    message: problem.message,
-                });
-            }
-        }
-
-        // A ResiliencePolicy must target a Service that exists (and a rule that exists).
-        let policies: Vec<ResourceKey> = next.keys().filter(|k| k.kind == Kind::ResiliencePolicy).cloned().collect();
-        for key in policies {
-            let entry = &next[&key];
-            let Resource::ResiliencePolicy(spec) = &entry.resource else { continue };
-            if keep_previous.contains(&key) {
-                continue;
-            }
-            if let Some(problem) = missing_policy_target(&key.namespace, spec, &next) {
-                let origin = entry.origin.clone();
-                next.remove(&key);
-                if let Some(prev) = self.entries.get(&key) {
-                    next.insert(key.clone(), prev.clone());
-                }
-                rejections.push(Rejection {
-                    origin,
-                    resource: Some(key),
-                    field: problem.field,
-                    message: problem.message,
-                });
-            }
+            rejections.push(Rejection { origin, resource: Some(key), field: problem.field, message: problem.message });
         }
 
         // Versions: unchanged content keeps its version.
