@@ -2,7 +2,7 @@
 //! and hands the descriptors to tonic's code generator.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/weir/v1/discovery.proto"];
+    let protos = ["proto/weir/v1/discovery.proto", "proto/weir/v1/identity.proto"];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
     }

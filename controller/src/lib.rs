@@ -7,6 +7,7 @@
 //! - [`translator`]: index → the protocol's view of the mesh.
 //! - [`state`]: the published view, shared through a `watch` channel.
 //! - [`grpc`]: the Discovery server (one session per sidecar).
+//! - [`identity`]: the certificate authority and `weir.v1.Identity/Certify`.
 //! - [`proxies`]: the registry of connected sidecars and what each acked.
 //! - [`reports`]: traffic reports aggregated from the sidecars.
 //! - [`admin`]: `/live`, `/ready`, `/metrics`, `/resources`, `/stats`.
@@ -15,6 +16,7 @@
 
 pub mod admin;
 pub mod grpc;
+pub mod identity;
 pub mod index;
 pub mod metrics;
 pub mod proxies;
@@ -65,6 +67,20 @@ pub struct Args {
     /// Print the bound addresses as one JSON line on stdout once listening (for scripts and tests).
     #[arg(long)]
     pub print_listen_addrs: bool,
+    /// Serve workload identities: the trust anchor and issuer live here (generated once when
+    /// the directory is empty).
+    #[arg(long, env = "WEIR_IDENTITY_DIR")]
+    pub identity_dir: Option<PathBuf>,
+    /// Local mode's token table (`TOKEN NAMESPACE/SERVICEACCOUNT` lines); required with
+    /// --identity-dir in local mode.
+    #[arg(long, env = "WEIR_TOKENS")]
+    pub tokens: Option<PathBuf>,
+    /// Trust domain of the SPIFFE IDs issued.
+    #[arg(long, env = "WEIR_TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+    /// Lifetime of issued workload certificates.
+    #[arg(long, env = "WEIR_CERT_LIFETIME", default_value = "24h", value_parser = parse_duration)]
+    pub cert_lifetime: Duration,
 }
 
 #[derive(Subcommand, Debug, Clone)]
@@ -157,6 +173,24 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         }
     });
 
+    let identity = match (&args.identity_dir, &args.tokens) {
+        (None, _) => None,
+        (Some(_), None) => {
+            anyhow::bail!("--identity-dir needs --tokens in local mode (the table that proves workloads)")
+        }
+        (Some(dir), Some(tokens)) => {
+            if args.cert_lifetime < Duration::from_secs(1) {
+                anyhow::bail!("--cert-lifetime must be at least 1s");
+            }
+            let ca = identity::Ca::load_or_create(dir, &args.trust_domain, args.cert_lifetime)
+                .with_context(|| format!("loading the CA from {}", dir.display()))?;
+            Some(identity::grpc::IdentityService {
+                ca: Arc::new(ca),
+                tokens: tokens.clone(),
+                results: metrics.certify_results.clone(),
+            })
+        }
+    };
     let discovery = grpc::discovery::DiscoveryService {
         state: state_rx.clone(),
         proxies: proxies.clone(),
@@ -170,6 +204,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(Duration::from_secs(5)))
             .add_service(weir_api::proto::discovery_server::DiscoveryServer::new(discovery))
+            .add_optional_service(identity.map(weir_api::proto::identity_server::IdentityServer::new))
             .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), grpc_drain.signaled()),
     );
     let admin = admin::Admin { state: state_rx, proxies, metrics, reports, ready: ready.clone() };

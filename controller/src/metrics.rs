@@ -13,6 +13,7 @@ pub struct Metrics {
     pub config_reloads: IntCounter,
     pub reports_received: IntCounter,
     pub reports_dropped_series: IntCounter,
+    pub certify_results: prometheus::IntCounterVec,
 }
 
 impl Metrics {
@@ -49,6 +50,12 @@ impl Metrics {
         registry.register(Box::new(connected_proxies.clone())).unwrap();
         registry.register(Box::new(rejected_resources.clone())).unwrap();
         registry.register(Box::new(push_latency.clone())).unwrap();
+        let certify_results = prometheus::IntCounterVec::new(
+            prometheus::Opts::new("weir_controller_certify_total", "Certify requests by result"),
+            &["result"],
+        )
+        .unwrap();
+        registry.register(Box::new(certify_results.clone())).unwrap();
         Self {
             registry,
             connected_proxies,
@@ -59,6 +66,7 @@ impl Metrics {
             config_reloads,
             reports_received,
             reports_dropped_series,
+            certify_results,
         }
     }
 

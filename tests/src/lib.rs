@@ -62,7 +62,13 @@ impl Scratch {
 
     /// Starts a controller over the config directory (on `grpc` when given, to restart one).
     pub async fn controller(&self, grpc: Option<SocketAddr>) -> ChildProc {
-        let a = loopback_controller_args(&self.config_dir(), grpc, "debug");
+        self.controller_with(grpc, &[]).await
+    }
+
+    /// Starts a controller with extra flags.
+    pub async fn controller_with(&self, grpc: Option<SocketAddr>, extra: &[String]) -> ChildProc {
+        let mut a = loopback_controller_args(&self.config_dir(), grpc, "debug");
+        a.extend_from_slice(extra);
         ChildProc::spawn("controller", &bin("weir-controller"), &a, self.log("controller")).await.unwrap()
     }
 

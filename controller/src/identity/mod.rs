@@ -1,0 +1,230 @@
+//! The mesh's certificate authority: a trust anchor (root) and an issuer (intermediate) kept in
+//! a directory, and leaf certificates for SPIFFE IDs issued from CSRs.
+//!
+//! - [`tokens`]: the local-mode token table proving workload identities.
+//! - [`grpc`]: the `weir.v1.Identity/Certify` service.
+
+pub mod grpc;
+pub mod tokens;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+
+/// Clock skew a new leaf tolerates: it is valid from this long ago.
+const BACKDATE: Duration = Duration::from_secs(60);
+const ROOT_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+const ISSUER_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    #[error("{path}: {message}")]
+    File { path: PathBuf, message: String },
+    #[error("certificate error: {0}")]
+    Cert(#[from] rcgen::Error),
+}
+
+/// Why a CSR was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CsrError {
+    #[error("malformed CSR: {0}")]
+    Malformed(String),
+    #[error("the CSR asks for {asked:?} but the token proves {proven}")]
+    WrongIdentity { asked: Vec<String>, proven: String },
+}
+
+/// The CA: trust anchor, issuer and the issued leaves' settings.
+pub struct Ca {
+    pub trust_domain: String,
+    pub lifetime: Duration,
+    root_der: Vec<u8>,
+    issuer_der: Vec<u8>,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+/// A certificate issued to a workload.
+pub struct Issued {
+    pub identity: String,
+    pub leaf_der: Vec<u8>,
+    pub intermediates_der: Vec<Vec<u8>>,
+    pub trust_anchors_der: Vec<Vec<u8>>,
+    pub not_after_unix: i64,
+}
+
+fn ca_params(cn: &str, lifetime: Duration) -> CertificateParams {
+    let mut p = CertificateParams::default();
+    p.distinguished_name.push(DnType::CommonName, cn);
+    p.distinguished_name.push(DnType::OrganizationName, "Weir");
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    let now = time::OffsetDateTime::now_utc();
+    p.not_before = now - BACKDATE;
+    p.not_after = now + lifetime;
+    p
+}
+
+fn read(dir: &Path, name: &str) -> Result<Option<String>, CaError> {
+    let path = dir.join(name);
+    match std::fs::read_to_string(&path) {
+        Ok(s) => Ok(Some(s)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(CaError::File { path, message: e.to_string() }),
+    }
+}
+
+fn write(dir: &Path, name: &str, contents: &str, secret: bool) -> Result<(), CaError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join(name);
+    let err = |e: std::io::Error| CaError::File { path: path.clone(), message: e.to_string() };
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(if secret { 0o600 } else { 0o644 })
+        .open(&path)
+        .map_err(err)?;
+    f.write_all(contents.as_bytes()).map_err(err)
+}
+
+fn pem_to_der(path: PathBuf, pem_str: &str) -> Result<Vec<u8>, CaError> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    CertificateDer::from_pem_slice(pem_str.as_bytes())
+        .map(|c| c.to_vec())
+        .map_err(|e| CaError::File { path, message: format!("not a PEM certificate: {e}") })
+}
+
+impl Ca {
+    /// Loads the trust anchor and issuer from `dir` (`root.crt`, `issuer.crt`, `issuer.key`);
+    /// when the directory holds none of them, generates both once and keeps them there.
+    pub fn load_or_create(dir: &Path, trust_domain: &str, lifetime: Duration) -> Result<Self, CaError> {
+        std::fs::create_dir_all(dir).map_err(|e| CaError::File { path: dir.into(), message: e.to_string() })?;
+        let files = ["root.crt", "issuer.crt", "issuer.key"];
+        let present: Vec<Option<String>> = files.iter().map(|f| read(dir, f)).collect::<Result<_, _>>()?;
+        if present.iter().all(Option::is_none) {
+            let root_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+            let root_params = ca_params("Weir trust anchor", ROOT_LIFETIME);
+            let root = root_params.self_signed(&root_key)?;
+            let root_issuer = Issuer::new(root_params, root_key);
+            let issuer_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+            let issuer_cert = ca_params("Weir issuer", ISSUER_LIFETIME).signed_by(&issuer_key, &root_issuer)?;
+            // The root key is not kept: new issuers come from an offline root in production.
+            write(dir, "issuer.key", &issuer_key.serialize_pem(), true)?;
+            write(dir, "issuer.crt", &issuer_cert.pem(), false)?;
+            write(dir, "root.crt", &root.pem(), false)?;
+            tracing::info!(dir = %dir.display(), "generated a new trust anchor and issuer");
+        } else if let Some(missing) = files.iter().zip(&present).find(|(_, p)| p.is_none()) {
+            return Err(CaError::File {
+                path: dir.join(missing.0),
+                message: "missing (the directory holds a partial CA)".into(),
+            });
+        }
+        let get = |f: &str| read(dir, f).map(|s| s.unwrap_or_default());
+        let key = KeyPair::from_pem(&get("issuer.key")?)
+            .map_err(|e| CaError::File { path: dir.join("issuer.key"), message: e.to_string() })?;
+        let issuer_pem = get("issuer.crt")?;
+        let issuer = Issuer::from_ca_cert_pem(&issuer_pem, key)
+            .map_err(|e| CaError::File { path: dir.join("issuer.crt"), message: e.to_string() })?;
+        Ok(Ca {
+            trust_domain: trust_domain.to_string(),
+            lifetime,
+            root_der: pem_to_der(dir.join("root.crt"), &get("root.crt")?)?,
+            issuer_der: pem_to_der(dir.join("issuer.crt"), &issuer_pem)?,
+            issuer,
+        })
+    }
+
+    /// The SPIFFE ID of a service account.
+    pub fn spiffe_id(&self, namespace: &str, service_account: &str) -> String {
+        format!("spiffe://{}/ns/{namespace}/sa/{service_account}", self.trust_domain)
+    }
+
+    /// Issues a leaf for `identity` from a CSR (DER) whose only SAN must be that SPIFFE ID.
+    pub fn certify(&self, csr_der: &[u8], identity: &str) -> Result<Issued, CsrError> {
+        let csr = CertificateSigningRequestParams::from_der(&csr_der.to_vec().into())
+            .map_err(|e| CsrError::Malformed(e.to_string()))?;
+        let asked: Vec<String> = csr
+            .params
+            .subject_alt_names
+            .iter()
+            .map(|s| match s {
+                SanType::URI(u) => u.as_str().to_string(),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        if asked != [identity] {
+            return Err(CsrError::WrongIdentity { asked, proven: identity.to_string() });
+        }
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = vec![SanType::URI(
+            identity.try_into().map_err(|_| CsrError::Malformed(format!("{identity:?} is not a valid URI")))?,
+        )];
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        params.use_authority_key_identifier_extension = true;
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - BACKDATE;
+        params.not_after = now + self.lifetime;
+        let leaf = CertificateSigningRequestParams { params, public_key: csr.public_key }
+            .signed_by(&self.issuer)
+            .map_err(|e| CsrError::Malformed(e.to_string()))?;
+        Ok(Issued {
+            identity: identity.to_string(),
+            leaf_der: leaf.der().to_vec(),
+            intermediates_der: vec![self.issuer_der.clone()],
+            trust_anchors_der: vec![self.root_der.clone()],
+            not_after_unix: (now + self.lifetime).unix_timestamp(),
+        })
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn csr_for(uri: &str) -> (Vec<u8>, KeyPair) {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut p = CertificateParams::default();
+        p.subject_alt_names = vec![SanType::URI(uri.try_into().unwrap())];
+        (p.serialize_request(&key).unwrap().der().to_vec(), key)
+    }
+
+    #[test]
+    fn creates_once_then_reloads_the_same_trust() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::load_or_create(dir.path(), "cluster.local", Duration::from_secs(3600)).unwrap();
+        let again = Ca::load_or_create(dir.path(), "cluster.local", Duration::from_secs(3600)).unwrap();
+        assert_eq!(ca.root_der, again.root_der);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join("issuer.key")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        std::fs::remove_file(dir.path().join("issuer.crt")).unwrap();
+        let err = Ca::load_or_create(dir.path(), "cluster.local", Duration::from_secs(3600)).err().unwrap();
+        assert!(err.to_string().contains("issuer.crt"), "{err}");
+    }
+
+    #[test]
+    fn issues_only_the_proven_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::load_or_create(dir.path(), "example.org", Duration::from_secs(3600)).unwrap();
+        let id = ca.spiffe_id("shop", "reviews");
+        assert_eq!(id, "spiffe://example.org/ns/shop/sa/reviews");
+        let (csr, _key) = csr_for(&id);
+        let issued = ca.certify(&csr, &id).unwrap();
+        assert_eq!(issued.intermediates_der.len(), 1);
+        assert!(issued.not_after_unix > unix_now());
+        let (other, _) = csr_for("spiffe://example.org/ns/shop/sa/admin");
+        assert!(matches!(ca.certify(&other, &id), Err(CsrError::WrongIdentity { .. })));
+        assert!(matches!(ca.certify(b"garbage", &id), Err(CsrError::Malformed(_))));
+    }
+}
