@@ -17,6 +17,8 @@ use crate::metrics::Metrics;
 #[derive(Clone)]
 pub struct Admin {
     pub config: watch::Receiver<Option<Arc<Config>>>,
+    /// Present when the sidecar has a workload identity: not ready until it has a certificate.
+    pub credentials: Option<watch::Receiver<Option<Arc<crate::identity::Credentials>>>>,
     pub metrics: Metrics,
     pub draining: Arc<AtomicBool>,
 }
@@ -26,6 +28,9 @@ impl Admin {
         let config = self.config.borrow().clone();
         match req.uri().path() {
             "/live" => text(StatusCode::OK, "live\n"),
+            "/ready" if self.credentials.as_ref().is_some_and(|c| c.borrow().is_none()) => {
+                text(StatusCode::SERVICE_UNAVAILABLE, "not ready: no workload certificate yet\n")
+            }
             "/ready" => match (&config, self.draining.load(Ordering::Acquire)) {
                 (_, true) => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
                 (Some(c), false) => text(StatusCode::OK, format!("ready (config version {})\n", c.version)),

@@ -4,6 +4,7 @@
 //! - [`control`]: the Discovery client feeding a `watch` of [`config::Config`].
 //! - [`config`]: snapshots as validated domain types (the Nack boundary).
 //! - [`outbound`]: the application's calls: route, split, balance, forward.
+//! - [`identity`]: the workload certificate (in-memory key, Certify, renewal).
 //! - [`inbound`]: calls to the application from peers and plain clients.
 //! - [`client`]: upstream connections (multiplexed HTTP/2 per peer, pooled HTTP/1.1).
 //! - [`server`]: the accept loop with protocol detection and draining.
@@ -19,6 +20,7 @@ pub mod client;
 pub mod config;
 pub mod control;
 pub mod errors;
+pub mod identity;
 pub mod inbound;
 pub mod metrics;
 pub mod outbound;
@@ -86,6 +88,13 @@ pub struct Args {
     /// Print the bound addresses as one JSON line on stdout once listening (for scripts and tests).
     #[arg(long)]
     pub print_listen_addrs: bool,
+    /// A token proving this workload's identity (a projected ServiceAccount token, or in
+    /// local mode one from the controller's table). With it, the sidecar gets a certificate.
+    #[arg(long, env = "WEIR_TOKEN_FILE")]
+    pub token_file: Option<std::path::PathBuf>,
+    /// Trust domain of the mesh's SPIFFE IDs.
+    #[arg(long, env = "WEIR_TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -135,6 +144,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
     let (trigger, drain) = rt::drain();
     let (control_trigger, control_drain) = rt::drain();
+    let control_drain_identity = control_drain.clone();
     let control_cfg = control::ControlConfig {
         controller: args.controller.clone(),
         hello: proto::Hello {
@@ -150,6 +160,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         backoff_max: Duration::from_secs(5),
     };
     let control = tokio::spawn(control::run(control_cfg, config_tx, metrics.clone(), control_drain));
+    let (creds_tx, creds_rx) = watch::channel(None);
+    let identity_task = args.token_file.clone().map(|token_file| {
+        let cfg = identity::IdentityConfig {
+            controller: args.controller.clone(),
+            token_file,
+            identity: format!("spiffe://{}/ns/{}/sa/{}", args.trust_domain, args.workload.0, args.service_account),
+        };
+        tokio::spawn(identity::run(cfg, creds_tx, metrics.identity.clone(), control_drain_identity.clone()))
+    });
 
     // Forget connections and statistics of endpoints that left the configuration.
     let mut prune_rx = config_rx.clone();
@@ -207,7 +226,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         drain.clone(),
         grace,
     ));
-    let admin = admin::Admin { config: config_rx, metrics, draining: draining.clone() };
+    let admin = admin::Admin {
+        config: config_rx,
+        credentials: args.token_file.is_some().then_some(creds_rx),
+        metrics,
+        draining: draining.clone(),
+    };
     let (admin_trigger, admin_drain) = rt::drain();
     let admin_task = tokio::spawn(rt::serve_admin(admin_l, move |req| admin.clone().handle(req), admin_drain, grace));
     tracing::info!(%workload, listening = %addrs, controller = %args.controller, "proxy started");
@@ -224,6 +248,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     admin_trigger.trigger();
     health_trigger.trigger();
     let _ = tokio::join!(control, admin_task, health_task);
+    if let Some(t) = identity_task {
+        let _ = t.await;
+    }
     tracing::info!("proxy stopped");
     Ok(())
 }

@@ -55,6 +55,7 @@ pub struct Metrics {
     pub snapshots_rejected: IntCounter,
     pub control_connected: IntGauge,
     pub resilience: ResilienceMetrics,
+    pub identity: crate::identity::IdentityMetrics,
     report: Arc<Mutex<ReportAcc>>,
 }
 
@@ -109,7 +110,9 @@ impl Metrics {
         registry.register(Box::new(snapshots_rejected.clone())).unwrap();
         registry.register(Box::new(control_connected.clone())).unwrap();
         let resilience = ResilienceMetrics::register(&registry);
+        let identity = crate::identity::IdentityMetrics::register(&registry);
         Self {
+            identity,
             resilience,
             registry,
             requests,

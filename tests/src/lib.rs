@@ -74,7 +74,19 @@ impl Scratch {
 
     /// Starts a sidecar for `workload` (NS/NAME) forwarding inbound traffic to `app`.
     pub async fn proxy(&self, controller: SocketAddr, workload: &str, app: Option<SocketAddr>) -> ChildProc {
-        let a = loopback_sidecar_args(controller, workload, app, "debug");
+        self.proxy_with(controller, workload, app, &[]).await
+    }
+
+    /// Starts a sidecar with extra flags.
+    pub async fn proxy_with(
+        &self,
+        controller: SocketAddr,
+        workload: &str,
+        app: Option<SocketAddr>,
+        extra: &[String],
+    ) -> ChildProc {
+        let mut a = loopback_sidecar_args(controller, workload, app, "debug");
+        a.extend_from_slice(extra);
         let name = workload.replace('/', "-");
         ChildProc::spawn(&name, &bin("weir-proxy"), &a, self.log(&name)).await.unwrap()
     }

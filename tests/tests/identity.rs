@@ -1,6 +1,8 @@
 //! The controller's certificate authority over gRPC: tokens prove workloads, CSRs for any
 //! other identity are refused, and the trust anchor survives restarts.
 
+use std::time::Duration;
+
 use rcgen::{CertificateParams, KeyPair, SanType};
 use weir_api::proto;
 use weir_tests::*;
@@ -83,4 +85,56 @@ async fn certify_issues_only_what_the_token_proves() {
     let log = std::fs::read_to_string(scratch.log("controller")).unwrap();
     let key_body = key_file.lines().nth(1).unwrap();
     assert!(!log.contains(key_body), "the issuer key must not appear in logs");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_gets_its_certificate_and_renews_it() {
+    let scratch = Scratch::new();
+    scratch.write("services.yaml", &service("shop", "web", &[]));
+    let tokens = scratch.dir.path().join("tokens");
+    std::fs::write(&tokens, "tok-reviews shop/reviews-v1\n").unwrap();
+    let flags = vec![
+        "--identity-dir".to_string(),
+        scratch.dir.path().join("identity").display().to_string(),
+        "--tokens".into(),
+        tokens.display().to_string(),
+        "--cert-lifetime".into(),
+        "3s".into(),
+    ];
+    let controller = scratch.controller_with(None, &flags).await;
+    let good = scratch.dir.path().join("good-token");
+    std::fs::write(&good, "tok-reviews\n").unwrap();
+    let bad = scratch.dir.path().join("bad-token");
+    std::fs::write(&bad, "forged\n").unwrap();
+    let with_token = |f: &std::path::Path| vec!["--token-file".to_string(), f.display().to_string()];
+    let sidecar = scratch.proxy_with(controller.addr("grpc"), "shop/reviews-v1", None, &with_token(&good)).await;
+    let forged = scratch.proxy_with(controller.addr("grpc"), "shop/impostor", None, &with_token(&bad)).await;
+
+    let admin = sidecar.addr("admin");
+    wait_until("the sidecar to be ready with a certificate", Duration::from_secs(20), || async move {
+        admin_text(admin, "/ready").await.starts_with("ready")
+    })
+    .await;
+    // A 3 s certificate is renewed at 70 %: several renewals within a few seconds.
+    wait_until("three renewals", Duration::from_secs(20), || async move {
+        let m = admin_text(admin, "/metrics").await;
+        m.lines()
+            .find(|l| l.starts_with("weir_identity_renewals_total{result=\"ok\"}"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .is_some_and(|n| n >= 3)
+    })
+    .await;
+    let m = admin_text(admin, "/metrics").await;
+    assert!(m.contains("weir_identity_cert_expiration_timestamp_seconds"), "{m}");
+
+    // A forged token gets nothing, and the sidecar says why it is not ready.
+    let forged_admin = forged.addr("admin");
+    wait_until("a refused request", Duration::from_secs(20), || async move {
+        admin_text(forged_admin, "/metrics").await.contains("weir_identity_renewals_total{result=\"error\"}")
+    })
+    .await;
+    assert!(admin_text(forged_admin, "/ready").await.contains("no workload certificate"));
+    // The private key is never logged.
+    let log = std::fs::read_to_string(scratch.log("shop-reviews-v1")).unwrap();
+    assert!(!log.contains("PRIVATE KEY") && !log.contains("key_pkcs8"), "key material in the log");
 }

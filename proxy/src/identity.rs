@@ -1,0 +1,149 @@
+//! The sidecar's workload identity. At start it generates a key pair in memory (never written
+//! anywhere), asks the controller's `Identity/Certify` for a certificate with the token from
+//! `--token-file`, and renews at 70 % of the certificate's lifetime, retrying failures with
+//! jittered back-off. Credentials are published through a `watch` so TLS can hot-swap them.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
+use rcgen::{CertificateParams, KeyPair, SanType};
+use tokio::sync::watch;
+use weir_api::proto;
+use weir_api::rt::Drain;
+
+/// A certificate chain and the key it certifies.
+pub struct Credentials {
+    /// The SPIFFE ID.
+    pub identity: String,
+    /// Leaf first, then intermediates (DER).
+    pub chain: Vec<Vec<u8>>,
+    /// PKCS#8 private key (DER), in memory only.
+    pub key_pkcs8: Vec<u8>,
+    /// Trust anchors peers are verified against (DER).
+    pub roots: Vec<Vec<u8>>,
+    pub not_after_unix: i64,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key.
+        f.debug_struct("Credentials")
+            .field("identity", &self.identity)
+            .field("not_after_unix", &self.not_after_unix)
+            .finish()
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct IdentityConfig {
+    pub controller: String,
+    pub token_file: PathBuf,
+    /// spiffe://<trust-domain>/ns/<ns>/sa/<sa>
+    pub identity: String,
+}
+
+#[derive(Clone)]
+pub struct IdentityMetrics {
+    pub expiration: IntGauge,
+    pub renewals: IntCounterVec,
+}
+
+impl IdentityMetrics {
+    pub fn register(registry: &Registry) -> Self {
+        let expiration = IntGauge::new(
+            "weir_identity_cert_expiration_timestamp_seconds",
+            "Expiry of the workload certificate (Unix seconds)",
+        )
+        .unwrap();
+        let renewals = IntCounterVec::new(
+            Opts::new("weir_identity_renewals_total", "Certificate requests by result"),
+            &["result"],
+        )
+        .unwrap();
+        registry.register(Box::new(expiration.clone())).unwrap();
+        registry.register(Box::new(renewals.clone())).unwrap();
+        Self { expiration, renewals }
+    }
+}
+
+/// Runs until `drain` fires.
+pub async fn run(
+    cfg: IdentityConfig,
+    tx: watch::Sender<Option<Arc<Credentials>>>,
+    metrics: IdentityMetrics,
+    drain: Drain,
+) {
+    let key = match KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256) {
+        Ok(k) => k,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot generate a key pair; no workload identity");
+            return;
+        }
+    };
+    let stop = drain.signaled();
+    tokio::pin!(stop);
+    let mut failures: u32 = 0;
+    loop {
+        let wait = match certify(&cfg, &key).await {
+            Ok(creds) => {
+                failures = 0;
+                metrics.renewals.with_label_values(&["ok"]).inc();
+                metrics.expiration.set(creds.not_after_unix);
+                let now = unix_now();
+                let lifetime = (creds.not_after_unix - now).max(1) as f64;
+                tracing::info!(identity = %creds.identity, expires_in_s = lifetime, "workload certificate issued");
+                tx.send_replace(Some(Arc::new(creds)));
+                // Renew at 70 % of the remaining lifetime.
+                Duration::from_secs_f64(lifetime * 0.7)
+            }
+            Err(e) => {
+                failures = failures.saturating_add(1);
+                metrics.renewals.with_label_values(&["error"]).inc();
+                let cap = Duration::from_millis(200).saturating_mul(1 << failures.min(8)).min(Duration::from_secs(30));
+                let wait = cap.mul_f64(0.5 + rand::random::<f64>() / 2.0);
+                tracing::warn!(error = %e, retry_in = ?wait, "certificate request failed");
+                wait
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = &mut stop => return,
+        }
+    }
+}
+
+async fn certify(cfg: &IdentityConfig, key: &KeyPair) -> anyhow::Result<Credentials> {
+    let token = std::fs::read_to_string(&cfg.token_file)
+        .map_err(|e| anyhow::anyhow!("reading token file {}: {e}", cfg.token_file.display()))?;
+    let mut params = CertificateParams::default();
+    params.subject_alt_names = vec![SanType::URI(cfg.identity.as_str().try_into()?)];
+    let csr = params.serialize_request(key)?;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", cfg.controller))?
+        .connect_timeout(Duration::from_secs(3))
+        .timeout(Duration::from_secs(10))
+        .connect()
+        .await?;
+    let rsp = proto::identity_client::IdentityClient::new(channel)
+        .certify(proto::CertifyRequest { token: token.trim().to_string(), csr_der: csr.der().to_vec() })
+        .await
+        .map_err(|s| anyhow::anyhow!("controller refused: {:?}: {}", s.code(), s.message()))?
+        .into_inner();
+    if rsp.identity != cfg.identity {
+        anyhow::bail!("certified {:?} but this sidecar is {:?}", rsp.identity, cfg.identity);
+    }
+    let mut chain = vec![rsp.leaf_der];
+    chain.extend(rsp.intermediates_der);
+    Ok(Credentials {
+        identity: rsp.identity,
+        chain,
+        key_pkcs8: key.serialize_der(),
+        roots: rsp.trust_anchors_der,
+        not_after_unix: rsp.not_after_unix,
+    })
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
