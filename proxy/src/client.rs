@@ -24,6 +24,8 @@ use crate::body::Body;
 use crate::errors::{ProxyError, chain, is_refused_stream};
 
 type Slot = Arc<tokio::sync::Mutex<Option<http2::SendRequest<Body>>>>;
+/// A pooled connection: (address, the peer identity it was verified for when over TLS).
+type PoolAddr = (SocketAddr, Option<Arc<str>>);
 
 /// Per-policy overrides of how upstream connections are made and kept.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
@@ -212,7 +214,7 @@ impl Clients {
 
 #[derive(Clone)]
 pub struct H2Pool {
-    conns: Arc<Mutex<HashMap<SocketAddr, Slot>>>,
+    conns: Arc<Mutex<HashMap<PoolAddr, Slot>>>,
     connect_timeout: Duration,
 }
 
@@ -230,13 +232,26 @@ impl H2Pool {
         req: Request<Body>,
         opts: ConnectOpts,
     ) -> Result<Response<Incoming>, ProxyError> {
+        self.send_tls(addr, req, opts, None).await
+    }
+
+    /// Like [`send`](Self::send), over mutual TLS when `tls` is given (the connection is
+    /// then separate from any plaintext one to the same address).
+    pub async fn send_tls(
+        &self,
+        addr: SocketAddr,
+        req: Request<Body>,
+        opts: ConnectOpts,
+        tls: Option<(Arc<rustls::ClientConfig>, Arc<str>)>,
+    ) -> Result<Response<Incoming>, ProxyError> {
         let connect = opts.connect.unwrap_or(self.connect_timeout);
-        let mut sender = self.sender(addr, connect).await?;
+        let tls = tls.as_ref();
+        let mut sender = self.sender(addr, connect, tls).await?;
         match sender.try_send_request(req).await {
             Ok(rsp) => Ok(rsp),
             Err(mut e) => match e.take_message() {
                 Some(req) if !self.is_usable(&sender) => {
-                    let mut sender = self.sender(addr, connect).await?;
+                    let mut sender = self.sender(addr, connect, tls).await?;
                     sender.send_request(req).await.map_err(|e| upstream(addr, &e))
                 }
                 _ => Err(upstream(addr, e.error())),
@@ -248,26 +263,49 @@ impl H2Pool {
         !s.is_closed()
     }
 
-    async fn sender(&self, addr: SocketAddr, connect: Duration) -> Result<http2::SendRequest<Body>, ProxyError> {
-        let slot = self.conns.lock().unwrap().entry(addr).or_default().clone();
+    async fn sender(
+        &self,
+        addr: SocketAddr,
+        connect: Duration,
+        tls: Option<&(Arc<rustls::ClientConfig>, Arc<str>)>,
+    ) -> Result<http2::SendRequest<Body>, ProxyError> {
+        let key = (addr, tls.map(|t| t.1.clone()));
+        let slot = self.conns.lock().unwrap().entry(key).or_default().clone();
         let mut guard = slot.lock().await;
         if let Some(s) = guard.as_ref()
             && !s.is_closed()
         {
             return Ok(s.clone());
         }
-        let s = self.connect(addr, connect).await?;
+        let s = self.connect(addr, connect, tls.map(|t| &t.0)).await?;
         *guard = Some(s.clone());
         Ok(s)
     }
 
-    async fn connect(&self, addr: SocketAddr, timeout: Duration) -> Result<http2::SendRequest<Body>, ProxyError> {
+    async fn connect(
+        &self,
+        addr: SocketAddr,
+        timeout: Duration,
+        tls: Option<&Arc<rustls::ClientConfig>>,
+    ) -> Result<http2::SendRequest<Body>, ProxyError> {
         let connect_err = |reason: String| ProxyError::Connect { addr, reason };
-        let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
+        let tcp = tokio::time::timeout(timeout, TcpStream::connect(addr))
             .await
             .map_err(|_| connect_err(format!("timed out after {timeout:?}")))?
             .map_err(|e| connect_err(e.to_string()))?;
-        let _ = stream.set_nodelay(true);
+        let _ = tcp.set_nodelay(true);
+        let stream: Box<dyn crate::server::Io> = match tls {
+            None => Box::new(tcp),
+            Some(cfg) => {
+                let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+                let handshake = tokio_rustls::TlsConnector::from(cfg.clone()).connect(name, tcp);
+                let tls = tokio::time::timeout(timeout, handshake)
+                    .await
+                    .map_err(|_| connect_err(format!("TLS handshake timed out after {timeout:?}")))?
+                    .map_err(|e| connect_err(format!("TLS handshake failed: {e}")))?;
+                Box::new(tls)
+            }
+        };
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .initial_stream_window_size(1 << 20)
@@ -288,7 +326,7 @@ impl H2Pool {
 
     /// Drops connections to addresses no longer in the configuration.
     pub fn retain(&self, keep: impl Fn(&SocketAddr) -> bool) {
-        self.conns.lock().unwrap().retain(|a, _| keep(a));
+        self.conns.lock().unwrap().retain(|(a, _), _| keep(a));
     }
 }
 

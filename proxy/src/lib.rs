@@ -7,6 +7,7 @@
 //! - [`identity`]: the workload certificate (in-memory key, Certify, renewal).
 //! - [`inbound`]: calls to the application from peers and plain clients.
 //! - [`client`]: upstream connections (multiplexed HTTP/2 per peer, pooled HTTP/1.1).
+//! - [`tls`]: mutual TLS with SPIFFE identities between sidecars.
 //! - [`server`]: the accept loop with protocol detection and draining.
 //! - [`errors`]: proxy-made responses, mapped to HTTP in one place.
 //! - [`body`]: body types and hop-by-hop header handling.
@@ -25,6 +26,7 @@ pub mod inbound;
 pub mod metrics;
 pub mod outbound;
 pub mod server;
+pub mod tls;
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
@@ -207,6 +209,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         resilience: resilience.clone(),
         health: health.clone(),
         metrics: metrics.clone(),
+        credentials: args.token_file.is_some().then(|| creds_rx.clone()),
+        trust_domain: args.trust_domain.clone().into(),
     };
     let inb = inbound::Inbound::new(args.app_addr, clients, metrics.clone(), &workload, config_rx.clone(), resilience);
     let grace = args.shutdown_grace;
@@ -217,6 +221,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         move |req, peer| out.clone().handle(req, peer),
         drain.clone(),
         grace,
+        None,
     ));
     let inbound_task = tokio::spawn(server::serve(
         inbound_l,
@@ -225,6 +230,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         move |req, peer| inb.clone().handle(req, peer),
         drain.clone(),
         grace,
+        args.token_file.is_some().then(|| creds_rx.clone()),
     ));
     let admin = admin::Admin {
         config: config_rx,

@@ -54,6 +54,8 @@ pub struct Metrics {
     pub snapshots_applied: IntCounter,
     pub snapshots_rejected: IntCounter,
     pub control_connected: IntGauge,
+    pub tls_handshake_failures: prometheus::IntCounter,
+    pub inbound_by_identity: IntCounterVec,
     pub resilience: ResilienceMetrics,
     pub identity: crate::identity::IdentityMetrics,
     report: Arc<Mutex<ReportAcc>>,
@@ -110,8 +112,22 @@ impl Metrics {
         registry.register(Box::new(snapshots_rejected.clone())).unwrap();
         registry.register(Box::new(control_connected.clone())).unwrap();
         let resilience = ResilienceMetrics::register(&registry);
+        let tls_handshake_failures = prometheus::IntCounter::new(
+            "weir_tls_handshake_failures_total",
+            "Inbound connections that failed before HTTP (TLS handshake refused or timed out)",
+        )
+        .unwrap();
+        registry.register(Box::new(tls_handshake_failures.clone())).unwrap();
+        let inbound_by_identity = IntCounterVec::new(
+            Opts::new("weir_inbound_requests_by_client_total", "Inbound requests by client identity and transport"),
+            &["client_identity", "tls"],
+        )
+        .unwrap();
+        registry.register(Box::new(inbound_by_identity.clone())).unwrap();
         let identity = crate::identity::IdentityMetrics::register(&registry);
         Self {
+            tls_handshake_failures,
+            inbound_by_identity,
             identity,
             resilience,
             registry,

@@ -4,6 +4,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::body::Incoming;
@@ -11,14 +12,33 @@ use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use weir_api::rt::Drain;
 
 use crate::body::Body;
 use crate::metrics::{Direction, Metrics};
+use crate::tls::CredsRx;
+
+/// A byte stream a connection can be served on (plain TCP or TLS).
+pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static> Io for T {}
+
+/// Who is on the other end of a connection.
+#[derive(Clone, Debug)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    /// The client's SPIFFE ID when it connected over mesh mTLS.
+    pub identity: Option<Arc<str>>,
+}
+
+/// TLS records start with 0x16 (handshake); HTTP never does.
+const TLS_HANDSHAKE: u8 = 0x16;
 
 /// Accepts connections until `drain` fires, then gives open ones `grace` to finish their
-/// requests (HTTP/1.1 closes after the current response, HTTP/2 sends GOAWAY).
+/// requests (HTTP/1.1 closes after the current response, HTTP/2 sends GOAWAY). With `tls`,
+/// connections whose first byte opens a TLS handshake are served over mesh mTLS; others in
+/// plaintext.
+#[allow(clippy::too_many_arguments)]
 pub async fn serve<F, Fut>(
     listener: TcpListener,
     direction: Direction,
@@ -26,8 +46,9 @@ pub async fn serve<F, Fut>(
     handler: F,
     drain: Drain,
     grace: Duration,
+    tls: Option<CredsRx>,
 ) where
-    F: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
+    F: Fn(Request<Incoming>, Peer) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<Body>> + Send + 'static,
 {
     let graceful = GracefulShutdown::new();
@@ -61,16 +82,27 @@ pub async fn serve<F, Fut>(
         let _ = stream.set_nodelay(true);
         total.inc();
         active.inc();
-        let handler = handler.clone();
-        let svc = hyper::service::service_fn(move |req| {
-            let fut = handler(req, peer);
-            async move { Ok::<_, Infallible>(fut.await) }
-        });
-        let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), svc).into_owned());
-        let active = active.clone();
+        let (handler, builder, watcher, active, tls) =
+            (handler.clone(), builder.clone(), graceful.watcher(), active.clone(), tls.clone());
+        let tls_failures = metrics.tls_handshake_failures.clone();
         tokio::spawn(async move {
+            let (io, identity) = match detect(stream, tls.as_ref()).await {
+                Ok(x) => x,
+                Err(e) => {
+                    tls_failures.inc();
+                    tracing::debug!(%peer, error = %e, "connection refused before HTTP");
+                    active.dec();
+                    return;
+                }
+            };
+            let peer = Peer { addr: peer, identity };
+            let svc = hyper::service::service_fn(move |req| {
+                let fut = handler(req, peer.clone());
+                async move { Ok::<_, Infallible>(fut.await) }
+            });
+            let conn = watcher.watch(builder.serve_connection(TokioIo::new(io), svc).into_owned());
             if let Err(e) = conn.await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
+                tracing::debug!(error = %e, "connection ended with an error");
             }
             active.dec();
         });
@@ -79,4 +111,31 @@ pub async fn serve<F, Fut>(
     if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
         tracing::warn!(direction = direction.as_str(), ?grace, "grace period over; closing remaining connections");
     }
+}
+
+/// Peeks at the first byte: a TLS handshake is accepted with the mesh's server configuration
+/// (client certificate required) and yields the client's SPIFFE ID; anything else is served
+/// as plaintext.
+async fn detect(stream: TcpStream, tls: Option<&CredsRx>) -> std::io::Result<(Box<dyn Io>, Option<Arc<str>>)> {
+    let Some(creds) = tls else { return Ok((Box::new(stream), None)) };
+    let mut first = [0u8; 1];
+    let n = tokio::time::timeout(Duration::from_secs(30), stream.peek(&mut first))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no first byte within 30s"))??;
+    if n == 0 || first[0] != TLS_HANDSHAKE {
+        return Ok((Box::new(stream), None));
+    }
+    let config = crate::tls::server_config(creds)
+        .ok_or_else(|| std::io::Error::other("TLS offered but this sidecar has no certificate yet"))?;
+    let tls = tokio::time::timeout(Duration::from_secs(10), tokio_rustls::TlsAcceptor::from(config).accept(stream))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out"))??;
+    let identity = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(|c| crate::tls::spiffe_ids(c).into_iter().next())
+        .map(Arc::from);
+    Ok((Box::new(tls), identity))
 }

@@ -43,9 +43,15 @@ impl Inbound {
         Self { app, clients, metrics, labels, config, resilience }
     }
 
-    pub async fn handle(self, req: Request<Incoming>, client: SocketAddr) -> Response<Body> {
+    pub async fn handle(self, req: Request<Incoming>, peer: crate::server::Peer) -> Response<Body> {
         let started = Instant::now();
+        let client = peer.addr;
         self.metrics.request_started(&self.labels);
+        let (who, tls) = match &peer.identity {
+            Some(id) => (&**id, "true"),
+            None => ("", "false"),
+        };
+        self.metrics.inbound_by_identity.with_label_values(&[who, tls]).inc();
         if let Some(e) = self.rate_limited(&req, client) {
             let grpc =
                 req.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));

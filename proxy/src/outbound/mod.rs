@@ -36,6 +36,9 @@ pub struct Outbound {
     pub resilience: resilience::Resilience,
     pub health: health::Health,
     pub metrics: Metrics,
+    /// This sidecar's credentials (when it has a workload identity) and the trust domain.
+    pub credentials: Option<crate::tls::CredsRx>,
+    pub trust_domain: Arc<str>,
 }
 
 /// Request bodies up to this size are kept so that a retry can replay them.
@@ -70,7 +73,8 @@ impl RequestBody {
 }
 
 impl Outbound {
-    pub async fn handle(self, req: Request<Incoming>, client: SocketAddr) -> Response<Body> {
+    pub async fn handle(self, req: Request<Incoming>, peer: crate::server::Peer) -> Response<Body> {
+        let client = peer.addr;
         let started = Instant::now();
         let version = req.version();
         // In-flight requests finish on the config they started with.
@@ -403,7 +407,17 @@ impl Outbound {
             let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
             parts.uri = format!("http://{}{pq}", call.authority).parse().map_err(|_| ProxyError::NoAuthority)?;
             parts.version = Version::HTTP_2;
-            self.clients.h2.send(endpoint.addr, Request::from_parts(parts, body), opts).await
+            // Mesh mTLS to a peer sidecar whose identity the controller gave, once this
+            // sidecar has a certificate of its own.
+            let tls = match (&self.credentials, endpoint.meshed && !endpoint.identity.is_empty()) {
+                (Some(creds), true) => {
+                    let ns = call.target.backend.split('/').next().unwrap_or_default();
+                    let expected = format!("spiffe://{}/ns/{ns}/sa/{}", self.trust_domain, endpoint.identity);
+                    crate::tls::client_config(creds, &expected).map(|c| (c, Arc::from(expected)))
+                }
+                _ => None,
+            };
+            self.clients.h2.send_tls(endpoint.addr, Request::from_parts(parts, body), opts, tls).await
         } else {
             self.clients.send_h1(endpoint.addr, Request::from_parts(parts, body), opts).await
         }

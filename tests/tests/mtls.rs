@@ -1,0 +1,89 @@
+//! Mutual TLS between sidecars: certificates from the controller, the client identity known
+//! to the inbound side, the server identity checked by the client, plaintext still accepted
+//! from non-mesh clients (permissive), and garbage on the TLS port costing only its connection.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use weir_tests::*;
+
+fn svc(identity: &str, inbound: std::net::SocketAddr) -> String {
+    service("test", "web", &[format!("{{ address: \"{inbound}\", meshed: true, serviceAccount: {identity} }}")])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecars_talk_mtls_and_know_each_other() {
+    let scratch = Scratch::new();
+    scratch.write("services.yaml", &service("test", "web", &[]));
+    let tokens = scratch.dir.path().join("tokens");
+    std::fs::write(&tokens, "t-web test/web-v1\nt-client test/client\n").unwrap();
+    let flags = vec![
+        "--identity-dir".to_string(),
+        scratch.dir.path().join("identity").display().to_string(),
+        "--tokens".into(),
+        tokens.display().to_string(),
+    ];
+    let controller = scratch.controller_with(None, &flags).await;
+    let token_file = |name: &str, token: &str| {
+        let p = scratch.dir.path().join(name);
+        std::fs::write(&p, token).unwrap();
+        vec!["--token-file".to_string(), p.display().to_string()]
+    };
+    let backend = Backend::start("v1").await;
+    let server = scratch
+        .proxy_with(controller.addr("grpc"), "test/web-v1", Some(backend.addr), &token_file("tw", "t-web"))
+        .await;
+    let client = scratch.proxy_with(controller.addr("grpc"), "test/client", None, &token_file("tc", "t-client")).await;
+    for admin in [server.addr("admin"), client.addr("admin")] {
+        wait_until("a certificate", Duration::from_secs(20), || async move {
+            !admin_text(admin, "/ready").await.contains("no workload certificate")
+        })
+        .await;
+    }
+    let inbound = server.addr("inbound");
+    scratch.write("services.yaml", &svc("web-v1", inbound));
+    wait_config(client.addr("admin"), "the endpoint", |c| endpoint_count(c, "test", "web") == 1).await;
+
+    // Through the mesh: mTLS, and the server sees the client's SPIFFE ID.
+    for _ in 0..5 {
+        let r = send(&http1(), client.addr("outbound"), "GET", "web.test", "/", &[]).await.unwrap();
+        assert_eq!((r.status, r.backend()), (200, "v1"), "{}", r.body);
+    }
+    let metrics = admin_text(server.addr("admin"), "/metrics").await;
+    assert!(
+        metrics.contains(
+            "weir_inbound_requests_by_client_total{client_identity=\"spiffe://cluster.local/ns/test/sa/client\",tls=\"true\"} 5"
+        ),
+        "{metrics}"
+    );
+
+    // Permissive: a plain client is still served, as plaintext.
+    let r = send(&http1(), inbound, "GET", "web.test", "/", &[]).await.unwrap();
+    assert_eq!(r.status, 200);
+    assert!(admin_text(server.addr("admin"), "/metrics").await.contains("client_identity=\"\",tls=\"false\"} 1"));
+
+    // Garbage that looks like TLS costs only its own connection.
+    let mut junk = tokio::net::TcpStream::connect(inbound).await.unwrap();
+    junk.write_all(&[0x16, 0x03, 0x01, 0xff, 0xff, 1, 2, 3, 4, 5, 6, 7, 8]).await.unwrap();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), junk.read_to_end(&mut buf)).await.expect("closed");
+    wait_until("the failed handshake counted", Duration::from_secs(5), || async {
+        admin_text(server.addr("admin"), "/metrics").await.contains("weir_tls_handshake_failures_total 1")
+    })
+    .await;
+    let r = send(&http1(), client.addr("outbound"), "GET", "web.test", "/", &[]).await.unwrap();
+    assert_eq!(r.status, 200);
+
+    // The controller says the endpoint is someone else: the client refuses the connection and
+    // names both identities.
+    scratch.write("services.yaml", &svc("payments", inbound));
+    wait_config(client.addr("admin"), "the new identity", |c| c.to_string().contains("\"identity\":\"payments\""))
+        .await;
+    let r = send(&http1(), client.addr("outbound"), "GET", "web.test", "/", &[]).await.unwrap();
+    assert_eq!(r.status, 502, "{}", r.body);
+    assert!(
+        r.body.contains("spiffe://cluster.local/ns/test/sa/payments") && r.body.contains("sa/web-v1"),
+        "{}",
+        r.body
+    );
+}
