@@ -37,6 +37,9 @@ pub struct DemoArgs {
     /// Print a machine-readable summary as JSON at the end (and no progress bar).
     #[arg(long)]
     pub json: bool,
+    /// Run the sidecars without workload certificates (no mTLS between them).
+    #[arg(long)]
+    pub plaintext: bool,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -108,8 +111,27 @@ async fn drive(args: &DemoArgs, exe: &Path, mesh: &mut Mesh) -> anyhow::Result<(
 
     let s = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     let log = |name: &str| logs.join(format!("{name}.log"));
-    let controller_args =
+    let mut controller_args =
         [vec!["controller".to_string()], loopback_controller_args(&config_dir, None, "warn")].concat();
+    // Workload identities: a token per sidecar in the controller's table, a CA generated into
+    // the temporary directory.
+    let mtls = !args.plaintext;
+    let workloads = ["reviews-v1", "reviews-v2", "productpage"];
+    if mtls {
+        let mut table = String::from("# weir demo: token namespace/serviceaccount\n");
+        for w in workloads {
+            let token: String = (0..32).map(|_| format!("{:x}", rand::random_range(0..16u8))).collect();
+            std::fs::write(logs.join(format!("{w}.token")), &token)?;
+            table.push_str(&format!("{token} demo/{w}\n"));
+        }
+        std::fs::write(logs.join("tokens"), table)?;
+        controller_args.extend([
+            "--identity-dir".to_string(),
+            logs.join("identity").display().to_string(),
+            "--tokens".to_string(),
+            logs.join("tokens").display().to_string(),
+        ]);
+    }
     let controller = ChildProc::spawn("controller", exe, &controller_args, log("controller")).await?;
     let grpc = controller.addr("grpc");
     say(format!("controller   grpc {grpc}  admin http://{}", controller.addr("admin")));
@@ -132,8 +154,14 @@ async fn drive(args: &DemoArgs, exe: &Path, mesh: &mut Mesh) -> anyhow::Result<(
         mesh.children.push(b);
     }
     let sidecar = |workload: &str, app: Option<SocketAddr>| {
-        [vec!["proxy".to_string()], loopback_sidecar_args(grpc, workload, app, "warn")].concat()
+        let mut a = [vec!["proxy".to_string()], loopback_sidecar_args(grpc, workload, app, "warn")].concat();
+        if mtls {
+            let name = workload.rsplit('/').next().unwrap_or(workload);
+            a.extend(["--token-file".to_string(), logs.join(format!("{name}.token")).display().to_string()]);
+        }
+        a
     };
+    let mut admins = Vec::new();
     let mut inbound = Vec::new();
     for (i, name) in ["reviews-v1", "reviews-v2"].iter().enumerate() {
         let p = ChildProc::spawn(
@@ -145,6 +173,7 @@ async fn drive(args: &DemoArgs, exe: &Path, mesh: &mut Mesh) -> anyhow::Result<(
         .await?;
         say(format!("{name:<12} backend {}  sidecar inbound {}", backends[i], p.addr("inbound")));
         inbound.push(p.addr("inbound"));
+        admins.push(p.addr("admin"));
         mesh.children.push(p);
     }
     let client =
@@ -159,6 +188,15 @@ async fn drive(args: &DemoArgs, exe: &Path, mesh: &mut Mesh) -> anyhow::Result<(
     wait_for_config(&http, client_admin, Duration::from_secs(20), |c| endpoints_in(c) == 2)
         .await
         .context("the client sidecar never received the endpoints")?;
+    admins.push(client_admin);
+    for admin in &admins {
+        wait_ready(&http, *admin, Duration::from_secs(20)).await.context("a sidecar never became ready")?;
+    }
+    if mtls {
+        say("mTLS: on between all sidecars (identities spiffe://cluster.local/ns/demo/sa/{productpage,reviews-v1,reviews-v2})".into());
+    } else {
+        say("mTLS: off (--plaintext)".into());
+    }
     let idle_rss = memory_kib(client_pid).map(|m| m.1).unwrap_or(0);
 
     let step_time = args.duration / STEPS.len() as u32;
@@ -202,6 +240,19 @@ async fn drive(args: &DemoArgs, exe: &Path, mesh: &mut Mesh) -> anyhow::Result<(
         results.push(r);
     }
     let peak = peak_rss.load(Ordering::Relaxed);
+    // What the servers saw: requests by client identity and transport.
+    let mut mtls_requests = 0u64;
+    let mut plain_requests = 0u64;
+    for admin in &admins[..2] {
+        let text = get_text(&http, *admin, "/metrics").await.unwrap_or_default();
+        for line in text.lines().filter(|l| l.starts_with("weir_inbound_requests_by_client_total")) {
+            let n = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0) as u64;
+            if line.contains("tls=\"true\"") { mtls_requests += n } else { plain_requests += n }
+        }
+    }
+    say(format!(
+        "servers received {mtls_requests} requests over mTLS from spiffe://cluster.local/ns/demo/sa/productpage, {plain_requests} in plaintext"
+    ));
     say(format!(
         "\nclient sidecar RSS: {:.1} MiB idle, {:.1} MiB peak under load",
         idle_rss as f64 / 1024.0,
@@ -211,6 +262,7 @@ async fn drive(args: &DemoArgs, exe: &Path, mesh: &mut Mesh) -> anyhow::Result<(
         let summary = serde_json::json!({
             "steps": results,
             "clientSidecarRssKiB": { "idle": idle_rss, "peakUnderLoad": peak },
+            "mtls": { "enabled": mtls, "requestsOverMtls": mtls_requests, "requestsInPlaintext": plain_requests },
             "concurrency": args.concurrency,
             "stepSeconds": step_time.as_secs_f64(),
         });
@@ -313,6 +365,28 @@ async fn wait_for_config(
             bail!("timed out after {limit:?}");
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+async fn get_text(http: &Client<HttpConnector, Empty<Bytes>>, admin: SocketAddr, path: &str) -> anyhow::Result<String> {
+    let rsp = http.get(format!("http://{admin}{path}").parse()?).await?;
+    let ok = rsp.status().is_success();
+    let body = String::from_utf8_lossy(&rsp.into_body().collect().await?.to_bytes()).into_owned();
+    if ok { Ok(body) } else { bail!("{path}: {body}") }
+}
+
+async fn wait_ready(
+    http: &Client<HttpConnector, Empty<Bytes>>,
+    admin: SocketAddr,
+    limit: Duration,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + limit;
+    loop {
+        match get_text(http, admin, "/ready").await {
+            Ok(_) => return Ok(()),
+            Err(e) if Instant::now() > deadline => bail!("timed out after {limit:?}: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
     }
 }
 
