@@ -87,3 +87,85 @@ async fn sidecars_talk_mtls_and_know_each_other() {
         r.body
     );
 }
+
+/// `weir_identity_renewals_total{result}` from a sidecar's metrics.
+async fn renewals(admin: std::net::SocketAddr, result: &str) -> u64 {
+    let m = admin_text(admin, "/metrics").await;
+    let prefix = format!("weir_identity_renewals_total{{result=\"{result}\"}} ");
+    m.lines().find_map(|l| l.strip_prefix(&prefix)?.parse().ok()).unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_and_a_controller_outage_fail_no_request() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let scratch = Scratch::new();
+    scratch.write("services.yaml", &service("test", "web", &[]));
+    let tokens = scratch.dir.path().join("tokens");
+    std::fs::write(&tokens, "t-web test/web-v1\nt-client test/client\n").unwrap();
+    let flags = vec![
+        "--identity-dir".to_string(),
+        scratch.dir.path().join("identity").display().to_string(),
+        "--tokens".into(),
+        tokens.display().to_string(),
+        "--cert-lifetime".into(),
+        "4s".into(),
+    ];
+    let mut controller = scratch.controller_with(None, &flags).await;
+    let grpc = controller.addr("grpc");
+    let token_file = |name: &str, token: &str| {
+        let p = scratch.dir.path().join(name);
+        std::fs::write(&p, token).unwrap();
+        vec!["--token-file".to_string(), p.display().to_string()]
+    };
+    let backend = Backend::start("v1").await;
+    let server = scratch.proxy_with(grpc, "test/web-v1", Some(backend.addr), &token_file("tw", "t-web")).await;
+    let client = scratch.proxy_with(grpc, "test/client", None, &token_file("tc", "t-client")).await;
+    let (sa, ca) = (server.addr("admin"), client.addr("admin"));
+    for admin in [sa, ca] {
+        wait_until("a certificate", Duration::from_secs(20), || async move { renewals(admin, "ok").await >= 1 }).await;
+    }
+    scratch.write("services.yaml", &svc("web-v1", server.addr("inbound")));
+    wait_config(ca, "the endpoint", |c| endpoint_count(c, "test", "web") == 1).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (total, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let via = client.addr("outbound");
+    let mut workers = Vec::new();
+    for _ in 0..4 {
+        let (stop, total, failed) = (stop.clone(), total.clone(), failed.clone());
+        workers.push(tokio::spawn(async move {
+            let http = http1();
+            while !stop.load(Ordering::Relaxed) {
+                total.fetch_add(1, Ordering::Relaxed);
+                if !send(&http, via, "GET", "web.test", "/", &[]).await.is_ok_and(|r| r.status == 200) {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    // Rotations under load: a 4 s certificate renews every ~2.8 s.
+    for admin in [sa, ca] {
+        wait_until("two more renewals", Duration::from_secs(30), || async move { renewals(admin, "ok").await >= 3 })
+            .await;
+    }
+    // The controller goes away: renewals fail, traffic goes on with the certificates held.
+    controller.kill().await;
+    wait_until("a failed renewal", Duration::from_secs(30), || async move { renewals(ca, "error").await >= 1 }).await;
+    let during = total.load(Ordering::Relaxed);
+    wait_until("traffic during the outage", Duration::from_secs(20), || {
+        let total = total.clone();
+        async move { total.load(Ordering::Relaxed) >= during + 200 }
+    })
+    .await;
+    // It comes back: renewal resumes.
+    let before = renewals(ca, "ok").await;
+    let _controller = scratch.controller_with(Some(grpc), &flags).await;
+    wait_until("renewal to resume", Duration::from_secs(60), || async move { renewals(ca, "ok").await > before }).await;
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.await.unwrap();
+    }
+    assert_eq!(failed.load(Ordering::Relaxed), 0, "of {} requests", total.load(Ordering::Relaxed));
+    assert!(admin_text(sa, "/metrics").await.contains("tls=\"true\""));
+}
