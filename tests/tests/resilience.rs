@@ -300,7 +300,7 @@ async fn outlier_ejection_removes_a_bad_endpoint_and_respects_the_cap() {
     scratch.write("services.yaml", &service("test", "pool", &eps));
     scratch.write(
         "policy.yaml",
-        "apiVersion: weir.io/v1alpha1\nkind: ResiliencePolicy\nmetadata: { name: pool, namespace: test }\nspec:\n  targetRef: { service: pool }\n  outlierDetection: { consecutiveFailures: 3, baseEjectionTime: 1m, maxEjectedPercent: 34 }\n",
+        "apiVersion: weir.io/v1alpha1\nkind: ResiliencePolicy\nmetadata: { name: pool, namespace: test }\nspec:\n  targetRef: { service: pool }\n  outlierDetection: { consecutiveFailures: 3, baseEjectionTime: 1m, maxEjectedPercent: 34 }\n  loadBalancer: { algorithm: RoundRobin }\n",
     );
     let controller = scratch.controller(None).await;
     let client = scratch.proxy(controller.addr("grpc"), "test/client", None).await;
