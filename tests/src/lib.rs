@@ -72,6 +72,29 @@ impl Scratch {
         ChildProc::spawn("controller", &bin("weir-controller"), &a, self.log("controller")).await.unwrap()
     }
 
+    /// Controller flags for a CA kept in this directory and a token table of
+    /// `(token, "namespace/serviceaccount")` entries, plus `extra` flags.
+    pub fn identity_flags(&self, entries: &[(&str, &str)], extra: &[&str]) -> Vec<String> {
+        let tokens = self.dir.path().join("tokens");
+        let table: String = entries.iter().map(|(t, who)| format!("{t} {who}\n")).collect();
+        std::fs::write(&tokens, format!("# token table\n{table}")).unwrap();
+        let mut flags = vec![
+            "--identity-dir".to_string(),
+            self.dir.path().join("identity").display().to_string(),
+            "--tokens".into(),
+            tokens.display().to_string(),
+        ];
+        flags.extend(extra.iter().map(|s| s.to_string()));
+        flags
+    }
+
+    /// Sidecar flags pointing `--token-file` at a file holding `token`.
+    pub fn token_flags(&self, token: &str) -> Vec<String> {
+        let path = self.dir.path().join(format!("{token}.token"));
+        std::fs::write(&path, token).unwrap();
+        vec!["--token-file".to_string(), path.display().to_string()]
+    }
+
     /// Starts a sidecar for `workload` (NS/NAME) forwarding inbound traffic to `app`.
     pub async fn proxy(&self, controller: SocketAddr, workload: &str, app: Option<SocketAddr>) -> ChildProc {
         self.proxy_with(controller, workload, app, &[]).await

@@ -91,24 +91,11 @@ async fn certify_issues_only_what_the_token_proves() {
 async fn a_sidecar_gets_its_certificate_and_renews_it() {
     let scratch = Scratch::new();
     scratch.write("services.yaml", &service("shop", "web", &[]));
-    let tokens = scratch.dir.path().join("tokens");
-    std::fs::write(&tokens, "tok-reviews shop/reviews-v1\n").unwrap();
-    let flags = vec![
-        "--identity-dir".to_string(),
-        scratch.dir.path().join("identity").display().to_string(),
-        "--tokens".into(),
-        tokens.display().to_string(),
-        "--cert-lifetime".into(),
-        "3s".into(),
-    ];
+    let flags = scratch.identity_flags(&[("tok-reviews", "shop/reviews-v1")], &["--cert-lifetime", "3s"]);
     let controller = scratch.controller_with(None, &flags).await;
-    let good = scratch.dir.path().join("good-token");
-    std::fs::write(&good, "tok-reviews\n").unwrap();
-    let bad = scratch.dir.path().join("bad-token");
-    std::fs::write(&bad, "forged\n").unwrap();
-    let with_token = |f: &std::path::Path| vec!["--token-file".to_string(), f.display().to_string()];
-    let sidecar = scratch.proxy_with(controller.addr("grpc"), "shop/reviews-v1", None, &with_token(&good)).await;
-    let forged = scratch.proxy_with(controller.addr("grpc"), "shop/impostor", None, &with_token(&bad)).await;
+    let grpc = controller.addr("grpc");
+    let sidecar = scratch.proxy_with(grpc, "shop/reviews-v1", None, &scratch.token_flags("tok-reviews")).await;
+    let forged = scratch.proxy_with(grpc, "shop/impostor", None, &scratch.token_flags("forged")).await;
 
     let admin = sidecar.addr("admin");
     wait_until("the sidecar to be ready with a certificate", Duration::from_secs(20), || async move {

@@ -15,25 +15,14 @@ fn svc(identity: &str, inbound: std::net::SocketAddr) -> String {
 async fn sidecars_talk_mtls_and_know_each_other() {
     let scratch = Scratch::new();
     scratch.write("services.yaml", &service("test", "web", &[]));
-    let tokens = scratch.dir.path().join("tokens");
-    std::fs::write(&tokens, "t-web test/web-v1\nt-client test/client\n").unwrap();
-    let flags = vec![
-        "--identity-dir".to_string(),
-        scratch.dir.path().join("identity").display().to_string(),
-        "--tokens".into(),
-        tokens.display().to_string(),
-    ];
+    let flags = scratch.identity_flags(&[("t-web", "test/web-v1"), ("t-client", "test/client")], &[]);
     let controller = scratch.controller_with(None, &flags).await;
-    let token_file = |name: &str, token: &str| {
-        let p = scratch.dir.path().join(name);
-        std::fs::write(&p, token).unwrap();
-        vec!["--token-file".to_string(), p.display().to_string()]
-    };
     let backend = Backend::start("v1").await;
     let server = scratch
-        .proxy_with(controller.addr("grpc"), "test/web-v1", Some(backend.addr), &token_file("tw", "t-web"))
+        .proxy_with(controller.addr("grpc"), "test/web-v1", Some(backend.addr), &scratch.token_flags("t-web"))
         .await;
-    let client = scratch.proxy_with(controller.addr("grpc"), "test/client", None, &token_file("tc", "t-client")).await;
+    let client =
+        scratch.proxy_with(controller.addr("grpc"), "test/client", None, &scratch.token_flags("t-client")).await;
     for admin in [server.addr("admin"), client.addr("admin")] {
         wait_until("a certificate", Duration::from_secs(20), || async move {
             !admin_text(admin, "/ready").await.contains("no workload certificate")
@@ -101,26 +90,13 @@ async fn rotation_and_a_controller_outage_fail_no_request() {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     let scratch = Scratch::new();
     scratch.write("services.yaml", &service("test", "web", &[]));
-    let tokens = scratch.dir.path().join("tokens");
-    std::fs::write(&tokens, "t-web test/web-v1\nt-client test/client\n").unwrap();
-    let flags = vec![
-        "--identity-dir".to_string(),
-        scratch.dir.path().join("identity").display().to_string(),
-        "--tokens".into(),
-        tokens.display().to_string(),
-        "--cert-lifetime".into(),
-        "4s".into(),
-    ];
+    let flags =
+        scratch.identity_flags(&[("t-web", "test/web-v1"), ("t-client", "test/client")], &["--cert-lifetime", "4s"]);
     let mut controller = scratch.controller_with(None, &flags).await;
     let grpc = controller.addr("grpc");
-    let token_file = |name: &str, token: &str| {
-        let p = scratch.dir.path().join(name);
-        std::fs::write(&p, token).unwrap();
-        vec!["--token-file".to_string(), p.display().to_string()]
-    };
     let backend = Backend::start("v1").await;
-    let server = scratch.proxy_with(grpc, "test/web-v1", Some(backend.addr), &token_file("tw", "t-web")).await;
-    let client = scratch.proxy_with(grpc, "test/client", None, &token_file("tc", "t-client")).await;
+    let server = scratch.proxy_with(grpc, "test/web-v1", Some(backend.addr), &scratch.token_flags("t-web")).await;
+    let client = scratch.proxy_with(grpc, "test/client", None, &scratch.token_flags("t-client")).await;
     let (sa, ca) = (server.addr("admin"), client.addr("admin"));
     for admin in [sa, ca] {
         wait_until("a certificate", Duration::from_secs(20), || async move { renewals(admin, "ok").await >= 1 }).await;
