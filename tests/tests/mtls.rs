@@ -145,3 +145,139 @@ async fn rotation_and_a_controller_outage_fail_no_request() {
     assert_eq!(failed.load(Ordering::Relaxed), 0, "of {} requests", total.load(Ordering::Relaxed));
     assert!(admin_text(sa, "/metrics").await.contains("tls=\"true\""));
 }
+
+/// Accepts any server certificate: these tests exercise the server's check of the client.
+#[derive(Debug)]
+struct AnyServer(std::sync::Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyServer {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &rustls::pki_types::CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &rustls::pki_types::CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Connects to `addr` presenting `cert` (and `intermediates`), sends a request, and returns
+/// whether any HTTP answer came back.
+async fn tls_request_with(
+    addr: std::net::SocketAddr,
+    cert: rcgen::Certificate,
+    key: rcgen::KeyPair,
+    intermediates: &[rustls::pki_types::CertificateDer<'static>],
+) -> bool {
+    use std::sync::Arc;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyServer(provider)))
+        .with_client_auth_cert([vec![cert.der().clone()], intermediates.to_vec()].concat(), key)
+        .unwrap();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+    let Ok(Ok(mut tls)) = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(name, tcp),
+    )
+    .await
+    else {
+        return false;
+    };
+    // TLS 1.3 reports a refused client certificate only on the first read.
+    if tls.write_all(b"GET / HTTP/1.1\r\nhost: web.test\r\nconnection: close\r\n\r\n").await.is_err() {
+        return false;
+    }
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut buf)).await;
+    String::from_utf8_lossy(&buf).starts_with("HTTP/1.1")
+}
+
+fn leaf(uri: &str, expired: bool, issuer: &rcgen::Issuer<'_, rcgen::KeyPair>) -> (rcgen::Certificate, rcgen::KeyPair) {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut p = rcgen::CertificateParams::default();
+    p.subject_alt_names = vec![rcgen::SanType::URI(uri.try_into().unwrap())];
+    p.extended_key_usages =
+        vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth, rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+    if expired {
+        p.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        p.not_after = rcgen::date_time_ymd(2020, 1, 2);
+    }
+    (p.signed_by(&key, issuer).unwrap(), key)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_and_expired_client_certificates_are_refused() {
+    let scratch = Scratch::new();
+    scratch.write("services.yaml", &service("test", "web", &[]));
+    let flags = scratch.identity_flags(&[("t-web", "test/web-v1")], &[]);
+    let controller = scratch.controller_with(None, &flags).await;
+    let backend = Backend::start("v1").await;
+    let server = scratch
+        .proxy_with(controller.addr("grpc"), "test/web-v1", Some(backend.addr), &scratch.token_flags("t-web"))
+        .await;
+    let admin = server.addr("admin");
+    wait_until("a certificate", Duration::from_secs(20), || async move {
+        !admin_text(admin, "/ready").await.contains("no workload certificate")
+    })
+    .await;
+    let inbound = server.addr("inbound");
+    let id = "spiffe://cluster.local/ns/test/sa/client";
+
+    // The mesh's own issuer (from the identity directory) signs a valid client: served.
+    let dir = scratch.dir.path().join("identity");
+    let issuer_key = rcgen::KeyPair::from_pem(&std::fs::read_to_string(dir.join("issuer.key")).unwrap()).unwrap();
+    let issuer_pem = std::fs::read_to_string(dir.join("issuer.crt")).unwrap();
+    let mesh_issuer = rcgen::Issuer::from_ca_cert_pem(&issuer_pem, issuer_key).unwrap();
+    let chain = {
+        use rustls::pki_types::pem::PemObject;
+        vec![rustls::pki_types::CertificateDer::from_pem_slice(issuer_pem.as_bytes()).unwrap()]
+    };
+    let (cert, key) = leaf(id, false, &mesh_issuer);
+    assert!(tls_request_with(inbound, cert, key, &chain).await, "a valid mesh client must be served");
+    let served = backend.behaviour.served.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(served, 1);
+
+    // Expired, from the same issuer: refused.
+    let (cert, key) = leaf(id, true, &mesh_issuer);
+    assert!(!tls_request_with(inbound, cert, key, &chain).await, "an expired certificate must be refused");
+    // From another CA: refused.
+    let other_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut other = rcgen::CertificateParams::default();
+    other.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let other = rcgen::Issuer::new(other, other_key);
+    let (cert, key) = leaf(id, false, &other);
+    assert!(!tls_request_with(inbound, cert, key, &[]).await, "a certificate from another CA must be refused");
+
+    assert_eq!(backend.behaviour.served.load(std::sync::atomic::Ordering::Relaxed), served, "nothing reached the app");
+    wait_until("two refused handshakes counted", Duration::from_secs(5), || async move {
+        admin_text(admin, "/metrics").await.contains("weir_tls_handshake_failures_total 2")
+    })
+    .await;
+}
