@@ -13,8 +13,8 @@ Needs wrk (Debian package `wrk`).
 import argparse, json, os, shutil, sys, tempfile, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from weirbench import BIN, get, start, stop, write_atomic  # noqa: E402
-from resilience_cost import cpu_seconds, wrk  # noqa: E402
+from weirbench import cpu_seconds, get, start_backend, start_controller, start_sidecar, stop, wrk, write_atomic  # noqa: E402
+
 
 
 def run_mode(mtls, seconds):
@@ -36,19 +36,12 @@ def run_mode(mtls, seconds):
                 with open(path, "w") as f:
                     f.write(f"t-{name}")
                 return ["--token-file", path]
-        ctl, ca = start([os.path.join(BIN, "weir-controller"), "--config-dir", cfg, "--grpc-addr", "127.0.0.1:0",
-                         "--admin-addr", "127.0.0.1:0", "--print-listen-addrs", "--log-level", "warn"] + extra,
-                        os.path.join(tmp, "controller.log"))
+        ctl, ca = start_controller(cfg, os.path.join(tmp, "controller.log"), extra)
         procs.append(ctl)
-        be, ba = start([os.path.join(BIN, "weir"), "demo-backend", "--listen", "127.0.0.1:0", "--print-listen-addrs",
-                        "--name", "web"], os.path.join(tmp, "backend.log"))
+        be, ba = start_backend(os.path.join(tmp, "backend.log"))
         procs.append(be)
-        sidecar = lambda name, app: start(
-            [os.path.join(BIN, "weir-proxy"), "--controller", ca["grpc"], "--workload", f"bench/{name}",
-             "--service-account", name, "--outbound-addr", "127.0.0.1:0", "--inbound-addr", "127.0.0.1:0",
-             "--admin-addr", "127.0.0.1:0", "--print-listen-addrs", "--log-level", "warn"]
-            + (["--app-addr", app] if app else []) + token(name),
-            os.path.join(tmp, f"{name}.log"))
+        sidecar = lambda name, app: start_sidecar(
+            ca["grpc"], f"bench/{name}", os.path.join(tmp, f"{name}.log"), app, token(name))
         server, sa = sidecar("web", ba["listen"])
         procs.append(server)
         client, cla = sidecar("client", None)

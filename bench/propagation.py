@@ -8,10 +8,10 @@ weights show. Prints p50/p90/max and the controller's own push-latency histogram
 
     cargo build --release && python3 bench/propagation.py [--writes 50]
 """
-import argparse, json, os, sys, tempfile, time
+import argparse, json, os, shutil, sys, tempfile, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from weirbench import BIN, get, start, stop, write_atomic  # noqa: E402
+from weirbench import get, start_controller, start_sidecar, stop, write_atomic  # noqa: E402
 
 
 SERVICES = """kind: Service
@@ -57,13 +57,9 @@ def main():
     write_atomic(os.path.join(cfg, "route.yaml"), route(1, 0))
     procs = []
     try:
-        ctl, ca = start([os.path.join(BIN, "weir-controller"), "--config-dir", cfg, "--grpc-addr", "127.0.0.1:0",
-                         "--admin-addr", "127.0.0.1:0", "--print-listen-addrs", "--log-level", "warn"],
-                        os.path.join(tmp, "controller.log"))
+        ctl, ca = start_controller(cfg, os.path.join(tmp, "controller.log"))
         procs.append(ctl)
-        px, pa = start([os.path.join(BIN, "weir-proxy"), "--controller", ca["grpc"], "--workload", "bench/client",
-                        "--outbound-addr", "127.0.0.1:0", "--inbound-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0",
-                        "--print-listen-addrs", "--log-level", "warn"], os.path.join(tmp, "proxy.log"))
+        px, pa = start_sidecar(ca["grpc"], "bench/client", os.path.join(tmp, "proxy.log"))
         procs.append(px)
         deadline = time.time() + 10
         while weights(pa["admin"]) != [1, 0]:
@@ -91,6 +87,7 @@ def main():
                 print(line)
     finally:
         stop(procs)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 if __name__ == "__main__":
     main()

@@ -13,9 +13,7 @@ Needs wrk (Debian package `wrk`).
 import argparse, json, os, re, shutil, subprocess, sys, tempfile, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from weirbench import BIN, get, start, stop, write_atomic  # noqa: E402
-
-TICK = os.sysconf("SC_CLK_TCK")
+from weirbench import cpu_seconds, get, start_backend, start_controller, start_sidecar, stop, wrk, write_atomic  # noqa: E402
 
 FULL_POLICY = """apiVersion: weir.io/v1alpha1
 kind: ResiliencePolicy
@@ -35,23 +33,6 @@ spec:
 
 
 
-def cpu_seconds(pid):
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
-
-def to_ms(v):
-    m = re.match(r"([\d.]+)(us|ms|s)", v)
-    n, unit = float(m.group(1)), m.group(2)
-    return n / 1000 if unit == "us" else n * 1000 if unit == "s" else n
-
-def wrk(url, seconds):
-    out = subprocess.run(["wrk", "-t2", "-c16", f"-d{seconds}s", "--latency", "-H", "Host: web.bench", url],
-                         capture_output=True, text=True, timeout=seconds + 30).stdout
-    lat = {p: to_ms(v) for p, v in re.findall(r"^\s+(50|75|90|99)%\s+(\S+)", out, re.M)}
-    total = int(re.search(r"(\d+) requests in", out).group(1))
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    return lat, total, rps, int(non2xx.group(1)) if non2xx else 0
 
 def main():
     ap = argparse.ArgumentParser()
@@ -65,18 +46,11 @@ def main():
     write_atomic(os.path.join(cfg, "services.yaml"), "kind: Service\nmetadata: {name: web, namespace: bench}\n")
     procs = []
     try:
-        ctl, ca = start([os.path.join(BIN, "weir-controller"), "--config-dir", cfg, "--grpc-addr", "127.0.0.1:0",
-                         "--admin-addr", "127.0.0.1:0", "--print-listen-addrs", "--log-level", "warn"],
-                        os.path.join(tmp, "controller.log"))
+        ctl, ca = start_controller(cfg, os.path.join(tmp, "controller.log"))
         procs.append(ctl)
-        be, ba = start([os.path.join(BIN, "weir"), "demo-backend", "--listen", "127.0.0.1:0", "--print-listen-addrs",
-                        "--name", "web"], os.path.join(tmp, "backend.log"))
+        be, ba = start_backend(os.path.join(tmp, "backend.log"))
         procs.append(be)
-        sidecar = lambda name, app: start(
-            [os.path.join(BIN, "weir-proxy"), "--controller", ca["grpc"], "--workload", f"bench/{name}",
-             "--outbound-addr", "127.0.0.1:0", "--inbound-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0",
-             "--print-listen-addrs", "--log-level", "warn"] + (["--app-addr", app] if app else []),
-            os.path.join(tmp, f"{name}.log"))
+        sidecar = lambda name, app: start_sidecar(ca["grpc"], f"bench/{name}", os.path.join(tmp, f"{name}.log"), app)
         server, sa = sidecar("web", ba["listen"])
         procs.append(server)
         client, cla = sidecar("client", None)

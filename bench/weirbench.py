@@ -1,6 +1,6 @@
 """Helpers the bench scripts share: start Weir processes that print their listening
 addresses, write config files atomically, and stop what was started, by PID."""
-import json, os, signal, subprocess, urllib.request
+import json, os, re, signal, subprocess, urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, "target", "release")
@@ -35,3 +35,49 @@ def stop(procs):
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
+
+
+def start_controller(config_dir, log, extra=()):
+    """A release controller in local mode over `config_dir`, on OS-chosen ports."""
+    return start([os.path.join(BIN, "weir-controller"), "--config-dir", config_dir, "--grpc-addr", "127.0.0.1:0",
+                  "--admin-addr", "127.0.0.1:0", "--print-listen-addrs", "--log-level", "warn", *extra], log)
+
+
+def start_backend(log, name="web"):
+    """A `weir demo-backend` on an OS-chosen port."""
+    return start([os.path.join(BIN, "weir"), "demo-backend", "--listen", "127.0.0.1:0", "--print-listen-addrs",
+                  "--name", name], log)
+
+
+def start_sidecar(controller_grpc, workload, log, app=None, extra=()):
+    """A release sidecar of `workload` (NS/NAME; its service account is NAME) on OS-chosen ports."""
+    return start([os.path.join(BIN, "weir-proxy"), "--controller", controller_grpc, "--workload", workload,
+                  "--service-account", workload.split("/")[-1], "--outbound-addr", "127.0.0.1:0",
+                  "--inbound-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0", "--print-listen-addrs",
+                  "--log-level", "warn", *(["--app-addr", app] if app else []), *extra], log)
+
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid):
+    """User + system CPU time of a process, from /proc."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def _to_ms(v):
+    m = re.match(r"([\d.]+)(us|ms|s)", v)
+    n, unit = float(m.group(1)), m.group(2)
+    return n / 1000 if unit == "us" else n * 1000 if unit == "s" else n
+
+
+def wrk(url, seconds):
+    """wrk, 2 threads, 16 connections, Host web.bench: (latency ms by percentile, total, rps, non-2xx)."""
+    out = subprocess.run(["wrk", "-t2", "-c16", f"-d{seconds}s", "--latency", "-H", "Host: web.bench", url],
+                         capture_output=True, text=True, timeout=seconds + 30).stdout
+    lat = {p: _to_ms(v) for p, v in re.findall(r"^\s+(50|75|90|99)%\s+(\S+)", out, re.M)}
+    total = int(re.search(r"(\d+) requests in", out).group(1))
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return lat, total, rps, int(non2xx.group(1)) if non2xx else 0

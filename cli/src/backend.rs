@@ -195,36 +195,8 @@ fn server_sent_events(n: u64, every: Duration) -> Body {
 fn stream_bytes(n: u64) -> Body {
     const CHUNK: u64 = 64 * 1024;
     let chunk = Bytes::from(vec![b'w'; CHUNK as usize]);
-    let stream = futures_stream(n, CHUNK, chunk);
-    StreamBody::new(stream).boxed()
-}
-
-fn futures_stream(
-    n: u64,
-    size: u64,
-    chunk: Bytes,
-) -> impl futures_core::Stream<Item = Result<Frame<Bytes>, std::io::Error>> + Send + Sync {
-    let mut left = n;
-    futures_util_stream(move || {
-        if left == 0 {
-            return None;
-        }
-        let take = left.min(size);
-        left -= take;
-        Some(Ok(Frame::data(chunk.slice(..take as usize))))
-    })
-}
-
-/// A stream from a closure (std-only `poll_fn` over an iterator).
-fn futures_util_stream<T, F: FnMut() -> Option<T> + Send + Sync + Unpin>(
-    f: F,
-) -> impl futures_core::Stream<Item = T> + Send + Sync {
-    struct FromFn<F>(F);
-    impl<T, F: FnMut() -> Option<T> + Unpin> futures_core::Stream for FromFn<F> {
-        type Item = T;
-        fn poll_next(mut self: std::pin::Pin<&mut Self>, _: &mut std::task::Context<'_>) -> std::task::Poll<Option<T>> {
-            std::task::Poll::Ready((self.0)())
-        }
-    }
-    FromFn(f)
+    let frames = (0..n)
+        .step_by(CHUNK as usize)
+        .map(move |offset| Ok(Frame::data(chunk.slice(..(n - offset).min(CHUNK) as usize))));
+    StreamBody::new(tokio_stream::iter(frames)).boxed()
 }

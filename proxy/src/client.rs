@@ -212,6 +212,12 @@ impl Clients {
     }
 }
 
+/// Where mesh mTLS goes: this sidecar's credentials and the SPIFFE ID the peer must present.
+pub struct TlsTarget {
+    pub creds: crate::tls::CredsRx,
+    pub expected: Arc<str>,
+}
+
 #[derive(Clone)]
 pub struct H2Pool {
     conns: Arc<Mutex<HashMap<PoolAddr, Slot>>>,
@@ -236,16 +242,16 @@ impl H2Pool {
     }
 
     /// Like [`send`](Self::send), over mutual TLS when `tls` is given (the connection is
-    /// then separate from any plaintext one to the same address).
+    /// then separate from any plaintext one to the same address, and from one verified for
+    /// another identity). The TLS configuration is only built when a connection is made.
     pub async fn send_tls(
         &self,
         addr: SocketAddr,
         req: Request<Body>,
         opts: ConnectOpts,
-        tls: Option<(Arc<rustls::ClientConfig>, Arc<str>)>,
+        tls: Option<&TlsTarget>,
     ) -> Result<Response<Incoming>, ProxyError> {
         let connect = opts.connect.unwrap_or(self.connect_timeout);
-        let tls = tls.as_ref();
         let mut sender = self.sender(addr, connect, tls).await?;
         match sender.try_send_request(req).await {
             Ok(rsp) => Ok(rsp),
@@ -267,9 +273,9 @@ impl H2Pool {
         &self,
         addr: SocketAddr,
         connect: Duration,
-        tls: Option<&(Arc<rustls::ClientConfig>, Arc<str>)>,
+        tls: Option<&TlsTarget>,
     ) -> Result<http2::SendRequest<Body>, ProxyError> {
-        let key = (addr, tls.map(|t| t.1.clone()));
+        let key = (addr, tls.map(|t| t.expected.clone()));
         let slot = self.conns.lock().unwrap().entry(key).or_default().clone();
         let mut guard = slot.lock().await;
         if let Some(s) = guard.as_ref()
@@ -277,7 +283,7 @@ impl H2Pool {
         {
             return Ok(s.clone());
         }
-        let s = self.connect(addr, connect, tls.map(|t| &t.0)).await?;
+        let s = self.connect(addr, connect, tls).await?;
         *guard = Some(s.clone());
         Ok(s)
     }
@@ -286,7 +292,7 @@ impl H2Pool {
         &self,
         addr: SocketAddr,
         timeout: Duration,
-        tls: Option<&Arc<rustls::ClientConfig>>,
+        tls: Option<&TlsTarget>,
     ) -> Result<http2::SendRequest<Body>, ProxyError> {
         let connect_err = |reason: String| ProxyError::Connect { addr, reason };
         let tcp = tokio::time::timeout(timeout, TcpStream::connect(addr))
@@ -296,9 +302,11 @@ impl H2Pool {
         let _ = tcp.set_nodelay(true);
         let stream: Box<dyn crate::server::Io> = match tls {
             None => Box::new(tcp),
-            Some(cfg) => {
+            Some(target) => {
+                let cfg = crate::tls::client_config(&target.creds, &target.expected)
+                    .ok_or_else(|| connect_err("this sidecar has no workload certificate".into()))?;
                 let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
-                let handshake = tokio_rustls::TlsConnector::from(cfg.clone()).connect(name, tcp);
+                let handshake = tokio_rustls::TlsConnector::from(cfg).connect(name, tcp);
                 let tls = tokio::time::timeout(timeout, handshake)
                     .await
                     .map_err(|_| connect_err(format!("TLS handshake timed out after {timeout:?}")))?

@@ -320,3 +320,10 @@ pub async fn send_h2(via: SocketAddr, authority: &str, path: &str) -> anyhow::Re
     conn.abort();
     Ok(Reply { status, headers, body: String::from_utf8_lossy(&body).into_owned() })
 }
+
+/// `weir_identity_renewals_total{result}` from a sidecar's metrics.
+pub async fn renewals(admin: SocketAddr, result: &str) -> u64 {
+    let m = admin_text(admin, "/metrics").await;
+    let prefix = format!("weir_identity_renewals_total{{result=\"{result}\"}} ");
+    m.lines().find_map(|l| l.strip_prefix(&prefix)?.parse().ok()).unwrap_or(0)
+}

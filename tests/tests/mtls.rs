@@ -24,10 +24,7 @@ async fn sidecars_talk_mtls_and_know_each_other() {
     let client =
         scratch.proxy_with(controller.addr("grpc"), "test/client", None, &scratch.token_flags("t-client")).await;
     for admin in [server.addr("admin"), client.addr("admin")] {
-        wait_until("a certificate", Duration::from_secs(20), || async move {
-            !admin_text(admin, "/ready").await.contains("no workload certificate")
-        })
-        .await;
+        wait_until("a certificate", Duration::from_secs(20), || async move { renewals(admin, "ok").await >= 1 }).await;
     }
     let inbound = server.addr("inbound");
     scratch.write("services.yaml", &svc("web-v1", inbound));
@@ -75,13 +72,6 @@ async fn sidecars_talk_mtls_and_know_each_other() {
         "{}",
         r.body
     );
-}
-
-/// `weir_identity_renewals_total{result}` from a sidecar's metrics.
-async fn renewals(admin: std::net::SocketAddr, result: &str) -> u64 {
-    let m = admin_text(admin, "/metrics").await;
-    let prefix = format!("weir_identity_renewals_total{{result=\"{result}\"}} ");
-    m.lines().find_map(|l| l.strip_prefix(&prefix)?.parse().ok()).unwrap_or(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -243,10 +233,7 @@ async fn foreign_and_expired_client_certificates_are_refused() {
         .proxy_with(controller.addr("grpc"), "test/web-v1", Some(backend.addr), &scratch.token_flags("t-web"))
         .await;
     let admin = server.addr("admin");
-    wait_until("a certificate", Duration::from_secs(20), || async move {
-        !admin_text(admin, "/ready").await.contains("no workload certificate")
-    })
-    .await;
+    wait_until("a certificate", Duration::from_secs(20), || async move { renewals(admin, "ok").await >= 1 }).await;
     let inbound = server.addr("inbound");
     let id = "spiffe://cluster.local/ns/test/sa/client";
 

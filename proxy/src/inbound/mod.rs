@@ -13,7 +13,7 @@ use crate::body::{Body, ORIG_PROTO, boxed, strip_hop_by_hop};
 use tokio::sync::watch;
 
 use crate::client::{Clients, ConnectOpts};
-use crate::config::{Config, InboundLimit, RateKey};
+use crate::config::{Config, InboundLimit};
 use crate::errors::ProxyError;
 use crate::metrics::{Direction, Labels, Metrics};
 use crate::outbound::request_authority;
@@ -84,16 +84,11 @@ impl Inbound {
             h.parse::<http::uri::Authority>().ok().map(|a| a.host().to_string())
         });
         let target = host.as_deref().and_then(|h| config.lookup(h)).map(|s| s.key.clone());
-        let applies = |l: &&InboundLimit| match &target {
-            Some(t) if config.inbound.iter().any(|l| &l.service == t) => &l.service == t,
-            _ => true,
-        };
+        // The limits of the Service the request names, or all of them when it names none.
+        let target = target.filter(|t| config.inbound.iter().any(|l| &l.service == t));
+        let applies = |l: &&InboundLimit| target.as_ref().is_none_or(|t| &l.service == t);
         for l in config.inbound.iter().filter(applies) {
-            let key = match &l.limit.key {
-                RateKey::Whole => String::new(),
-                RateKey::Header(h) => req.headers().get(h).and_then(|v| v.to_str().ok()).unwrap_or("").to_string(),
-                RateKey::SourceIp => client.ip().to_string(),
-            };
+            let key = crate::outbound::resilience::rate_key(&l.limit.key, req.headers(), client);
             if let Err(retry_after) = self.resilience.limiter(&l.policy, &l.limit).check(&key) {
                 self.resilience.metrics.rate_limited.with_label_values(&[&*l.service, "inbound"]).inc();
                 return Some(ProxyError::RateLimited { retry_after });

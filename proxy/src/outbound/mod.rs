@@ -9,6 +9,8 @@ pub mod health;
 pub mod resilience;
 pub mod route;
 
+use resilience::BreakerPass;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -23,8 +25,8 @@ use tokio::sync::watch;
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::body::{Body, ORIG_PROTO, boxed, full, strip_hop_by_hop, with_guard, with_idle_timeout};
-use crate::client::Clients;
-use crate::config::{Abort, Config, Endpoint, HashKey, Policy, RateKey, RetryOn};
+use crate::client::{Clients, TlsTarget};
+use crate::config::{Abort, Config, Endpoint, HashKey, Policy, RetryOn};
 use crate::errors::{ProxyError, grpc_error};
 use crate::metrics::{Direction, Labels, Metrics};
 
@@ -183,11 +185,7 @@ impl Outbound {
         let rm = &self.resilience.metrics;
         let service = &*labels.service;
         if let Some(rl) = &policy.rate_limit {
-            let key = match &rl.key {
-                RateKey::Whole => String::new(),
-                RateKey::Header(h) => parts.headers.get(h).and_then(|v| v.to_str().ok()).unwrap_or("").to_string(),
-                RateKey::SourceIp => client.ip().to_string(),
-            };
+            let key = resilience::rate_key(&rl.key, &parts.headers, client);
             if let Err(retry_after) = self.resilience.limiter(&policy.name, rl).check(&key) {
                 rm.rate_limited.with_label_values(&[service, "outbound"]).inc();
                 return Some(Early::Fail(ProxyError::RateLimited { retry_after }));
@@ -317,6 +315,7 @@ impl Outbound {
                 },
                 None => None,
             };
+            let pass = breaker.as_deref().zip(permit).map(|(b, p)| BreakerPass::new(b, p));
             // Ejected endpoints are skipped; a retry goes to an endpoint not tried yet, where
             // there is one.
             let mut healthy_now = match &outliers {
@@ -351,8 +350,8 @@ impl Outbound {
                 None => send.await,
             };
             let healthy = matches!(&outcome, Ok(r) if r.status().as_u16() < 500);
-            if let (Some(b), Some(p)) = (&breaker, permit) {
-                b.record(p, healthy);
+            if let Some(pass) = pass {
+                pass.record(healthy);
             }
             if let Some(o) = &outliers {
                 o.record(endpoint.addr, healthy, endpoints.len());
@@ -409,15 +408,17 @@ impl Outbound {
             parts.version = Version::HTTP_2;
             // Mesh mTLS to a peer sidecar whose identity the controller gave, once this
             // sidecar has a certificate of its own.
-            let tls = match (&self.credentials, endpoint.meshed && !endpoint.identity.is_empty()) {
-                (Some(creds), true) => {
+            let tls = match &self.credentials {
+                // Never plaintext to a peer with an identity: without a certificate yet, the
+                // connect fails ("no workload certificate") instead.
+                Some(creds) if endpoint.meshed && !endpoint.identity.is_empty() => {
                     let ns = call.target.backend.split('/').next().unwrap_or_default();
                     let expected = format!("spiffe://{}/ns/{ns}/sa/{}", self.trust_domain, endpoint.identity);
-                    crate::tls::client_config(creds, &expected).map(|c| (c, Arc::from(expected)))
+                    Some(TlsTarget { creds: creds.clone(), expected: expected.into() })
                 }
                 _ => None,
             };
-            self.clients.h2.send_tls(endpoint.addr, Request::from_parts(parts, body), opts, tls).await
+            self.clients.h2.send_tls(endpoint.addr, Request::from_parts(parts, body), opts, tls.as_ref()).await
         } else {
             self.clients.send_h1(endpoint.addr, Request::from_parts(parts, body), opts).await
         }
@@ -448,7 +449,7 @@ fn hash_key(key: &HashKey, parts: &http::request::Parts, client: SocketAddr) -> 
     }
 }
 
-fn is_grpc(headers: &http::HeaderMap) -> bool {
+pub fn is_grpc(headers: &http::HeaderMap) -> bool {
     headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("application/grpc"))
 }
 

@@ -161,6 +161,35 @@ pub struct Breaker {
     labels: [String; 2],
 }
 
+/// One request let through a breaker. Its result must be recorded; dropped unrecorded (a
+/// request cancelled by the request timeout or the client), a half-open probe gives its slot
+/// back so the breaker never waits on a lost probe.
+pub struct BreakerPass<'a> {
+    breaker: &'a Breaker,
+    permit: Permit,
+    recorded: bool,
+}
+
+impl<'a> BreakerPass<'a> {
+    pub fn new(breaker: &'a Breaker, permit: Permit) -> Self {
+        Self { breaker, permit, recorded: false }
+    }
+
+    /// Records how the request ended (see [`Breaker::record`]).
+    pub fn record(mut self, success: bool) {
+        self.recorded = true;
+        self.breaker.record(self.permit, success);
+    }
+}
+
+impl Drop for BreakerPass<'_> {
+    fn drop(&mut self) {
+        if !self.recorded && self.permit == Permit::Probe {
+            self.breaker.release_probe();
+        }
+    }
+}
+
 /// Permission to send one request through a breaker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Permit {
@@ -187,6 +216,15 @@ impl Breaker {
                 Ok(Permit::Probe)
             }
             State::HalfOpen { .. } => Err(()),
+        }
+    }
+
+    /// Gives back a half-open probe slot whose request ended without a verdict (cancelled by
+    /// the request timeout or the client), so the breaker never waits on a lost probe.
+    fn release_probe(&self) {
+        let mut g = self.state.lock().unwrap();
+        if let State::HalfOpen { probes, successes } = g.0 {
+            g.0 = State::HalfOpen { probes: probes.saturating_sub(1), successes };
         }
     }
 
@@ -257,16 +295,32 @@ impl Bulkhead {
         if let Ok(p) = self.slots.clone().try_acquire_owned() {
             return Ok(p);
         }
+        // Counted out again when this scope ends, also if the waiting request is cancelled.
+        struct Waiting<'a>(&'a AtomicU32);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        let waiting = Waiting(&self.pending);
         if self.pending.fetch_add(1, Ordering::AcqRel) >= self.policy.max_pending {
-            self.pending.fetch_sub(1, Ordering::AcqRel);
             return Err(());
         }
         let waited = tokio::time::timeout(self.policy.pending_timeout, self.slots.clone().acquire_owned()).await;
-        self.pending.fetch_sub(1, Ordering::AcqRel);
+        drop(waiting);
         match waited {
             Ok(Ok(p)) => Ok(p),
             _ => Err(()),
         }
+    }
+}
+
+/// The bucket key of a request under `key`.
+pub fn rate_key(key: &crate::config::RateKey, headers: &http::HeaderMap, client: SocketAddr) -> String {
+    match key {
+        crate::config::RateKey::Whole => String::new(),
+        crate::config::RateKey::Header(h) => headers.get(h).and_then(|v| v.to_str().ok()).unwrap_or("").to_string(),
+        crate::config::RateKey::SourceIp => client.ip().to_string(),
     }
 }
 
@@ -446,43 +500,28 @@ impl Resilience {
 
     /// The budget of policy `name`; a changed budget policy starts a fresh budget.
     pub fn budget(&self, name: &Arc<str>, policy: BudgetPolicy) -> Arc<RetryBudget> {
-        let mut g = self.budgets.lock().unwrap();
-        if let Some(b) = g.get(name)
-            && b.policy == policy
-        {
-            return b.clone();
-        }
-        if g.len() >= MAX_ENTRIES {
-            g.clear();
-        }
-        let b = Arc::new(RetryBudget::new(policy));
-        g.insert(name.clone(), b.clone());
-        b
+        get_or_make(&self.budgets, name.clone(), &policy, |b| &b.policy, || RetryBudget::new(policy))
     }
 
     /// The breaker of `backend` under policy `name`; a changed breaker policy starts closed.
     pub fn breaker(&self, name: &Arc<str>, service: &str, backend: &Arc<str>, policy: BreakerPolicy) -> Arc<Breaker> {
-        let mut g = self.breakers.lock().unwrap();
-        let key = (name.clone(), backend.clone());
-        if let Some(b) = g.get(&key)
-            && b.policy == policy
-        {
-            return b.clone();
-        }
-        if g.len() >= MAX_ENTRIES {
-            g.clear();
-        }
-        let gauge = self.metrics.circuit_state.with_label_values(&[service, backend]);
-        gauge.set(0);
-        let b = Arc::new(Breaker {
-            policy,
-            state: Mutex::new((State::Closed { failures: 0 }, 0)),
-            gauge,
-            transitions: self.metrics.circuit_transitions.clone(),
-            labels: [service.to_string(), backend.to_string()],
-        });
-        g.insert(key, b.clone());
-        b
+        get_or_make(
+            &self.breakers,
+            (name.clone(), backend.clone()),
+            &policy,
+            |b| &b.policy,
+            || {
+                let gauge = self.metrics.circuit_state.with_label_values(&[service, backend]);
+                gauge.set(0);
+                Breaker {
+                    policy,
+                    state: Mutex::new((State::Closed { failures: 0 }, 0)),
+                    gauge,
+                    transitions: self.metrics.circuit_transitions.clone(),
+                    labels: [service.to_string(), backend.to_string()],
+                }
+            },
+        )
     }
 
     /// Forgets budgets and breakers of policies no longer configured.
@@ -549,6 +588,26 @@ mod tests {
         b.record(probe, true);
         assert_eq!(b.acquire().unwrap(), Permit::Normal, "closed after 2 successes");
         assert_eq!(r.metrics.circuit_state.with_label_values(&["ns/web", "ns/web"]).get(), 0);
+    }
+
+    #[test]
+    fn a_cancelled_probe_gives_its_slot_back() {
+        let r = resilience();
+        let policy = BreakerPolicy {
+            consecutive_failures: 1,
+            open: Duration::from_millis(5),
+            max_open: Duration::from_secs(1),
+            half_open_requests: 1,
+            success_threshold: 1,
+        };
+        let b = r.breaker(&"ns/p".into(), "s", &"b".into(), policy);
+        b.record(b.acquire().unwrap(), false);
+        std::thread::sleep(Duration::from_millis(7));
+        let probe = b.acquire().unwrap();
+        drop(BreakerPass::new(&b, probe));
+        let again = b.acquire().expect("the lost probe's slot is free again");
+        BreakerPass::new(&b, again).record(true);
+        assert_eq!(b.acquire().unwrap(), Permit::Normal);
     }
 
     #[test]
