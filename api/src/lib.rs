@@ -4,6 +4,7 @@
 //! - [`proto`]: the `weir.v1` gRPC protocol (Discovery stream), generated from `proto/`.
 //! - [`route`]: the `Route` custom resource (close to Gateway API `HTTPRoute`).
 //! - [`resilience`]: the `ResiliencePolicy` custom resource (timeouts, retries, circuit breaking).
+//! - [`authorization`]: the `MeshAuthorization` custom resource (who may call a workload).
 //! - [`service`]: the local-mode `Service` document (a Service with static endpoints).
 //! - [`duration`]: Gateway-API style duration strings (`250ms`, `1m30s`).
 //! - [`validate`]: field-level validation errors shared by every resource.
@@ -11,6 +12,7 @@
 //! - [`crds`]: every CRD this crate defines, for `weir-controller crds`.
 #![forbid(unsafe_code)]
 
+pub mod authorization;
 pub mod duration;
 pub mod resilience;
 pub mod route;
@@ -34,7 +36,7 @@ pub const API_VERSION: &str = "weir.io/v1alpha1";
 /// Every CustomResourceDefinition Weir defines, in a stable order.
 pub fn crds() -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> {
     use kube::CustomResourceExt;
-    vec![route::Route::crd(), resilience::ResiliencePolicy::crd()]
+    vec![route::Route::crd(), resilience::ResiliencePolicy::crd(), authorization::MeshAuthorization::crd()]
 }
 
 /// Renders every CRD as a multi-document YAML stream (what `crds/` holds).

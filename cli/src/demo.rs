@@ -21,6 +21,7 @@ use crate::procs::{ChildProc, loopback_controller_args, loopback_sidecar_args, m
 
 const SERVICES_YAML: &str = include_str!("../../examples/demo/services.yaml");
 const ROUTE_YAML: &str = include_str!("../../examples/demo/route.yaml");
+const AUTHORIZATION_YAML: &str = include_str!("../../examples/demo/authorization.yaml");
 const STEPS: [(u32, u32); 4] = [(100, 0), (90, 10), (50, 50), (0, 100)];
 
 #[derive(clap::Args, Debug, Clone)]
@@ -125,6 +126,7 @@ async fn drive(args: &DemoArgs, exe: &Path, mesh: &mut Mesh) -> anyhow::Result<(
             table.push_str(&format!("{token} demo/{w}\n"));
         }
         std::fs::write(logs.join("tokens"), table)?;
+        write_atomic(&config_dir.join("authorization.yaml"), AUTHORIZATION_YAML)?;
         controller_args.extend([
             "--identity-dir".to_string(),
             logs.join("identity").display().to_string(),
@@ -155,6 +157,9 @@ async fn drive(args: &DemoArgs, exe: &Path, mesh: &mut Mesh) -> anyhow::Result<(
     }
     let sidecar = |workload: &str, app: Option<SocketAddr>| {
         let mut a = [vec!["proxy".to_string()], loopback_sidecar_args(grpc, workload, app, "warn")].concat();
+        if workload.starts_with("demo/reviews") {
+            a.extend(["--label".to_string(), "app=reviews".to_string()]);
+        }
         if mtls {
             let name = workload.rsplit('/').next().unwrap_or(workload);
             a.extend(["--token-file".to_string(), logs.join(format!("{name}.token")).display().to_string()]);
@@ -194,6 +199,21 @@ async fn drive(args: &DemoArgs, exe: &Path, mesh: &mut Mesh) -> anyhow::Result<(
     }
     if mtls {
         say("mTLS: on between all sidecars (identities spiffe://cluster.local/ns/demo/sa/{productpage,reviews-v1,reviews-v2})".into());
+        // The MeshAuthorization in force: a plaintext caller is turned away at the sidecar.
+        for admin in &admins[..2] {
+            wait_for_config(&http, *admin, Duration::from_secs(20), |c| {
+                c["snapshot"]["inbound"]["authorizations"].as_array().is_some_and(|a| !a.is_empty())
+            })
+            .await
+            .context("a reviews sidecar never received the MeshAuthorization")?;
+        }
+        let probe = http::Request::get(format!("http://{}/", inbound[0])).header("host", "reviews-v1.demo");
+        let refused = http.request(probe.body(Empty::new())?).await?;
+        let reason = refused.headers().get("weir-error").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+        say(format!(
+            "authorization: MeshAuthorization demo/reviews (strict) admits only productpage; a plaintext probe of reviews-v1 got {} ({reason})",
+            refused.status().as_u16()
+        ));
     } else {
         say("mTLS: off (--plaintext)".into());
     }
@@ -455,6 +475,7 @@ mod tests {
         for (services, endpoints) in [(services_yaml(None), 0), (services_yaml(Some((a, a))), 2)] {
             let mut defs = parse_file("services.yaml", &services).unwrap();
             defs.extend(parse_file("route.yaml", &route_yaml((90, 10))).unwrap());
+            defs.extend(parse_file("authorization.yaml", AUTHORIZATION_YAML).unwrap());
             let mut index = Index::default();
             index.replace_all(defs, vec![]);
             assert!(index.rejections().is_empty(), "{:?}", index.rejections());
@@ -466,7 +487,7 @@ mod tests {
                         let w: Vec<u32> = r.rules[1].backend_refs.iter().map(|b| b.weight).collect();
                         assert_eq!(w, [90, 10]);
                     }
-                    Resource::ResiliencePolicy(_) => {}
+                    Resource::ResiliencePolicy(_) | Resource::MeshAuthorization(_) => {}
                 }
             }
             assert_eq!(found, endpoints);

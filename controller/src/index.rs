@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use serde::Serialize;
+use weir_api::authorization::MeshAuthorizationSpec;
 use weir_api::resilience::ResiliencePolicySpec;
 use weir_api::route::RouteSpec;
 use weir_api::service::LocalServiceSpec;
@@ -18,6 +19,7 @@ pub enum Kind {
     Service,
     Route,
     ResiliencePolicy,
+    MeshAuthorization,
 }
 
 impl fmt::Display for Kind {
@@ -26,6 +28,7 @@ impl fmt::Display for Kind {
             Kind::Service => "Service",
             Kind::Route => "Route",
             Kind::ResiliencePolicy => "ResiliencePolicy",
+            Kind::MeshAuthorization => "MeshAuthorization",
         })
     }
 }
@@ -54,6 +57,7 @@ pub enum Resource {
     Service(LocalServiceSpec),
     Route(RouteSpec),
     ResiliencePolicy(Box<ResiliencePolicySpec>),
+    MeshAuthorization(MeshAuthorizationSpec),
 }
 
 /// One definition a source produced: where it came from and what it parsed to.
@@ -213,7 +217,8 @@ impl Index {
             let problem = match &entry.resource {
                 Resource::Route(spec) => missing_service(&key.namespace, spec, &services),
                 Resource::ResiliencePolicy(spec) => missing_policy_target(&key.namespace, spec, &next),
-                Resource::Service(_) => None,
+                // Selects workloads, which come and go on their own: nothing to resolve.
+                Resource::Service(_) | Resource::MeshAuthorization(_) => None,
             };
             let Some(problem) = problem else { continue };
             let origin = entry.origin.clone();

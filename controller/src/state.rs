@@ -16,6 +16,7 @@ pub struct MeshState {
     /// When the change that led to this state was first observed.
     pub changed_at: Instant,
     pub services: Arc<Vec<proto::Service>>,
+    pub authorizations: Arc<Vec<crate::translator::SelectedAuthorization>>,
     /// Resources in force: key → (origin, version).
     pub resources: Arc<BTreeMap<ResourceKey, (String, u64)>>,
     pub rejections: Arc<Vec<Rejection>>,
@@ -29,10 +30,16 @@ impl MeshState {
             Some(p) if *p.services == services => p.services.clone(),
             _ => Arc::new(services),
         };
+        let authorizations = crate::translator::authorizations(index);
+        let authorizations = match previous {
+            Some(p) if *p.authorizations == authorizations => p.authorizations.clone(),
+            _ => Arc::new(authorizations),
+        };
         MeshState {
             generation,
             changed_at,
             services,
+            authorizations,
             resources: Arc::new(
                 index.entries().iter().map(|(k, e)| (k.clone(), (e.origin.clone(), e.version))).collect(),
             ),

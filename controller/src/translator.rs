@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use weir_api::authorization::{AuthorizationMode, MeshAuthorizationSpec, WorkloadTarget};
 use weir_api::proto;
 use weir_api::resilience::{LbAlgorithm, ResiliencePolicySpec, grpc_code};
 use weir_api::route::{PathMatchType, RouteSpec, ValueMatchType};
@@ -24,7 +25,7 @@ pub fn services(index: &Index) -> Vec<proto::Service> {
                 .entry((key.namespace.as_str(), spec.target_ref.service.as_str()))
                 .or_default()
                 .push(policy(&key.namespace, &key.name, spec)),
-            Resource::Service(_) => {}
+            Resource::Service(_) | Resource::MeshAuthorization(_) => {}
         }
     }
     let mut out = Vec::new();
@@ -215,9 +216,80 @@ fn named(m: &weir_api::route::NamedValueMatch) -> proto::NamedMatch {
     }
 }
 
-/// The inbound policy of workload `namespace/name`: inbound rate limits of the Services whose
-/// endpoints it serves.
-pub fn inbound_for(services: &[proto::Service], namespace: &str, name: &str) -> proto::InboundPolicy {
+/// A MeshAuthorization in protocol form, with what it selects.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SelectedAuthorization {
+    pub namespace: String,
+    pub target: Option<WorkloadTarget>,
+    pub policy: proto::Authorization,
+}
+
+/// Every MeshAuthorization, translated; matched against each sidecar by [`inbound_for`].
+pub fn authorizations(index: &Index) -> Vec<SelectedAuthorization> {
+    index
+        .entries()
+        .iter()
+        .filter_map(|(key, entry)| match &entry.resource {
+            Resource::MeshAuthorization(spec) => Some(SelectedAuthorization {
+                namespace: key.namespace.clone(),
+                target: spec.target_ref.clone(),
+                policy: authorization(&key.namespace, &key.name, spec),
+            }),
+            _ => None,
+        })
+        .collect()
+}
+
+fn authorization(ns: &str, name: &str, spec: &MeshAuthorizationSpec) -> proto::Authorization {
+    let principal = |namespace: &str, sa: &str| proto::Principal {
+        namespace: namespace.to_string(),
+        service_account: sa.to_string(),
+    };
+    proto::Authorization {
+        name: format!("{ns}/{name}"),
+        port: spec.target_ref.as_ref().and_then(|t| t.port).unwrap_or(0),
+        strict: spec.mode == AuthorizationMode::Strict,
+        rules: spec
+            .allow
+            .iter()
+            .enumerate()
+            .map(|(i, rule)| {
+                let mut out = proto::AuthorizationRule {
+                    name: rule.name.clone().unwrap_or_else(|| i.to_string()),
+                    any_client: rule.from.is_none(),
+                    ..Default::default()
+                };
+                if let Some(from) = &rule.from {
+                    out.unauthenticated = from.unauthenticated;
+                    for sa in &from.service_accounts {
+                        out.principals.push(match sa.split_once('/') {
+                            Some((n, sa)) => principal(n, sa),
+                            None => principal(ns, sa),
+                        });
+                    }
+                    for n in &from.namespaces {
+                        out.principals.push(principal(n, "*"));
+                    }
+                }
+                if let Some(to) = &rule.to {
+                    out.path_prefixes = to.paths.clone();
+                    out.methods = to.methods.clone();
+                }
+                out
+            })
+            .collect(),
+    }
+}
+
+/// The inbound policy of workload `namespace/name` with `labels`: inbound rate limits of the
+/// Services whose endpoints it serves, and the MeshAuthorizations that select it.
+pub fn inbound_for(
+    services: &[proto::Service],
+    authorizations: &[SelectedAuthorization],
+    namespace: &str,
+    name: &str,
+    labels: &BTreeMap<String, String>,
+) -> proto::InboundPolicy {
     let mut out = proto::InboundPolicy::default();
     for svc in services.iter().filter(|s| s.namespace == namespace) {
         if !svc.endpoints.iter().any(|e| e.workload == name) {
@@ -231,6 +303,11 @@ pub fn inbound_for(services: &[proto::Service], namespace: &str, name: &str) -> 
                     limit: Some(limit.clone()),
                 });
             }
+        }
+    }
+    for a in authorizations.iter().filter(|a| a.namespace == namespace) {
+        if a.target.as_ref().is_none_or(|t| t.selects(name, labels)) {
+            out.authorizations.push(a.policy.clone());
         }
     }
     out

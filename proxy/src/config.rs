@@ -17,6 +17,8 @@ pub enum InvalidSnapshot {
     Service { service: String, message: String },
     #[error("service {service} is listed twice")]
     Duplicate { service: String },
+    #[error("{0}")]
+    Authorization(String),
 }
 
 /// `namespace/name` of a Service.
@@ -30,6 +32,8 @@ pub struct Config {
     by_host: HashMap<String, Arc<Service>>,
     /// Limits on traffic this sidecar's workload receives.
     pub inbound: Vec<InboundLimit>,
+    /// MeshAuthorizations that select this sidecar's workload.
+    pub authorizations: Vec<crate::inbound::authz::Authorization>,
     /// The protocol message, kept for `/config`.
     pub source: proto::Snapshot,
 }
@@ -41,6 +45,9 @@ pub struct Service {
     pub endpoints: Vec<Endpoint>,
     pub rules: Vec<Rule>,
     pub policies: Vec<Arc<Policy>>,
+    /// Every endpoint is a meshed sidecar with an identity: calls to it ride mesh mTLS when
+    /// this sidecar has a certificate.
+    pub mtls: bool,
 }
 
 impl Service {
@@ -108,7 +115,7 @@ impl StrMatch {
 }
 
 /// Gateway API prefix semantics: `/foo` matches `/foo` and `/foo/bar`, not `/foobar`.
-fn path_prefix_matches(prefix: &str, path: &str) -> bool {
+pub(crate) fn path_prefix_matches(prefix: &str, path: &str) -> bool {
     let prefix = prefix.trim_end_matches('/');
     if prefix.is_empty() {
         return true;
@@ -159,7 +166,13 @@ impl Config {
                 .map_err(|message| InvalidSnapshot::Service { service: l.service.clone(), message })?;
             inbound.push(InboundLimit { policy: l.policy.clone().into(), service: l.service.clone().into(), limit });
         }
-        Ok(Config { version: snapshot.version.clone(), services, by_host, inbound, source: snapshot })
+        let authorizations = snapshot
+            .inbound
+            .iter()
+            .flat_map(|i| &i.authorizations)
+            .map(|a| crate::inbound::authz::Authorization::try_from(a).map_err(InvalidSnapshot::Authorization))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Config { version: snapshot.version.clone(), services, by_host, inbound, authorizations, source: snapshot })
     }
 }
 
@@ -243,7 +256,8 @@ impl TryFrom<&proto::Service> for Service {
             .iter()
             .map(|p| Policy::try_from(p).map(Arc::new).map_err(|m| bad(format!("policy {}: {m}", p.name))))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Service { key, ports, endpoints, rules, policies })
+        let mtls = !endpoints.is_empty() && endpoints.iter().all(|e| e.meshed && !e.identity.is_empty());
+        Ok(Service { key, ports, endpoints, rules, policies, mtls })
     }
 }
 

@@ -38,6 +38,8 @@ pub enum ProxyError {
     ClientBody { reason: String },
     #[error("request timed out after {after:?}")]
     Timeout { after: Duration },
+    #[error("forbidden: {reason}")]
+    Forbidden { reason: String },
     #[error("no application address is configured for inbound traffic")]
     NoApp,
     #[error("the proxy is not ready: no configuration received from the controller yet")]
@@ -52,6 +54,7 @@ impl ProxyError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::Forbidden { .. } => StatusCode::FORBIDDEN,
             ProxyError::FaultAbort { status } => *status,
             ProxyError::UnknownService { .. } | ProxyError::NoSuchPort { .. } => StatusCode::NOT_FOUND,
             ProxyError::NoWeightedBackend { .. } | ProxyError::NoEndpoints { .. } | ProxyError::NotReady => {
@@ -68,6 +71,7 @@ impl ProxyError {
             ProxyError::NoAuthority | ProxyError::ClientBody { .. } => 13,
             ProxyError::UnknownService { .. } | ProxyError::NoSuchPort { .. } => 12,
             ProxyError::RateLimited { .. } => 8,
+            ProxyError::Forbidden { .. } => 7,
             ProxyError::Timeout { .. } => 4,
             ProxyError::FaultAbort { status } => match status.as_u16() {
                 400 => 13,

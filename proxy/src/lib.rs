@@ -212,7 +212,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         credentials: args.token_file.is_some().then(|| creds_rx.clone()),
         trust_domain: args.trust_domain.clone().into(),
     };
-    let inb = inbound::Inbound::new(args.app_addr, clients, metrics.clone(), &workload, config_rx.clone(), resilience);
+    let inb = inbound::Inbound::new(
+        args.app_addr,
+        clients,
+        metrics.clone(),
+        &workload,
+        config_rx.clone(),
+        resilience,
+        args.trust_domain.clone().into(),
+    );
     let grace = args.shutdown_grace;
     let outbound_task = tokio::spawn(server::serve(
         outbound_l,

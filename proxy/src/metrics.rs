@@ -1,6 +1,7 @@
 //! The sidecar's metrics: Prometheus series on the admin port and the compact traffic
 //! [`Report`](weir_api::proto::Report)s sent to the controller (deltas since the last one).
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -41,6 +42,15 @@ pub struct Labels {
     pub service: Arc<str>,
     pub route: Arc<str>,
     pub backend: Arc<str>,
+    /// Whether the hop this sidecar judges is mesh mTLS: inbound, the client's connection;
+    /// outbound, the connection to the backend's endpoints.
+    pub tls: bool,
+}
+
+impl Labels {
+    fn tls_str(&self) -> &'static str {
+        if self.tls { "true" } else { "false" }
+    }
 }
 
 #[derive(Clone)]
@@ -56,6 +66,8 @@ pub struct Metrics {
     pub control_connected: IntGauge,
     pub tls_handshake_failures: prometheus::IntCounter,
     pub inbound_by_identity: IntCounterVec,
+    /// Inbound authorization decisions by server port, policy, rule and client identity.
+    pub authorization: IntCounterVec,
     pub resilience: ResilienceMetrics,
     pub identity: crate::identity::IdentityMetrics,
     report: Arc<Mutex<ReportAcc>>,
@@ -78,19 +90,19 @@ struct Stats {
 impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
-        let req_labels = ["direction", "service", "route", "backend"];
+        let req_labels = ["direction", "service", "route", "backend", "tls"];
         let requests =
             IntCounterVec::new(Opts::new("weir_requests_total", "HTTP requests the proxy handled"), &req_labels)
                 .unwrap();
         let responses = IntCounterVec::new(
             Opts::new("weir_responses_total", "HTTP responses by status code and class"),
-            &["direction", "service", "route", "backend", "status_code", "status_class"],
+            &["direction", "service", "route", "backend", "tls", "status_code", "status_class"],
         )
         .unwrap();
         let duration = HistogramVec::new(
             HistogramOpts::new("weir_request_duration_seconds", "Time from request to response headers")
                 .buckets(LATENCY_BOUNDS.to_vec()),
-            &["direction", "service", "route", "backend", "status_class"],
+            &["direction", "service", "route", "backend", "tls", "status_class"],
         )
         .unwrap();
         let active_connections =
@@ -124,10 +136,20 @@ impl Metrics {
         )
         .unwrap();
         registry.register(Box::new(inbound_by_identity.clone())).unwrap();
+        let authorization = IntCounterVec::new(
+            Opts::new(
+                "weir_inbound_authorization_total",
+                "Inbound authorization decisions (allow/deny) by server port, MeshAuthorization, rule and client identity",
+            ),
+            &["server", "policy", "rule", "client_identity", "decision"],
+        )
+        .unwrap();
+        registry.register(Box::new(authorization.clone())).unwrap();
         let identity = crate::identity::IdentityMetrics::register(&registry);
         Self {
             tls_handshake_failures,
             inbound_by_identity,
+            authorization,
             identity,
             resilience,
             registry,
@@ -144,7 +166,7 @@ impl Metrics {
     }
 
     pub fn request_started(&self, l: &Labels) {
-        self.requests.with_label_values(&[l.direction.as_str(), &l.service, &l.route, &l.backend]).inc();
+        self.requests.with_label_values(&[l.direction.as_str(), &l.service, &l.route, &l.backend, l.tls_str()]).inc();
     }
 
     /// Records a finished request; `status` is `None` when no response came at all.
@@ -152,15 +174,20 @@ impl Metrics {
         let class = status_class(status);
         let code = status.to_string();
         let d = l.direction.as_str();
-        self.responses.with_label_values(&[d, &l.service, &l.route, &l.backend, &code, class]).inc();
-        self.duration.with_label_values(&[d, &l.service, &l.route, &l.backend, class]).observe(elapsed.as_secs_f64());
+        let tls = l.tls_str();
+        self.responses.with_label_values(&[d, &l.service, &l.route, &l.backend, tls, &code, class]).inc();
+        self.duration
+            .with_label_values(&[d, &l.service, &l.route, &l.backend, tls, class])
+            .observe(elapsed.as_secs_f64());
+        // Reports carry no transport: both transports add up in one series.
+        let key = if l.tls { Cow::Owned(Labels { tls: false, ..l.clone() }) } else { Cow::Borrowed(l) };
         let mut acc = self.report.lock().unwrap();
-        if !acc.series.contains_key(l) && acc.series.len() >= MAX_REPORT_SERIES {
+        if !acc.series.contains_key(&*key) && acc.series.len() >= MAX_REPORT_SERIES {
             return;
         }
         let s = acc
             .series
-            .entry(l.clone())
+            .entry(key.into_owned())
             .or_insert_with(|| Stats { counts: vec![0; LATENCY_BOUNDS.len() + 1], ..Default::default() });
         s.requests += 1;
         if status >= 500 {
@@ -204,7 +231,13 @@ impl Metrics {
         acc.since_ms = acc.since_ms.min(report.window_start_ms);
         for t in report.stats {
             let direction = if t.direction == "inbound" { Direction::Inbound } else { Direction::Outbound };
-            let l = Labels { direction, service: t.service.into(), route: t.route.into(), backend: t.backend.into() };
+            let l = Labels {
+                direction,
+                service: t.service.into(),
+                route: t.route.into(),
+                backend: t.backend.into(),
+                tls: false,
+            };
             let s = acc
                 .series
                 .entry(l)
@@ -246,8 +279,13 @@ mod tests {
     #[test]
     fn reports_are_deltas_and_survive_a_failed_send() {
         let m = Metrics::new();
-        let l =
-            Labels { direction: Direction::Outbound, service: "ns/a".into(), route: "".into(), backend: "ns/a".into() };
+        let l = Labels {
+            direction: Direction::Outbound,
+            service: "ns/a".into(),
+            route: "".into(),
+            backend: "ns/a".into(),
+            tls: false,
+        };
         m.request_finished(&l, 200, Duration::from_micros(300));
         m.request_finished(&l, 503, Duration::from_millis(3));
         let r = m.take_report();

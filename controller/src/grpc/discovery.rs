@@ -92,11 +92,12 @@ impl Session {
         let mut state_rx = svc.state.clone();
         let drain = svc.drain.clone().signaled();
         tokio::pin!(drain);
+        let labels: BTreeMap<String, String> = hello.labels.clone().into_iter().collect();
         let mut last_sent: Option<View> = None;
         let mut pending: Option<Pending> = None;
         loop {
             let state = state_rx.borrow_and_update().clone();
-            let view = view_for(&hello, &state);
+            let view = view_for(&hello, &labels, &state);
             let unchanged = last_sent.as_ref().is_some_and(|l| {
                 (Arc::ptr_eq(&l.services, &view.services) || l.services == view.services) && l.inbound == view.inbound
             });
@@ -176,16 +177,23 @@ fn handle(svc: &DiscoveryService, id: u64, workload: &str, m: proto::ProxyMessag
 }
 
 /// What one sidecar receives: every Service it may call (all of them today; per-namespace
-/// scoping plugs in here) and only its own workload's inbound policy.
+/// scoping plugs in here) and only its own workload's inbound policy (rate limits and the
+/// MeshAuthorizations that select it).
 #[derive(PartialEq)]
 struct View {
     services: Arc<Vec<proto::Service>>,
     inbound: proto::InboundPolicy,
 }
 
-fn view_for(hello: &proto::Hello, state: &MeshState) -> View {
+fn view_for(hello: &proto::Hello, labels: &BTreeMap<String, String>, state: &MeshState) -> View {
     View {
         services: state.services.clone(),
-        inbound: crate::translator::inbound_for(&state.services, &hello.namespace, &hello.name),
+        inbound: crate::translator::inbound_for(
+            &state.services,
+            &state.authorizations,
+            &hello.namespace,
+            &hello.name,
+            labels,
+        ),
     }
 }

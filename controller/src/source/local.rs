@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use notify::Watcher;
 use serde::Deserialize;
 use tokio::sync::mpsc;
+use weir_api::authorization::MeshAuthorizationSpec;
 use weir_api::resilience::ResiliencePolicySpec;
 use weir_api::route::RouteSpec;
 use weir_api::service::LocalServiceSpec;
@@ -75,11 +76,14 @@ fn parse_document(origin: &str, number: usize, value: serde_yaml::Value) -> Defi
         "Service" => Kind::Service,
         "Route" => Kind::Route,
         "ResiliencePolicy" => Kind::ResiliencePolicy,
+        "MeshAuthorization" => Kind::MeshAuthorization,
         other => {
             return fail(
                 None,
                 Some("kind"),
-                format!("document {number}: unknown kind {other:?} (expected Service, Route or ResiliencePolicy)"),
+                format!(
+                    "document {number}: unknown kind {other:?} (expected Service, Route, ResiliencePolicy or MeshAuthorization)"
+                ),
             );
         }
     };
@@ -112,7 +116,9 @@ fn parse_resource(kind: Kind, map: &serde_yaml::Mapping) -> Result<Resource, Fie
     }
     let spec = map.get("spec").cloned().unwrap_or(serde_yaml::Value::Mapping(Default::default()));
     match kind {
-        Kind::Route | Kind::ResiliencePolicy if api_version != Some(weir_api::API_VERSION) => {
+        Kind::Route | Kind::ResiliencePolicy | Kind::MeshAuthorization
+            if api_version != Some(weir_api::API_VERSION) =>
+        {
             Err(FieldError::new("apiVersion", format!("must be {}", weir_api::API_VERSION)))
         }
         Kind::Route => {
@@ -124,6 +130,11 @@ fn parse_resource(kind: Kind, map: &serde_yaml::Mapping) -> Result<Resource, Fie
             let spec: ResiliencePolicySpec = from_yaml(spec, "spec")?;
             spec.validate()?;
             Ok(Resource::ResiliencePolicy(Box::new(spec)))
+        }
+        Kind::MeshAuthorization => {
+            let spec: MeshAuthorizationSpec = from_yaml(spec, "spec")?;
+            spec.validate()?;
+            Ok(Resource::MeshAuthorization(spec))
         }
         Kind::Service => {
             if let Some(v) = api_version

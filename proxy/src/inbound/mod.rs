@@ -2,6 +2,8 @@
 //! protocol in `weir-orig-proto`) and from plain clients, forwarded to the application in
 //! the protocol the client spoke.
 
+pub mod authz;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -27,6 +29,10 @@ pub struct Inbound {
     pub labels: Labels,
     pub config: watch::Receiver<Option<Arc<Config>>>,
     pub resilience: Resilience,
+    /// Client identities outside this trust domain match no authorization rule.
+    pub trust_domain: Arc<str>,
+    /// The `server` label of authorization metrics: the application's port.
+    server: Arc<str>,
 }
 
 impl Inbound {
@@ -37,27 +43,38 @@ impl Inbound {
         workload: &str,
         config: watch::Receiver<Option<Arc<Config>>>,
         resilience: Resilience,
+        trust_domain: Arc<str>,
     ) -> Self {
         let me: Arc<str> = workload.into();
-        let labels = Labels { direction: Direction::Inbound, service: me.clone(), route: "".into(), backend: me };
-        Self { app, clients, metrics, labels, config, resilience }
+        let labels =
+            Labels { direction: Direction::Inbound, service: me.clone(), route: "".into(), backend: me, tls: false };
+        let server = app.map(|a| a.port()).unwrap_or(0).to_string().into();
+        Self { app, clients, metrics, labels, config, resilience, trust_domain, server }
     }
 
-    pub async fn handle(self, req: Request<Incoming>, peer: crate::server::Peer) -> Response<Body> {
+    pub async fn handle(self, mut req: Request<Incoming>, peer: crate::server::Peer) -> Response<Body> {
         let started = Instant::now();
         let client = peer.addr;
-        self.metrics.request_started(&self.labels);
+        let labels = Labels { tls: peer.identity.is_some(), ..self.labels.clone() };
+        self.metrics.request_started(&labels);
         let (who, tls) = match &peer.identity {
             Some(id) => (&**id, "true"),
             None => ("", "false"),
         };
         self.metrics.inbound_by_identity.with_label_values(&[who, tls]).inc();
-        if let Some(e) = self.rate_limited(&req, client) {
+        let config = self.config.borrow().clone();
+        let refused = match config.as_deref() {
+            Some(config) => self
+                .authorize(config, &mut req, peer.identity.as_deref())
+                .or_else(|| self.rate_limited(config, &req, client)),
+            None => None,
+        };
+        if let Some(e) = refused {
             let grpc =
                 req.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
             let status = e.status().as_u16();
             let rsp = e.into_response_for(grpc);
-            self.metrics.request_finished(&self.labels, status, started.elapsed());
+            self.metrics.request_finished(&labels, status, started.elapsed());
             return rsp;
         }
         let result = self.forward(req).await;
@@ -68,14 +85,61 @@ impl Inbound {
                 e.into_response()
             }
         };
-        self.metrics.request_finished(&self.labels, rsp.status().as_u16(), started.elapsed());
+        self.metrics.request_finished(&labels, rsp.status().as_u16(), started.elapsed());
         rsp
+    }
+
+    /// Applies the MeshAuthorizations that select this workload. An allowed request with a
+    /// path that normalises differently goes on with the normalised path, the one judged.
+    fn authorize(&self, config: &Config, req: &mut Request<Incoming>, identity: Option<&str>) -> Option<ProxyError> {
+        if config.authorizations.is_empty() {
+            return None;
+        }
+        let port = self.app.map(|a| a.port()).unwrap_or(0);
+        let client = authz::Client::from_spiffe(identity, &self.trust_domain);
+        let path = req.uri().path();
+        let decision = match authz::normalise(path) {
+            Some(normal) => {
+                let decision = authz::decide(&config.authorizations, port, client, req.method(), &normal);
+                if let (authz::Decision::Allow { .. }, std::borrow::Cow::Owned(normal)) = (&decision, normal) {
+                    let pq = match req.uri().query() {
+                        Some(q) => format!("{normal}?{q}"),
+                        None => normal,
+                    };
+                    let mut parts = req.uri().clone().into_parts();
+                    parts.path_and_query = pq.parse().ok();
+                    if let Ok(uri) = http::Uri::from_parts(parts) {
+                        *req.uri_mut() = uri;
+                    }
+                }
+                decision
+            }
+            None => match authz::decide(&config.authorizations, port, client, req.method(), "/") {
+                authz::Decision::Default => authz::Decision::Default,
+                authz::Decision::Allow { policy, .. } | authz::Decision::Deny { policy, .. } => authz::Decision::Deny {
+                    policy,
+                    reason: format!("path {path:?} hides a separator (%2F, %5C or '\\') and cannot be authorized"),
+                },
+            },
+        };
+        let who = identity.unwrap_or("");
+        match decision {
+            authz::Decision::Default => None,
+            authz::Decision::Allow { policy, rule } => {
+                self.metrics.authorization.with_label_values(&[&self.server, &policy, &rule, who, "allow"]).inc();
+                None
+            }
+            authz::Decision::Deny { policy, reason } => {
+                self.metrics.authorization.with_label_values(&[&self.server, &policy, "", who, "deny"]).inc();
+                tracing::debug!(client = who, %reason, "inbound request denied");
+                Some(ProxyError::Forbidden { reason })
+            }
+        }
     }
 
     /// The inbound rate limits of the Service the request is for (all of this workload's, when
     /// the authority names none of them).
-    fn rate_limited(&self, req: &Request<Incoming>, client: SocketAddr) -> Option<ProxyError> {
-        let config = self.config.borrow().clone()?;
+    fn rate_limited(&self, config: &Config, req: &Request<Incoming>, client: SocketAddr) -> Option<ProxyError> {
         if config.inbound.is_empty() {
             return None;
         }

@@ -108,6 +108,7 @@ impl Outbound {
             service: svc.key.clone(),
             route: route_label,
             backend: target.backend.clone(),
+            tls: self.credentials.is_some() && config.service(&target.backend).is_some_and(|b| b.mtls),
         };
         self.metrics.request_started(&labels);
 

@@ -141,7 +141,7 @@ mod tests {
     }
 
     fn svc(rules: Vec<Rule>) -> Service {
-        Service { key: "ns/web".into(), ports: vec![], endpoints: vec![], rules, policies: vec![] }
+        Service { key: "ns/web".into(), ports: vec![], endpoints: vec![], rules, policies: vec![], mtls: false }
     }
 
     fn rule(name: &str, m: Vec<Match>, backends: Vec<Backend>) -> Rule {

@@ -1,0 +1,295 @@
+//! Inbound authorization: the MeshAuthorizations the controller says select this workload,
+//! applied to each request by client identity, transport, port, path and method.
+//!
+//! No policy for a port: every client is allowed. One or more: a request is served only when
+//! a rule of one of them allows it; a strict policy also refuses every client without a mesh
+//! identity. Paths are judged (and forwarded) in normalised form, so `/public/../admin` is
+//! judged as `/admin`.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use http::Method;
+use weir_api::proto;
+
+/// One MeshAuthorization, ready to judge requests.
+#[derive(Debug, Clone)]
+pub struct Authorization {
+    /// `namespace/name` of the resource.
+    pub name: Arc<str>,
+    /// `None`: every port.
+    pub port: Option<u16>,
+    pub strict: bool,
+    pub rules: Vec<Rule>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Rule {
+    pub name: Arc<str>,
+    pub any_client: bool,
+    pub unauthenticated: bool,
+    /// (namespace, service account); `*` matches anything.
+    pub principals: Vec<(String, String)>,
+    pub path_prefixes: Vec<String>,
+    pub methods: Vec<Method>,
+}
+
+/// The client as authorization sees it.
+#[derive(Debug, Clone, Copy)]
+pub enum Client<'a> {
+    /// Plaintext: no mesh identity.
+    Unauthenticated,
+    /// Mesh mTLS with this namespace and service account.
+    Mesh { namespace: &'a str, service_account: &'a str },
+    /// Mesh mTLS with a certificate whose SPIFFE ID is not `spiffe://<trust domain>/ns/N/sa/S`.
+    Unrecognised,
+}
+
+impl<'a> Client<'a> {
+    /// Reads a verified SPIFFE ID (`None` for plaintext clients).
+    pub fn from_spiffe(id: Option<&'a str>, trust_domain: &str) -> Self {
+        let Some(id) = id else { return Client::Unauthenticated };
+        let parsed = id
+            .strip_prefix("spiffe://")
+            .and_then(|rest| rest.strip_prefix(trust_domain))
+            .and_then(|rest| rest.strip_prefix("/ns/"))
+            .and_then(|rest| rest.split_once("/sa/"))
+            .filter(|(ns, sa)| !ns.is_empty() && !sa.is_empty() && !ns.contains('/') && !sa.contains('/'));
+        match parsed {
+            Some((namespace, service_account)) => Client::Mesh { namespace, service_account },
+            None => Client::Unrecognised,
+        }
+    }
+}
+
+/// What authorization decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// No policy applies to the port: the default, allow all.
+    Default,
+    Allow {
+        policy: Arc<str>,
+        rule: Arc<str>,
+    },
+    Deny {
+        policy: Arc<str>,
+        reason: String,
+    },
+}
+
+impl TryFrom<&proto::Authorization> for Authorization {
+    type Error = String;
+
+    fn try_from(a: &proto::Authorization) -> Result<Self, String> {
+        let port =
+            u16::try_from(a.port).map_err(|_| format!("authorization {}: port {} is not a port", a.name, a.port))?;
+        let mut rules = Vec::with_capacity(a.rules.len());
+        for r in &a.rules {
+            let bad = |what: String| format!("authorization {} rule {}: {what}", a.name, r.name);
+            let methods = r
+                .methods
+                .iter()
+                .map(|m| Method::from_bytes(m.as_bytes()).map_err(|_| bad(format!("{m:?} is not a method"))))
+                .collect::<Result<Vec<_>, _>>()?;
+            if let Some(p) = r.path_prefixes.iter().find(|p| !p.starts_with('/')) {
+                return Err(bad(format!("path prefix {p:?} does not start with '/'")));
+            }
+            rules.push(Rule {
+                name: r.name.as_str().into(),
+                any_client: r.any_client,
+                unauthenticated: r.unauthenticated,
+                principals: r.principals.iter().map(|p| (p.namespace.clone(), p.service_account.clone())).collect(),
+                path_prefixes: r.path_prefixes.clone(),
+                methods,
+            });
+        }
+        Ok(Authorization { name: a.name.as_str().into(), port: (port != 0).then_some(port), strict: a.strict, rules })
+    }
+}
+
+impl Rule {
+    fn admits(&self, client: Client<'_>) -> bool {
+        if self.any_client {
+            return true;
+        }
+        match client {
+            Client::Unauthenticated => self.unauthenticated,
+            Client::Mesh { namespace, service_account } => self
+                .principals
+                .iter()
+                .any(|(ns, sa)| (ns == "*" || ns == namespace) && (sa == "*" || sa == service_account)),
+            Client::Unrecognised => false,
+        }
+    }
+
+    fn covers(&self, method: &Method, path: &str) -> bool {
+        (self.methods.is_empty() || self.methods.contains(method))
+            && (self.path_prefixes.is_empty()
+                || self.path_prefixes.iter().any(|p| crate::config::path_prefix_matches(p, path)))
+    }
+}
+
+/// Judges a request to `port` from `client` for `method` and `path` (already normalised).
+pub fn decide(policies: &[Authorization], port: u16, client: Client<'_>, method: &Method, path: &str) -> Decision {
+    let mut applicable = policies.iter().filter(|a| a.port.is_none_or(|p| p == port)).peekable();
+    if applicable.peek().is_none() {
+        return Decision::Default;
+    }
+    let applicable: Vec<&Authorization> = applicable.collect();
+    if matches!(client, Client::Unauthenticated)
+        && let Some(strict) = applicable.iter().find(|a| a.strict)
+    {
+        return Decision::Deny {
+            policy: strict.name.clone(),
+            reason: format!("plaintext refused: {} requires mesh mTLS", strict.name),
+        };
+    }
+    for a in &applicable {
+        if let Some(rule) = a.rules.iter().find(|r| r.admits(client) && r.covers(method, path)) {
+            return Decision::Allow { policy: a.name.clone(), rule: rule.name.clone() };
+        }
+    }
+    let who = match client {
+        Client::Unauthenticated => "an unauthenticated client".to_string(),
+        Client::Mesh { namespace, service_account } => format!("{namespace}/{service_account}"),
+        Client::Unrecognised => "a client with an unrecognised identity".to_string(),
+    };
+    let names: Vec<&str> = applicable.iter().map(|a| &*a.name).collect();
+    Decision::Deny {
+        policy: applicable[0].name.clone(),
+        reason: format!("{} does not allow {who} to {method} {path}", names.join(", ")),
+    }
+}
+
+/// RFC 3986 dot-segment removal plus merged slashes, after decoding `%2E` (a dot); `None` when
+/// the path hides a separator (`%2F`, `%5C`, a backslash), which cannot be judged safely.
+pub fn normalise(path: &str) -> Option<Cow<'_, str>> {
+    let lower = path.to_ascii_lowercase();
+    if lower.contains("%2f") || lower.contains("%5c") || path.contains('\\') {
+        return None;
+    }
+    let needs_work = lower.contains("%2e") || path.contains("//") || path.split('/').any(|s| s == "." || s == "..");
+    if !needs_work {
+        return Some(Cow::Borrowed(path));
+    }
+    let decoded = replace_ci(path, "%2e", ".");
+    let mut out: Vec<&str> = Vec::new();
+    let segments: Vec<&str> = decoded.split('/').skip(1).collect();
+    let last = segments.len().saturating_sub(1);
+    for (i, seg) in segments.iter().enumerate() {
+        match *seg {
+            "." => {}
+            ".." => {
+                out.pop();
+            }
+            "" if i != last => {}
+            s => out.push(s),
+        }
+    }
+    // A trailing `.` or `..` leaves a directory: keep the trailing slash.
+    let trailing = matches!(segments.last(), Some(&"." | &".."));
+    let mut s = String::with_capacity(decoded.len());
+    for seg in &out {
+        s.push('/');
+        s.push_str(seg);
+    }
+    if s.is_empty() || trailing {
+        s.push('/');
+    }
+    Some(Cow::Owned(s))
+}
+
+fn replace_ci(s: &str, needle: &str, with: &str) -> String {
+    let lower = s.to_ascii_lowercase();
+    let mut out = String::with_capacity(s.len());
+    let mut i = 0;
+    while let Some(at) = lower[i..].find(needle) {
+        out.push_str(&s[i..i + at]);
+        out.push_str(with);
+        i += at + needle.len();
+    }
+    out.push_str(&s[i..]);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(strict: bool, rules: Vec<Rule>) -> Authorization {
+        Authorization { name: "shop/reviews".into(), port: None, strict, rules }
+    }
+
+    fn rule(principals: &[(&str, &str)], paths: &[&str], methods: &[Method]) -> Rule {
+        Rule {
+            name: "r".into(),
+            any_client: false,
+            unauthenticated: false,
+            principals: principals.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect(),
+            path_prefixes: paths.iter().map(|p| p.to_string()).collect(),
+            methods: methods.to_vec(),
+        }
+    }
+
+    const FRONTEND: Client<'static> = Client::Mesh { namespace: "shop", service_account: "frontend" };
+    const OTHER: Client<'static> = Client::Mesh { namespace: "other", service_account: "frontend" };
+
+    #[test]
+    fn no_policy_allows_everyone() {
+        assert_eq!(decide(&[], 80, Client::Unauthenticated, &Method::POST, "/"), Decision::Default);
+        let mut p = policy(true, vec![]);
+        p.port = Some(81);
+        assert_eq!(decide(&[p], 80, Client::Unauthenticated, &Method::GET, "/"), Decision::Default);
+    }
+
+    #[test]
+    fn rules_narrow_by_identity_path_and_method() {
+        let p = [policy(false, vec![rule(&[("shop", "frontend")], &["/api"], &[Method::GET])])];
+        assert!(matches!(decide(&p, 80, FRONTEND, &Method::GET, "/api/x"), Decision::Allow { .. }));
+        assert!(matches!(decide(&p, 80, FRONTEND, &Method::GET, "/apix"), Decision::Deny { .. }));
+        assert!(matches!(decide(&p, 80, FRONTEND, &Method::POST, "/api"), Decision::Deny { .. }));
+        let Decision::Deny { reason, .. } = decide(&p, 80, OTHER, &Method::GET, "/api") else { panic!() };
+        assert_eq!(reason, "shop/reviews does not allow other/frontend to GET /api");
+        assert!(matches!(decide(&p, 80, Client::Unrecognised, &Method::GET, "/api"), Decision::Deny { .. }));
+        // Namespace wildcard.
+        let p = [policy(false, vec![rule(&[("other", "*")], &[], &[])])];
+        assert!(matches!(decide(&p, 80, OTHER, &Method::DELETE, "/"), Decision::Allow { .. }));
+        assert!(matches!(decide(&p, 80, FRONTEND, &Method::DELETE, "/"), Decision::Deny { .. }));
+    }
+
+    #[test]
+    fn strict_refuses_plaintext_even_when_a_rule_would_allow_it() {
+        let mut any = rule(&[], &[], &[]);
+        any.any_client = true;
+        let p = [policy(true, vec![any.clone()])];
+        let Decision::Deny { reason, .. } = decide(&p, 80, Client::Unauthenticated, &Method::GET, "/") else {
+            panic!()
+        };
+        assert!(reason.starts_with("plaintext refused"), "{reason}");
+        assert!(matches!(decide(&p, 80, FRONTEND, &Method::GET, "/"), Decision::Allow { .. }));
+        let p = [policy(false, vec![any])];
+        assert!(matches!(decide(&p, 80, Client::Unauthenticated, &Method::GET, "/"), Decision::Allow { .. }));
+    }
+
+    #[test]
+    fn spiffe_ids_parse_only_in_our_trust_domain() {
+        let c = Client::from_spiffe(Some("spiffe://td/ns/shop/sa/frontend"), "td");
+        assert!(matches!(c, Client::Mesh { namespace: "shop", service_account: "frontend" }));
+        assert!(matches!(Client::from_spiffe(Some("spiffe://tdx/ns/shop/sa/f"), "td"), Client::Unrecognised));
+        assert!(matches!(Client::from_spiffe(Some("spiffe://td/ns/a/b/sa/f"), "td"), Client::Unrecognised));
+        assert!(matches!(Client::from_spiffe(None, "td"), Client::Unauthenticated));
+    }
+
+    #[test]
+    fn paths_are_normalised_before_judging() {
+        assert_eq!(normalise("/api/x").unwrap(), "/api/x");
+        assert_eq!(normalise("/public/../admin").unwrap(), "/admin");
+        assert_eq!(normalise("/public/%2e%2E/admin").unwrap(), "/admin");
+        assert_eq!(normalise("//admin//x").unwrap(), "/admin/x");
+        assert_eq!(normalise("/a/./b/").unwrap(), "/a/b/");
+        assert_eq!(normalise("/../..").unwrap(), "/");
+        assert_eq!(normalise("/a/b/..").unwrap(), "/a/");
+        assert!(normalise("/public%2F..%2Fadmin").is_none());
+        assert!(normalise("/public\\..\\admin").is_none());
+    }
+}

@@ -1,0 +1,157 @@
+//! MeshAuthorization: allowed identities pass, others get 403 with a reason and never reach
+//! the app; strict mode refuses plaintext while permissive admits what a rule allows; paths are
+//! judged normalised; decisions are counted by policy, rule and client identity.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use weir_tests::*;
+
+const FRONTEND: &str = "spiffe://cluster.local/ns/test/sa/frontend";
+const INTRUDER: &str = "spiffe://cluster.local/ns/test/sa/intruder";
+
+fn policy(mode: &str, rules: &str) -> String {
+    format!(
+        "apiVersion: weir.io/v1alpha1\nkind: MeshAuthorization\nmetadata: {{ name: web, namespace: test }}\nspec:\n  \
+         targetRef: {{ selector: {{ matchLabels: {{ app: web }} }} }}\n  mode: {mode}\n  allow:\n{rules}"
+    )
+}
+
+const FRONTEND_READS: &str = "  - name: frontend-reads\n    from: { serviceAccounts: [frontend] }\n    to: { paths: [/public, /headers], methods: [GET] }\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_allowed_identities_reach_the_app() {
+    let scratch = Scratch::new();
+    scratch.write("services.yaml", &service("test", "web", &[]));
+    scratch.write("authz.yaml", &policy("strict", FRONTEND_READS));
+    let flags = scratch.identity_flags(
+        &[("t-web", "test/web"), ("t-frontend", "test/frontend"), ("t-intruder", "test/intruder")],
+        &[],
+    );
+    let controller = scratch.controller_with(None, &flags).await;
+    let grpc = controller.addr("grpc");
+    let backend = Backend::start("web").await;
+    let mut server_flags = scratch.token_flags("t-web");
+    server_flags.extend(["--label".to_string(), "app=web".to_string()]);
+    let server = scratch.proxy_with(grpc, "test/web", Some(backend.addr), &server_flags).await;
+    let frontend = scratch.proxy_with(grpc, "test/frontend", None, &scratch.token_flags("t-frontend")).await;
+    let intruder = scratch.proxy_with(grpc, "test/intruder", None, &scratch.token_flags("t-intruder")).await;
+    for admin in [server.addr("admin"), frontend.addr("admin"), intruder.addr("admin")] {
+        wait_until("a certificate", Duration::from_secs(20), || async move { renewals(admin, "ok").await >= 1 }).await;
+    }
+    let inbound = server.addr("inbound");
+    let endpoint = format!("{{ address: \"{inbound}\", meshed: true, serviceAccount: web }}");
+    scratch.write("services.yaml", &service("test", "web", &[endpoint]));
+    for admin in [frontend.addr("admin"), intruder.addr("admin")] {
+        wait_config(admin, "the endpoint", |c| endpoint_count(c, "test", "web") == 1).await;
+    }
+    // The policy selects the server by its label, and only the server.
+    wait_config(server.addr("admin"), "the authorization", |c| authorizations(c) == 1).await;
+    assert_eq!(authorizations(&admin_json(frontend.addr("admin"), "/config").await), 0);
+
+    let served = || backend.behaviour.served.load(Ordering::Relaxed);
+    let (front, intr) = (frontend.addr("outbound"), intruder.addr("outbound"));
+
+    // Allowed: the right identity, path and method.
+    let r = send(&http1(), front, "GET", "web.test", "/public/page", &[]).await.unwrap();
+    assert_eq!((r.status, r.backend()), (200, "web"), "{}", r.body);
+    assert_eq!(served(), 1);
+
+    // Denied, with the reason, and nothing reaches the app: another method, another identity,
+    // a path outside the rule, one that only looks inside it, a hidden separator.
+    let denied = [
+        (front, "POST", "/public", "does not allow test/frontend to POST /public"),
+        (intr, "GET", "/public", "does not allow test/intruder to GET /public"),
+        (front, "GET", "/admin", "does not allow test/frontend to GET /admin"),
+        (front, "GET", "/public/../admin", "to GET /admin"),
+        (front, "GET", "/public%2F..%2Fadmin", "hides a separator"),
+    ];
+    for (via, method, path, reason) in denied {
+        let r = send(&http1(), via, method, "web.test", path, &[]).await.unwrap();
+        assert_eq!(r.status, 403, "{method} {path}: {}", r.body);
+        let header = r.headers.get("weir-error").and_then(|v| v.to_str().ok()).unwrap_or_default();
+        assert!(header.contains(reason), "{method} {path}: weir-error {header:?}, want {reason:?}");
+    }
+    assert_eq!(served(), 1, "a denied request reached the app");
+
+    // A path that normalises into an allowed one goes on normalised: the app sees what was judged.
+    let r = send(&http1(), front, "GET", "web.test", "/public/../headers", &[]).await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    let seen: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(seen["path"], "/headers");
+
+    // Strict: plaintext straight to the inbound is refused and counted.
+    let r = send(&http1(), inbound, "GET", "web.test", "/public", &[]).await.unwrap();
+    assert_eq!(r.status, 403);
+    assert!(r.body.contains("plaintext refused: test/web requires mesh mTLS"), "{}", r.body);
+    assert_eq!(served(), 2);
+
+    let port = backend.addr.port();
+    let metrics = admin_text(server.addr("admin"), "/metrics").await;
+    let decision = |rule: &str, client: &str, decision: &str, n: u32| {
+        format!(
+            "weir_inbound_authorization_total{{client_identity=\"{client}\",decision=\"{decision}\",policy=\"test/web\",rule=\"{rule}\",server=\"{port}\"}} {n}"
+        )
+    };
+    for want in [
+        decision("frontend-reads", FRONTEND, "allow", 2),
+        decision("", FRONTEND, "deny", 4),
+        decision("", INTRUDER, "deny", 1),
+        decision("", "", "deny", 1),
+    ] {
+        assert!(metrics.contains(&want), "missing {want}\n{metrics}");
+    }
+    // Request metrics say which transport each inbound request came over.
+    assert!(
+        metrics.contains(
+            "weir_responses_total{backend=\"test/web\",direction=\"inbound\",route=\"\",service=\"test/web\",status_class=\"4xx\",status_code=\"403\",tls=\"false\"} 1"
+        ),
+        "{metrics}"
+    );
+    assert!(metrics.contains("status_code=\"200\",tls=\"true\"} 2"), "{metrics}");
+
+    // Permissive with a rule for unauthenticated clients: plaintext gets what that rule allows.
+    let public = "  - name: anyone-public\n    from: { unauthenticated: true }\n    to: { paths: [/public] }\n";
+    scratch.write("authz.yaml", &policy("permissive", &format!("{FRONTEND_READS}{public}")));
+    wait_config(server.addr("admin"), "permissive mode", |c| {
+        c["snapshot"]["inbound"]["authorizations"][0]["strict"] == serde_json::Value::Bool(false)
+    })
+    .await;
+    let r = send(&http1(), inbound, "GET", "web.test", "/public", &[]).await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = send(&http1(), inbound, "GET", "web.test", "/headers", &[]).await.unwrap();
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert!(r.body.contains("does not allow an unauthenticated client to GET /headers"), "{}", r.body);
+
+    // No policy: everyone is allowed again.
+    std::fs::remove_file(scratch.config_dir().join("authz.yaml")).unwrap();
+    wait_config(server.addr("admin"), "no authorization", |c| authorizations(c) == 0).await;
+    let r = send(&http1(), intr, "POST", "web.test", "/admin", &[]).await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_authorizations_are_rejected_and_the_previous_one_kept() {
+    let scratch = Scratch::new();
+    scratch.write("services.yaml", &service("test", "web", &[]));
+    scratch.write("authz.yaml", &policy("strict", FRONTEND_READS));
+    let controller = scratch.controller(None).await;
+    let admin = controller.addr("admin");
+    let resources = admin_json(admin, "/resources").await;
+    assert!(resources.to_string().contains("MeshAuthorization"), "{resources}");
+
+    // Strict mode cannot admit unauthenticated clients: rejected with the field at fault.
+    scratch.write("authz.yaml", &policy("strict", "  - from: { unauthenticated: true }\n"));
+    wait_until("the rejection", Duration::from_secs(10), || async {
+        admin_json(admin, "/resources").await.to_string().contains("spec.allow[0].from.unauthenticated")
+    })
+    .await;
+    let resources = admin_json(admin, "/resources").await.to_string();
+    assert!(resources.contains("strict mode refuses every client without a mesh identity"), "{resources}");
+    // The accepted version stays in force.
+    assert!(resources.contains("MeshAuthorization"), "{resources}");
+}
+
+fn authorizations(config: &serde_json::Value) -> usize {
+    config["snapshot"]["inbound"]["authorizations"].as_array().map(Vec::len).unwrap_or(0)
+}
