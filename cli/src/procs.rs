@@ -26,8 +26,32 @@ impl ChildProc {
     /// Starts `program args…`, its stderr going to `log`, and waits (up to 60 s) for the JSON
     /// line of listening addresses on its stdout.
     pub async fn spawn(name: &str, program: &Path, args: &[String], log: PathBuf) -> anyhow::Result<Self> {
+        Self::spawn_cmd(name, Command::new(program), program, args, log).await
+    }
+
+    /// Like [`spawn`](Self::spawn), with `dir` as the working directory, `HOME` and `TMPDIR`:
+    /// everything the process writes outside `log` lands there.
+    pub async fn spawn_in(
+        name: &str,
+        program: &Path,
+        args: &[String],
+        log: PathBuf,
+        dir: &Path,
+    ) -> anyhow::Result<Self> {
+        let mut cmd = Command::new(program);
+        cmd.current_dir(dir).env("HOME", dir).env("TMPDIR", dir);
+        Self::spawn_cmd(name, cmd, program, args, log).await
+    }
+
+    async fn spawn_cmd(
+        name: &str,
+        mut cmd: Command,
+        program: &Path,
+        args: &[String],
+        log: PathBuf,
+    ) -> anyhow::Result<Self> {
         let log_file = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-        let mut child = Command::new(program)
+        let mut child = cmd
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -160,6 +160,16 @@ impl Ca {
             return Err(CsrError::WrongIdentity { asked, proven: identity.to_string() });
         }
         let mut params = CertificateParams::default();
+        // The SAN is the identity; the subject only says so to humans (`openssl s_client`):
+        // CN = <sa>.<ns> when it fits a CN's 64 characters.
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params.distinguished_name.push(DnType::OrganizationName, "Weir");
+        if let Some((ns, sa)) = identity.split_once("/ns/").and_then(|(_, rest)| rest.split_once("/sa/")) {
+            let cn = format!("{sa}.{ns}");
+            if cn.len() <= 64 {
+                params.distinguished_name.push(DnType::CommonName, cn);
+            }
+        }
         params.subject_alt_names = vec![SanType::URI(
             identity.try_into().map_err(|_| CsrError::Malformed(format!("{identity:?} is not a valid URI")))?,
         )];
