@@ -71,10 +71,17 @@ pub struct Args {
     /// the directory is empty).
     #[arg(long, env = "WEIR_IDENTITY_DIR")]
     pub identity_dir: Option<PathBuf>,
-    /// Local mode's token table (`TOKEN NAMESPACE/SERVICEACCOUNT` lines); required with
-    /// --identity-dir in local mode.
+    /// Local mode's token table (`TOKEN NAMESPACE/SERVICEACCOUNT` lines). Without it, tokens
+    /// are projected ServiceAccount tokens checked with a Kubernetes TokenReview.
     #[arg(long, env = "WEIR_TOKENS")]
     pub tokens: Option<PathBuf>,
+    /// Kubeconfig for the Kubernetes API; default: in-cluster, then `KUBECONFIG` or
+    /// `~/.kube/config`.
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Audience the sidecars' ServiceAccount tokens must be issued for.
+    #[arg(long, env = "WEIR_TOKEN_AUDIENCE", default_value = "weir")]
+    pub token_audience: String,
     /// Trust domain of the SPIFFE IDs issued.
     #[arg(long, env = "WEIR_TRUST_DOMAIN", default_value = "cluster.local")]
     pub trust_domain: String,
@@ -173,20 +180,25 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         }
     });
 
-    let identity = match (&args.identity_dir, &args.tokens) {
-        (None, _) => None,
-        (Some(_), None) => {
-            anyhow::bail!("--identity-dir needs --tokens in local mode (the table that proves workloads)")
-        }
-        (Some(dir), Some(tokens)) => {
+    let identity = match &args.identity_dir {
+        None => None,
+        Some(dir) => {
             if args.cert_lifetime < Duration::from_secs(1) {
                 anyhow::bail!("--cert-lifetime must be at least 1s");
             }
+            let authenticator = match &args.tokens {
+                Some(tokens) => identity::grpc::Authenticator::Tokens(tokens.clone()),
+                None => identity::grpc::Authenticator::Kubernetes(
+                    identity::review::TokenReviewer::connect(args.kubeconfig.as_deref(), &args.token_audience)
+                        .await
+                        .context("--identity-dir without --tokens checks tokens with a Kubernetes TokenReview")?,
+                ),
+            };
             let ca = identity::Ca::load_or_create(dir, &args.trust_domain, args.cert_lifetime)
                 .with_context(|| format!("loading the CA from {}", dir.display()))?;
             Some(identity::grpc::IdentityService {
                 ca: Arc::new(ca),
-                tokens: tokens.clone(),
+                authenticator,
                 results: metrics.certify_results.clone(),
             })
         }

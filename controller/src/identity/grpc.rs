@@ -3,6 +3,9 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use super::review::{ReviewError, TokenReviewer};
+use super::tokens::Proven;
+
 use prometheus::IntCounterVec;
 use tonic::{Request, Response, Status};
 use weir_api::proto;
@@ -10,11 +13,34 @@ use weir_api::proto;
 use super::tokens::{self, TokenError};
 use super::{Ca, CsrError};
 
+/// What proves a workload's identity.
+#[derive(Clone)]
+pub enum Authenticator {
+    /// Local mode's token table.
+    Tokens(PathBuf),
+    /// Kubernetes: a TokenReview of the projected ServiceAccount token.
+    Kubernetes(TokenReviewer),
+}
+
+impl Authenticator {
+    async fn verify(&self, token: &str) -> Result<Proven, Status> {
+        match self {
+            Authenticator::Tokens(path) => tokens::verify(path, token).map_err(|e| match e {
+                TokenError::Unknown => Status::unauthenticated("the token does not prove any workload"),
+                TokenError::Table { .. } => Status::unavailable(e.to_string()),
+            }),
+            Authenticator::Kubernetes(reviewer) => reviewer.review(token).await.map_err(|e| match e {
+                ReviewError::Api(_) => Status::unavailable(e.to_string()),
+                _ => Status::unauthenticated(e.to_string()),
+            }),
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct IdentityService {
     pub ca: Arc<Ca>,
-    /// Local mode's token table.
-    pub tokens: PathBuf,
+    pub authenticator: Authenticator,
     /// Results by outcome (`issued`, `unauthenticated`, `wrong-identity`, `malformed`, `error`).
     pub results: IntCounterVec,
 }
@@ -26,7 +52,7 @@ impl proto::identity_server::Identity for IdentityService {
         request: Request<proto::CertifyRequest>,
     ) -> Result<Response<proto::CertifyResponse>, Status> {
         let req = request.into_inner();
-        let outcome = self.issue(&req);
+        let outcome = self.issue(&req).await;
         let label = match &outcome {
             Ok(_) => "issued",
             Err(s) if s.code() == tonic::Code::Unauthenticated => "unauthenticated",
@@ -44,11 +70,8 @@ impl proto::identity_server::Identity for IdentityService {
 }
 
 impl IdentityService {
-    fn issue(&self, req: &proto::CertifyRequest) -> Result<proto::CertifyResponse, Status> {
-        let proven = tokens::verify(&self.tokens, &req.token).map_err(|e| match e {
-            TokenError::Unknown => Status::unauthenticated("the token does not prove any workload"),
-            TokenError::Table { .. } => Status::unavailable(e.to_string()),
-        })?;
+    async fn issue(&self, req: &proto::CertifyRequest) -> Result<proto::CertifyResponse, Status> {
+        let proven = self.authenticator.verify(&req.token).await?;
         let identity = self.ca.spiffe_id(&proven.namespace, &proven.service_account);
         let issued = self.ca.certify(&req.csr_der, &identity).map_err(|e| match e {
             CsrError::WrongIdentity { .. } => Status::permission_denied(e.to_string()),

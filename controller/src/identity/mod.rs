@@ -2,9 +2,11 @@
 //! a directory, and leaf certificates for SPIFFE IDs issued from CSRs.
 //!
 //! - [`tokens`]: the local-mode token table proving workload identities.
+//! - [`review`]: Kubernetes' proof, a `TokenReview` of a projected ServiceAccount token.
 //! - [`grpc`]: the `weir.v1.Identity/Certify` service.
 
 pub mod grpc;
+pub mod review;
 pub mod tokens;
 
 use std::io::Write;

@@ -1,0 +1,162 @@
+//! Kubernetes proves workloads: with no token table, the controller checks each sidecar's
+//! projected ServiceAccount token with a TokenReview (audience `weir`) against the API server
+//! from its kubeconfig — here a fake API server that knows a few tokens.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rcgen::{CertificateParams, KeyPair, SanType};
+use weir_api::proto;
+use weir_tests::*;
+
+const CONTROLLER_CREDENTIAL: &str = "Bearer controller-sa-token";
+
+/// A fake API server answering TokenReviews. Only the controller's own credential may ask, and
+/// only reviews for the `weir` audience succeed.
+async fn fake_api(reviews: Arc<AtomicU64>) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    // Connections live in the accept task's JoinSet: aborting the task closes them all.
+    let task = tokio::spawn(async move {
+        let mut conns = tokio::task::JoinSet::new();
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { return };
+            let reviews = reviews.clone();
+            conns.spawn(async move {
+                let svc = hyper::service::service_fn(move |req| answer(req, reviews.clone()));
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+async fn answer(req: Request<Incoming>, reviews: Arc<AtomicU64>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let json = |status: u16, v: serde_json::Value| {
+        let mut r = Response::new(Full::new(Bytes::from(v.to_string())));
+        *r.status_mut() = http::StatusCode::from_u16(status).unwrap();
+        r.headers_mut().insert("content-type", "application/json".parse().unwrap());
+        Ok(r)
+    };
+    if req.uri().path() != "/apis/authentication.k8s.io/v1/tokenreviews" || req.method() != "POST" {
+        return json(
+            404,
+            serde_json::json!({"kind": "Status", "status": "Failure", "code": 404, "reason": "NotFound"}),
+        );
+    }
+    if req.headers().get("authorization").and_then(|v| v.to_str().ok()) != Some(CONTROLLER_CREDENTIAL) {
+        return json(
+            401,
+            serde_json::json!({"kind": "Status", "status": "Failure", "code": 401, "reason": "Unauthorized"}),
+        );
+    }
+    reviews.fetch_add(1, Ordering::Relaxed);
+    let body: serde_json::Value = serde_json::from_slice(&req.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    let token = body["spec"]["token"].as_str().unwrap_or_default();
+    let audiences = body["spec"]["audiences"].clone();
+    let status = if audiences != serde_json::json!(["weir"]) {
+        serde_json::json!({"authenticated": false, "error": format!("token audiences {audiences} not accepted")})
+    } else {
+        match token {
+            "reviews-token" => serde_json::json!({
+                "authenticated": true, "audiences": ["weir"],
+                "user": {"username": "system:serviceaccount:shop:reviews", "groups": ["system:serviceaccounts"]}
+            }),
+            "alice-token" => {
+                serde_json::json!({"authenticated": true, "audiences": ["weir"], "user": {"username": "alice"}})
+            }
+            "vault-token" => serde_json::json!({
+                "authenticated": true, "audiences": ["vault"], "user": {"username": "system:serviceaccount:shop:reviews"}
+            }),
+            _ => serde_json::json!({"authenticated": false, "error": "invalid bearer token"}),
+        }
+    };
+    json(
+        201,
+        serde_json::json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": body["spec"], "status": status}),
+    )
+}
+
+fn csr(uri: &str) -> Vec<u8> {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut p = CertificateParams::default();
+    p.subject_alt_names = vec![SanType::URI(uri.try_into().unwrap())];
+    p.serialize_request(&key).unwrap().der().to_vec()
+}
+
+async fn certify(grpc: std::net::SocketAddr, token: &str, uri: &str) -> Result<proto::CertifyResponse, tonic::Status> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{grpc}")).unwrap().connect().await.unwrap();
+    let mut client = proto::identity_client::IdentityClient::new(channel);
+    client.certify(proto::CertifyRequest { token: token.into(), csr_der: csr(uri) }).await.map(|r| r.into_inner())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_reviews_prove_service_accounts() {
+    let reviews = Arc::new(AtomicU64::new(0));
+    let (api, api_task) = fake_api(reviews.clone()).await;
+    let scratch = Scratch::new();
+    scratch.write("services.yaml", &service("shop", "web", &[]));
+    let kubeconfig = scratch.dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: fake, cluster: {{server: \"http://{api}\"}}}}]\n\
+             users: [{{name: weir, user: {{token: controller-sa-token}}}}]\n\
+             contexts: [{{name: fake, context: {{cluster: fake, user: weir}}}}]\ncurrent-context: fake\n"
+        ),
+    )
+    .unwrap();
+    let flags = [
+        "--identity-dir".to_string(),
+        scratch.dir.path().join("identity").display().to_string(),
+        "--kubeconfig".into(),
+        kubeconfig.display().to_string(),
+    ];
+    let controller = scratch.controller_with(None, &flags).await;
+    let grpc = controller.addr("grpc");
+    let reviews_id = "spiffe://cluster.local/ns/shop/sa/reviews";
+
+    // The ServiceAccount's token gets its own identity, and only that.
+    let issued = certify(grpc, "reviews-token", reviews_id).await.unwrap();
+    assert_eq!(issued.identity, reviews_id);
+    let e = certify(grpc, "reviews-token", "spiffe://cluster.local/ns/shop/sa/payments").await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+
+    // Tokens the API server does not vouch for, or vouches for as something else.
+    for (token, code, reason) in [
+        ("forged", tonic::Code::Unauthenticated, "invalid bearer token"),
+        ("alice-token", tonic::Code::Unauthenticated, "\"alice\", not a ServiceAccount"),
+        ("vault-token", tonic::Code::Unauthenticated, "audiences [\"vault\"], not \"weir\""),
+        ("", tonic::Code::Unauthenticated, "empty token"),
+    ] {
+        let e = certify(grpc, token, reviews_id).await.unwrap_err();
+        assert_eq!(e.code(), code, "{token}: {e:?}");
+        assert!(e.message().contains(reason), "{token}: {:?}", e.message());
+    }
+    assert_eq!(reviews.load(Ordering::Relaxed), 5, "one review per non-empty token");
+
+    // A sidecar with the projected token file gets a certificate end to end.
+    let sidecar = scratch.proxy_with(grpc, "shop/reviews", None, &scratch.token_flags("reviews-token")).await;
+    let admin = sidecar.addr("admin");
+    wait_until("a certificate through TokenReview", Duration::from_secs(20), || async move {
+        renewals(admin, "ok").await >= 1
+    })
+    .await;
+
+    // The API server goes away: Certify says so as Unavailable (the sidecar retries), and
+    // refuses nothing for good.
+    api_task.abort();
+    let _ = api_task.await;
+    let e = certify(grpc, "reviews-token", reviews_id).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("TokenReview failed"), "{:?}", e.message());
+}
