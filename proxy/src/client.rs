@@ -157,6 +157,11 @@ impl Clients {
         Self { h2: H2Pool::new(connect_timeout), connect_timeout, h1: Arc::default() }
     }
 
+    /// The default time a TCP connect may take.
+    pub fn connect_timeout(&self) -> Duration {
+        self.connect_timeout
+    }
+
     fn h1_pool(&self, opts: &ConnectOpts) -> H1 {
         let key = (opts.connect.unwrap_or(self.connect_timeout), opts.idle.unwrap_or(DEFAULT_IDLE), opts.limit.clone());
         let mut g = self.h1.lock().unwrap();

@@ -68,6 +68,9 @@ pub struct Metrics {
     pub inbound_by_identity: IntCounterVec,
     /// Inbound authorization decisions by server port, policy, rule and client identity.
     pub authorization: IntCounterVec,
+    /// CONNECT tunnels by result, and the bytes they carried each way.
+    pub tunnels: IntCounterVec,
+    pub tunnel_bytes: IntCounterVec,
     pub resilience: ResilienceMetrics,
     pub identity: crate::identity::IdentityMetrics,
     report: Arc<Mutex<ReportAcc>>,
@@ -145,11 +148,25 @@ impl Metrics {
         )
         .unwrap();
         registry.register(Box::new(authorization.clone())).unwrap();
+        let tunnels = IntCounterVec::new(
+            Opts::new("weir_tunnels_total", "CONNECT tunnels to destinations outside the mesh, by result"),
+            &["result"],
+        )
+        .unwrap();
+        registry.register(Box::new(tunnels.clone())).unwrap();
+        let tunnel_bytes = IntCounterVec::new(
+            Opts::new("weir_tunnel_bytes_total", "Bytes carried by finished CONNECT tunnels (sent: from the client)"),
+            &["direction"],
+        )
+        .unwrap();
+        registry.register(Box::new(tunnel_bytes.clone())).unwrap();
         let identity = crate::identity::IdentityMetrics::register(&registry);
         Self {
             tls_handshake_failures,
             inbound_by_identity,
             authorization,
+            tunnels,
+            tunnel_bytes,
             identity,
             resilience,
             registry,

@@ -100,7 +100,7 @@ pub async fn serve<F, Fut>(
                 let fut = handler(req, peer.clone());
                 async move { Ok::<_, Infallible>(fut.await) }
             });
-            let conn = watcher.watch(builder.serve_connection(TokioIo::new(io), svc).into_owned());
+            let conn = watcher.watch(builder.serve_connection_with_upgrades(TokioIo::new(io), svc).into_owned());
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "connection ended with an error");
             }

@@ -8,6 +8,7 @@ pub mod balance;
 pub mod health;
 pub mod resilience;
 pub mod route;
+pub mod tunnel;
 
 use resilience::BreakerPass;
 
@@ -80,7 +81,11 @@ impl Outbound {
         let started = Instant::now();
         let version = req.version();
         // In-flight requests finish on the config they started with.
-        let Some(config) = self.config.borrow().clone() else {
+        let config = self.config.borrow().clone();
+        if req.method() == http::Method::CONNECT {
+            return tunnel::connect(req, config.as_deref(), self.clients.connect_timeout(), &self.metrics).await;
+        }
+        let Some(config) = config else {
             return ProxyError::NotReady.into_response();
         };
         let (mut parts, body) = req.into_parts();
