@@ -3,21 +3,25 @@
 
 For each mode it starts, on loopback with OS-chosen ports, a release controller (local mode;
 with a CA and token table for "mtls"), a backend (`weir demo-backend`), its sidecar and a
-client sidecar; runs wrk (HTTP/1.1, 16 connections, 2 threads) through the client sidecar and
-reads both sidecars' CPU time from /proc. Prints latency percentiles, throughput and sidecar
-CPU per request, then the mtls/plaintext ratios. Stops every process it started, by PID.
+client sidecar; then through the client sidecar
+  - oha at a fixed rate (default 1,000 rps, 15 s, 16 connections, latency-corrected), reading
+    both sidecars' CPU time from /proc over that run: latency at the same offered load and CPU
+    per request at the same load;
+  - wrk closed loop (16 connections, 2 threads): throughput.
+Prints each mode's figures, then the mtls/plaintext ratios. Stops every process it started, by PID.
 
-    cargo build --release && python3 bench/mtls_cost.py [--seconds 10]
-Needs wrk (Debian package `wrk`).
+    cargo build --release && python3 bench/mtls_cost.py [--seconds 10] [--rate 1000] [--fixed-seconds 15]
+Needs wrk (Debian package `wrk`) and oha (`cargo install oha`, or --oha PATH).
 """
 import argparse, json, os, shutil, sys, tempfile, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from weirbench import cpu_seconds, get, start_backend, start_controller, start_sidecar, stop, wrk, write_atomic  # noqa: E402
+from weirbench import (cpu_seconds, get, oha_fixed, start_backend, start_controller, start_sidecar, stop,  # noqa: E402
+                       wrk, write_atomic)
 
 
 
-def run_mode(mtls, seconds):
+def run_mode(mtls, opts):
     tmp = tempfile.mkdtemp(prefix="weir-bench-")
     cfg = os.path.join(tmp, "config")
     os.mkdir(cfg)
@@ -61,12 +65,19 @@ def run_mode(mtls, seconds):
             time.sleep(0.02)
         url = f"http://{cla['outbound']}/"
         wrk(url, 2)
-        before = cpu_seconds(client.pid) + cpu_seconds(server.pid)
-        lat, total, rps, errors = wrk(url, seconds)
-        cpu = cpu_seconds(client.pid) + cpu_seconds(server.pid) - before
+        cpu = lambda: cpu_seconds(client.pid) + cpu_seconds(server.pid)
+        before = cpu()
+        flat, ftotal, frps, ferrors = oha_fixed(url, opts.rate, opts.fixed_seconds, 16, opts.oha)
+        fcpu = cpu() - before
+        before = cpu()
+        lat, total, rps, errors = wrk(url, opts.seconds)
+        ccpu = cpu() - before
         metrics = get(f"http://{sa['admin']}/metrics")
-        tls_seen = 'tls="true"' in metrics
-        return dict(lat=lat, rps=rps, errors=errors, cpu_us=cpu / total * 1e6, tls_seen=tls_seen)
+        # Inbound request metrics say which transport the requests came over.
+        tls_seen = 'direction="inbound"' in metrics and 'tls="true"' in metrics
+        return dict(fixed=dict(lat=flat, rps=frps, errors=ferrors, cpu_us=fcpu / max(ftotal, 1) * 1e6),
+                    closed=dict(lat=lat, rps=rps, errors=errors, cpu_us=ccpu / max(total, 1) * 1e6),
+                    tls_seen=tls_seen)
     finally:
         stop(procs)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -82,20 +93,33 @@ def _ready(admin):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--seconds", type=int, default=10)
+    ap.add_argument("--seconds", type=int, default=10, help="closed-loop wrk run")
+    ap.add_argument("--rate", type=int, default=1000, help="fixed-rate requests per second")
+    ap.add_argument("--fixed-seconds", type=int, default=15)
+    ap.add_argument("--oha", default=shutil.which("oha") or "oha")
     opts = ap.parse_args()
     if not shutil.which("wrk"):
         raise SystemExit("wrk not found: apt-get install wrk")
+    if not shutil.which(opts.oha):
+        raise SystemExit("oha not found: cargo install oha (or --oha PATH)")
     results = {}
     for mode in ["plaintext", "mtls"]:
-        r = results[mode] = run_mode(mode == "mtls", opts.seconds)
+        r = results[mode] = run_mode(mode == "mtls", opts)
         if (mode == "mtls") != r["tls_seen"]:
             raise SystemExit(f"{mode}: the server saw tls={r['tls_seen']}")
-        print(f"{mode:>9}: p50 {r['lat']['50']:.3f} ms  p90 {r['lat']['90']:.3f} ms  p99 {r['lat']['99']:.3f} ms  "
-              f"{r['rps']:,.0f} rps  errors {r['errors']}  sidecar CPU {r['cpu_us']:.1f} µs/request (both sidecars)")
+        f, c = r["fixed"], r["closed"]
+        print(f"{mode:>9} at {opts.rate} rps: p50 {f['lat']['50']:.3f} ms  p90 {f['lat']['90']:.3f} ms  "
+              f"p99 {f['lat']['99']:.3f} ms  p99.9 {f['lat']['99.9']:.3f} ms  ({f['rps']:,.0f} rps, errors {f['errors']})  "
+              f"sidecar CPU {f['cpu_us']:.1f} µs/request (both)")
+        print(f"{mode:>9} closed loop: {c['rps']:,.0f} rps  p50 {c['lat']['50']:.3f} ms  p99 {c['lat']['99']:.3f} ms  "
+              f"errors {c['errors']}  sidecar CPU {c['cpu_us']:.1f} µs/request (both)")
     p, m = results["plaintext"], results["mtls"]
-    print(f"mtls/plaintext: p50 x{m['lat']['50'] / p['lat']['50']:.2f}, p99 x{m['lat']['99'] / p['lat']['99']:.2f}, "
-          f"throughput x{m['rps'] / p['rps']:.2f}, CPU/request x{m['cpu_us'] / p['cpu_us']:.2f}")
+    pf, mf = p["fixed"], m["fixed"]
+    print(f"mtls/plaintext at {opts.rate} rps: p50 x{mf['lat']['50'] / pf['lat']['50']:.2f}, "
+          f"p99 x{mf['lat']['99'] / pf['lat']['99']:.2f}, p99.9 x{mf['lat']['99.9'] / pf['lat']['99.9']:.2f}, "
+          f"CPU/request x{mf['cpu_us'] / pf['cpu_us']:.2f}")
+    pc, mc = p["closed"], m["closed"]
+    print(f"mtls/plaintext closed loop: throughput x{mc['rps'] / pc['rps']:.2f}, CPU/request x{mc['cpu_us'] / pc['cpu_us']:.2f}")
 
 
 if __name__ == "__main__":

@@ -81,3 +81,19 @@ def wrk(url, seconds):
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     return lat, total, rps, int(non2xx.group(1)) if non2xx else 0
+
+
+def oha_fixed(url, rate, seconds, conns=16, oha="oha"):
+    """oha at a fixed request rate with latency correction (coordinated omission accounted for),
+    Host web.bench: (latency ms by percentile, total, achieved rps, non-2xx + errors)."""
+    out = subprocess.run([oha, "-z", f"{seconds}s", "-q", str(rate), "-c", str(conns), "--no-tui",
+                          "--output-format", "json", "--latency-correction", "-H", "Host: web.bench", url],
+                         capture_output=True, text=True, timeout=seconds + 30).stdout
+    d = json.loads(out)
+    lat = {k[1:]: v * 1000 for k, v in d["latencyPercentiles"].items()}
+    codes = d.get("statusCodeDistribution") or {}
+    total = sum(codes.values()) + sum((d.get("errorDistribution") or {}).values())
+    bad = total - codes.get("200", 0)
+    if bad:
+        print(f"  oha: status codes {codes}, errors {d.get('errorDistribution')}")
+    return lat, total, d["summary"]["requestsPerSec"], bad
