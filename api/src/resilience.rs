@@ -268,6 +268,10 @@ pub struct RateLimitKey {
     /// A bucket per client IP address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_ip: Option<bool>,
+    /// A bucket per calling workload's mesh identity (inbound limits only; plaintext callers
+    /// share one bucket).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_identity: Option<bool>,
 }
 
 /// Fault injection for chaos tests: delays and aborts for a share of requests, optionally only
@@ -659,13 +663,20 @@ impl ResiliencePolicySpec {
                 return Err(FieldError::new("spec.rateLimit.maxKeys", "must be at least 1"));
             }
             if let Some(k) = &r.key {
-                match (&k.header, k.source_ip) {
-                    (Some(h), None | Some(false)) if !h.is_empty() => http_header_name("spec.rateLimit.key.header", h)?,
-                    (None, Some(true)) => {}
+                let identity = k.client_identity == Some(true);
+                if identity && r.direction != Direction::Inbound {
+                    return Err(FieldError::new(
+                        "spec.rateLimit.key.clientIdentity",
+                        "only inbound limits know the caller's identity: set direction: Inbound",
+                    ));
+                }
+                match (&k.header, k.source_ip == Some(true), identity) {
+                    (Some(h), false, false) if !h.is_empty() => http_header_name("spec.rateLimit.key.header", h)?,
+                    (None, true, false) | (None, false, true) => {}
                     _ => {
                         return Err(FieldError::new(
                             "spec.rateLimit.key",
-                            "set exactly one of header and sourceIP: true",
+                            "set exactly one of header, sourceIp: true and clientIdentity: true",
                         ));
                     }
                 }
@@ -746,7 +757,7 @@ impl ResiliencePolicySpec {
                     if set.iter().filter(|s| **s).count() != 1 {
                         return Err(FieldError::new(
                             "spec.loadBalancer.hashKey",
-                            "set exactly one of header, cookie and sourceIP: true",
+                            "set exactly one of header, cookie and sourceIp: true",
                         ));
                     }
                     if let Some(h) = &k.header {
@@ -828,6 +839,14 @@ mod tests {
             ("targetRef: {service: web}\nfaults: {abort: {percent: 1}}\n", "spec.faults.abort"),
             ("targetRef: {service: web}\nrateLimit: {requestsPerSecond: 0}\n", "spec.rateLimit.requestsPerSecond"),
             ("targetRef: {service: web}\nrateLimit: {requestsPerSecond: 5, key: {}}\n", "spec.rateLimit.key"),
+            (
+                "targetRef: {service: web}\nrateLimit: {requestsPerSecond: 5, key: {clientIdentity: true}}\n",
+                "spec.rateLimit.key.clientIdentity",
+            ),
+            (
+                "targetRef: {service: web}\nrateLimit: {requestsPerSecond: 5, direction: Inbound, key: {clientIdentity: true, sourceIp: true}}\n",
+                "spec.rateLimit.key",
+            ),
             ("targetRef: {service: web}\nbulkhead: {maxInFlight: 0}\n", "spec.bulkhead.maxInFlight"),
             ("targetRef: {service: web}\nloadBalancer: {algorithm: RingHash}\n", "spec.loadBalancer.hashKey"),
             ("targetRef: {service: web}\nhealthCheck: {path: healthz}\n", "spec.healthCheck.path"),

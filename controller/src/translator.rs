@@ -161,6 +161,7 @@ fn policy(ns: &str, name: &str, spec: &ResiliencePolicySpec) -> proto::Resilienc
             burst: r.burst.unwrap_or(r.requests_per_second),
             header: r.key.as_ref().and_then(|k| k.header.clone()).unwrap_or_default(),
             source_ip: r.key.as_ref().and_then(|k| k.source_ip).unwrap_or(false),
+            client_identity: r.key.as_ref().and_then(|k| k.client_identity).unwrap_or(false),
             max_keys: r.max_keys,
             inbound: r.direction == weir_api::resilience::Direction::Inbound,
         }),

@@ -339,6 +339,8 @@ pub enum RateKey {
     Whole,
     Header(HeaderName),
     SourceIp,
+    /// The caller's SPIFFE ID (inbound only); plaintext callers share the empty key.
+    ClientIdentity,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -608,13 +610,15 @@ fn rate_limit(r: &proto::RateLimit) -> Result<RateLimitPolicy, String> {
     if r.requests_per_second == 0 || r.max_keys == 0 {
         return Err("rate limit rate and maxKeys must be at least 1".into());
     }
-    let key = match (r.header.as_str(), r.source_ip) {
-        ("", false) => RateKey::Whole,
-        ("", true) => RateKey::SourceIp,
-        (h, false) => RateKey::Header(
+    let key = match (r.header.as_str(), r.source_ip, r.client_identity) {
+        ("", false, false) => RateKey::Whole,
+        ("", true, false) => RateKey::SourceIp,
+        ("", false, true) if r.inbound => RateKey::ClientIdentity,
+        ("", false, true) => return Err("rate limit key: client identity is for inbound limits only".into()),
+        (h, false, false) => RateKey::Header(
             HeaderName::from_bytes(h.as_bytes()).map_err(|_| format!("invalid rate limit header {h:?}"))?,
         ),
-        (_, true) => return Err("rate limit key: header and source IP are exclusive".into()),
+        _ => return Err("rate limit key: header, source IP and client identity are exclusive".into()),
     };
     Ok(RateLimitPolicy { per_second: r.requests_per_second, burst: r.burst.max(1), key, max_keys: r.max_keys })
 }

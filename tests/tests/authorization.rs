@@ -155,3 +155,53 @@ async fn invalid_authorizations_are_rejected_and_the_previous_one_kept() {
 fn authorizations(config: &serde_json::Value) -> usize {
     config["snapshot"]["inbound"]["authorizations"].as_array().map(Vec::len).unwrap_or(0)
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbound_rate_limits_keyed_by_client_identity_give_each_caller_its_own_bucket() {
+    let scratch = Scratch::new();
+    scratch.write("services.yaml", &service("test", "web", &[]));
+    scratch.write(
+        "policy.yaml",
+        "apiVersion: weir.io/v1alpha1\nkind: ResiliencePolicy\nmetadata: { name: web, namespace: test }\nspec:\n  \
+         targetRef: { service: web }\n  rateLimit: { requestsPerSecond: 1, burst: 5, direction: Inbound, key: { clientIdentity: true } }\n",
+    );
+    let flags = scratch.identity_flags(&[("t-web", "test/web"), ("t-a", "test/a"), ("t-b", "test/b")], &[]);
+    let controller = scratch.controller_with(None, &flags).await;
+    let grpc = controller.addr("grpc");
+    let backend = Backend::start("web").await;
+    let server = scratch.proxy_with(grpc, "test/web", Some(backend.addr), &scratch.token_flags("t-web")).await;
+    let a = scratch.proxy_with(grpc, "test/a", None, &scratch.token_flags("t-a")).await;
+    let b = scratch.proxy_with(grpc, "test/b", None, &scratch.token_flags("t-b")).await;
+    for admin in [server.addr("admin"), a.addr("admin"), b.addr("admin")] {
+        wait_until("a certificate", Duration::from_secs(20), || async move { renewals(admin, "ok").await >= 1 }).await;
+    }
+    let inbound = server.addr("inbound");
+    let endpoint = format!("{{ address: \"{inbound}\", meshed: true, serviceAccount: web, workload: web }}");
+    scratch.write("services.yaml", &service("test", "web", &[endpoint]));
+    for admin in [a.addr("admin"), b.addr("admin")] {
+        wait_config(admin, "the endpoint", |c| endpoint_count(c, "test", "web") == 1).await;
+    }
+    wait_config(server.addr("admin"), "the inbound limit", |c| {
+        c["snapshot"]["inbound"]["rate_limits"][0]["limit"]["client_identity"] == true
+    })
+    .await;
+
+    let allowed = |via: std::net::SocketAddr, n: usize| async move {
+        let mut ok = 0;
+        for _ in 0..n {
+            let r = send(&http1(), via, "GET", "web.test", "/", &[]).await.unwrap();
+            match r.status {
+                200 => ok += 1,
+                429 => {}
+                s => panic!("unexpected {s}: {}", r.body),
+            }
+        }
+        ok
+    };
+    // a exhausts its own bucket of 5 (plus at most a refill or two at 1/s)...
+    let a_ok = allowed(a.addr("outbound"), 12).await;
+    assert!((5..=7).contains(&a_ok), "a: {a_ok} of 12 allowed");
+    // ...which leaves b's and the plaintext callers' buckets full.
+    assert_eq!(allowed(b.addr("outbound"), 5).await, 5, "b shares a's bucket");
+    assert_eq!(allowed(inbound, 5).await, 5, "plaintext callers share a's bucket");
+}

@@ -66,7 +66,7 @@ impl Inbound {
         let refused = match config.as_deref() {
             Some(config) => self
                 .authorize(config, &mut req, peer.identity.as_deref())
-                .or_else(|| self.rate_limited(config, &req, client)),
+                .or_else(|| self.rate_limited(config, &req, client, peer.identity.as_deref())),
             None => None,
         };
         if let Some(e) = refused {
@@ -139,7 +139,13 @@ impl Inbound {
 
     /// The inbound rate limits of the Service the request is for (all of this workload's, when
     /// the authority names none of them).
-    fn rate_limited(&self, config: &Config, req: &Request<Incoming>, client: SocketAddr) -> Option<ProxyError> {
+    fn rate_limited(
+        &self,
+        config: &Config,
+        req: &Request<Incoming>,
+        client: SocketAddr,
+        identity: Option<&str>,
+    ) -> Option<ProxyError> {
         if config.inbound.is_empty() {
             return None;
         }
@@ -152,7 +158,7 @@ impl Inbound {
         let target = target.filter(|t| config.inbound.iter().any(|l| &l.service == t));
         let applies = |l: &&InboundLimit| target.as_ref().is_none_or(|t| &l.service == t);
         for l in config.inbound.iter().filter(applies) {
-            let key = crate::outbound::resilience::rate_key(&l.limit.key, req.headers(), client);
+            let key = crate::outbound::resilience::rate_key(&l.limit.key, req.headers(), client, identity);
             if let Err(retry_after) = self.resilience.limiter(&l.policy, &l.limit).check(&key) {
                 self.resilience.metrics.rate_limited.with_label_values(&[&*l.service, "inbound"]).inc();
                 return Some(ProxyError::RateLimited { retry_after });

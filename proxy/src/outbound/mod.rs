@@ -191,7 +191,7 @@ impl Outbound {
         let rm = &self.resilience.metrics;
         let service = &*labels.service;
         if let Some(rl) = &policy.rate_limit {
-            let key = resilience::rate_key(&rl.key, &parts.headers, client);
+            let key = resilience::rate_key(&rl.key, &parts.headers, client, None);
             if let Err(retry_after) = self.resilience.limiter(&policy.name, rl).check(&key) {
                 rm.rate_limited.with_label_values(&[service, "outbound"]).inc();
                 return Some(Early::Fail(ProxyError::RateLimited { retry_after }));

@@ -316,11 +316,17 @@ impl Bulkhead {
 }
 
 /// The bucket key of a request under `key`.
-pub fn rate_key(key: &crate::config::RateKey, headers: &http::HeaderMap, client: SocketAddr) -> String {
+pub fn rate_key(
+    key: &crate::config::RateKey,
+    headers: &http::HeaderMap,
+    client: SocketAddr,
+    identity: Option<&str>,
+) -> String {
     match key {
         crate::config::RateKey::Whole => String::new(),
         crate::config::RateKey::Header(h) => headers.get(h).and_then(|v| v.to_str().ok()).unwrap_or("").to_string(),
         crate::config::RateKey::SourceIp => client.ip().to_string(),
+        crate::config::RateKey::ClientIdentity => identity.unwrap_or("").to_string(),
     }
 }
 
