@@ -81,7 +81,7 @@ async fn rotation_and_a_controller_outage_fail_no_request() {
     let scratch = Scratch::new();
     scratch.write("services.yaml", &service("test", "web", &[]));
     let flags =
-        scratch.identity_flags(&[("t-web", "test/web-v1"), ("t-client", "test/client")], &["--cert-lifetime", "4s"]);
+        scratch.identity_flags(&[("t-web", "test/web-v1"), ("t-client", "test/client")], &["--cert-lifetime", "10s"]);
     let mut controller = scratch.controller_with(None, &flags).await;
     let grpc = controller.addr("grpc");
     let backend = Backend::start("v1").await;
@@ -110,11 +110,17 @@ async fn rotation_and_a_controller_outage_fail_no_request() {
             }
         }));
     }
-    // Rotations under load: a 4 s certificate renews every ~2.8 s.
-    for admin in [sa, ca] {
-        wait_until("two more renewals", Duration::from_secs(30), || async move { renewals(admin, "ok").await >= 3 })
-            .await;
+    // 30 s of steady load across rotations: a 10 s certificate renews every ~7 s, so each
+    // sidecar swaps its certificate at least three times while requests flow.
+    let (sa_before, ca_before) = (renewals(sa, "ok").await, renewals(ca, "ok").await);
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    for (admin, before) in [(sa, sa_before), (ca, ca_before)] {
+        wait_until("three renewals under load", Duration::from_secs(15), || async move {
+            renewals(admin, "ok").await >= before + 3
+        })
+        .await;
     }
+    assert_eq!(failed.load(Ordering::Relaxed), 0, "failed during rotations, of {}", total.load(Ordering::Relaxed));
     // The controller goes away: renewals fail, traffic goes on with the certificates held.
     controller.kill().await;
     wait_until("a failed renewal", Duration::from_secs(30), || async move { renewals(ca, "error").await >= 1 }).await;
