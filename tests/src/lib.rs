@@ -327,3 +327,28 @@ pub async fn renewals(admin: SocketAddr, result: &str) -> u64 {
     let prefix = format!("weir_identity_renewals_total{{result=\"{result}\"}} ");
     m.lines().find_map(|l| l.strip_prefix(&prefix)?.parse().ok()).unwrap_or(0)
 }
+
+/// A fresh P-256 key and a CSR (DER) whose only SAN is the URI `uri`.
+pub fn keyed_csr(uri: &str) -> (rcgen::KeyPair, Vec<u8>) {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut p = rcgen::CertificateParams::default();
+    p.subject_alt_names = vec![rcgen::SanType::URI(uri.try_into().unwrap())];
+    let der = p.serialize_request(&key).unwrap().der().to_vec();
+    (key, der)
+}
+
+/// A CSR (DER) for the URI `uri`, its key thrown away.
+pub fn csr(uri: &str) -> Vec<u8> {
+    keyed_csr(uri).1
+}
+
+/// Calls `weir.v1.Identity/Certify` on the controller at `grpc`.
+pub async fn certify(
+    grpc: SocketAddr,
+    token: &str,
+    csr_der: Vec<u8>,
+) -> Result<weir_api::proto::CertifyResponse, tonic::Status> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{grpc}")).unwrap().connect().await.unwrap();
+    let mut client = weir_api::proto::identity_client::IdentityClient::new(channel);
+    client.certify(weir_api::proto::CertifyRequest { token: token.into(), csr_der }).await.map(|r| r.into_inner())
+}

@@ -3,31 +3,9 @@
 
 use std::time::Duration;
 
-use rcgen::{CertificateParams, KeyPair, SanType};
-use weir_api::proto;
+use rcgen::KeyPair;
 use weir_tests::*;
 use x509_parser::prelude::*;
-
-fn csr(uri: &str) -> Vec<u8> {
-    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-    let mut p = CertificateParams::default();
-    p.subject_alt_names = vec![SanType::URI(uri.try_into().unwrap())];
-    p.serialize_request(&key).unwrap().der().to_vec()
-}
-
-async fn certify(
-    controller: &ChildProc,
-    token: &str,
-    csr_der: Vec<u8>,
-) -> Result<proto::CertifyResponse, tonic::Status> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", controller.addr("grpc")))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut client = proto::identity_client::IdentityClient::new(channel);
-    client.certify(proto::CertifyRequest { token: token.into(), csr_der }).await.map(|r| r.into_inner())
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certify_issues_only_what_the_token_proves() {
@@ -49,7 +27,7 @@ async fn certify_issues_only_what_the_token_proves() {
     let mut controller = scratch.controller_with(None, &flags).await;
     let id = "spiffe://weir.test/ns/shop/sa/reviews";
 
-    let issued = certify(&controller, "s3cret", csr(id)).await.unwrap();
+    let issued = certify(controller.addr("grpc"), "s3cret", csr(id)).await.unwrap();
     assert_eq!(issued.identity, id);
     let (_, leaf) = X509Certificate::from_der(&issued.leaf_der).unwrap();
     let (_, issuer) = X509Certificate::from_der(&issued.intermediates_der[0]).unwrap();
@@ -64,12 +42,12 @@ async fn certify_issues_only_what_the_token_proves() {
     assert!(!leaf.is_ca());
 
     // A forged token, a CSR for someone else, garbage: refused with a reason.
-    let e = certify(&controller, "guess", csr(id)).await.unwrap_err();
+    let e = certify(controller.addr("grpc"), "guess", csr(id)).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
-    let e = certify(&controller, "s3cret", csr("spiffe://weir.test/ns/shop/sa/admin")).await.unwrap_err();
+    let e = certify(controller.addr("grpc"), "s3cret", csr("spiffe://weir.test/ns/shop/sa/admin")).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
     assert!(e.message().contains("sa/admin") && e.message().contains("sa/reviews"), "{}", e.message());
-    let e = certify(&controller, "s3cret", b"not a csr".to_vec()).await.unwrap_err();
+    let e = certify(controller.addr("grpc"), "s3cret", b"not a csr".to_vec()).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
     let metrics = admin_text(controller.addr("admin"), "/metrics").await;
     for result in ["issued", "unauthenticated", "wrong-identity", "malformed"] {
@@ -79,7 +57,7 @@ async fn certify_issues_only_what_the_token_proves() {
     // The trust anchor survives a restart.
     controller.stop(std::time::Duration::from_secs(10)).await;
     let controller = scratch.controller_with(None, &flags).await;
-    let again = certify(&controller, "s3cret", csr(id)).await.unwrap();
+    let again = certify(controller.addr("grpc"), "s3cret", csr(id)).await.unwrap();
     assert_eq!(again.trust_anchors_der, issued.trust_anchors_der);
     let key_file = std::fs::read_to_string(identity_dir.join("issuer.key")).unwrap();
     let log = std::fs::read_to_string(scratch.log("controller")).unwrap();
@@ -119,15 +97,6 @@ async fn a_sidecar_gets_its_certificate_and_renews_it() {
     assert!(!log.contains("PRIVATE KEY") && !log.contains("key_pkcs8"), "key material in the log");
 }
 
-/// A key and a CSR for `uri`.
-fn keyed_csr(uri: &str) -> (KeyPair, Vec<u8>) {
-    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-    let mut p = CertificateParams::default();
-    p.subject_alt_names = vec![SanType::URI(uri.try_into().unwrap())];
-    let der = p.serialize_request(&key).unwrap().der().to_vec();
-    (key, der)
-}
-
 fn pem(tag: &str, der: &[u8]) -> String {
     ::pem::encode(&::pem::Pem::new(tag, der.to_vec()))
 }
@@ -163,7 +132,7 @@ async fn openssl_sees_the_chain_and_needs_a_mesh_certificate() {
     // A client with a mesh certificate: the handshake completes, the chain verifies against
     // the trust anchor, and the server's leaf names its SPIFFE ID.
     let (key, csr_der) = keyed_csr("spiffe://cluster.local/ns/shop/sa/client");
-    let issued = certify(&controller, "t-client", csr_der).await.unwrap();
+    let issued = certify(controller.addr("grpc"), "t-client", csr_der).await.unwrap();
     let intermediates: String = issued.intermediates_der.iter().map(|d| pem("CERTIFICATE", d)).collect();
     let files = ["client.crt", "chain.crt", "client.key"].map(|f| scratch.dir.path().join(f));
     std::fs::write(&files[0], pem("CERTIFICATE", &issued.leaf_der)).unwrap();
@@ -265,6 +234,11 @@ async fn private_keys_never_reach_disk_or_logs() {
     let endpoint = format!("{{ address: \"{}\", meshed: true, serviceAccount: web }}", server.addr("inbound"));
     scratch.write("services.yaml", &service("shop", "web", &[endpoint]));
     wait_config(client.addr("admin"), "the endpoint", |c| endpoint_count(c, "shop", "web") == 1).await;
+    let client_admin = client.addr("admin");
+    wait_until("the client's certificate", Duration::from_secs(20), || async move {
+        renewals(client_admin, "ok").await >= 1
+    })
+    .await;
 
     // mTLS traffic across two renewals of the server's certificate.
     let mut open_files = Vec::new();

@@ -12,8 +12,6 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use rcgen::{CertificateParams, KeyPair, SanType};
-use weir_api::proto;
 use weir_tests::*;
 
 const CONTROLLER_CREDENTIAL: &str = "Bearer controller-sa-token";
@@ -86,19 +84,6 @@ async fn answer(req: Request<Incoming>, reviews: Arc<AtomicU64>) -> Result<Respo
     )
 }
 
-fn csr(uri: &str) -> Vec<u8> {
-    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-    let mut p = CertificateParams::default();
-    p.subject_alt_names = vec![SanType::URI(uri.try_into().unwrap())];
-    p.serialize_request(&key).unwrap().der().to_vec()
-}
-
-async fn certify(grpc: std::net::SocketAddr, token: &str, uri: &str) -> Result<proto::CertifyResponse, tonic::Status> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{grpc}")).unwrap().connect().await.unwrap();
-    let mut client = proto::identity_client::IdentityClient::new(channel);
-    client.certify(proto::CertifyRequest { token: token.into(), csr_der: csr(uri) }).await.map(|r| r.into_inner())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_reviews_prove_service_accounts() {
     let reviews = Arc::new(AtomicU64::new(0));
@@ -126,9 +111,9 @@ async fn token_reviews_prove_service_accounts() {
     let reviews_id = "spiffe://cluster.local/ns/shop/sa/reviews";
 
     // The ServiceAccount's token gets its own identity, and only that.
-    let issued = certify(grpc, "reviews-token", reviews_id).await.unwrap();
+    let issued = certify(grpc, "reviews-token", csr(reviews_id)).await.unwrap();
     assert_eq!(issued.identity, reviews_id);
-    let e = certify(grpc, "reviews-token", "spiffe://cluster.local/ns/shop/sa/payments").await.unwrap_err();
+    let e = certify(grpc, "reviews-token", csr("spiffe://cluster.local/ns/shop/sa/payments")).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
 
     // Tokens the API server does not vouch for, or vouches for as something else.
@@ -138,7 +123,7 @@ async fn token_reviews_prove_service_accounts() {
         ("vault-token", tonic::Code::Unauthenticated, "audiences [\"vault\"], not \"weir\""),
         ("", tonic::Code::Unauthenticated, "empty token"),
     ] {
-        let e = certify(grpc, token, reviews_id).await.unwrap_err();
+        let e = certify(grpc, token, csr(reviews_id)).await.unwrap_err();
         assert_eq!(e.code(), code, "{token}: {e:?}");
         assert!(e.message().contains(reason), "{token}: {:?}", e.message());
     }
@@ -156,7 +141,7 @@ async fn token_reviews_prove_service_accounts() {
     // refuses nothing for good.
     api_task.abort();
     let _ = api_task.await;
-    let e = certify(grpc, "reviews-token", reviews_id).await.unwrap_err();
+    let e = certify(grpc, "reviews-token", csr(reviews_id)).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
     assert!(e.message().contains("TokenReview failed"), "{:?}", e.message());
 }
