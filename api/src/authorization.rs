@@ -30,7 +30,7 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::validate::{FieldError, dns_label};
+use crate::validate::{FieldError, dns_label, dns_subdomain};
 
 /// Who may call the selected workloads, and whether plaintext callers are admitted at all.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
@@ -202,10 +202,10 @@ impl MeshAuthorizationSpec {
                         Some((ns, name)) => {
                             dns_label(&field, ns)?;
                             if name != "*" {
-                                dns_label(&field, name)?;
+                                dns_subdomain(&field, name)?;
                             }
                         }
-                        None => dns_label(&field, sa)?,
+                        None => dns_subdomain(&field, sa)?,
                     }
                 }
                 for (j, ns) in from.namespaces.iter().enumerate() {

@@ -18,7 +18,7 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::validate::{FieldError, dns_label};
+use crate::validate::{FieldError, dns_label, dns_subdomain};
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -105,7 +105,7 @@ impl LocalServiceSpec {
                 dns_label(&format!("{at}.workload"), w)?;
             }
             if let Some(sa) = &e.service_account {
-                dns_label(&format!("{at}.serviceAccount"), sa)?;
+                dns_subdomain(&format!("{at}.serviceAccount"), sa)?;
             }
         }
         Ok(())

@@ -40,6 +40,20 @@ pub fn dns_label(field: &str, value: &str) -> Result<(), FieldError> {
     }
 }
 
+/// Checks a Kubernetes DNS subdomain name (what ServiceAccount names are): dot-separated
+/// RFC 1123 labels, at most 253 characters.
+pub fn dns_subdomain(field: &str, value: &str) -> Result<(), FieldError> {
+    let ok = !value.is_empty() && value.len() <= 253 && value.split('.').all(|l| dns_label(field, l).is_ok());
+    if ok {
+        Ok(())
+    } else {
+        Err(FieldError::new(
+            field,
+            format!("{value:?} is not a valid name (dot-separated lowercase labels of letters, digits and '-')"),
+        ))
+    }
+}
+
 /// Deserializes `value` into `T`, rejecting unknown fields and naming the field at fault
 /// (prefixed with `prefix`, e.g. `spec`).
 pub fn from_yaml<T: serde::de::DeserializeOwned>(value: serde_yaml::Value, prefix: &str) -> Result<T, FieldError> {

@@ -75,9 +75,9 @@ pub struct Args {
     /// are projected ServiceAccount tokens checked with a Kubernetes TokenReview.
     #[arg(long, env = "WEIR_TOKENS")]
     pub tokens: Option<PathBuf>,
-    /// Kubeconfig for the Kubernetes API; default: in-cluster, then `KUBECONFIG` or
-    /// `~/.kube/config`.
-    #[arg(long, env = "KUBECONFIG")]
+    /// Kubeconfig for the Kubernetes API; default: kube's inference (`KUBECONFIG`, which may
+    /// list several files, then `~/.kube/config`, then the in-cluster ServiceAccount).
+    #[arg(long)]
     pub kubeconfig: Option<PathBuf>,
     /// Audience the sidecars' ServiceAccount tokens must be issued for.
     #[arg(long, env = "WEIR_TOKEN_AUDIENCE", default_value = "weir")]

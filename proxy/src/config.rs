@@ -130,6 +130,11 @@ impl Config {
         self.by_host.get(host.trim_end_matches('.'))
     }
 
+    /// The Service that has `addr` as an endpoint, if any.
+    pub fn endpoint_owner(&self, addr: SocketAddr) -> Option<&ServiceKey> {
+        self.services.values().find(|s| s.endpoints.iter().any(|e| e.addr == addr)).map(|s| &s.key)
+    }
+
     pub fn service(&self, key: &str) -> Option<&Arc<Service>> {
         self.services.get(key)
     }

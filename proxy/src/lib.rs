@@ -211,6 +211,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         credentials: args.token_file.is_some().then(|| creds_rx.clone()),
         trust_domain: args.trust_domain.clone().into(),
+        tunnels: outbound::tunnel::Tunnels::new(drain.clone(), args.shutdown_grace),
     };
     let inb = inbound::Inbound::new(
         args.app_addr,

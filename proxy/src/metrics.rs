@@ -70,6 +70,7 @@ pub struct Metrics {
     pub authorization: IntCounterVec,
     /// CONNECT tunnels by result, and the bytes they carried each way.
     pub tunnels: IntCounterVec,
+    pub tunnels_active: IntGauge,
     pub tunnel_bytes: IntCounterVec,
     pub resilience: ResilienceMetrics,
     pub identity: crate::identity::IdentityMetrics,
@@ -154,8 +155,10 @@ impl Metrics {
         )
         .unwrap();
         registry.register(Box::new(tunnels.clone())).unwrap();
+        let tunnels_active = IntGauge::new("weir_tunnels_active", "Open CONNECT tunnels").unwrap();
+        registry.register(Box::new(tunnels_active.clone())).unwrap();
         let tunnel_bytes = IntCounterVec::new(
-            Opts::new("weir_tunnel_bytes_total", "Bytes carried by finished CONNECT tunnels (sent: from the client)"),
+            Opts::new("weir_tunnel_bytes_total", "Bytes carried by CONNECT tunnels (sent: from the client)"),
             &["direction"],
         )
         .unwrap();
@@ -166,6 +169,7 @@ impl Metrics {
             inbound_by_identity,
             authorization,
             tunnels,
+            tunnels_active,
             tunnel_bytes,
             identity,
             resilience,

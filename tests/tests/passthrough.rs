@@ -62,7 +62,8 @@ async fn connect(via: std::net::SocketAddr, target: &str) -> (TcpStream, String)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn app_originated_tls_passes_through_untouched() {
     let scratch = Scratch::new();
-    scratch.write("services.yaml", &service("test", "web", &[]));
+    // web's one endpoint is 127.0.0.1:1: a mesh address that must not be tunnelled to.
+    scratch.write("services.yaml", &service("test", "web", &["{ address: \"127.0.0.1:1\" }".to_string()]));
     let flags = scratch.identity_flags(&[("t-client", "test/client")], &[]);
     let controller = scratch.controller_with(None, &flags).await;
     let client =
@@ -96,17 +97,21 @@ async fn app_originated_tls_passes_through_untouched() {
     tokio::time::timeout(Duration::from_secs(10), tls.read_to_string(&mut echoed)).await.unwrap().unwrap();
     assert_eq!(echoed, "HELLO THROUGH THE MESH\n");
     drop(tls);
-    wait_until("the tunnel's bytes counted", Duration::from_secs(10), || async move {
+    wait_until("the tunnel counted and closed", Duration::from_secs(10), || async move {
         let m = admin_text(admin, "/metrics").await;
-        m.contains("weir_tunnels_total{result=\"ok\"} 1") && m.contains("weir_tunnel_bytes_total{direction=\"sent\"}")
+        m.contains("weir_tunnels_total{result=\"ok\"} 1")
+            && m.contains("weir_tunnel_bytes_total{direction=\"received\"}")
+            && !m.contains("weir_tunnel_bytes_total{direction=\"received\"} 0")
+            && m.contains("weir_tunnels_active 0")
     })
     .await;
 
     // Mesh services are not tunnelled; unreachable destinations are a 502 with the reason.
-    wait_config(admin, "the mesh's services", |c| c["snapshot"]["services"].as_array().is_some_and(|s| !s.is_empty()))
-        .await;
-    let (_, head) = connect(client.addr("outbound"), "web.test:80").await;
-    assert!(head.starts_with("HTTP/1.1 400") && head.contains("send plain HTTP"), "{head}");
+    wait_config(admin, "the mesh's services", |c| endpoint_count(c, "test", "web") == 1).await;
+    for mesh in ["web.test:80", "WEB.Test:80", "127.0.0.1:1"] {
+        let (_, head) = connect(client.addr("outbound"), mesh).await;
+        assert!(head.starts_with("HTTP/1.1 400") && head.contains("send plain HTTP"), "{mesh}: {head}");
+    }
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let (_, head) = connect(client.addr("outbound"), &closed.to_string()).await;
     assert!(head.starts_with("HTTP/1.1 502") && head.contains(&format!("connecting to {closed} failed")), "{head}");

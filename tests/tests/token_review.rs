@@ -69,6 +69,10 @@ async fn answer(req: Request<Incoming>, reviews: Arc<AtomicU64>) -> Result<Respo
                 "authenticated": true, "audiences": ["weir"],
                 "user": {"username": "system:serviceaccount:shop:reviews", "groups": ["system:serviceaccounts"]}
             }),
+            // An authenticator that ignores audiences echoes none back.
+            "implicit-token" => serde_json::json!({
+                "authenticated": true, "user": {"username": "system:serviceaccount:shop:reviews"}
+            }),
             "alice-token" => {
                 serde_json::json!({"authenticated": true, "audiences": ["weir"], "user": {"username": "alice"}})
             }
@@ -121,13 +125,18 @@ async fn token_reviews_prove_service_accounts() {
         ("forged", tonic::Code::Unauthenticated, "invalid bearer token"),
         ("alice-token", tonic::Code::Unauthenticated, "\"alice\", not a ServiceAccount"),
         ("vault-token", tonic::Code::Unauthenticated, "audiences [\"vault\"], not \"weir\""),
+        ("implicit-token", tonic::Code::Unauthenticated, "audiences [], not \"weir\""),
         ("", tonic::Code::Unauthenticated, "empty token"),
     ] {
         let e = certify(grpc, token, csr(reviews_id)).await.unwrap_err();
         assert_eq!(e.code(), code, "{token}: {e:?}");
         assert!(e.message().contains(reason), "{token}: {:?}", e.message());
     }
-    assert_eq!(reviews.load(Ordering::Relaxed), 5, "one review per non-empty token");
+    assert_eq!(reviews.load(Ordering::Relaxed), 6, "one review per non-empty token");
+    // A malformed CSR costs no review.
+    let e = certify(grpc, "reviews-token", b"not a csr".to_vec()).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert_eq!(reviews.load(Ordering::Relaxed), 6);
 
     // A sidecar with the projected token file gets a certificate end to end.
     let sidecar = scratch.proxy_with(grpc, "shop/reviews", None, &scratch.token_flags("reviews-token")).await;

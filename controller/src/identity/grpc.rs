@@ -71,6 +71,8 @@ impl proto::identity_server::Identity for IdentityService {
 
 impl IdentityService {
     async fn issue(&self, req: &proto::CertifyRequest) -> Result<proto::CertifyResponse, Status> {
+        // A request that cannot succeed costs no token review.
+        super::parse_csr(&req.csr_der).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let proven = self.authenticator.verify(&req.token).await?;
         let identity = self.ca.spiffe_id(&proven.namespace, &proven.service_account);
         let issued = self.ca.certify(&req.csr_der, &identity).map_err(|e| match e {

@@ -31,6 +31,11 @@ pub enum CaError {
     Cert(#[from] rcgen::Error),
 }
 
+/// Parses a PKCS#10 request (DER), checking its signature.
+pub fn parse_csr(csr_der: &[u8]) -> Result<CertificateSigningRequestParams, CsrError> {
+    CertificateSigningRequestParams::from_der(&csr_der.to_vec().into()).map_err(|e| CsrError::Malformed(e.to_string()))
+}
+
 /// Why a CSR was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CsrError {
@@ -147,8 +152,7 @@ impl Ca {
 
     /// Issues a leaf for `identity` from a CSR (DER) whose only SAN must be that SPIFFE ID.
     pub fn certify(&self, csr_der: &[u8], identity: &str) -> Result<Issued, CsrError> {
-        let csr = CertificateSigningRequestParams::from_der(&csr_der.to_vec().into())
-            .map_err(|e| CsrError::Malformed(e.to_string()))?;
+        let csr = parse_csr(csr_der)?;
         let asked: Vec<String> = csr
             .params
             .subject_alt_names

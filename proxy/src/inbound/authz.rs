@@ -122,15 +122,30 @@ impl Rule {
         }
     }
 
-    fn covers(&self, method: &Method, path: &str) -> bool {
+    /// `path` is `None` when it cannot be judged (see [`normalise`]): only rules that do not
+    /// look at paths cover it.
+    fn covers(&self, method: &Method, path: Option<&str>) -> bool {
         (self.methods.is_empty() || self.methods.contains(method))
             && (self.path_prefixes.is_empty()
-                || self.path_prefixes.iter().any(|p| crate::config::path_prefix_matches(p, path)))
+                || path
+                    .is_some_and(|path| self.path_prefixes.iter().any(|p| crate::config::path_prefix_matches(p, path))))
     }
 }
 
-/// Judges a request to `port` from `client` for `method` and `path` (already normalised).
-pub fn decide(policies: &[Authorization], port: u16, client: Client<'_>, method: &Method, path: &str) -> Decision {
+/// Whether any policy applies to requests for `port`.
+pub fn applies(policies: &[Authorization], port: u16) -> bool {
+    policies.iter().any(|a| a.port.is_none_or(|p| p == port))
+}
+
+/// Judges a request to `port` from `client` for `method` and `path` (normalised; `None` when it
+/// cannot be judged, which only path-agnostic rules allow).
+pub fn decide(
+    policies: &[Authorization],
+    port: u16,
+    client: Client<'_>,
+    method: &Method,
+    path: Option<&str>,
+) -> Decision {
     let mut applicable = policies.iter().filter(|a| a.port.is_none_or(|p| p == port)).peekable();
     if applicable.peek().is_none() {
         return Decision::Default;
@@ -155,17 +170,22 @@ pub fn decide(policies: &[Authorization], port: u16, client: Client<'_>, method:
         Client::Unrecognised => "a client with an unrecognised identity".to_string(),
     };
     let names: Vec<&str> = applicable.iter().map(|a| &*a.name).collect();
-    Decision::Deny {
-        policy: applicable[0].name.clone(),
-        reason: format!("{} does not allow {who} to {method} {path}", names.join(", ")),
-    }
+    let reason = match path {
+        Some(path) => format!("{} does not allow {who} to {method} {path}", names.join(", ")),
+        None => format!(
+            "{} does not allow {who} to {method} a path with a hidden separator or parameter (%2F, %5C, '\\', ';'); only rules without paths could",
+            names.join(", ")
+        ),
+    };
+    Decision::Deny { policy: applicable[0].name.clone(), reason }
 }
 
 /// RFC 3986 dot-segment removal plus merged slashes, after decoding `%2E` (a dot); `None` when
-/// the path hides a separator (`%2F`, `%5C`, a backslash), which cannot be judged safely.
+/// the path hides a separator (`%2F`, `%5C`, a backslash) or carries segment parameters (`;`,
+/// `%3B`: servers that strip them would see `/a/..;/b` as `/b`), which cannot be judged safely.
 pub fn normalise(path: &str) -> Option<Cow<'_, str>> {
     let lower = path.to_ascii_lowercase();
-    if lower.contains("%2f") || lower.contains("%5c") || path.contains('\\') {
+    if lower.contains("%2f") || lower.contains("%5c") || lower.contains("%3b") || path.contains(['\\', ';']) {
         return None;
     }
     let needs_work = lower.contains("%2e") || path.contains("//") || path.split('/').any(|s| s == "." || s == "..");
@@ -236,25 +256,25 @@ mod tests {
 
     #[test]
     fn no_policy_allows_everyone() {
-        assert_eq!(decide(&[], 80, Client::Unauthenticated, &Method::POST, "/"), Decision::Default);
+        assert_eq!(decide(&[], 80, Client::Unauthenticated, &Method::POST, Some("/")), Decision::Default);
         let mut p = policy(true, vec![]);
         p.port = Some(81);
-        assert_eq!(decide(&[p], 80, Client::Unauthenticated, &Method::GET, "/"), Decision::Default);
+        assert_eq!(decide(&[p], 80, Client::Unauthenticated, &Method::GET, Some("/")), Decision::Default);
     }
 
     #[test]
     fn rules_narrow_by_identity_path_and_method() {
         let p = [policy(false, vec![rule(&[("shop", "frontend")], &["/api"], &[Method::GET])])];
-        assert!(matches!(decide(&p, 80, FRONTEND, &Method::GET, "/api/x"), Decision::Allow { .. }));
-        assert!(matches!(decide(&p, 80, FRONTEND, &Method::GET, "/apix"), Decision::Deny { .. }));
-        assert!(matches!(decide(&p, 80, FRONTEND, &Method::POST, "/api"), Decision::Deny { .. }));
-        let Decision::Deny { reason, .. } = decide(&p, 80, OTHER, &Method::GET, "/api") else { panic!() };
+        assert!(matches!(decide(&p, 80, FRONTEND, &Method::GET, Some("/api/x")), Decision::Allow { .. }));
+        assert!(matches!(decide(&p, 80, FRONTEND, &Method::GET, Some("/apix")), Decision::Deny { .. }));
+        assert!(matches!(decide(&p, 80, FRONTEND, &Method::POST, Some("/api")), Decision::Deny { .. }));
+        let Decision::Deny { reason, .. } = decide(&p, 80, OTHER, &Method::GET, Some("/api")) else { panic!() };
         assert_eq!(reason, "shop/reviews does not allow other/frontend to GET /api");
-        assert!(matches!(decide(&p, 80, Client::Unrecognised, &Method::GET, "/api"), Decision::Deny { .. }));
+        assert!(matches!(decide(&p, 80, Client::Unrecognised, &Method::GET, Some("/api")), Decision::Deny { .. }));
         // Namespace wildcard.
         let p = [policy(false, vec![rule(&[("other", "*")], &[], &[])])];
-        assert!(matches!(decide(&p, 80, OTHER, &Method::DELETE, "/"), Decision::Allow { .. }));
-        assert!(matches!(decide(&p, 80, FRONTEND, &Method::DELETE, "/"), Decision::Deny { .. }));
+        assert!(matches!(decide(&p, 80, OTHER, &Method::DELETE, Some("/")), Decision::Allow { .. }));
+        assert!(matches!(decide(&p, 80, FRONTEND, &Method::DELETE, Some("/")), Decision::Deny { .. }));
     }
 
     #[test]
@@ -262,13 +282,13 @@ mod tests {
         let mut any = rule(&[], &[], &[]);
         any.any_client = true;
         let p = [policy(true, vec![any.clone()])];
-        let Decision::Deny { reason, .. } = decide(&p, 80, Client::Unauthenticated, &Method::GET, "/") else {
+        let Decision::Deny { reason, .. } = decide(&p, 80, Client::Unauthenticated, &Method::GET, Some("/")) else {
             panic!()
         };
         assert!(reason.starts_with("plaintext refused"), "{reason}");
-        assert!(matches!(decide(&p, 80, FRONTEND, &Method::GET, "/"), Decision::Allow { .. }));
+        assert!(matches!(decide(&p, 80, FRONTEND, &Method::GET, Some("/")), Decision::Allow { .. }));
         let p = [policy(false, vec![any])];
-        assert!(matches!(decide(&p, 80, Client::Unauthenticated, &Method::GET, "/"), Decision::Allow { .. }));
+        assert!(matches!(decide(&p, 80, Client::Unauthenticated, &Method::GET, Some("/")), Decision::Allow { .. }));
     }
 
     #[test]
@@ -291,5 +311,15 @@ mod tests {
         assert_eq!(normalise("/a/b/..").unwrap(), "/a/");
         assert!(normalise("/public%2F..%2Fadmin").is_none());
         assert!(normalise("/public\\..\\admin").is_none());
+        assert!(normalise("/public/..;/admin").is_none());
+        assert!(normalise("/public/%2e%2e%3B/admin").is_none());
+    }
+
+    #[test]
+    fn unjudgeable_paths_pass_only_path_agnostic_rules() {
+        let paths = [policy(false, vec![rule(&[("shop", "frontend")], &["/public"], &[])])];
+        assert!(matches!(decide(&paths, 80, FRONTEND, &Method::GET, None), Decision::Deny { .. }));
+        let any_path = [policy(false, vec![rule(&[("shop", "frontend")], &[], &[Method::GET])])];
+        assert!(matches!(decide(&any_path, 80, FRONTEND, &Method::GET, None), Decision::Allow { .. }));
     }
 }

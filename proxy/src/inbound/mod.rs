@@ -33,6 +33,8 @@ pub struct Inbound {
     pub trust_domain: Arc<str>,
     /// The `server` label of authorization metrics: the application's port.
     server: Arc<str>,
+    /// Snapshot version last warned about unmatched authorization ports.
+    warned_version: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl Inbound {
@@ -49,7 +51,7 @@ impl Inbound {
         let labels =
             Labels { direction: Direction::Inbound, service: me.clone(), route: "".into(), backend: me, tls: false };
         let server = app.map(|a| a.port()).unwrap_or(0).to_string().into();
-        Self { app, clients, metrics, labels, config, resilience, trust_domain, server }
+        Self { app, clients, metrics, labels, config, resilience, trust_domain, server, warned_version: Arc::default() }
     }
 
     pub async fn handle(self, mut req: Request<Incoming>, peer: crate::server::Peer) -> Response<Body> {
@@ -96,11 +98,15 @@ impl Inbound {
             return None;
         }
         let port = self.app.map(|a| a.port()).unwrap_or(0);
+        if !authz::applies(&config.authorizations, port) {
+            self.warn_unmatched(config, port);
+            return None;
+        }
         let client = authz::Client::from_spiffe(identity, &self.trust_domain);
         let path = req.uri().path();
         let decision = match authz::normalise(path) {
             Some(normal) => {
-                let decision = authz::decide(&config.authorizations, port, client, req.method(), &normal);
+                let decision = authz::decide(&config.authorizations, port, client, req.method(), Some(&normal));
                 if let (authz::Decision::Allow { .. }, std::borrow::Cow::Owned(normal)) = (&decision, normal) {
                     let pq = match req.uri().query() {
                         Some(q) => format!("{normal}?{q}"),
@@ -114,13 +120,8 @@ impl Inbound {
                 }
                 decision
             }
-            None => match authz::decide(&config.authorizations, port, client, req.method(), "/") {
-                authz::Decision::Default => authz::Decision::Default,
-                authz::Decision::Allow { policy, .. } | authz::Decision::Deny { policy, .. } => authz::Decision::Deny {
-                    policy,
-                    reason: format!("path {path:?} hides a separator (%2F, %5C or '\\') and cannot be authorized"),
-                },
-            },
+            // Forwarded unchanged if a rule that ignores paths allows it.
+            None => authz::decide(&config.authorizations, port, client, req.method(), None),
         };
         let who = identity.unwrap_or("");
         match decision {
@@ -134,6 +135,24 @@ impl Inbound {
                 tracing::debug!(client = who, %reason, "inbound request denied");
                 Some(ProxyError::Forbidden { reason })
             }
+        }
+    }
+
+    /// Policies select this workload but none names its port: they protect nothing here, which
+    /// is worth a warning (once per snapshot).
+    fn warn_unmatched(&self, config: &Config, port: u16) {
+        if config.authorizations.is_empty() {
+            return;
+        }
+        let mut warned = self.warned_version.lock().unwrap();
+        if warned.as_deref() != Some(config.version.as_str()) {
+            let names: Vec<&str> = config.authorizations.iter().map(|a| &*a.name).collect();
+            tracing::warn!(
+                policies = %names.join(", "),
+                port,
+                "MeshAuthorizations select this workload but none applies to its port: every client is allowed"
+            );
+            *warned = Some(config.version.clone());
         }
     }
 

@@ -42,6 +42,8 @@ pub struct Outbound {
     /// This sidecar's credentials (when it has a workload identity) and the trust domain.
     pub credentials: Option<crate::tls::CredsRx>,
     pub trust_domain: Arc<str>,
+    /// CONNECT tunnels to destinations outside the mesh.
+    pub tunnels: tunnel::Tunnels,
 }
 
 /// Request bodies up to this size are kept so that a retry can replay them.
@@ -83,7 +85,7 @@ impl Outbound {
         // In-flight requests finish on the config they started with.
         let config = self.config.borrow().clone();
         if req.method() == http::Method::CONNECT {
-            return tunnel::connect(req, config.as_deref(), self.clients.connect_timeout(), &self.metrics).await;
+            return self.tunnels.connect(req, config.as_deref(), self.clients.connect_timeout(), &self.metrics).await;
         }
         let Some(config) = config else {
             return ProxyError::NotReady.into_response();

@@ -2,70 +2,167 @@
 //! the mesh, so TLS that the application originates itself (HTTPS to an external site through
 //! `HTTPS_PROXY`) passes through untouched — the sidecar never sees inside it.
 //!
-//! Mesh Services are not tunnelled: their traffic must go through routing, policies and mesh
-//! mTLS, so a CONNECT to one is refused with a hint to send plain HTTP.
+//! Mesh destinations are not tunnelled: their traffic must go through routing, policies and
+//! mesh mTLS, so a CONNECT to a Service name or to an endpoint address is refused with a hint to
+//! send plain HTTP. Tunnels are bounded in number, close after an idle period, and on shutdown
+//! get the drain grace period to finish.
 
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
+use weir_api::rt::Drain;
 
 use crate::body::{Body, WEIR_ERROR, full};
 use crate::config::Config;
 use crate::metrics::Metrics;
 
-/// Answers a CONNECT: 200 once the destination accepted the connection, then bytes flow both
-/// ways until either side closes.
-pub async fn connect(
-    mut req: Request<Incoming>,
-    config: Option<&Config>,
-    connect_timeout: Duration,
-    metrics: &Metrics,
-) -> Response<Body> {
-    let Some(authority) = req.uri().authority().cloned() else {
-        return refuse(StatusCode::BAD_REQUEST, "CONNECT needs host:port".into());
-    };
-    let Some(port) = authority.port_u16() else {
-        return refuse(StatusCode::BAD_REQUEST, format!("CONNECT {authority}: no port"));
-    };
-    if let Some(svc) = config.and_then(|c| c.lookup(authority.host())) {
-        return refuse(
-            StatusCode::BAD_REQUEST,
-            format!("CONNECT to mesh service {}: send plain HTTP, the mesh adds mTLS", svc.key),
-        );
-    }
-    let host = authority.host().trim_start_matches('[').trim_end_matches(']').to_string();
-    let stream = match tokio::time::timeout(connect_timeout, TcpStream::connect((host.as_str(), port))).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => return tunnel_failed(metrics, &authority, e.to_string()),
-        Err(_) => return tunnel_failed(metrics, &authority, format!("timed out after {connect_timeout:?}")),
-    };
-    let _ = stream.set_nodelay(true);
-    let upgrade = hyper::upgrade::on(&mut req);
-    metrics.tunnels.with_label_values(&["ok"]).inc();
-    let bytes = metrics.tunnel_bytes.clone();
-    tokio::spawn(async move {
-        let mut stream = stream;
-        match upgrade.await {
-            Ok(upgraded) => {
-                let mut client = TokioIo::new(upgraded);
-                match tokio::io::copy_bidirectional(&mut client, &mut stream).await {
-                    Ok((sent, received)) => {
-                        bytes.with_label_values(&["sent"]).inc_by(sent);
-                        bytes.with_label_values(&["received"]).inc_by(received);
-                    }
-                    Err(e) => tracing::debug!(%authority, error = %e, "tunnel ended with an error"),
-                }
-            }
-            Err(e) => tracing::debug!(%authority, error = %e, "CONNECT upgrade failed"),
-        }
-    });
-    Response::new(crate::body::empty())
+/// Most tunnels open at once.
+pub const MAX_TUNNELS: usize = 4096;
+/// A tunnel with no bytes either way for this long is closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// What tunnels share: the slots, the drain signal and how long draining may take.
+#[derive(Clone)]
+pub struct Tunnels {
+    slots: Arc<Semaphore>,
+    drain: Drain,
+    grace: Duration,
+    idle: Duration,
 }
 
-fn tunnel_failed(metrics: &Metrics, authority: &http::uri::Authority, reason: String) -> Response<Body> {
+impl Tunnels {
+    pub fn new(drain: Drain, grace: Duration) -> Self {
+        Self { slots: Arc::new(Semaphore::new(MAX_TUNNELS)), drain, grace, idle: IDLE_TIMEOUT }
+    }
+
+    /// Answers a CONNECT: 200 once the destination accepted the connection, then bytes flow
+    /// both ways until either side closes, the tunnel idles out, or draining ends it.
+    pub async fn connect(
+        &self,
+        mut req: Request<Incoming>,
+        config: Option<&Config>,
+        connect_timeout: Duration,
+        metrics: &Metrics,
+    ) -> Response<Body> {
+        let Some(config) = config else {
+            return refuse(StatusCode::SERVICE_UNAVAILABLE, "no configuration from the controller yet".into());
+        };
+        let Some(authority) = req.uri().authority().cloned() else {
+            return refuse(StatusCode::BAD_REQUEST, "CONNECT needs host:port".into());
+        };
+        let Some(port) = authority.port_u16() else {
+            return refuse(StatusCode::BAD_REQUEST, format!("CONNECT {authority}: no port"));
+        };
+        let host = authority.host().trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase();
+        if let Some(svc) = config.lookup(&host) {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                format!("CONNECT to mesh service {}: send plain HTTP, the mesh adds mTLS", svc.key),
+            );
+        }
+        if let Ok(ip) = host.parse::<std::net::IpAddr>()
+            && let Some(svc) = config.endpoint_owner(SocketAddr::new(ip, port))
+        {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                format!("CONNECT to {authority}, an endpoint of mesh service {svc}: send plain HTTP to the service"),
+            );
+        }
+        let Ok(slot) = self.slots.clone().try_acquire_owned() else {
+            metrics.tunnels.with_label_values(&["error"]).inc();
+            return refuse(StatusCode::SERVICE_UNAVAILABLE, format!("too many tunnels open (at most {MAX_TUNNELS})"));
+        };
+        let stream = match tokio::time::timeout(connect_timeout, TcpStream::connect((host.as_str(), port))).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return failed(metrics, &authority, e.to_string()),
+            Err(_) => return failed(metrics, &authority, format!("timed out after {connect_timeout:?}")),
+        };
+        let _ = stream.set_nodelay(true);
+        let upgrade = hyper::upgrade::on(&mut req);
+        let (metrics, tunnels) = (metrics.clone(), self.clone());
+        tokio::spawn(async move {
+            let _slot = slot;
+            let upgraded = match upgrade.await {
+                Ok(u) => u,
+                Err(e) => {
+                    metrics.tunnels.with_label_values(&["error"]).inc();
+                    tracing::debug!(%authority, error = %e, "CONNECT upgrade failed");
+                    return;
+                }
+            };
+            metrics.tunnels.with_label_values(&["ok"]).inc();
+            metrics.tunnels_active.inc();
+            let grace = tunnels.grace;
+            let drained = async move {
+                tunnels.drain.signaled().await;
+                tokio::time::sleep(grace).await;
+            };
+            tokio::select! {
+                r = pump(TokioIo::new(upgraded), stream, tunnels.idle, &metrics) => {
+                    if let Err(e) = r {
+                        tracing::debug!(%authority, error = %e, "tunnel ended with an error");
+                    }
+                }
+                _ = drained => tracing::debug!(%authority, "tunnel closed at the end of the drain grace period"),
+            }
+            metrics.tunnels_active.dec();
+        });
+        Response::new(crate::body::empty())
+    }
+}
+
+/// Copies bytes both ways, counting them as they go, until both sides have closed; an error
+/// after `idle` without a byte either way.
+async fn pump<C, U>(client: C, upstream: U, idle: Duration, metrics: &Metrics) -> std::io::Result<()>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut cr, mut cw) = tokio::io::split(client);
+    let (mut ur, mut uw) = tokio::io::split(upstream);
+    let (sent, received) =
+        (metrics.tunnel_bytes.with_label_values(&["sent"]), metrics.tunnel_bytes.with_label_values(&["received"]));
+    let mut cbuf = vec![0u8; 16 * 1024];
+    let mut ubuf = vec![0u8; 16 * 1024];
+    let (mut client_open, mut upstream_open) = (true, true);
+    while client_open || upstream_open {
+        tokio::select! {
+            n = cr.read(&mut cbuf), if client_open => {
+                let n = n?;
+                if n == 0 {
+                    client_open = false;
+                    uw.shutdown().await?;
+                } else {
+                    uw.write_all(&cbuf[..n]).await?;
+                    sent.inc_by(n as u64);
+                }
+            }
+            n = ur.read(&mut ubuf), if upstream_open => {
+                let n = n?;
+                if n == 0 {
+                    upstream_open = false;
+                    cw.shutdown().await?;
+                } else {
+                    cw.write_all(&ubuf[..n]).await?;
+                    received.inc_by(n as u64);
+                }
+            }
+            _ = tokio::time::sleep(idle) => {
+                return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("idle for {idle:?}")));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn failed(metrics: &Metrics, authority: &http::uri::Authority, reason: String) -> Response<Body> {
     metrics.tunnels.with_label_values(&["error"]).inc();
     tracing::debug!(%authority, %reason, "CONNECT failed");
     refuse(StatusCode::BAD_GATEWAY, format!("connecting to {authority} failed: {reason}"))
@@ -78,4 +175,37 @@ fn refuse(status: StatusCode, message: String) -> Response<Body> {
         rsp.headers_mut().insert(WEIR_ERROR.clone(), v);
     }
     rsp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn pump_carries_both_ways_and_idles_out() {
+        let metrics = Metrics::new();
+        let (mut app, client_side) = tokio::io::duplex(64);
+        let (upstream_side, mut server) = tokio::io::duplex(64);
+        let task = tokio::spawn({
+            let metrics = metrics.clone();
+            async move { pump(client_side, upstream_side, Duration::from_secs(5), &metrics).await }
+        });
+        app.write_all(b"ping").await.unwrap();
+        let mut buf = [0u8; 4];
+        server.read_exact(&mut buf).await.unwrap();
+        server.write_all(b"pong!").await.unwrap();
+        let mut buf = [0u8; 5];
+        app.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"pong!");
+        drop(app);
+        drop(server);
+        task.await.unwrap().unwrap();
+        assert_eq!(metrics.tunnel_bytes.with_label_values(&["sent"]).get(), 4);
+        assert_eq!(metrics.tunnel_bytes.with_label_values(&["received"]).get(), 5);
+
+        let (_app, client_side) = tokio::io::duplex(64);
+        let (upstream_side, _server) = tokio::io::duplex(64);
+        let e = pump(client_side, upstream_side, Duration::from_millis(20), &metrics).await.unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+    }
 }
