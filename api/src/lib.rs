@@ -5,6 +5,7 @@
 //! - [`route`]: the `Route` custom resource (close to Gateway API `HTTPRoute`).
 //! - [`resilience`]: the `ResiliencePolicy` custom resource (timeouts, retries, circuit breaking).
 //! - [`authorization`]: the `MeshAuthorization` custom resource (who may call a workload).
+//! - [`canary`]: the `Canary` custom resource (progressive rollouts analysed from sidecar reports).
 //! - [`service`]: the local-mode `Service` document (a Service with static endpoints).
 //! - [`duration`]: Gateway-API style duration strings (`250ms`, `1m30s`).
 //! - [`validate`]: field-level validation errors shared by every resource.
@@ -13,6 +14,7 @@
 #![forbid(unsafe_code)]
 
 pub mod authorization;
+pub mod canary;
 pub mod duration;
 pub mod resilience;
 pub mod route;
@@ -36,7 +38,12 @@ pub const API_VERSION: &str = "weir.io/v1alpha1";
 /// Every CustomResourceDefinition Weir defines, in a stable order.
 pub fn crds() -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> {
     use kube::CustomResourceExt;
-    vec![route::Route::crd(), resilience::ResiliencePolicy::crd(), authorization::MeshAuthorization::crd()]
+    vec![
+        route::Route::crd(),
+        resilience::ResiliencePolicy::crd(),
+        authorization::MeshAuthorization::crd(),
+        canary::Canary::crd(),
+    ]
 }
 
 /// Renders every CRD as a multi-document YAML stream (what `crds/` holds).

@@ -545,7 +545,7 @@ pub struct ResiliencePolicyStatus {
     pub conditions: Vec<Condition>,
 }
 
-fn positive_duration(field: &str, value: &str) -> Result<std::time::Duration, FieldError> {
+pub(crate) fn positive_duration(field: &str, value: &str) -> Result<std::time::Duration, FieldError> {
     let d = duration::parse(value).map_err(|e| FieldError::new(field, e.to_string()))?;
     if d.is_zero() {
         return Err(FieldError::new(field, "must be greater than 0"));
@@ -553,11 +553,11 @@ fn positive_duration(field: &str, value: &str) -> Result<std::time::Duration, Fi
     Ok(d)
 }
 
-fn percent(field: &str, p: f64) -> Result<(), FieldError> {
+pub(crate) fn percent(field: &str, p: f64) -> Result<(), FieldError> {
     if (0.0..=100.0).contains(&p) { Ok(()) } else { Err(FieldError::new(field, "must be between 0 and 100")) }
 }
 
-fn http_header_name(field: &str, name: &str) -> Result<(), FieldError> {
+pub(crate) fn http_header_name(field: &str, name: &str) -> Result<(), FieldError> {
     let ok = !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
     if ok { Ok(()) } else { Err(FieldError::new(field, format!("{name:?} is not a valid header name"))) }
 }

@@ -251,7 +251,7 @@ pub fn compile_regex(pattern: &str) -> Result<regex::Regex, regex::Error> {
     regex::RegexBuilder::new(&format!("^(?:{pattern})$")).size_limit(REGEX_SIZE_LIMIT).build()
 }
 
-fn check_regex(field: &str, pattern: &str) -> Result<(), FieldError> {
+pub(crate) fn check_regex(field: &str, pattern: &str) -> Result<(), FieldError> {
     compile_regex(pattern).map(|_| ()).map_err(|e| FieldError::new(field, format!("invalid regular expression: {e}")))
 }
 

@@ -487,7 +487,7 @@ mod tests {
                         let w: Vec<u32> = r.rules[1].backend_refs.iter().map(|b| b.weight).collect();
                         assert_eq!(w, [90, 10]);
                     }
-                    Resource::ResiliencePolicy(_) | Resource::MeshAuthorization(_) => {}
+                    Resource::ResiliencePolicy(_) | Resource::MeshAuthorization(_) | Resource::Canary(_) => {}
                 }
             }
             assert_eq!(found, endpoints);

@@ -153,7 +153,7 @@ pub fn loopback_sidecar_args(
     let mut a: Vec<String> = [
         ["--controller", &controller, "--workload", workload],
         ["--outbound-addr", "127.0.0.1:0", "--inbound-addr", "127.0.0.1:0"],
-        ["--admin-addr", "127.0.0.1:0", "--report-interval", "1s"],
+        ["--admin-addr", "127.0.0.1:0", "--report-interval", "500ms"],
         ["--print-listen-addrs", "--log-level", log_level, "--service-account"],
     ]
     .concat()

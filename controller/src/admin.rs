@@ -1,4 +1,5 @@
-//! The controller's admin endpoints: `/live`, `/ready`, `/metrics`, `/resources`, `/stats`.
+//! The controller's admin endpoints: `/live`, `/ready`, `/metrics`, `/resources`, `/stats`,
+//! `/canaries` (and `POST /canaries/NS/NAME/{promote,abort,pause,resume}`).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -23,6 +24,7 @@ pub struct Admin {
     pub metrics: Metrics,
     pub reports: Arc<Mutex<Reports>>,
     pub ready: Arc<AtomicBool>,
+    pub canaries: Arc<crate::canary::Canaries>,
 }
 
 impl Admin {
@@ -34,7 +36,49 @@ impl Admin {
             "/metrics" => text(StatusCode::OK, self.metrics.render()),
             "/resources" => json(&self.resources()),
             "/stats" => json(&self.reports.lock().unwrap().to_json()),
-            _ => text(StatusCode::NOT_FOUND, "not found: try /live /ready /metrics /resources /stats\n"),
+            "/canaries" => json(&self.canaries()),
+            path if path.starts_with("/canaries/") => self.canary_action(&req),
+            _ => text(StatusCode::NOT_FOUND, "not found: try /live /ready /metrics /resources /stats /canaries\n"),
+        }
+    }
+
+    /// Every Canary: what it rolls out and where it is.
+    fn canaries(&self) -> serde_json::Value {
+        let defs = self.state.borrow().canaries.clone();
+        let statuses = self.canaries.statuses();
+        let list: Vec<_> = defs
+            .iter()
+            .map(|d| {
+                let key = format!("{}/{}", d.namespace, d.name);
+                serde_json::json!({
+                    "namespace": d.namespace, "name": d.name,
+                    "service": d.spec.service, "stable": d.spec.stable, "canary": d.spec.canary,
+                    "interval": d.spec.interval, "autoPromote": d.spec.auto_promote,
+                    "status": statuses.get(&key),
+                })
+            })
+            .collect();
+        serde_json::json!({ "canaries": list })
+    }
+
+    /// `POST /canaries/NS/NAME/ACTION`.
+    fn canary_action(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+        let parts: Vec<&str> = req.uri().path().trim_start_matches("/canaries/").split('/').collect();
+        let [ns, name, action] = parts.as_slice() else {
+            return text(StatusCode::NOT_FOUND, "expected /canaries/NAMESPACE/NAME/{promote,abort,pause,resume}\n");
+        };
+        if req.method() != http::Method::POST {
+            return text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n");
+        }
+        let action: crate::canary::Action = match action.parse() {
+            Ok(a) => a,
+            Err(e) => return text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+        };
+        let defs = self.state.borrow().canaries.clone();
+        match self.canaries.act(&defs, ns, name, action) {
+            Ok(status) => json(&serde_json::to_value(status).unwrap_or_default()),
+            Err(e) if e.starts_with("no Canary") => text(StatusCode::NOT_FOUND, format!("{e}\n")),
+            Err(e) => text(StatusCode::CONFLICT, format!("{e}\n")),
         }
     }
 

@@ -9,6 +9,7 @@ use std::fmt;
 
 use serde::Serialize;
 use weir_api::authorization::MeshAuthorizationSpec;
+use weir_api::canary::CanarySpec;
 use weir_api::resilience::ResiliencePolicySpec;
 use weir_api::route::RouteSpec;
 use weir_api::service::LocalServiceSpec;
@@ -20,6 +21,7 @@ pub enum Kind {
     Route,
     ResiliencePolicy,
     MeshAuthorization,
+    Canary,
 }
 
 impl fmt::Display for Kind {
@@ -29,6 +31,7 @@ impl fmt::Display for Kind {
             Kind::Route => "Route",
             Kind::ResiliencePolicy => "ResiliencePolicy",
             Kind::MeshAuthorization => "MeshAuthorization",
+            Kind::Canary => "Canary",
         })
     }
 }
@@ -58,6 +61,7 @@ pub enum Resource {
     Route(RouteSpec),
     ResiliencePolicy(Box<ResiliencePolicySpec>),
     MeshAuthorization(MeshAuthorizationSpec),
+    Canary(Box<CanarySpec>),
 }
 
 /// One definition a source produced: where it came from and what it parsed to.
@@ -217,6 +221,7 @@ impl Index {
             let problem = match &entry.resource {
                 Resource::Route(spec) => missing_service(&key.namespace, spec, &services),
                 Resource::ResiliencePolicy(spec) => missing_policy_target(&key.namespace, spec, &next),
+                Resource::Canary(spec) => missing_canary_service(&key.namespace, spec, &services),
                 // Selects workloads, which come and go on their own: nothing to resolve.
                 Resource::Service(_) | Resource::MeshAuthorization(_) => None,
             };
@@ -284,6 +289,16 @@ fn missing_policy_target(
                 Some("spec.targetRef.rule".into()),
                 format!("no Route rule named {rule:?} for Service {ns}/{target}"),
             ));
+        }
+    }
+    None
+}
+
+fn missing_canary_service(ns: &str, spec: &CanarySpec, services: &BTreeSet<(String, String)>) -> Option<Problem> {
+    for (field, name) in [("spec.service", &spec.service), ("spec.stable", &spec.stable), ("spec.canary", &spec.canary)]
+    {
+        if !services.contains(&(ns.to_string(), name.clone())) {
+            return Some(Problem::new(Some(field.into()), format!("Service {ns}/{name} not found")));
         }
     }
     None

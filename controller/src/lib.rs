@@ -15,6 +15,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod canary;
 pub mod grpc;
 pub mod identity;
 pub mod index;
@@ -85,6 +86,9 @@ pub struct Args {
     /// Trust domain of the SPIFFE IDs issued.
     #[arg(long, env = "WEIR_TRUST_DOMAIN", default_value = "cluster.local")]
     pub trust_domain: String,
+    /// Where canary progress is kept across restarts; default `<config-dir>/.weir/canaries.json`.
+    #[arg(long, env = "WEIR_CANARY_STATE")]
+    pub canary_state: Option<PathBuf>,
     /// Lifetime of issued workload certificates.
     #[arg(long, env = "WEIR_CERT_LIFETIME", default_value = "24h", value_parser = parse_duration)]
     pub cert_lifetime: Duration,
@@ -136,7 +140,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     index.replace_all(defs, unreadable);
     log_rejections(&index);
     metrics.rejected_resources.set(index.rejections().len() as i64);
-    let (state_tx, state_rx) = watch::channel(Arc::new(MeshState::build(&index, 1, Instant::now(), None)));
+    let reports = Arc::new(Mutex::new(reports::Reports::default()));
+    let state_file = args.canary_state.clone().unwrap_or_else(|| dir.join(".weir").join("canaries.json"));
+    let (canaries, mut routing_rx) = canary::Canaries::new(Some(state_file), reports.clone(), metrics.clone())?;
+    // Saved canary weights apply from the first snapshot on.
+    canaries.adopt(&canary::definitions(&index));
+    let routing = routing_rx.borrow_and_update().clone();
+    let (state_tx, state_rx) = watch::channel(Arc::new(MeshState::build(&index, &routing, 1, Instant::now(), None)));
 
     let grpc_listener =
         TcpListener::bind(args.grpc_addr).await.with_context(|| format!("binding {}", args.grpc_addr))?;
@@ -147,7 +157,6 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
     let (trigger, drain) = rt::drain();
     let proxies = proxies::Proxies::default();
-    let reports = Arc::new(Mutex::new(reports::Reports::default()));
     let ready = Arc::new(AtomicBool::new(false));
 
     // Watch the directory and republish on every change burst.
@@ -158,24 +167,35 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let reload_dir = dir.clone();
     let reload = tokio::spawn(async move {
         let mut generation = 1;
-        while let Some(changed_at) = change_rx.recv().await {
-            reload_metrics.config_reloads.inc();
-            let (defs, unreadable) = match source::local::read_dir(&reload_dir) {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::error!(error = %e, dir = %reload_dir.display(), "cannot read config directory; keeping current config");
-                    continue;
+        loop {
+            // A config change re-reads the directory; a canary step only re-translates.
+            let changed_at = tokio::select! {
+                changed = change_rx.recv() => {
+                    let Some(changed_at) = changed else { break };
+                    reload_metrics.config_reloads.inc();
+                    let (defs, unreadable) = match source::local::read_dir(&reload_dir) {
+                        Ok(r) => r,
+                        Err(e) => {
+                            tracing::error!(error = %e, dir = %reload_dir.display(), "cannot read config directory; keeping current config");
+                            continue;
+                        }
+                    };
+                    if index.replace_all(defs, unreadable) {
+                        tracing::info!(generation = generation + 1, resources = index.entries().len(), "configuration changed");
+                    }
+                    log_rejections(&index);
+                    reload_metrics.rejected_resources.set(index.rejections().len() as i64);
+                    changed_at
+                }
+                routed = routing_rx.changed() => {
+                    if routed.is_err() { break }
+                    Instant::now()
                 }
             };
-            let changed = index.replace_all(defs, unreadable);
-            log_rejections(&index);
-            reload_metrics.rejected_resources.set(index.rejections().len() as i64);
+            let routing = routing_rx.borrow_and_update().clone();
             generation += 1;
             let prev = state_tx.borrow().clone();
-            let next = MeshState::build(&index, generation, changed_at, Some(&prev));
-            if changed {
-                tracing::info!(generation, resources = index.entries().len(), "configuration changed");
-            }
+            let next = MeshState::build(&index, &routing, generation, changed_at, Some(&prev));
             state_tx.send_replace(Arc::new(next));
         }
     });
@@ -219,7 +239,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             .add_optional_service(identity.map(weir_api::proto::identity_server::IdentityServer::new))
             .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), grpc_drain.signaled()),
     );
-    let admin = admin::Admin { state: state_rx, proxies, metrics, reports, ready: ready.clone() };
+    let reconciler = tokio::spawn(canary::run(canaries.clone(), state_rx.clone(), drain.clone()));
+    let admin = admin::Admin { state: state_rx, proxies, metrics, reports, ready: ready.clone(), canaries };
     let admin_task = tokio::spawn(rt::serve_admin(
         admin_listener,
         move |req| admin.clone().handle(req),
@@ -239,6 +260,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let _ = tokio::time::timeout(args.shutdown_grace, async {
         let _ = grpc.await;
         let _ = admin_task.await;
+        let _ = reconciler.await;
     })
     .await;
     tracing::info!("controller stopped");

@@ -14,6 +14,12 @@ pub struct Metrics {
     pub reports_received: IntCounter,
     pub reports_dropped_series: IntCounter,
     pub certify_results: prometheus::IntCounterVec,
+    /// Canary weight (percent) by canary.
+    pub canary_weight: prometheus::IntGaugeVec,
+    /// 1 for each canary's current phase.
+    pub canary_phase: prometheus::IntGaugeVec,
+    /// Analyses by canary and verdict (pass, fail, inconclusive).
+    pub canary_analyses: prometheus::IntCounterVec,
 }
 
 impl Metrics {
@@ -56,6 +62,24 @@ impl Metrics {
         )
         .unwrap();
         registry.register(Box::new(certify_results.clone())).unwrap();
+        let canary_weight = prometheus::IntGaugeVec::new(
+            prometheus::Opts::new("weir_canary_weight", "Percent of traffic the canary receives"),
+            &["canary"],
+        )
+        .unwrap();
+        let canary_phase = prometheus::IntGaugeVec::new(
+            prometheus::Opts::new("weir_canary_phase", "1 for the canary's current phase"),
+            &["canary", "phase"],
+        )
+        .unwrap();
+        let canary_analyses = prometheus::IntCounterVec::new(
+            prometheus::Opts::new("weir_canary_analyses_total", "Canary analyses by verdict"),
+            &["canary", "verdict"],
+        )
+        .unwrap();
+        registry.register(Box::new(canary_weight.clone())).unwrap();
+        registry.register(Box::new(canary_phase.clone())).unwrap();
+        registry.register(Box::new(canary_analyses.clone())).unwrap();
         Self {
             registry,
             connected_proxies,
@@ -67,6 +91,9 @@ impl Metrics {
             reports_received,
             reports_dropped_series,
             certify_results,
+            canary_weight,
+            canary_phase,
+            canary_analyses,
         }
     }
 

@@ -31,19 +31,55 @@ pub struct Series {
 impl Series {
     /// Latency at quantile `q` (0..1), as the upper bound of the bucket that holds it.
     pub fn quantile(&self, q: f64) -> Option<f64> {
-        let total: u64 = self.latency_counts.iter().sum();
-        if total == 0 {
-            return None;
+        quantile(&self.latency_bounds_seconds, &self.latency_counts, q)
+    }
+}
+
+/// The upper bound of the histogram bucket holding quantile `q` (0..1); `None` when empty.
+pub fn quantile(bounds: &[f64], counts: &[u64], q: f64) -> Option<f64> {
+    let total: u64 = counts.iter().sum();
+    if total == 0 {
+        return None;
+    }
+    let rank = (q * total as f64).ceil().max(1.0) as u64;
+    let mut seen = 0;
+    for (i, c) in counts.iter().enumerate() {
+        seen += c;
+        if seen >= rank {
+            return Some(bounds.get(i).copied().unwrap_or(f64::INFINITY));
         }
-        let rank = (q * total as f64).ceil().max(1.0) as u64;
-        let mut seen = 0;
-        for (i, c) in self.latency_counts.iter().enumerate() {
-            seen += c;
-            if seen >= rank {
-                return Some(self.latency_bounds_seconds.get(i).copied().unwrap_or(f64::INFINITY));
-            }
+    }
+    None
+}
+
+/// Cumulative counts of one backend as called for one service, summed over routes and over
+/// every sidecar that reported them.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Totals {
+    pub requests: u64,
+    pub failures: u64,
+    pub bounds: Vec<f64>,
+    pub counts: Vec<u64>,
+}
+
+impl Totals {
+    /// What happened between `earlier` and `self`.
+    pub fn since(&self, earlier: &Totals) -> Totals {
+        let counts = if self.bounds == earlier.bounds && self.counts.len() == earlier.counts.len() {
+            self.counts.iter().zip(&earlier.counts).map(|(a, b)| a.saturating_sub(*b)).collect()
+        } else {
+            self.counts.clone()
+        };
+        Totals {
+            requests: self.requests.saturating_sub(earlier.requests),
+            failures: self.failures.saturating_sub(earlier.failures),
+            bounds: self.bounds.clone(),
+            counts,
         }
-        None
+    }
+
+    pub fn quantile(&self, q: f64) -> Option<f64> {
+        quantile(&self.bounds, &self.counts, q)
     }
 }
 
@@ -85,6 +121,31 @@ impl Reports {
             }
         }
         dropped
+    }
+
+    /// Every sidecar's outbound requests for `service` that went to `backend` (both
+    /// `namespace/name`), summed over routes.
+    pub fn outbound_totals(&self, service: &str, backend: &str) -> Totals {
+        let mut t = Totals::default();
+        for (k, s) in &self.series {
+            if k.direction != "outbound" || k.service != service || k.backend != backend {
+                continue;
+            }
+            t.requests += s.requests;
+            t.failures += s.failures;
+            if t.bounds.is_empty() || t.bounds != s.latency_bounds_seconds {
+                if t.bounds.is_empty() {
+                    t.bounds = s.latency_bounds_seconds.clone();
+                    t.counts = vec![0; s.latency_counts.len()];
+                } else {
+                    continue;
+                }
+            }
+            for (a, b) in t.counts.iter_mut().zip(&s.latency_counts) {
+                *a += b;
+            }
+        }
+        t
     }
 
     pub fn to_json(&self) -> serde_json::Value {

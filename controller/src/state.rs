@@ -17,14 +17,29 @@ pub struct MeshState {
     pub changed_at: Instant,
     pub services: Arc<Vec<proto::Service>>,
     pub authorizations: Arc<Vec<crate::translator::SelectedAuthorization>>,
+    /// Canaries in force (the reconciler reads them from here).
+    pub canaries: Arc<Vec<crate::canary::CanaryDef>>,
     /// Resources in force: key → (origin, version).
     pub resources: Arc<BTreeMap<ResourceKey, (String, u64)>>,
     pub rejections: Arc<Vec<Rejection>>,
 }
 
 impl MeshState {
-    pub fn build(index: &Index, generation: u64, changed_at: Instant, previous: Option<&MeshState>) -> Self {
-        let services = crate::translator::services(index);
+    pub fn build(
+        index: &Index,
+        routing: &[crate::canary::CanaryRouting],
+        generation: u64,
+        changed_at: Instant,
+        previous: Option<&MeshState>,
+    ) -> Self {
+        let canaries = crate::canary::definitions(index);
+        // Routing for Canaries that no longer exist waits for the reconciler to drop it.
+        let routing: Vec<_> = routing
+            .iter()
+            .filter(|r| canaries.iter().any(|c| c.namespace == r.namespace && c.name == r.name))
+            .cloned()
+            .collect();
+        let services = crate::translator::services(index, &routing);
         // Keep the same Arc when nothing changed so sessions can skip the comparison.
         let services = match previous {
             Some(p) if *p.services == services => p.services.clone(),
@@ -35,11 +50,16 @@ impl MeshState {
             Some(p) if *p.authorizations == authorizations => p.authorizations.clone(),
             _ => Arc::new(authorizations),
         };
+        let canaries = match previous {
+            Some(p) if *p.canaries == canaries => p.canaries.clone(),
+            _ => Arc::new(canaries),
+        };
         MeshState {
             generation,
             changed_at,
             services,
             authorizations,
+            canaries,
             resources: Arc::new(
                 index.entries().iter().map(|(k, e)| (k.clone(), (e.origin.clone(), e.version))).collect(),
             ),

@@ -11,8 +11,9 @@ use weir_api::route::{PathMatchType, RouteSpec, ValueMatchType};
 use crate::index::{Index, Kind, Resource};
 
 /// Every Service with its endpoints and merged route rules, sorted by namespace/name.
-/// Rules from several Routes for one Service are ordered by Route name.
-pub fn services(index: &Index) -> Vec<proto::Service> {
+/// Rules from several Routes for one Service are ordered by Route name; a Canary's rules come
+/// before them all.
+pub fn services(index: &Index, canaries: &[crate::canary::CanaryRouting]) -> Vec<proto::Service> {
     let mut routes: BTreeMap<(&str, &str), Vec<(&str, &RouteSpec)>> = BTreeMap::new();
     let mut policies: BTreeMap<(&str, &str), Vec<proto::ResiliencePolicy>> = BTreeMap::new();
     for (key, entry) in index.entries() {
@@ -25,7 +26,7 @@ pub fn services(index: &Index) -> Vec<proto::Service> {
                 .entry((key.namespace.as_str(), spec.target_ref.service.as_str()))
                 .or_default()
                 .push(policy(&key.namespace, &key.name, spec)),
-            Resource::Service(_) | Resource::MeshAuthorization(_) => {}
+            Resource::Service(_) | Resource::MeshAuthorization(_) | Resource::Canary(_) => {}
         }
     }
     let mut out = Vec::new();
@@ -54,6 +55,9 @@ pub fn services(index: &Index) -> Vec<proto::Service> {
             rules: Vec::new(),
             policies: policies.remove(&(key.namespace.as_str(), key.name.as_str())).unwrap_or_default(),
         };
+        for c in canaries.iter().filter(|c| c.namespace == key.namespace && c.service == key.name) {
+            svc.rules.extend(canary_rules(c));
+        }
         if let Some(list) = routes.get(&(key.namespace.as_str(), key.name.as_str())) {
             for (route_name, spec) in list {
                 svc.rules.extend(rules(&key.namespace, route_name, spec));
@@ -62,6 +66,61 @@ pub fn services(index: &Index) -> Vec<proto::Service> {
         out.push(svc);
     }
     out
+}
+
+/// A canary's rules: the A/B stage's matches and the force header send to the canary; then the
+/// weighted split between stable and canary.
+fn canary_rules(c: &crate::canary::CanaryRouting) -> Vec<proto::RouteRule> {
+    let backend = |name: &str, weight: u32| proto::BackendRef {
+        namespace: c.namespace.clone(),
+        name: name.to_string(),
+        port: 0,
+        weight,
+    };
+    let rule = |name: &str, matches: Vec<proto::RouteMatch>, backends: Vec<proto::BackendRef>| proto::RouteRule {
+        route: format!("canary/{}/{}", c.namespace, c.name),
+        name: name.to_string(),
+        matches,
+        backends,
+        timeout_ms: 0,
+    };
+    let header = |name: &str, kind: proto::MatchKind, value: &str| proto::RouteMatch {
+        headers: vec![proto::NamedMatch {
+            name: name.to_string(),
+            value: Some(proto::StringMatch { kind: kind as i32, value: value.to_string() }),
+        }],
+        ..Default::default()
+    };
+    let mut out = Vec::new();
+    if let Some(f) = &c.force {
+        out.push(rule("force", vec![header(&f.name, proto::MatchKind::Exact, &f.value)], vec![backend(&c.canary, 1)]));
+    }
+    if let Some(ab) = &c.ab {
+        let mut matches: Vec<proto::RouteMatch> =
+            ab.headers.iter().map(|h| proto::RouteMatch { headers: vec![named(h)], ..Default::default() }).collect();
+        if let Some(cookie) = &ab.cookie {
+            // A cookie header holding `name=value` among others (patterns match whole values).
+            let pattern = format!("(.*;\\s*)?{}(;.*)?", regex_escape(cookie));
+            matches.push(header("cookie", proto::MatchKind::Regex, &pattern));
+        }
+        out.push(rule("ab", matches, vec![backend(&c.canary, 1)]));
+    }
+    out.push(rule(
+        "split",
+        Vec::new(),
+        vec![backend(&c.stable, 100 - c.weight.min(100)), backend(&c.canary, c.weight.min(100))],
+    ));
+    out
+}
+
+fn regex_escape(s: &str) -> String {
+    s.chars().fold(String::new(), |mut out, ch| {
+        if "\\.+*?()|[]{}^$#&-~".contains(ch) {
+            out.push('\\');
+        }
+        out.push(ch);
+        out
+    })
 }
 
 fn rules(ns: &str, route_name: &str, spec: &RouteSpec) -> Vec<proto::RouteRule> {
@@ -353,7 +412,7 @@ spec:
         let mut index = Index::default();
         index.replace_all(parse_file("f.yaml", yaml).unwrap(), vec![]);
         assert!(index.rejections().is_empty(), "{:?}", index.rejections());
-        let svcs = services(&index);
+        let svcs = services(&index, &[]);
         assert_eq!(svcs.len(), 2);
         let web = &svcs[0];
         assert_eq!(web.ports, vec![80]);

@@ -8,6 +8,7 @@ use notify::Watcher;
 use serde::Deserialize;
 use tokio::sync::mpsc;
 use weir_api::authorization::MeshAuthorizationSpec;
+use weir_api::canary::CanarySpec;
 use weir_api::resilience::ResiliencePolicySpec;
 use weir_api::route::RouteSpec;
 use weir_api::service::LocalServiceSpec;
@@ -77,12 +78,13 @@ fn parse_document(origin: &str, number: usize, value: serde_yaml::Value) -> Defi
         "Route" => Kind::Route,
         "ResiliencePolicy" => Kind::ResiliencePolicy,
         "MeshAuthorization" => Kind::MeshAuthorization,
+        "Canary" => Kind::Canary,
         other => {
             return fail(
                 None,
                 Some("kind"),
                 format!(
-                    "document {number}: unknown kind {other:?} (expected Service, Route, ResiliencePolicy or MeshAuthorization)"
+                    "document {number}: unknown kind {other:?} (expected Service, Route, ResiliencePolicy, MeshAuthorization or Canary)"
                 ),
             );
         }
@@ -135,6 +137,11 @@ fn parse_resource(kind: Kind, map: &serde_yaml::Mapping) -> Result<Resource, Fie
             let spec: MeshAuthorizationSpec = from_yaml(spec, "spec")?;
             spec.validate()?;
             Ok(Resource::MeshAuthorization(spec))
+        }
+        Kind::Canary => {
+            let spec: CanarySpec = from_yaml(spec, "spec")?;
+            spec.validate()?;
+            Ok(Resource::Canary(Box::new(spec)))
         }
         Kind::Service => {
             if let Some(v) = api_version

@@ -1,0 +1,529 @@
+//! The canary reconciler: every interval, judge each Canary's canary backend from the sidecars'
+//! aggregated Reports, then advance a step, hold, count a failure, roll back or promote; the
+//! weights it decides reach the sidecars as route rules through the translator.
+//!
+//! Aggregation: each sidecar reports, per interval, its outbound requests by service and
+//! backend (requests, 5xx failures, a latency histogram). The controller sums them over every
+//! sidecar and route into cumulative totals ([`Reports::outbound_totals`]); an analysis takes the
+//! difference between the totals now and at the start of the interval. So the success rate is
+//! weighted by requests across all callers, and p99 comes from the merged histogram.
+//!
+//! State lives in a file (local mode; `--canary-state`, by default `<config-dir>/.weir/canaries.json`)
+//! and survives restarts: a restarted controller resumes at the same step, spending its first
+//! interval measuring.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+use weir_api::canary::{
+    AbTest, AnalysisResult, BackendMetrics, CanarySpec, CanaryStatus, ForceHeader, Phase, Transition,
+};
+use weir_api::rt::{Drain, unix_ms};
+
+use crate::index::{Index, Resource};
+use crate::metrics::Metrics;
+use crate::reports::{Reports, Totals};
+use crate::state::MeshState;
+
+/// Transitions kept in status.
+const HISTORY: usize = 32;
+
+/// A Canary in force, with the Routes that also steer its Service.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CanaryDef {
+    pub namespace: String,
+    pub name: String,
+    pub spec: CanarySpec,
+    /// `namespace/name` of Routes for the same Service: their rules come after the canary's.
+    pub conflicting_routes: Vec<String>,
+}
+
+/// Every Canary in the index.
+pub fn definitions(index: &Index) -> Vec<CanaryDef> {
+    let mut out = Vec::new();
+    for (key, entry) in index.entries() {
+        let Resource::Canary(spec) = &entry.resource else { continue };
+        let conflicting_routes = index
+            .entries()
+            .iter()
+            .filter_map(|(k, e)| match &e.resource {
+                Resource::Route(r) if k.namespace == key.namespace && r.service == spec.service => {
+                    Some(format!("{}/{}", k.namespace, k.name))
+                }
+                _ => None,
+            })
+            .collect();
+        out.push(CanaryDef {
+            namespace: key.namespace.clone(),
+            name: key.name.clone(),
+            spec: (**spec).clone(),
+            conflicting_routes,
+        });
+    }
+    out
+}
+
+/// How one canary's Service is routed right now.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CanaryRouting {
+    pub namespace: String,
+    pub name: String,
+    pub service: String,
+    pub stable: String,
+    pub canary: String,
+    /// Percent of the remaining traffic to the canary.
+    pub weight: u32,
+    /// Present during the A/B stage: matching requests go to the canary.
+    pub ab: Option<AbTest>,
+    pub force: Option<ForceHeader>,
+}
+
+/// The routing every canary wants, published on each change.
+pub type RoutingRx = watch::Receiver<Arc<Vec<CanaryRouting>>>;
+
+/// A manual control.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Promote,
+    Abort,
+    Pause,
+    Resume,
+}
+
+impl std::str::FromStr for Action {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "promote" => Ok(Action::Promote),
+            "abort" => Ok(Action::Abort),
+            "pause" => Ok(Action::Pause),
+            "resume" => Ok(Action::Resume),
+            other => Err(format!("unknown action {other:?} (promote, abort, pause, resume)")),
+        }
+    }
+}
+
+struct Entry {
+    status: CanaryStatus,
+    next_due: Instant,
+    /// Totals (canary, stable) at the start of the current interval; `None` until measured.
+    baseline: Option<(Totals, Totals)>,
+}
+
+/// Every canary's state, shared by the reconciler, the admin endpoints and the state builder.
+pub struct Canaries {
+    entries: Mutex<BTreeMap<(String, String), Entry>>,
+    /// Statuses loaded from the state file, adopted when their spec still matches.
+    loaded: Mutex<BTreeMap<String, CanaryStatus>>,
+    routing: watch::Sender<Arc<Vec<CanaryRouting>>>,
+    state_file: Option<PathBuf>,
+    reports: Arc<Mutex<Reports>>,
+    metrics: Metrics,
+}
+
+impl Canaries {
+    /// Loads saved state from `state_file` (a missing file is a fresh start; an unreadable one
+    /// is an error, so a restart never silently starts rollouts over).
+    pub fn new(
+        state_file: Option<PathBuf>,
+        reports: Arc<Mutex<Reports>>,
+        metrics: Metrics,
+    ) -> anyhow::Result<(Arc<Self>, RoutingRx)> {
+        let loaded = match &state_file {
+            Some(path) => match std::fs::read_to_string(path) {
+                Ok(text) => serde_json::from_str::<BTreeMap<String, CanaryStatus>>(&text)
+                    .map_err(|e| anyhow::anyhow!("canary state file {}: {e}", path.display()))?,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+                Err(e) => anyhow::bail!("canary state file {}: {e}", path.display()),
+            },
+            None => BTreeMap::new(),
+        };
+        let (tx, rx) = watch::channel(Arc::new(Vec::new()));
+        let me = Arc::new(Self {
+            entries: Mutex::default(),
+            loaded: Mutex::new(loaded),
+            routing: tx,
+            state_file,
+            reports,
+            metrics,
+        });
+        Ok((me, rx))
+    }
+
+    /// Routing as of the saved state, before the first tick (so a restart keeps the weights).
+    pub fn adopt(&self, defs: &[CanaryDef]) {
+        let now = Instant::now();
+        let mut entries = self.entries.lock().unwrap();
+        self.sync(&mut entries, defs, now);
+        self.publish(&entries, defs);
+    }
+
+    /// The statuses, keyed `namespace/name`.
+    pub fn statuses(&self) -> BTreeMap<String, CanaryStatus> {
+        self.entries.lock().unwrap().iter().map(|((ns, n), e)| (format!("{ns}/{n}"), e.status.clone())).collect()
+    }
+
+    /// Runs every due analysis.
+    pub fn tick(&self, defs: &[CanaryDef], now: Instant) {
+        let mut entries = self.entries.lock().unwrap();
+        let mut changed = self.sync(&mut entries, defs, now);
+        for def in defs {
+            let key = (def.namespace.clone(), def.name.clone());
+            let Some(entry) = entries.get_mut(&key) else { continue };
+            if now < entry.next_due {
+                continue;
+            }
+            entry.next_due = now + def.spec.interval();
+            let totals = {
+                let reports = self.reports.lock().unwrap();
+                let svc = format!("{}/{}", def.namespace, def.spec.service);
+                (
+                    reports.outbound_totals(&svc, &format!("{}/{}", def.namespace, def.spec.canary)),
+                    reports.outbound_totals(&svc, &format!("{}/{}", def.namespace, def.spec.stable)),
+                )
+            };
+            changed |= self.step(def, entry, totals);
+        }
+        if changed {
+            self.publish(&entries, defs);
+            self.save(&entries);
+        }
+    }
+
+    /// Applies a manual control to `namespace/name`.
+    pub fn act(&self, defs: &[CanaryDef], namespace: &str, name: &str, action: Action) -> Result<CanaryStatus, String> {
+        let def = defs
+            .iter()
+            .find(|d| d.namespace == namespace && d.name == name)
+            .ok_or_else(|| format!("no Canary {namespace}/{name}"))?;
+        let mut entries = self.entries.lock().unwrap();
+        self.sync(&mut entries, defs, Instant::now());
+        let entry = entries.get_mut(&(namespace.to_string(), name.to_string())).expect("synced");
+        let phase = entry.status.phase;
+        if phase.is_final() {
+            let done = if phase == Phase::Succeeded { "succeeded" } else { "failed" };
+            return Err(format!("Canary {namespace}/{name} has already {done}"));
+        }
+        match action {
+            Action::Promote => transition(&mut entry.status, Phase::Succeeded, 100, "promoted by hand".into()),
+            Action::Abort => transition(&mut entry.status, Phase::Failed, 0, "aborted by hand".into()),
+            Action::Pause if phase == Phase::Paused => return Err("already paused".into()),
+            Action::Pause => {
+                let w = entry.status.weight;
+                transition(&mut entry.status, Phase::Paused, w, "paused by hand".into())
+            }
+            Action::Resume if phase != Phase::Paused => return Err(format!("not paused (phase {})", phase.as_str())),
+            Action::Resume if def.spec.paused => {
+                return Err("spec.paused is true: set it to false to resume".into());
+            }
+            Action::Resume => {
+                let w = entry.status.weight;
+                transition(&mut entry.status, Phase::Progressing, w, "resumed by hand".into());
+                // The paused time is not judged.
+                entry.baseline = None;
+            }
+        }
+        let status = entry.status.clone();
+        self.publish(&entries, defs);
+        self.save(&entries);
+        Ok(status)
+    }
+
+    /// Creates entries for new (or changed) Canaries, forgets removed ones, applies
+    /// `spec.paused`. Returns whether anything changed.
+    fn sync(&self, entries: &mut BTreeMap<(String, String), Entry>, defs: &[CanaryDef], now: Instant) -> bool {
+        let mut changed = false;
+        let before = entries.len();
+        entries.retain(|(ns, n), _| defs.iter().any(|d| &d.namespace == ns && &d.name == n));
+        changed |= entries.len() != before;
+        for def in defs {
+            let key = (def.namespace.clone(), def.name.clone());
+            let hash = spec_hash(&def.spec);
+            let stale = entries.get(&key).is_none_or(|e| e.status.spec_hash != hash);
+            if stale {
+                let saved = self.loaded.lock().unwrap().remove(&format!("{}/{}", def.namespace, def.name));
+                let status = match saved {
+                    Some(s) if s.spec_hash == hash => s,
+                    _ => CanaryStatus {
+                        phase: Phase::Initializing,
+                        steps: def.spec.expanded_steps(),
+                        spec_hash: hash,
+                        ..Default::default()
+                    },
+                };
+                entries.insert(key.clone(), Entry { status, next_due: now, baseline: None });
+                changed = true;
+            }
+            let entry = entries.get_mut(&key).expect("inserted");
+            entry.status.message = conflict_note(&entry.status.message, &def.conflicting_routes);
+            if def.spec.paused && !entry.status.phase.is_final() && entry.status.phase != Phase::Paused {
+                let w = entry.status.weight;
+                transition(&mut entry.status, Phase::Paused, w, "spec.paused is true".into());
+                changed = true;
+            }
+        }
+        changed
+    }
+
+    /// One interval of one canary. Returns whether its status changed.
+    fn step(&self, def: &CanaryDef, entry: &mut Entry, (canary_now, stable_now): (Totals, Totals)) -> bool {
+        let spec = &def.spec;
+        let label = format!("{}/{}", def.namespace, def.name);
+        let status = &mut entry.status;
+        let previous = status.clone();
+        let baseline = entry.baseline.replace((canary_now.clone(), stable_now.clone()));
+        match status.phase {
+            Phase::Succeeded | Phase::Failed | Phase::Paused => return false,
+            Phase::Initializing => {
+                if spec.ab_test.is_some() {
+                    transition(
+                        status,
+                        Phase::Progressing,
+                        0,
+                        "A/B stage: only matching requests reach the canary".into(),
+                    );
+                } else {
+                    let w = status.steps.first().copied().unwrap_or(100);
+                    status.step = 0;
+                    transition(status, Phase::Progressing, w, format!("started at {w}%"));
+                }
+                return true;
+            }
+            _ => {}
+        }
+        // After a restart or a resume the first interval only measures.
+        let Some((canary_base, stable_base)) = baseline else { return *status != previous };
+        let canary = canary_now.since(&canary_base);
+        let stable = stable_now.since(&stable_base);
+        let verdict = judge(spec, &canary, status.weight);
+        self.metrics.canary_analyses.with_label_values(&[&label, verdict.as_str()]).inc();
+        status.last_analysis = Some(AnalysisResult {
+            at_unix_ms: unix_ms(),
+            canary: backend_metrics(&canary),
+            stable: backend_metrics(&stable),
+            verdict: verdict.as_str().into(),
+        });
+        match verdict {
+            Verdict::Inconclusive(why) => {
+                let w = status.weight;
+                if status.phase != Phase::Inconclusive {
+                    transition(status, Phase::Inconclusive, w, why);
+                } else {
+                    status.message = why;
+                }
+            }
+            Verdict::Fail(why) => {
+                status.failed_intervals += 1;
+                let limit = spec.analysis.failure_limit;
+                if status.failed_intervals >= limit {
+                    let n = status.failed_intervals;
+                    transition(
+                        status,
+                        Phase::Failed,
+                        0,
+                        format!("rolled back: {why} ({n} of {limit} failed intervals)"),
+                    );
+                } else {
+                    let (w, n) = (status.weight, status.failed_intervals);
+                    let why = format!("interval failed: {why} ({n} of {limit})");
+                    transition(status, Phase::Progressing, w, why);
+                }
+            }
+            Verdict::Pass => advance(spec, status),
+        }
+        *status != previous
+    }
+
+    fn publish(&self, entries: &BTreeMap<(String, String), Entry>, defs: &[CanaryDef]) {
+        let mut routing = Vec::new();
+        for def in defs {
+            let Some(e) = entries.get(&(def.namespace.clone(), def.name.clone())) else { continue };
+            let label = format!("{}/{}", def.namespace, def.name);
+            self.metrics.canary_weight.with_label_values(&[&label]).set(i64::from(e.status.weight));
+            for p in Phase::ALL {
+                self.metrics.canary_phase.with_label_values(&[&label, p.as_str()]).set(i64::from(p == e.status.phase));
+            }
+            let in_ab = spec_in_ab(&def.spec, &e.status);
+            routing.push(CanaryRouting {
+                namespace: def.namespace.clone(),
+                name: def.name.clone(),
+                service: def.spec.service.clone(),
+                stable: def.spec.stable.clone(),
+                canary: def.spec.canary.clone(),
+                weight: e.status.weight,
+                ab: if in_ab { def.spec.ab_test.clone() } else { None },
+                force: if e.status.phase == Phase::Failed { None } else { def.spec.force_header.clone() },
+            });
+        }
+        self.routing.send_if_modified(|cur| {
+            if **cur == routing {
+                false
+            } else {
+                *cur = Arc::new(routing);
+                true
+            }
+        });
+    }
+
+    fn save(&self, entries: &BTreeMap<(String, String), Entry>) {
+        let Some(path) = &self.state_file else { return };
+        let all: BTreeMap<String, &CanaryStatus> =
+            entries.iter().map(|((ns, n), e)| (format!("{ns}/{n}"), &e.status)).collect();
+        let result = (|| -> std::io::Result<()> {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            let tmp = path.with_extension("tmp~");
+            std::fs::write(&tmp, serde_json::to_vec_pretty(&all).unwrap_or_default())?;
+            std::fs::rename(&tmp, path)
+        })();
+        if let Err(e) = result {
+            tracing::error!(error = %e, path = %path.display(), "cannot save canary state");
+        }
+    }
+}
+
+/// Runs the reconciler until `drain` fires: ticks every 50 ms, analysing each canary when its
+/// interval is due.
+pub async fn run(canaries: Arc<Canaries>, state: watch::Receiver<Arc<MeshState>>, drain: Drain) {
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let stop = drain.signaled();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = &mut stop => return,
+        }
+        let defs = state.borrow().canaries.clone();
+        canaries.tick(&defs, Instant::now());
+    }
+}
+
+enum Verdict {
+    Pass,
+    Fail(String),
+    Inconclusive(String),
+}
+
+impl Verdict {
+    fn as_str(&self) -> &'static str {
+        match self {
+            Verdict::Pass => "pass",
+            Verdict::Fail(_) => "fail",
+            Verdict::Inconclusive(_) => "inconclusive",
+        }
+    }
+}
+
+fn judge(spec: &CanarySpec, canary: &Totals, weight: u32) -> Verdict {
+    if spec.skip_analysis {
+        return Verdict::Pass;
+    }
+    let min = spec.analysis.min_requests;
+    if canary.requests < min {
+        return Verdict::Inconclusive(format!(
+            "inconclusive: {} canary requests in the interval, fewer than minRequests {min}; holding at {weight}%",
+            canary.requests
+        ));
+    }
+    let success = 100.0 * (1.0 - canary.failures as f64 / canary.requests as f64);
+    if success < spec.analysis.min_success_rate {
+        return Verdict::Fail(format!(
+            "success rate {success:.1}% below minSuccessRate {}% ({} of {} requests failed)",
+            spec.analysis.min_success_rate, canary.failures, canary.requests
+        ));
+    }
+    if let (Some(max), Some(p99)) = (spec.max_p99(), canary.quantile(0.99))
+        && p99 > max.as_secs_f64()
+    {
+        return Verdict::Fail(format!("p99 latency {} above maxP99 {}", fmt_secs(p99), fmt_secs(max.as_secs_f64())));
+    }
+    Verdict::Pass
+}
+
+fn fmt_secs(s: f64) -> String {
+    if s.is_infinite() { "over the largest bucket".into() } else { format!("{}ms", (s * 1000.0).round()) }
+}
+
+fn advance(spec: &CanarySpec, status: &mut CanaryStatus) {
+    if status.phase == Phase::Promoting {
+        transition(status, Phase::Succeeded, 100, "promoted".into());
+        return;
+    }
+    if spec_in_ab(spec, status) {
+        status.ab_intervals += 1;
+        let need = spec.ab_test.as_ref().map(|a| a.intervals).unwrap_or(0);
+        if status.ab_intervals >= need {
+            let w = status.steps.first().copied().unwrap_or(100);
+            status.step = 0;
+            transition(status, Phase::Progressing, w, format!("A/B stage passed; weighted steps from {w}%"));
+        } else {
+            let n = status.ab_intervals;
+            transition(status, Phase::Progressing, 0, format!("A/B interval {n} of {need} passed"));
+        }
+        return;
+    }
+    let last = status.steps.len().saturating_sub(1);
+    if (status.step as usize) < last {
+        status.step += 1;
+        let w = status.steps[status.step as usize];
+        transition(status, Phase::Progressing, w, format!("advanced to {w}%"));
+    } else if spec.auto_promote {
+        transition(status, Phase::Promoting, 100, "last step passed: promoting".into());
+    } else if status.phase != Phase::Holding {
+        let w = status.weight;
+        transition(status, Phase::Holding, w, "last step passed: waiting for promote".into());
+    }
+}
+
+/// Whether the rollout is in its A/B stage (before the first weighted step).
+fn spec_in_ab(spec: &CanarySpec, status: &CanaryStatus) -> bool {
+    spec.ab_test.as_ref().is_some_and(|ab| status.ab_intervals < ab.intervals)
+        && matches!(status.phase, Phase::Progressing | Phase::Inconclusive | Phase::Paused)
+        && status.weight == 0
+}
+
+fn backend_metrics(t: &Totals) -> BackendMetrics {
+    BackendMetrics {
+        requests: t.requests,
+        success_rate: (t.requests > 0).then(|| 100.0 * (1.0 - t.failures as f64 / t.requests as f64)),
+        p99_ms: t.quantile(0.99).filter(|p| p.is_finite()).map(|p| p * 1000.0),
+    }
+}
+
+fn transition(status: &mut CanaryStatus, phase: Phase, weight: u32, reason: String) {
+    status.phase = phase;
+    status.weight = weight;
+    status.message = reason.clone();
+    status.history.push(Transition { at_unix_ms: unix_ms(), phase, weight, reason });
+    if status.history.len() > HISTORY {
+        let extra = status.history.len() - HISTORY;
+        status.history.drain(..extra);
+    }
+}
+
+/// A message with the note about Routes that also steer the Service (replacing an older note).
+fn conflict_note(message: &str, routes: &[String]) -> String {
+    const MARK: &str = " [note: ";
+    let base = message.split(MARK).next().unwrap_or("");
+    if routes.is_empty() {
+        base.to_string()
+    } else {
+        format!("{base}{MARK}Route {} also steers this Service; the canary's rules come first]", routes.join(", "))
+    }
+}
+
+/// A fingerprint that is stable across builds (FNV-1a of the spec's JSON), leaving out the
+/// controls that do not start a new rollout.
+fn spec_hash(spec: &CanarySpec) -> String {
+    let mut s = spec.clone();
+    s.paused = false;
+    s.auto_promote = true;
+    let json = serde_json::to_string(&s).unwrap_or_default();
+    let h = json.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    format!("{h:016x}")
+}
