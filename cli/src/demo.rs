@@ -1,10 +1,10 @@
 //! `weir demo`: the whole mesh on loopback, no Kubernetes. Starts a controller in local mode
-//! over a temporary copy of `examples/demo/`, two versions of `reviews` behind their
-//! sidecars, a client sidecar, and a load generator; shifts the route's weights
-//! 100/0 → 90/10 → 50/50 → 0/100 by rewriting the YAML; prints, per step, how long the change
-//! took to reach the client sidecar, the request rate and the share each version served.
+//! over a temporary copy of `examples/demo/`, two versions of `reviews` behind their sidecars
+//! (mTLS, a strict MeshAuthorization), a client sidecar and a load generator, then runs the
+//! Canary of `examples/demo/canary.yaml`: the controller judges reviews-v2 every interval from
+//! the sidecars' reports and promotes it step by step, or rolls it back when it fails
+//! (`--canary-error-rate`, `--canary-latency`). Prints each analysis as it happens.
 
-use std::io::Write;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -20,21 +20,23 @@ use hyper_util::rt::TokioExecutor;
 use crate::procs::{ChildProc, loopback_controller_args, loopback_sidecar_args, memory_kib, write_atomic};
 
 const SERVICES_YAML: &str = include_str!("../../examples/demo/services.yaml");
-const ROUTE_YAML: &str = include_str!("../../examples/demo/route.yaml");
+const CANARY_YAML: &str = include_str!("../../examples/demo/canary.yaml");
 const AUTHORIZATION_YAML: &str = include_str!("../../examples/demo/authorization.yaml");
-const STEPS: [(u32, u32); 4] = [(100, 0), (90, 10), (50, 50), (0, 100)];
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct DemoArgs {
-    /// Total running time, split evenly over the four steps.
-    #[arg(long, default_value = "40s", value_parser = parse_duration)]
-    pub duration: Duration,
+    /// The canary's analysis interval (the rollout takes about five of them).
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub interval: Duration,
     /// Concurrent connections of the load generator.
     #[arg(long, default_value_t = 8)]
     pub concurrency: usize,
-    /// Share of requests the v2 backend fails (0.0–1.0), to see errors flow through.
+    /// Share of requests the canary (reviews-v2) fails (0.0–1.0): the rollout is rolled back.
     #[arg(long, default_value_t = 0.0)]
-    pub v2_fail_rate: f64,
+    pub canary_error_rate: f64,
+    /// Latency the canary adds to every request, e.g. `300ms`: rolled back on p99.
+    #[arg(long, default_value = "0ms", value_parser = parse_duration)]
+    pub canary_latency: Duration,
     /// Print a machine-readable summary as JSON at the end (and no progress bar).
     #[arg(long)]
     pub json: bool,
@@ -45,18 +47,6 @@ pub struct DemoArgs {
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
     weir_api::duration::parse(s).map_err(|e| e.to_string())
-}
-
-#[derive(Debug, serde::Serialize)]
-#[serde(rename_all = "camelCase")]
-struct StepResult {
-    weights: (u32, u32),
-    propagation_ms: f64,
-    requests: u64,
-    rps: f64,
-    v1_share: f64,
-    v2_share: f64,
-    errors: u64,
 }
 
 struct Mesh {
@@ -75,8 +65,11 @@ impl Mesh {
 }
 
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
-    if args.duration < Duration::from_secs(4) {
-        bail!("--duration must be at least 4s (one second per step)");
+    if args.interval < Duration::from_secs(1) {
+        bail!("--interval must be at least 1s (sidecars report every 500ms)");
+    }
+    if !(0.0..=1.0).contains(&args.canary_error_rate) {
+        bail!("--canary-error-rate must be between 0 and 1");
     }
     let exe = std::env::current_exe().context("finding the weir executable")?;
     let dir = tempfile::Builder::new().prefix("weir-demo-").tempdir()?;
@@ -108,7 +101,6 @@ async fn drive(args: &DemoArgs, exe: &Path, mesh: &mut Mesh) -> anyhow::Result<(
     std::fs::create_dir(&config_dir)?;
     // Start with the Services but no endpoints, so nothing points at a port we do not own.
     write_atomic(&config_dir.join("services.yaml"), &services_yaml(None))?;
-    write_atomic(&config_dir.join("route.yaml"), &route_yaml(STEPS[0]))?;
 
     let s = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     let log = |name: &str| logs.join(format!("{name}.log"));
@@ -135,18 +127,18 @@ async fn drive(args: &DemoArgs, exe: &Path, mesh: &mut Mesh) -> anyhow::Result<(
         ]);
     }
     let controller = ChildProc::spawn("controller", exe, &controller_args, log("controller")).await?;
-    let grpc = controller.addr("grpc");
-    say(format!("controller   grpc {grpc}  admin http://{}", controller.addr("admin")));
+    let (grpc, admin_addr) = (controller.addr("grpc"), controller.addr("admin"));
+    say(format!("controller   grpc {grpc}  admin http://{admin_addr}"));
     mesh.children.push(controller);
 
     let mut backends = Vec::new();
-    for (name, fail) in [("v1", 0.0), ("v2", args.v2_fail_rate)] {
+    for (name, fail, latency) in [("v1", 0.0, Duration::ZERO), ("v2", args.canary_error_rate, args.canary_latency)] {
         let b = ChildProc::spawn(
             &format!("backend-{name}"),
             exe,
             &[
                 s(&["demo-backend", "--listen", "127.0.0.1:0", "--print-listen-addrs", "--name", name]),
-                vec![format!("--fail-rate={fail}")],
+                vec![format!("--fail-rate={fail}"), format!("--latency={}ms", latency.as_millis())],
             ]
             .concat(),
             log(&format!("backend-{name}")),
@@ -219,46 +211,79 @@ async fn drive(args: &DemoArgs, exe: &Path, mesh: &mut Mesh) -> anyhow::Result<(
     }
     let idle_rss = memory_kib(client_pid).map(|m| m.1).unwrap_or(0);
 
-    let step_time = args.duration / STEPS.len() as u32;
-    let mut results = Vec::new();
-    let peak_rss = Arc::new(AtomicU64::new(0));
+    // The rollout: the Canary goes in, and once the client sidecar routes reviews by it, the
+    // load starts and runs until the controller has promoted or rolled back.
+    let canary_yaml = CANARY_YAML.replace("interval: 5s", &format!("interval: {}ms", args.interval.as_millis()));
+    write_atomic(&config_dir.join("canary.yaml"), &canary_yaml)?;
+    wait_for_config(&http, client_admin, Duration::from_secs(20), |c| split_weights(c).is_some())
+        .await
+        .context("the canary's split never reached the client sidecar")?;
     say(format!(
-        "\nload: {} connections to http://reviews.demo/ through {outbound}, {step_time:?} per step\n",
-        args.concurrency
+        "\ncanary demo/reviews: reviews-v1 (stable) → reviews-v2 (canary{}), steps 10/25/50/75%, every {:?}; \
+         pass = success ≥ 99%, p99 ≤ 100ms, ≥ 50 canary requests; 2 failed intervals roll back",
+        describe_canary(args),
+        args.interval
     ));
-    for (i, weights) in STEPS.iter().copied().enumerate() {
-        let changed = Instant::now();
-        if i > 0 {
-            write_atomic(&config_dir.join("route.yaml"), &route_yaml(weights))?;
-            wait_for_config(&http, client_admin, Duration::from_secs(10), |c| split_weights(c) == Some(weights))
-                .await
-                .context("the weight change never reached the client sidecar")?;
+    say(format!("load: {} connections to http://reviews.demo/ through {outbound}\n", args.concurrency));
+    let peak_rss = Arc::new(AtomicU64::new(0));
+    let traffic = Load::start(outbound, args.concurrency, client_pid, peak_rss.clone());
+    let started = Instant::now();
+    let limit = args.interval * 12 + Duration::from_secs(30);
+    let mut seen_analysis = 0u64;
+    let mut seen_history = 0usize;
+    let mut analyses = Vec::new();
+    let final_status = loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let all: serde_json::Value = serde_json::from_str(&get_text(&http, admin_addr, "/canaries").await?)?;
+        let status = all["canaries"][0]["status"].clone();
+        let history = status["history"].as_array().cloned().unwrap_or_default();
+        let at = status["lastAnalysis"]["atUnixMs"].as_u64().unwrap_or(0);
+        if at != seen_analysis {
+            seen_analysis = at;
+            let a = &status["lastAnalysis"];
+            say(format!(
+                "t={:>5.1}s  stable {}  canary {}  {:<12} → {}",
+                started.elapsed().as_secs_f64(),
+                backend_line(&a["stable"]),
+                backend_line(&a["canary"]),
+                a["verdict"].as_str().unwrap_or("?"),
+                status["message"].as_str().unwrap_or(""),
+            ));
+            analyses.push(a.clone());
+        } else if history.len() > seen_history && seen_history == 0 {
+            say(format!(
+                "t={:>5.1}s  {}",
+                started.elapsed().as_secs_f64(),
+                history.last().and_then(|h| h["reason"].as_str()).unwrap_or("")
+            ));
         }
-        let propagation_ms = if i > 0 { changed.elapsed().as_secs_f64() * 1000.0 } else { 0.0 };
-        let label = format!("step {}/{}  v1 {:>3}% v2 {:>3}%", i + 1, STEPS.len(), weights.0, weights.1);
-        let counts =
-            load(outbound, args.concurrency, step_time, &label, !args.json, client_pid, peak_rss.clone()).await;
-        let total = counts.v1 + counts.v2 + counts.errors;
-        let served = (counts.v1 + counts.v2).max(1) as f64;
-        let r = StepResult {
-            weights,
-            propagation_ms,
-            requests: total,
-            rps: total as f64 / step_time.as_secs_f64(),
-            v1_share: counts.v1 as f64 / served,
-            v2_share: counts.v2 as f64 / served,
-            errors: counts.errors,
-        };
-        say(format!(
-            "\r{label}  {:>8.0} rps  served v1 {:>5.1}%  v2 {:>5.1}%  errors {:<5}  config applied in {:.0} ms",
-            r.rps,
-            r.v1_share * 100.0,
-            r.v2_share * 100.0,
-            r.errors,
-            r.propagation_ms
-        ));
-        results.push(r);
-    }
+        seen_history = history.len();
+        let phase = status["phase"].as_str().unwrap_or("");
+        if phase == "Succeeded" || phase == "Failed" {
+            break status;
+        }
+        if started.elapsed() > limit {
+            bail!("the canary did not finish within {limit:?} (phase {phase})");
+        }
+    };
+    let took = started.elapsed();
+    let counts = traffic.stop().await;
+    let phase = final_status["phase"].as_str().unwrap_or("");
+    let verb = if phase == "Succeeded" { "promoted" } else { "rolled back" };
+    say(format!(
+        "\n{phase}: reviews-v2 {verb} after {:.1}s at weight {}% — {}",
+        took.as_secs_f64(),
+        final_status["weight"],
+        final_status["message"].as_str().unwrap_or("")
+    ));
+    let total = counts.v1 + counts.v2 + counts.errors;
+    say(format!(
+        "traffic: {total} requests ({:.0} rps): {} served by v1, {} by v2, {} failed",
+        total as f64 / took.as_secs_f64().max(0.001),
+        counts.v1,
+        counts.v2,
+        counts.errors
+    ));
     let peak = peak_rss.load(Ordering::Relaxed);
     // What the servers saw: requests by client identity and transport.
     let mut mtls_requests = 0u64;
@@ -274,21 +299,42 @@ async fn drive(args: &DemoArgs, exe: &Path, mesh: &mut Mesh) -> anyhow::Result<(
         "servers received {mtls_requests} requests over mTLS from spiffe://cluster.local/ns/demo/sa/productpage, {plain_requests} in plaintext"
     ));
     say(format!(
-        "\nclient sidecar RSS: {:.1} MiB idle, {:.1} MiB peak under load",
+        "client sidecar RSS: {:.1} MiB idle, {:.1} MiB peak under load",
         idle_rss as f64 / 1024.0,
         peak as f64 / 1024.0
     ));
     if args.json {
         let summary = serde_json::json!({
-            "steps": results,
+            "canary": { "phase": phase, "weight": final_status["weight"], "reason": final_status["message"],
+                        "seconds": took.as_secs_f64(), "history": final_status["history"] },
+            "analyses": analyses,
+            "requests": { "v1": counts.v1, "v2": counts.v2, "failed": counts.errors },
             "clientSidecarRssKiB": { "idle": idle_rss, "peakUnderLoad": peak },
             "mtls": { "enabled": mtls, "requestsOverMtls": mtls_requests, "requestsInPlaintext": plain_requests },
             "concurrency": args.concurrency,
-            "stepSeconds": step_time.as_secs_f64(),
+            "intervalSeconds": args.interval.as_secs_f64(),
         });
         println!("{}", serde_json::to_string_pretty(&summary)?);
     }
     Ok(())
+}
+
+fn describe_canary(args: &DemoArgs) -> String {
+    let mut faults = Vec::new();
+    if args.canary_error_rate > 0.0 {
+        faults.push(format!("failing {:.0}% of requests", args.canary_error_rate * 100.0));
+    }
+    if !args.canary_latency.is_zero() {
+        faults.push(format!("{}ms slower", args.canary_latency.as_millis()));
+    }
+    if faults.is_empty() { ", healthy".into() } else { format!(", {}", faults.join(" and ")) }
+}
+
+/// `99.95% p99   2.5ms   1234 req` for one backend's interval.
+fn backend_line(m: &serde_json::Value) -> String {
+    let rate = m["successRate"].as_f64().map(|r| format!("{r:6.2}%")).unwrap_or_else(|| "     -".into());
+    let p99 = m["p99Ms"].as_f64().map(|p| format!("{p:6.1}ms")).unwrap_or_else(|| "     -  ".into());
+    format!("{rate} p99 {p99} {:>6} req", m["requests"].as_u64().unwrap_or(0))
 }
 
 #[derive(Default)]
@@ -298,71 +344,70 @@ struct Counts {
     errors: u64,
 }
 
-async fn load(
-    outbound: SocketAddr,
-    concurrency: usize,
-    duration: Duration,
-    label: &str,
-    progress: bool,
-    watch_pid: u32,
-    peak_rss: Arc<AtomicU64>,
-) -> Counts {
-    let (v1, v2, errors) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let start = Instant::now();
-    let deadline = start + duration;
-    let mut workers = Vec::new();
-    for _ in 0..concurrency {
-        let (v1, v2, errors) = (v1.clone(), v2.clone(), errors.clone());
-        let client = Client::builder(TokioExecutor::new()).pool_max_idle_per_host(1).build(HttpConnector::new());
-        workers.push(tokio::spawn(async move {
-            let uri: http::Uri = format!("http://{outbound}/").parse().unwrap();
-            while Instant::now() < deadline {
-                let req =
-                    http::Request::get(uri.clone()).header("host", "reviews.demo").body(Empty::<Bytes>::new()).unwrap();
-                let ok = match tokio::time::timeout(Duration::from_secs(5), client.request(req)).await {
-                    Ok(Ok(rsp)) if rsp.status().is_success() => {
-                        let backend = rsp.headers().get("x-weir-backend").cloned();
-                        let _ = rsp.into_body().collect().await;
-                        match backend.as_ref().map(|b| b.as_bytes()) {
-                            Some(b"v1") => v1.fetch_add(1, Ordering::Relaxed),
-                            Some(b"v2") => v2.fetch_add(1, Ordering::Relaxed),
-                            _ => errors.fetch_add(1, Ordering::Relaxed),
-                        };
-                        true
-                    }
-                    Ok(Ok(rsp)) => {
-                        let _ = rsp.into_body().collect().await;
-                        false
-                    }
-                    _ => false,
-                };
-                if !ok {
-                    errors.fetch_add(1, Ordering::Relaxed);
+/// Closed-loop load through the client sidecar until stopped, counting responses by version,
+/// and sampling the client sidecar's RSS.
+struct Load {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    counts: Arc<[AtomicU64; 3]>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(outbound: SocketAddr, concurrency: usize, watch_pid: u32, peak_rss: Arc<AtomicU64>) -> Self {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let counts: Arc<[AtomicU64; 3]> = Arc::new(Default::default());
+        let mut tasks = Vec::new();
+        for _ in 0..concurrency {
+            let (stop, counts) = (stop.clone(), counts.clone());
+            let client = Client::builder(TokioExecutor::new()).pool_max_idle_per_host(1).build(HttpConnector::new());
+            tasks.push(tokio::spawn(async move {
+                let uri: http::Uri = format!("http://{outbound}/").parse().unwrap();
+                while !stop.load(Ordering::Relaxed) {
+                    let req = http::Request::get(uri.clone())
+                        .header("host", "reviews.demo")
+                        .body(Empty::<Bytes>::new())
+                        .unwrap();
+                    let slot = match tokio::time::timeout(Duration::from_secs(5), client.request(req)).await {
+                        Ok(Ok(rsp)) => {
+                            let ok = rsp.status().is_success();
+                            let backend = rsp.headers().get("x-weir-backend").cloned();
+                            let _ = rsp.into_body().collect().await;
+                            match backend.as_ref().map(|b| b.as_bytes()) {
+                                Some(b"v1") if ok => 0,
+                                Some(b"v2") if ok => 1,
+                                _ => 2,
+                            }
+                        }
+                        _ => 2,
+                    };
+                    counts[slot].fetch_add(1, Ordering::Relaxed);
                 }
+            }));
+        }
+        let sampler_stop = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            while !sampler_stop.load(Ordering::Relaxed) {
+                if let Some((_, rss)) = memory_kib(watch_pid) {
+                    peak_rss.fetch_max(rss, Ordering::Relaxed);
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }));
+        Self { stop, counts, tasks }
     }
-    let mut tick = tokio::time::interval(Duration::from_millis(200));
-    while Instant::now() < deadline {
-        tick.tick().await;
-        if let Some((_, rss)) = memory_kib(watch_pid) {
-            peak_rss.fetch_max(rss, Ordering::Relaxed);
+
+    async fn stop(self) -> Counts {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            let _ = t.await;
         }
-        if progress {
-            let frac = (start.elapsed().as_secs_f64() / duration.as_secs_f64()).min(1.0);
-            let filled = (frac * 30.0) as usize;
-            let done = v1.load(Ordering::Relaxed) + v2.load(Ordering::Relaxed) + errors.load(Ordering::Relaxed);
-            eprint!("\r{label}  [{}{}] {done} requests", "#".repeat(filled), ".".repeat(30 - filled));
-            let _ = std::io::stderr().flush();
+        let c = &self.counts;
+        Counts {
+            v1: c[0].load(Ordering::Relaxed),
+            v2: c[1].load(Ordering::Relaxed),
+            errors: c[2].load(Ordering::Relaxed),
         }
     }
-    for w in workers {
-        let _ = w.await;
-    }
-    if progress {
-        eprint!("\r{}\r", " ".repeat(100));
-    }
-    Counts { v1: v1.load(Ordering::Relaxed), v2: v2.load(Ordering::Relaxed), errors: errors.load(Ordering::Relaxed) }
 }
 
 async fn wait_for_config(
@@ -456,25 +501,19 @@ fn strip_endpoints(yaml: &str) -> String {
     out.join("\n") + "\n"
 }
 
-/// `examples/demo/route.yaml` with the split's weights set.
-fn route_yaml((v1, v2): (u32, u32)) -> String {
-    ROUTE_YAML
-        .replace("{ name: reviews-v1, weight: 100 }", &format!("{{ name: reviews-v1, weight: {v1} }}"))
-        .replace("{ name: reviews-v2, weight: 0 }", &format!("{{ name: reviews-v2, weight: {v2} }}"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn example_files_parse_and_rewrite() {
+        assert!(CANARY_YAML.contains("interval: 5s"), "drive() rewrites this line");
         use weir_controller::index::{Index, Resource};
         use weir_controller::source::local::parse_file;
         let a: SocketAddr = "127.0.0.1:1".parse().unwrap();
         for (services, endpoints) in [(services_yaml(None), 0), (services_yaml(Some((a, a))), 2)] {
             let mut defs = parse_file("services.yaml", &services).unwrap();
-            defs.extend(parse_file("route.yaml", &route_yaml((90, 10))).unwrap());
+            defs.extend(parse_file("canary.yaml", CANARY_YAML).unwrap());
             defs.extend(parse_file("authorization.yaml", AUTHORIZATION_YAML).unwrap());
             let mut index = Index::default();
             index.replace_all(defs, vec![]);
@@ -483,11 +522,8 @@ mod tests {
             for e in index.entries().values() {
                 match &e.resource {
                     Resource::Service(s) => found += s.endpoints.iter().filter(|e| e.address == "127.0.0.1:1").count(),
-                    Resource::Route(r) => {
-                        let w: Vec<u32> = r.rules[1].backend_refs.iter().map(|b| b.weight).collect();
-                        assert_eq!(w, [90, 10]);
-                    }
-                    Resource::ResiliencePolicy(_) | Resource::MeshAuthorization(_) | Resource::Canary(_) => {}
+                    Resource::Canary(c) => assert_eq!(c.expanded_steps(), [10, 25, 50, 75]),
+                    Resource::Route(_) | Resource::ResiliencePolicy(_) | Resource::MeshAuthorization(_) => {}
                 }
             }
             assert_eq!(found, endpoints);

@@ -1,11 +1,13 @@
 //! `weir`: the user's command.
 //!
 //! # Layout
-//! - [`demo`]: `weir demo`, the whole mesh on loopback with a weight-shifting load test.
+//! - [`demo`]: `weir demo`, the whole mesh on loopback running a canary rollout under load.
+//! - [`canary`]: `weir canary status|promote|abort|pause|resume`.
 //! - [`backend`]: `weir demo-backend`, a test application that fails or slows down on command.
 //! - [`procs`]: child processes started by the demo and the end-to-end tests.
 #![forbid(unsafe_code)]
 
 pub mod backend;
+pub mod canary;
 pub mod demo;
 pub mod procs;

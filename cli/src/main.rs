@@ -14,6 +14,8 @@ struct Cli {
 enum Cmd {
     /// Run the whole mesh on loopback (no Kubernetes) and shift traffic between two versions.
     Demo(weir::demo::DemoArgs),
+    /// Canary rollouts: status (with --watch), promote, abort, pause, resume.
+    Canary(weir::canary::CanaryArgs),
     /// A test application that can fail a share of requests or add latency.
     DemoBackend(BackendArgs),
     /// Run the controller (same as `weir-controller`).
@@ -48,6 +50,7 @@ fn main() -> std::process::ExitCode {
         Cmd::Controller(args) => weir_controller::main_with(args),
         Cmd::Proxy(args) => weir_proxy::main_with(args),
         Cmd::Demo(args) => runtime().and_then(|rt| rt.block_on(weir::demo::run(args))),
+        Cmd::Canary(args) => runtime().and_then(|rt| rt.block_on(weir::canary::run(args))),
         Cmd::DemoBackend(args) => runtime().and_then(|rt| rt.block_on(backend(args))),
     };
     match result {

@@ -437,16 +437,21 @@ fn judge(spec: &CanarySpec, canary: &Totals, weight: u32) -> Verdict {
             spec.analysis.min_success_rate, canary.failures, canary.requests
         ));
     }
-    if let (Some(max), Some(p99)) = (spec.max_p99(), canary.quantile(0.99))
+    if let (Some(max), Some((lower, p99))) = (spec.max_p99(), canary.quantile_bucket(0.99))
         && p99 > max.as_secs_f64()
     {
-        return Verdict::Fail(format!("p99 latency {} above maxP99 {}", fmt_secs(p99), fmt_secs(max.as_secs_f64())));
+        return Verdict::Fail(format!(
+            "p99 latency {}–{} above maxP99 {}",
+            fmt_secs(lower),
+            fmt_secs(p99),
+            fmt_secs(max.as_secs_f64())
+        ));
     }
     Verdict::Pass
 }
 
 fn fmt_secs(s: f64) -> String {
-    if s.is_infinite() { "over the largest bucket".into() } else { format!("{}ms", (s * 1000.0).round()) }
+    if s.is_infinite() { "∞".into() } else { format!("{}ms", (s * 1000.0).round()) }
 }
 
 fn advance(spec: &CanarySpec, status: &mut CanaryStatus) {

@@ -81,6 +81,13 @@ impl Totals {
     pub fn quantile(&self, q: f64) -> Option<f64> {
         quantile(&self.bounds, &self.counts, q)
     }
+
+    /// The bucket holding quantile `q`: (lower bound, upper bound) in seconds.
+    pub fn quantile_bucket(&self, q: f64) -> Option<(f64, f64)> {
+        let upper = self.quantile(q)?;
+        let lower = self.bounds.iter().copied().filter(|b| *b < upper).fold(0.0, f64::max);
+        Some((lower, upper))
+    }
 }
 
 #[derive(Default)]

@@ -24,7 +24,7 @@ pub fn bin(name: &str) -> PathBuf {
     BUILT.get_or_init(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = std::process::Command::new(cargo);
-        cmd.args(["build", "--quiet", "-p", "weir-controller", "-p", "weir-proxy", "--bins"]);
+        cmd.args(["build", "--quiet", "-p", "weir-controller", "-p", "weir-proxy", "-p", "weir", "--bins"]);
         if dir.file_name().is_some_and(|n| n == "release") {
             cmd.arg("--release");
         }

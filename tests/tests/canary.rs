@@ -293,3 +293,38 @@ async fn the_ab_stage_sends_only_matching_requests_to_the_canary() {
     let s = status(&mesh.controller).await;
     assert_eq!(s["weight"], 0, "{s:#}");
 }
+
+/// Runs `weir canary ARGS --controller-admin ADMIN`: (success, stdout, stderr).
+async fn weir_canary(admin: std::net::SocketAddr, args: &[&str]) -> (bool, String, String) {
+    let out = tokio::process::Command::new(bin("weir"))
+        .arg("canary")
+        .args(args)
+        .args(["--controller-admin", &admin.to_string()])
+        .kill_on_drop(true)
+        .output()
+        .await
+        .unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_shows_and_controls_canaries() {
+    let mesh = TwoVersions::start("").await;
+    start_canary(&mesh, &canary("  steps: [20, 40]\n  analysis: { minRequests: 20 }\n")).await;
+    let admin = mesh.controller.addr("admin");
+    let (ok, table, _) = weir_canary(admin, &["status"]).await;
+    assert!(ok);
+    let line = table.lines().find(|l| l.starts_with("test/web")).unwrap_or_else(|| panic!("{table}"));
+    assert!(line.contains("[####................]  20%") && line.contains("1/2"), "{table}");
+    let (ok, json, _) = weir_canary(admin, &["status", "web", "-n", "test", "-o", "json"]).await;
+    assert!(ok);
+    let list: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(list[0]["status"]["weight"], 20);
+    let (ok, _, err) = weir_canary(admin, &["status", "test/nope"]).await;
+    assert!(!ok && err.contains("no Canary test/nope"), "{err}");
+
+    let (ok, out, _) = weir_canary(admin, &["abort", "web", "-n", "test"]).await;
+    assert!(ok && out.contains("test/web: Failed at 0% — aborted by hand"), "{out}");
+    let (ok, _, err) = weir_canary(admin, &["promote", "test/web"]).await;
+    assert!(!ok && err.contains("has already failed"), "{err}");
+}

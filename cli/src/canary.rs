@@ -1,0 +1,178 @@
+//! `weir canary`: the state of every Canary, and the manual controls, against a local-mode
+//! controller's admin port (`--controller-admin`; Kubernetes support arrives with the
+//! Kubernetes source).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::{Client, connect::HttpConnector};
+use hyper_util::rt::TokioExecutor;
+
+#[derive(clap::Args, Debug)]
+#[command(after_help = "Examples:
+  weir canary status --controller-admin 127.0.0.1:9990
+  weir canary status demo/reviews --watch
+  weir canary promote reviews -n demo
+  weir canary abort demo/reviews")]
+pub struct CanaryArgs {
+    #[command(subcommand)]
+    pub command: CanaryCmd,
+    /// The controller's admin address (local mode).
+    #[arg(long, global = true, env = "WEIR_CONTROLLER_ADMIN", default_value = "127.0.0.1:9990")]
+    pub controller_admin: SocketAddr,
+    /// Namespace of NAME when it has none.
+    #[arg(short = 'n', long, global = true, default_value = "default")]
+    pub namespace: String,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum CanaryCmd {
+    /// A table of canaries: phase, weight with a progress bar, last analysis.
+    Status {
+        /// NAMESPACE/NAME or NAME; all canaries when absent.
+        name: Option<String>,
+        /// Redraw every second until interrupted.
+        #[arg(long)]
+        watch: bool,
+        /// `table` or `json`.
+        #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "json"])]
+        output: String,
+    },
+    /// Promote now: all traffic to the canary.
+    Promote { name: String },
+    /// Roll back now: all traffic to stable.
+    Abort { name: String },
+    /// Hold the rollout where it is.
+    Pause { name: String },
+    /// Continue a paused rollout.
+    Resume { name: String },
+}
+
+pub async fn run(args: CanaryArgs) -> anyhow::Result<()> {
+    let http: Client<HttpConnector, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let admin = args.controller_admin;
+    let qualify = |name: &str| if name.contains('/') { name.to_string() } else { format!("{}/{name}", args.namespace) };
+    let (action, name) = match &args.command {
+        CanaryCmd::Status { name, watch, output } => {
+            let filter = name.as_deref().map(qualify);
+            loop {
+                let all = get(&http, admin, "/canaries").await?;
+                let list: Vec<serde_json::Value> = all["canaries"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|c| filter.as_ref().is_none_or(|f| key(c) == *f))
+                    .collect();
+                if let Some(f) = &filter
+                    && list.is_empty()
+                {
+                    bail!("no Canary {f}");
+                }
+                if output == "json" {
+                    println!("{}", serde_json::to_string_pretty(&list)?);
+                } else {
+                    if *watch {
+                        print!("\x1b[2J\x1b[H");
+                    }
+                    print!("{}", table(&list));
+                }
+                if !*watch {
+                    return Ok(());
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = tokio::signal::ctrl_c() => return Ok(()),
+                }
+            }
+        }
+        CanaryCmd::Promote { name } => ("promote", qualify(name)),
+        CanaryCmd::Abort { name } => ("abort", qualify(name)),
+        CanaryCmd::Pause { name } => ("pause", qualify(name)),
+        CanaryCmd::Resume { name } => ("resume", qualify(name)),
+    };
+    let req = http::Request::post(format!("http://{admin}/canaries/{name}/{action}")).body(Empty::new())?;
+    let rsp = http.request(req).await.with_context(|| format!("reaching the controller's admin port at {admin}"))?;
+    let status = rsp.status();
+    let body = String::from_utf8_lossy(&rsp.into_body().collect().await?.to_bytes()).into_owned();
+    if !status.is_success() {
+        bail!("{action} {name}: {}", body.trim());
+    }
+    let s: serde_json::Value = serde_json::from_str(&body)?;
+    println!(
+        "{name}: {} at {}% — {}",
+        s["phase"].as_str().unwrap_or("?"),
+        s["weight"],
+        s["message"].as_str().unwrap_or("")
+    );
+    Ok(())
+}
+
+async fn get(
+    http: &Client<HttpConnector, Empty<Bytes>>,
+    admin: SocketAddr,
+    path: &str,
+) -> anyhow::Result<serde_json::Value> {
+    let rsp = http
+        .get(format!("http://{admin}{path}").parse()?)
+        .await
+        .with_context(|| format!("reaching the controller's admin port at {admin}"))?;
+    if !rsp.status().is_success() {
+        bail!("{path}: {}", rsp.status());
+    }
+    Ok(serde_json::from_slice(&rsp.into_body().collect().await?.to_bytes())?)
+}
+
+fn key(c: &serde_json::Value) -> String {
+    format!("{}/{}", c["namespace"].as_str().unwrap_or(""), c["name"].as_str().unwrap_or(""))
+}
+
+/// The status table, one canary per line.
+pub fn table(list: &[serde_json::Value]) -> String {
+    let mut out = format!(
+        "{:<24} {:<12} {:<29} {:>5}  {:>8} {:>9} {:>8}  {}\n",
+        "NAME", "PHASE", "WEIGHT", "STEP", "SUCCESS", "P99", "REQUESTS", "MESSAGE"
+    );
+    for c in list {
+        let s = &c["status"];
+        let weight = s["weight"].as_u64().unwrap_or(0);
+        let filled = (weight as usize * 20).div_ceil(100).min(20);
+        let bar = format!("[{}{}] {weight:>3}%", "#".repeat(filled), ".".repeat(20 - filled));
+        let steps = s["steps"].as_array().map(|a| a.len()).unwrap_or(0);
+        let step = format!("{}/{steps}", s["step"].as_u64().map(|n| n + 1).unwrap_or(0).min(steps as u64));
+        let a = &s["lastAnalysis"]["canary"];
+        let success = a["successRate"].as_f64().map(|r| format!("{r:.2}%")).unwrap_or_else(|| "-".into());
+        let p99 = a["p99Ms"].as_f64().map(|p| format!("{p:.1}ms")).unwrap_or_else(|| "-".into());
+        let requests = a["requests"].as_u64().map(|r| r.to_string()).unwrap_or_else(|| "-".into());
+        out.push_str(&format!(
+            "{:<24} {:<12} {bar:<29} {step:>5}  {success:>8} {p99:>9} {requests:>8}  {}\n",
+            key(c),
+            s["phase"].as_str().unwrap_or("-"),
+            s["message"].as_str().unwrap_or("")
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_table_shows_phase_weight_and_analysis() {
+        let c = serde_json::json!({
+            "namespace": "demo", "name": "reviews",
+            "status": { "phase": "Progressing", "weight": 25, "step": 1, "steps": [10, 25, 50, 75],
+                        "message": "advanced to 25%",
+                        "lastAnalysis": { "canary": { "requests": 1200, "successRate": 99.5, "p99Ms": 2.5 } } }
+        });
+        let t = super::table(&[c]);
+        let line = t.lines().nth(1).unwrap();
+        assert!(line.starts_with("demo/reviews"), "{t}");
+        for part in ["Progressing", "[#####...............]  25%", "2/4", "99.50%", "2.5ms", "1200", "advanced to 25%"]
+        {
+            assert!(line.contains(part), "{part:?} missing in {line:?}");
+        }
+    }
+}
