@@ -3,6 +3,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -17,10 +18,71 @@ use tokio::sync::watch;
 /// Initialises `tracing`: human-readable by default, JSON when `json`; `level` is an
 /// `EnvFilter` directive (`info`, `weir_proxy=debug`), overridden by `RUST_LOG`.
 pub fn init_logging(level: &str, json: bool) {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    let _ = if json { builder.json().try_init() } else { builder.try_init() };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    if json {
+        let b = builder.json().with_filter_reloading();
+        remember(b.reload_handle(), level);
+        let _ = b.try_init();
+    } else {
+        let b = builder.with_filter_reloading();
+        remember(b.reload_handle(), level);
+        let _ = b.try_init();
+    }
+}
+
+fn remember<S: 'static>(handle: tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, S>, level: &str) {
+    let current = Arc::new(std::sync::Mutex::new(level.to_string()));
+    let _ = LOG_LEVEL.set(LogLevel {
+        current: current.clone(),
+        set: Box::new(move |directives: &str| {
+            let filter = tracing_subscriber::EnvFilter::try_new(directives)
+                .map_err(|e| format!("invalid log level {directives:?}: {e}"))?;
+            handle.reload(filter).map_err(|e| e.to_string())?;
+            *current.lock().unwrap() = directives.to_string();
+            Ok(())
+        }),
+    });
+}
+
+/// The log filter in force, changeable at run time (the admin ports' `/log-level`).
+pub struct LogLevel {
+    current: Arc<std::sync::Mutex<String>>,
+    set: Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>,
+}
+
+static LOG_LEVEL: std::sync::OnceLock<LogLevel> = std::sync::OnceLock::new();
+
+/// `GET /log-level` shows the filter; `POST /log-level?level=DIRECTIVES` replaces it (e.g.
+/// `debug` or `info,weir_proxy=trace`). `None` for other paths.
+pub fn log_level_endpoint<B>(req: &http::Request<B>) -> Option<Response<Full<Bytes>>> {
+    if req.uri().path() != "/log-level" {
+        return None;
+    }
+    let Some(log) = LOG_LEVEL.get() else {
+        return Some(text(http::StatusCode::SERVICE_UNAVAILABLE, "logging is not initialised\n"));
+    };
+    if req.method() == http::Method::GET {
+        return Some(text(http::StatusCode::OK, format!("{}\n", log.current.lock().unwrap())));
+    }
+    if req.method() != http::Method::POST && req.method() != http::Method::PUT {
+        return Some(text(http::StatusCode::METHOD_NOT_ALLOWED, "GET, or POST ?level=DIRECTIVES\n"));
+    }
+    let level = req.uri().query().and_then(|q| {
+        q.split('&').find_map(|kv| kv.strip_prefix("level=")).map(|v| v.replace("%2C", ",").replace("%3D", "="))
+    });
+    Some(match level {
+        None => text(http::StatusCode::BAD_REQUEST, "POST /log-level?level=DIRECTIVES (e.g. debug)\n"),
+        Some(l) => match (log.set)(&l) {
+            Ok(()) => text(http::StatusCode::OK, format!("{l}\n")),
+            Err(e) => text(http::StatusCode::BAD_REQUEST, format!("{e}\n")),
+        },
+    })
 }
 
 /// A drain signal: `true` once shutdown has begun.

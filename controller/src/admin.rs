@@ -29,6 +29,9 @@ pub struct Admin {
 
 impl Admin {
     pub async fn handle(self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        if let Some(rsp) = weir_api::rt::log_level_endpoint(&req) {
+            return rsp;
+        }
         match req.uri().path() {
             "/live" => text(StatusCode::OK, "live\n"),
             "/ready" if self.ready.load(Ordering::Acquire) => text(StatusCode::OK, "ready\n"),
@@ -38,7 +41,10 @@ impl Admin {
             "/stats" => json(&self.reports.lock().unwrap().to_json()),
             "/canaries" => json(&self.canaries()),
             path if path.starts_with("/canaries/") => self.canary_action(&req),
-            _ => text(StatusCode::NOT_FOUND, "not found: try /live /ready /metrics /resources /stats /canaries\n"),
+            _ => text(
+                StatusCode::NOT_FOUND,
+                "not found: try /live /ready /metrics /resources /stats /canaries /log-level\n",
+            ),
         }
     }
 

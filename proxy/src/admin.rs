@@ -1,4 +1,4 @@
-//! The sidecar's admin endpoints: `/live`, `/ready`, `/metrics`, `/config`.
+//! The sidecar's admin endpoints: `/live`, `/ready`, `/metrics`, `/config`, `/log-level`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,6 +25,9 @@ pub struct Admin {
 
 impl Admin {
     pub async fn handle(self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        if let Some(rsp) = weir_api::rt::log_level_endpoint(&req) {
+            return rsp;
+        }
         let config = self.config.borrow().clone();
         match req.uri().path() {
             "/live" => text(StatusCode::OK, "live\n"),
@@ -43,7 +46,7 @@ impl Admin {
                 Some(c) => json(&serde_json::json!({ "version": c.version, "snapshot": c.source })),
                 None => json(&serde_json::json!({ "version": null })),
             },
-            _ => text(StatusCode::NOT_FOUND, "not found: try /live /ready /metrics /config\n"),
+            _ => text(StatusCode::NOT_FOUND, "not found: try /live /ready /metrics /config /log-level\n"),
         }
     }
 }

@@ -27,6 +27,7 @@ pub mod metrics;
 pub mod outbound;
 pub mod server;
 pub mod tls;
+pub mod trace;
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
@@ -90,6 +91,10 @@ pub struct Args {
     /// Print the bound addresses as one JSON line on stdout once listening (for scripts and tests).
     #[arg(long)]
     pub print_listen_addrs: bool,
+    /// Log one line per request (target `weir::access`): method, authority, path, status,
+    /// duration, upstream, attempts, request id, trace and span ids.
+    #[arg(long, env = "WEIR_ACCESS_LOG")]
+    pub access_log: bool,
     /// A token proving this workload's identity (a projected ServiceAccount token, or in
     /// local mode one from the controller's table). With it, the sidecar gets a certificate.
     #[arg(long, env = "WEIR_TOKEN_FILE")]
@@ -212,8 +217,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         credentials: args.token_file.is_some().then(|| creds_rx.clone()),
         trust_domain: args.trust_domain.clone().into(),
         tunnels: outbound::tunnel::Tunnels::new(drain.clone(), args.shutdown_grace),
+        access_log: args.access_log,
     };
-    let inb = inbound::Inbound::new(
+    let mut inb = inbound::Inbound::new(
         args.app_addr,
         clients,
         metrics.clone(),
@@ -222,6 +228,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         resilience,
         args.trust_domain.clone().into(),
     );
+    inb.access_log = args.access_log;
     let grace = args.shutdown_grace;
     let outbound_task = tokio::spawn(server::serve(
         outbound_l,

@@ -35,6 +35,8 @@ pub struct Inbound {
     server: Arc<str>,
     /// Snapshot version last warned about unmatched authorization ports.
     warned_version: Arc<std::sync::Mutex<Option<String>>>,
+    /// Log a line per request (target `weir::access`).
+    pub access_log: bool,
 }
 
 impl Inbound {
@@ -51,11 +53,44 @@ impl Inbound {
         let labels =
             Labels { direction: Direction::Inbound, service: me.clone(), route: "".into(), backend: me, tls: false };
         let server = app.map(|a| a.port()).unwrap_or(0).to_string().into();
-        Self { app, clients, metrics, labels, config, resilience, trust_domain, server, warned_version: Arc::default() }
+        Self {
+            app,
+            clients,
+            metrics,
+            labels,
+            config,
+            resilience,
+            trust_domain,
+            server,
+            warned_version: Arc::default(),
+            access_log: false,
+        }
     }
 
     pub async fn handle(self, mut req: Request<Incoming>, peer: crate::server::Peer) -> Response<Body> {
         let started = Instant::now();
+        let ctx = crate::trace::hop(req.headers_mut());
+        let logged = self.access_log.then(|| (req.method().clone(), req.uri().path().to_string()));
+        let who = peer.identity.clone();
+        let rsp = self.serve(req, peer, started).await;
+        if let Some((method, path)) = logged {
+            tracing::info!(
+                target: "weir::access",
+                direction = "inbound",
+                %method,
+                %path,
+                status = rsp.status().as_u16(),
+                duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+                client_identity = who.as_deref().unwrap_or(""),
+                request_id = %ctx.request_id,
+                trace_id = %ctx.trace_id,
+                span_id = %ctx.span_id,
+            );
+        }
+        rsp
+    }
+
+    async fn serve(self, mut req: Request<Incoming>, peer: crate::server::Peer, started: Instant) -> Response<Body> {
         let client = peer.addr;
         let labels = Labels { tls: peer.identity.is_some(), ..self.labels.clone() };
         self.metrics.request_started(&labels);

@@ -44,6 +44,8 @@ pub struct Outbound {
     pub trust_domain: Arc<str>,
     /// CONNECT tunnels to destinations outside the mesh.
     pub tunnels: tunnel::Tunnels,
+    /// Log a line per request (target `weir::access`).
+    pub access_log: bool,
 }
 
 /// Request bodies up to this size are kept so that a retry can replay them.
@@ -77,16 +79,54 @@ impl RequestBody {
     }
 }
 
+/// The backend Service that served (or failed) a request, for the access log.
+#[derive(Clone)]
+struct Upstream(Arc<str>);
+
 impl Outbound {
-    pub async fn handle(self, req: Request<Incoming>, peer: crate::server::Peer) -> Response<Body> {
+    pub async fn handle(self, mut req: Request<Incoming>, peer: crate::server::Peer) -> Response<Body> {
+        if req.method() == http::Method::CONNECT {
+            let config = self.config.borrow().clone();
+            return self.tunnels.connect(req, config.as_deref(), self.clients.connect_timeout(), &self.metrics).await;
+        }
+        let ctx = crate::trace::hop(req.headers_mut());
+        if !self.access_log {
+            return self.route(req, peer).await;
+        }
+        let started = Instant::now();
+        let (method, uri) = (req.method().clone(), req.uri().clone());
+        let authority = req
+            .uri()
+            .authority()
+            .map(|a| a.to_string())
+            .or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string))
+            .unwrap_or_default();
+        let rsp = self.route(req, peer).await;
+        let upstream = rsp.extensions().get::<Upstream>().map(|u| u.0.clone()).unwrap_or_else(|| "".into());
+        let attempts = rsp.headers().get(&ATTEMPTS).and_then(|v| v.to_str().ok()).unwrap_or("1").to_string();
+        tracing::info!(
+            target: "weir::access",
+            direction = "outbound",
+            %method,
+            %authority,
+            path = uri.path(),
+            status = rsp.status().as_u16(),
+            duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+            %upstream,
+            %attempts,
+            request_id = %ctx.request_id,
+            trace_id = %ctx.trace_id,
+            span_id = %ctx.span_id,
+        );
+        rsp
+    }
+
+    async fn route(self, req: Request<Incoming>, peer: crate::server::Peer) -> Response<Body> {
         let client = peer.addr;
         let started = Instant::now();
         let version = req.version();
         // In-flight requests finish on the config they started with.
         let config = self.config.borrow().clone();
-        if req.method() == http::Method::CONNECT {
-            return self.tunnels.connect(req, config.as_deref(), self.clients.connect_timeout(), &self.metrics).await;
-        }
         let Some(config) = config else {
             return ProxyError::NotReady.into_response();
         };
@@ -178,6 +218,7 @@ impl Outbound {
         if attempts > 1 {
             rsp.headers_mut().insert(ATTEMPTS.clone(), HeaderValue::from(attempts));
         }
+        rsp.extensions_mut().insert(Upstream(labels.backend.clone()));
         rsp
     }
 
