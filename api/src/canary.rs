@@ -171,9 +171,16 @@ pub struct CanaryStatus {
     /// The most recent transitions, oldest first (at most 32).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub history: Vec<Transition>,
-    /// Fingerprint of the spec this rollout runs (a changed spec starts a new rollout).
+    /// Fingerprint of what this rollout rolls out (service, stable, canary): a change starts a
+    /// new rollout; other edits apply in place.
     #[serde(default)]
     pub spec_hash: String,
+    /// The phase a paused rollout returns to, and whether `spec.paused` (rather than a manual
+    /// pause) holds it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused_from: Option<Phase>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub paused_by_spec: bool,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
 }
@@ -280,8 +287,8 @@ impl CanarySpec {
         if !self.steps.is_empty() {
             return self.steps.clone();
         }
-        let step = self.step_weight.unwrap_or(10).clamp(1, 100);
-        let max = self.max_weight.unwrap_or(50).clamp(step, 100);
+        let max = self.max_weight.unwrap_or(50).clamp(1, 100);
+        let step = self.step_weight.unwrap_or(10).clamp(1, max);
         (1..).map(|i| i * step).take_while(|w| *w <= max).collect()
     }
 
@@ -329,8 +336,10 @@ impl CanarySpec {
             return Err(FieldError::new("spec.maxWeight", "must be at least stepWeight"));
         }
         let interval = crate::resilience::positive_duration("spec.interval", &self.interval)?;
-        if interval < std::time::Duration::from_millis(100) {
-            return Err(FieldError::new("spec.interval", "must be at least 100ms"));
+        // Sidecars report every few seconds by default (500ms in tests): an interval shorter
+        // than a second would mostly see no data.
+        if interval < std::time::Duration::from_secs(1) {
+            return Err(FieldError::new("spec.interval", "must be at least 1s (and a few sidecar report intervals)"));
         }
         crate::resilience::percent("spec.analysis.minSuccessRate", self.analysis.min_success_rate)?;
         if let Some(p) = &self.analysis.max_p99 {
@@ -390,6 +399,8 @@ mod tests {
         assert_eq!(s.interval(), std::time::Duration::from_secs(60));
         let s = spec(&format!("{BASE}stepWeight: 30\nmaxWeight: 100\n")).unwrap();
         assert_eq!(s.expanded_steps(), vec![30, 60, 90]);
+        let s = spec(&format!("{BASE}maxWeight: 5\n")).unwrap();
+        assert_eq!(s.expanded_steps(), vec![5]);
         let s = spec(&format!("{BASE}steps: [5, 50]\n")).unwrap();
         assert_eq!(s.expanded_steps(), vec![5, 50]);
     }
@@ -400,7 +411,7 @@ mod tests {
             ("steps: [50, 10]\n", "spec.steps[1]"),
             ("steps: [0]\n", "spec.steps[0]"),
             ("steps: [10]\nstepWeight: 10\n", "spec.steps"),
-            ("interval: 10ms\n", "spec.interval"),
+            ("interval: 500ms\n", "spec.interval"),
             ("interval: soon\n", "spec.interval"),
             ("analysis: { minSuccessRate: 120 }\n", "spec.analysis.minSuccessRate"),
             ("analysis: { failureLimit: 0 }\n", "spec.analysis.failureLimit"),

@@ -53,8 +53,10 @@ fn remember<S: 'static>(handle: tracing_subscriber::reload::Handle<tracing_subsc
 /// The log filter in force, changeable at run time (the admin ports' `/log-level`).
 pub struct LogLevel {
     current: Arc<std::sync::Mutex<String>>,
-    set: Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>,
+    set: SetLevel,
 }
+
+type SetLevel = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 
 static LOG_LEVEL: std::sync::OnceLock<LogLevel> = std::sync::OnceLock::new();
 

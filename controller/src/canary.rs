@@ -212,6 +212,8 @@ impl Canaries {
             Action::Abort => transition(&mut entry.status, Phase::Failed, 0, "aborted by hand".into()),
             Action::Pause if phase == Phase::Paused => return Err("already paused".into()),
             Action::Pause => {
+                entry.status.paused_from = Some(phase);
+                entry.status.paused_by_spec = false;
                 let w = entry.status.weight;
                 transition(&mut entry.status, Phase::Paused, w, "paused by hand".into())
             }
@@ -219,12 +221,7 @@ impl Canaries {
             Action::Resume if def.spec.paused => {
                 return Err("spec.paused is true: set it to false to resume".into());
             }
-            Action::Resume => {
-                let w = entry.status.weight;
-                transition(&mut entry.status, Phase::Progressing, w, "resumed by hand".into());
-                // The paused time is not judged.
-                entry.baseline = None;
-            }
+            Action::Resume => resume(entry, "resumed by hand".into()),
         }
         let status = entry.status.clone();
         self.publish(&entries, defs);
@@ -258,10 +255,27 @@ impl Canaries {
                 changed = true;
             }
             let entry = entries.get_mut(&key).expect("inserted");
-            entry.status.message = conflict_note(&entry.status.message, &def.conflicting_routes);
-            if def.spec.paused && !entry.status.phase.is_final() && entry.status.phase != Phase::Paused {
+            let note = conflict_note(&entry.status.message, &def.conflicting_routes);
+            if note != entry.status.message {
+                entry.status.message = note;
+                changed = true;
+            }
+            // Edited steps apply in place (the rollout keeps its place, within the new steps).
+            let steps = def.spec.expanded_steps();
+            if steps != entry.status.steps && !entry.status.phase.is_final() {
+                entry.status.step = entry.status.step.min(steps.len().saturating_sub(1) as u32);
+                entry.status.steps = steps;
+                changed = true;
+            }
+            let phase = entry.status.phase;
+            if def.spec.paused && !phase.is_final() && phase != Phase::Paused {
+                entry.status.paused_from = Some(phase);
+                entry.status.paused_by_spec = true;
                 let w = entry.status.weight;
                 transition(&mut entry.status, Phase::Paused, w, "spec.paused is true".into());
+                changed = true;
+            } else if !def.spec.paused && phase == Phase::Paused && entry.status.paused_by_spec {
+                resume(entry, "spec.paused is false".into());
                 changed = true;
             }
         }
@@ -370,14 +384,18 @@ impl Canaries {
 
     fn save(&self, entries: &BTreeMap<(String, String), Entry>) {
         let Some(path) = &self.state_file else { return };
-        let all: BTreeMap<String, &CanaryStatus> =
-            entries.iter().map(|((ns, n), e)| (format!("{ns}/{n}"), &e.status)).collect();
+        // Saved statuses not adopted yet (their Canary is absent or rejected for now) are kept.
+        let loaded = self.loaded.lock().unwrap().clone();
+        let mut all: BTreeMap<String, CanaryStatus> = loaded;
+        all.extend(entries.iter().map(|((ns, n), e)| (format!("{ns}/{n}"), e.status.clone())));
         let result = (|| -> std::io::Result<()> {
             if let Some(dir) = path.parent() {
                 std::fs::create_dir_all(dir)?;
             }
             let tmp = path.with_extension("tmp~");
-            std::fs::write(&tmp, serde_json::to_vec_pretty(&all).unwrap_or_default())?;
+            let mut f = std::fs::File::create(&tmp)?;
+            std::io::Write::write_all(&mut f, &serde_json::to_vec_pretty(&all).unwrap_or_default())?;
+            f.sync_all()?;
             std::fs::rename(&tmp, path)
         })();
         if let Err(e) = result {
@@ -500,6 +518,15 @@ fn backend_metrics(t: &Totals) -> BackendMetrics {
     }
 }
 
+/// Back to the phase the rollout was paused in; the paused time is not judged.
+fn resume(entry: &mut Entry, reason: String) {
+    let phase = entry.status.paused_from.take().unwrap_or(Phase::Progressing);
+    entry.status.paused_by_spec = false;
+    let w = entry.status.weight;
+    transition(&mut entry.status, phase, w, reason);
+    entry.baseline = None;
+}
+
 fn transition(status: &mut CanaryStatus, phase: Phase, weight: u32, reason: String) {
     status.phase = phase;
     status.weight = weight;
@@ -522,13 +549,105 @@ fn conflict_note(message: &str, routes: &[String]) -> String {
     }
 }
 
-/// A fingerprint that is stable across builds (FNV-1a of the spec's JSON), leaving out the
-/// controls that do not start a new rollout.
+/// A fingerprint of what the rollout rolls out, stable across builds (FNV-1a): a new stable or
+/// canary Service starts a new rollout; every other edit applies to the running one.
 fn spec_hash(spec: &CanarySpec) -> String {
-    let mut s = spec.clone();
-    s.paused = false;
-    s.auto_promote = true;
-    let json = serde_json::to_string(&s).unwrap_or_default();
+    let json = format!("{}\n{}\n{}", spec.service, spec.stable, spec.canary);
     let h = json.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
     format!("{h:016x}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weir_api::proto;
+
+    fn def(extra: &str) -> CanaryDef {
+        let yaml = format!("service: web\nstable: web-v1\ncanary: web-v2\ninterval: 1s\nsteps: [20, 50]\n{extra}");
+        let spec: CanarySpec = serde_yaml::from_str(&yaml).unwrap();
+        spec.validate().unwrap();
+        CanaryDef { namespace: "ns".into(), name: "web".into(), spec, conflicting_routes: vec![] }
+    }
+
+    /// `n` requests to each backend, `failed` of the canary's failing, all fast.
+    fn report(reports: &Arc<Mutex<Reports>>, n: u64, failed: u64) {
+        let stats = |backend: &str, failures: u64| proto::TrafficStats {
+            direction: "outbound".into(),
+            service: "ns/web".into(),
+            route: "canary/ns/web:split".into(),
+            backend: backend.into(),
+            requests: n,
+            failures,
+            latency_counts: vec![n, 0],
+            latency_sum_seconds: 0.0,
+        };
+        let r = proto::Report {
+            window_start_ms: 0,
+            window_end_ms: 1,
+            latency_bounds_seconds: vec![0.01],
+            stats: vec![stats("ns/web-v2", failed), stats("ns/web-v1", 0)],
+        };
+        reports.lock().unwrap().record(&r);
+    }
+
+    fn setup() -> (Arc<Canaries>, Arc<Mutex<Reports>>, Instant) {
+        let reports = Arc::new(Mutex::new(Reports::default()));
+        let (c, _rx) = Canaries::new(None, reports.clone(), Metrics::new()).unwrap();
+        (c, reports, Instant::now())
+    }
+
+    fn status(c: &Canaries) -> CanaryStatus {
+        c.statuses()["ns/web"].clone()
+    }
+
+    #[test]
+    fn steps_pauses_and_edits() {
+        let (c, reports, t0) = setup();
+        let at = |s: u64| t0 + Duration::from_millis(s * 1000 + 1);
+        let d = def("");
+        c.tick(std::slice::from_ref(&d), t0);
+        assert_eq!((status(&c).phase, status(&c).weight), (Phase::Progressing, 20));
+        // First interval after start only measures; then a passing one advances.
+        c.tick(std::slice::from_ref(&d), at(1));
+        report(&reports, 100, 0);
+        c.tick(std::slice::from_ref(&d), at(2));
+        assert_eq!((status(&c).phase, status(&c).weight), (Phase::Progressing, 50));
+
+        // spec.paused holds it; clearing it resumes where it was.
+        let paused = def("paused: true");
+        c.tick(std::slice::from_ref(&paused), at(3));
+        assert_eq!((status(&c).phase, status(&c).paused_from), (Phase::Paused, Some(Phase::Progressing)));
+        report(&reports, 100, 0);
+        c.tick(std::slice::from_ref(&paused), at(4));
+        assert_eq!(status(&c).weight, 50, "a paused rollout does not move");
+        c.tick(std::slice::from_ref(&d), at(5));
+        assert_eq!((status(&c).phase, status(&c).weight), (Phase::Progressing, 50));
+
+        // A threshold edit keeps the rollout's place.
+        let edited = def("analysis: { minRequests: 5 }");
+        c.tick(std::slice::from_ref(&edited), at(6));
+        assert_eq!(status(&c).weight, 50);
+        // Failing intervals roll back at the limit, naming the metric.
+        for s in 7..9 {
+            report(&reports, 100, 30);
+            c.tick(std::slice::from_ref(&edited), at(s));
+        }
+        let st = status(&c);
+        assert_eq!((st.phase, st.weight), (Phase::Failed, 0));
+        assert!(st.message.contains("success rate 70.0% below minSuccessRate 99%"), "{}", st.message);
+    }
+
+    #[test]
+    fn a_canary_created_paused_starts_from_the_beginning_when_resumed() {
+        let (c, _reports, t0) = setup();
+        let paused = def("paused: true");
+        c.tick(std::slice::from_ref(&paused), t0);
+        assert_eq!((status(&c).phase, status(&c).weight), (Phase::Paused, 0));
+        let resumed = c.act(std::slice::from_ref(&paused), "ns", "web", Action::Resume);
+        assert!(resumed.unwrap_err().contains("spec.paused is true"));
+        c.tick(&[def("")], t0 + Duration::from_millis(10));
+        // Back to Initializing, which the next due tick turns into the first step.
+        c.tick(&[def("")], t0 + Duration::from_secs(2));
+        assert_eq!((status(&c).phase, status(&c).weight), (Phase::Progressing, 20));
+    }
 }

@@ -221,7 +221,9 @@ impl Index {
             let problem = match &entry.resource {
                 Resource::Route(spec) => missing_service(&key.namespace, spec, &services),
                 Resource::ResiliencePolicy(spec) => missing_policy_target(&key.namespace, spec, &next),
-                Resource::Canary(spec) => missing_canary_service(&key.namespace, spec, &services),
+                Resource::Canary(spec) => {
+                    missing_canary_service(&key.namespace, spec, &services).or_else(|| second_canary(&key, spec, &next))
+                }
                 // Selects workloads, which come and go on their own: nothing to resolve.
                 Resource::Service(_) | Resource::MeshAuthorization(_) => None,
             };
@@ -302,6 +304,20 @@ fn missing_canary_service(ns: &str, spec: &CanarySpec, services: &BTreeSet<(Stri
         }
     }
     None
+}
+
+/// Only one Canary may steer a Service: the one first by name keeps it.
+fn second_canary(key: &ResourceKey, spec: &CanarySpec, entries: &BTreeMap<ResourceKey, Entry>) -> Option<Problem> {
+    let first = entries.iter().find(|(k, e)| {
+        k.kind == Kind::Canary
+            && k.namespace == key.namespace
+            && k.name < key.name
+            && matches!(&e.resource, Resource::Canary(c) if c.service == spec.service)
+    })?;
+    Some(Problem::new(
+        Some("spec.service".into()),
+        format!("Canary {}/{} already rolls out Service {}", first.0.namespace, first.0.name, spec.service),
+    ))
 }
 
 fn missing_service(ns: &str, spec: &RouteSpec, services: &BTreeSet<(String, String)>) -> Option<Problem> {

@@ -99,8 +99,9 @@ fn canary_rules(c: &crate::canary::CanaryRouting) -> Vec<proto::RouteRule> {
         let mut matches: Vec<proto::RouteMatch> =
             ab.headers.iter().map(|h| proto::RouteMatch { headers: vec![named(h)], ..Default::default() }).collect();
         if let Some(cookie) = &ab.cookie {
-            // A cookie header holding `name=value` among others (patterns match whole values).
-            let pattern = format!("(.*;\\s*)?{}(;.*)?", regex_escape(cookie));
+            // A cookie header holding `name=value` among others (patterns match whole values;
+            // HTTP/2 cookie fields joined by the proxy are separated by ',').
+            let pattern = format!("(.*[;,]\\s*)?{}([;,].*)?", regex_escape(cookie));
             matches.push(header("cookie", proto::MatchKind::Regex, &pattern));
         }
         out.push(rule("ab", matches, vec![backend(&c.canary, 1)]));
