@@ -3,6 +3,7 @@
 //! # Layout
 //! - [`demo`]: `weir demo`, the whole mesh on loopback running a canary rollout under load.
 //! - [`canary`]: `weir canary status|promote|abort|pause|resume`.
+//! - [`inspect`]: `weir proxy-status` and `weir stat`.
 //! - [`backend`]: `weir demo-backend`, a test application that fails or slows down on command.
 //! - [`procs`]: child processes started by the demo and the end-to-end tests.
 #![forbid(unsafe_code)]
@@ -10,4 +11,5 @@
 pub mod backend;
 pub mod canary;
 pub mod demo;
+pub mod inspect;
 pub mod procs;

@@ -16,6 +16,10 @@ enum Cmd {
     Demo(weir::demo::DemoArgs),
     /// Canary rollouts: status (with --watch), promote, abort, pause, resume.
     Canary(weir::canary::CanaryArgs),
+    /// Every connected sidecar and whether it runs the latest snapshot (SYNCED, STALE, NACKED).
+    ProxyStatus(weir::inspect::ProxyStatusArgs),
+    /// Success rate, request rate and latency per service, route and backend, from the sidecars' reports.
+    Stat(weir::inspect::StatArgs),
     /// A test application that can fail a share of requests or add latency.
     DemoBackend(BackendArgs),
     /// Run the controller (same as `weir-controller`).
@@ -51,6 +55,12 @@ fn main() -> std::process::ExitCode {
         Cmd::Proxy(args) => weir_proxy::main_with(args),
         Cmd::Demo(args) => runtime().and_then(|rt| rt.block_on(weir::demo::run(args))),
         Cmd::Canary(args) => runtime().and_then(|rt| rt.block_on(weir::canary::run(args))),
+        Cmd::ProxyStatus(args) => match runtime().and_then(|rt| rt.block_on(weir::inspect::proxy_status(args))) {
+            Ok(true) => Ok(()),
+            Ok(false) => return std::process::ExitCode::from(weir::inspect::NOT_SYNCED),
+            Err(e) => Err(e),
+        },
+        Cmd::Stat(args) => runtime().and_then(|rt| rt.block_on(weir::inspect::stat(args))),
         Cmd::DemoBackend(args) => runtime().and_then(|rt| rt.block_on(backend(args))),
     };
     match result {

@@ -164,7 +164,7 @@ impl Reports {
                     "direction": k.direction, "service": k.service, "route": k.route, "backend": k.backend,
                     "requests": s.requests, "failures": s.failures,
                     "successRate": if s.requests > 0 { Some(1.0 - s.failures as f64 / s.requests as f64) } else { None },
-                    "p50Seconds": s.quantile(0.5), "p99Seconds": s.quantile(0.99),
+                    "p50Seconds": s.quantile(0.5), "p95Seconds": s.quantile(0.95), "p99Seconds": s.quantile(0.99),
                     "lastReportUnixMs": s.last_report_unix_ms,
                 })
             })

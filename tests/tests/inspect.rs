@@ -1,0 +1,125 @@
+//! `weir proxy-status` and `weir stat` against a local-mode controller: a real sidecar is
+//! SYNCED, one that has not acked is STALE, one that refused is NACKED with its reason; the
+//! traffic numbers match what was sent.
+
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use weir_api::proto::{self, proxy_message};
+use weir_tests::*;
+
+/// A hand-driven sidecar: says Hello as `test/NAME`, then Nacks the first snapshot with
+/// `nack` (or never answers when `None`). Aborting the task hangs up.
+async fn fake_sidecar(
+    grpc: std::net::SocketAddr,
+    name: &str,
+    nack: Option<&'static str>,
+) -> tokio::task::JoinHandle<()> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{grpc}")).unwrap().connect().await.unwrap();
+    let mut client = proto::discovery_client::DiscoveryClient::new(channel);
+    let (tx, rx) = mpsc::channel(4);
+    let hello = proto::Hello {
+        namespace: "test".into(),
+        name: name.into(),
+        service_account: name.into(),
+        proxy_version: "fake".into(),
+        ..Default::default()
+    };
+    tx.send(proto::ProxyMessage { msg: Some(proxy_message::Msg::Hello(hello)) }).await.unwrap();
+    let mut stream = client.stream(ReceiverStream::new(rx)).await.unwrap().into_inner();
+    tokio::spawn(async move {
+        let _keep = tx.clone();
+        while let Ok(Some(m)) = stream.message().await {
+            if let (Some(proto::controller_message::Msg::Snapshot(s)), Some(reason)) = (m.msg, nack) {
+                let msg = proxy_message::Msg::Nack(proto::Nack { version: s.version, reason: reason.into() });
+                let _ = tx.send(proto::ProxyMessage { msg: Some(msg) }).await;
+            }
+        }
+    })
+}
+
+async fn weir(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = tokio::process::Command::new(bin("weir")).args(args).kill_on_drop(true).output().await.unwrap();
+    (out.status.code(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_status_tells_synced_stale_and_nacked_apart() {
+    let scratch = Scratch::new();
+    scratch.write("services.yaml", &service("test", "web", &[]));
+    let controller = scratch.controller(None).await;
+    let (grpc, admin) = (controller.addr("grpc"), controller.addr("admin"));
+    let real = scratch.proxy(grpc, "test/real", None).await;
+    wait_config(real.addr("admin"), "a snapshot", |c| !c["version"].is_null()).await;
+    let stale = fake_sidecar(grpc, "silent", None).await;
+    let nacked = fake_sidecar(grpc, "refuser", Some("service test/web: cannot apply this")).await;
+    let a = admin.to_string();
+    wait_until("three sidecars, one nack", Duration::from_secs(10), || async move {
+        let r = admin_json(admin, "/resources").await;
+        r["proxies"].as_array().is_some_and(|p| p.len() == 3 && p.iter().any(|p| !p["nack"].is_null()))
+    })
+    .await;
+    let (code, table, _) = weir(&["proxy-status", "--controller-admin", &a]).await;
+    assert_eq!(code, Some(3), "not all in sync:\n{table}");
+    let line = |w: &str| table.lines().find(|l| l.starts_with(w)).unwrap_or_else(|| panic!("{w}: {table}")).to_string();
+    assert!(line("test/real").contains("SYNCED"), "{table}");
+    assert!(line("test/silent").contains("STALE") && line("test/silent").contains("waiting for an ack"), "{table}");
+    assert!(
+        line("test/refuser").contains("NACKED  version") && line("test/refuser").contains("cannot apply this"),
+        "{table}"
+    );
+    let (_, json, _) = weir(&["proxy-status", "--controller-admin", &a, "-o", "json"]).await;
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["proxies"].as_array().unwrap().len(), 3);
+
+    // Only the real sidecar left: all in sync, exit 0.
+    stale.abort();
+    nacked.abort();
+    wait_until("the fakes gone", Duration::from_secs(10), || async move {
+        admin_json(admin, "/resources").await["proxies"].as_array().is_some_and(|p| p.len() == 1)
+    })
+    .await;
+    let (code, table, _) = weir(&["proxy-status", "--controller-admin", &a]).await;
+    assert_eq!(code, Some(0), "{table}");
+    // An unreachable controller is an error with the address.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let (code, _, err) = weir(&["proxy-status", "--controller-admin", &closed]).await;
+    assert_eq!(code, Some(1));
+    assert!(err.contains(&format!("reaching the controller's admin port at {closed}")), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stat_numbers_match_the_traffic_sent() {
+    let mesh = TwoVersions::start(&split_route(1, 0)).await;
+    mesh.v1.behaviour.set_fail_rate(0.0);
+    // 40 good requests and 10 that fail (v1 answers 500 for /_control?fail=1 onwards).
+    for _ in 0..40 {
+        assert_eq!(send(&http1(), mesh.outbound(), "GET", "web.test", "/", &[]).await.unwrap().status, 200);
+    }
+    mesh.v1.behaviour.set_fail_rate(1.0);
+    for _ in 0..10 {
+        assert_eq!(send(&http1(), mesh.outbound(), "GET", "web.test", "/", &[]).await.unwrap().status, 500);
+    }
+    let admin = mesh.controller.addr("admin");
+    wait_until("the reports", Duration::from_secs(10), || async move {
+        let s = admin_json(admin, "/stats").await;
+        s["series"].as_array().is_some_and(|l| {
+            l.iter().any(|s| s["direction"] == "outbound" && s["backend"] == "test/web-v1" && s["requests"] == 50)
+        })
+    })
+    .await;
+    let a = admin.to_string();
+    let (code, json, err) =
+        weir(&["stat", "web", "-n", "test", "--controller-admin", &a, "--window", "100ms", "-o", "json"]).await;
+    assert_eq!(code, Some(0), "{err}");
+    let rows: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let row = rows.as_array().unwrap().iter().find(|r| r["backend"] == "test/web-v1").unwrap();
+    assert_eq!((row["requests"].as_u64(), row["failures"].as_u64()), (Some(50), Some(10)), "{row}");
+    assert_eq!(row["successRate"].as_f64(), Some(80.0));
+    // Loopback requests to an idle backend: p50 well inside the first buckets.
+    assert!(row["p50Ms"].as_f64().unwrap() <= 50.0, "{row}");
+    let (_, table, _) = weir(&["stat", "--controller-admin", &a, "--window", "100ms"]).await;
+    let line = table.lines().find(|l| l.contains("test/web-v1")).unwrap_or_else(|| panic!("{table}"));
+    assert!(line.contains("80.00%") && line.contains(" 50 "), "{table}");
+}
