@@ -133,3 +133,57 @@ async fn the_log_level_changes_at_run_time() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_exactly_the_traffic_sent() {
+    let mesh = TwoVersions::start(&split_route(1, 0)).await;
+    for _ in 0..30 {
+        assert_eq!(send(&http1(), mesh.outbound(), "GET", "web.test", "/", &[]).await.unwrap().status, 200);
+    }
+    mesh.v1.behaviour.set_fail_rate(1.0);
+    for _ in 0..5 {
+        assert_eq!(send(&http1(), mesh.outbound(), "GET", "web.test", "/", &[]).await.unwrap().status, 500);
+    }
+    let scrape = |admin: std::net::SocketAddr| async move {
+        let text = admin_text(admin, "/metrics").await;
+        let lines = text.lines().map(|l| Ok(l.to_string()));
+        prometheus_parse::Scrape::parse(lines).expect("the exposition parses")
+    };
+    // One sample of `metric` whose labels include every pair of `want`.
+    fn one<'a>(s: &'a prometheus_parse::Scrape, metric: &str, want: &[(&str, &str)]) -> &'a prometheus_parse::Value {
+        let found: Vec<_> = s
+            .samples
+            .iter()
+            .filter(|x| x.metric == metric && want.iter().all(|(k, v)| x.labels.get(k) == Some(*v)))
+            .collect();
+        assert_eq!(found.len(), 1, "{metric} {want:?}: {found:?}");
+        &found[0].value
+    }
+    let client = scrape(mesh.client.addr("admin")).await;
+    let out = [("direction", "outbound"), ("service", "test/web"), ("backend", "test/web-v1"), ("tls", "false")];
+    assert_eq!(one(&client, "weir_requests_total", &out), &prometheus_parse::Value::Counter(35.0));
+    let with = |extra: (&'static str, &'static str)| [out.as_slice(), &[extra]].concat();
+    assert_eq!(
+        one(&client, "weir_responses_total", &with(("status_code", "200"))),
+        &prometheus_parse::Value::Counter(30.0)
+    );
+    assert_eq!(
+        one(&client, "weir_responses_total", &with(("status_code", "500"))),
+        &prometheus_parse::Value::Counter(5.0)
+    );
+    for (class, n) in [("2xx", 30.0), ("5xx", 5.0)] {
+        let prometheus_parse::Value::Histogram(buckets) =
+            one(&client, "weir_request_duration_seconds", &with(("status_class", class)))
+        else {
+            panic!("not a histogram")
+        };
+        // Cumulative buckets: never decreasing, all `n` requests under +Inf, sub-millisecond first bound.
+        assert!(buckets.windows(2).all(|w| w[0].count <= w[1].count), "{buckets:?}");
+        assert_eq!(buckets.last().map(|b| (b.less_than, b.count)), Some((f64::INFINITY, n)), "{buckets:?}");
+        assert_eq!(buckets[0].less_than, 0.0005);
+    }
+    // The server sidecar saw the same 35 requests inbound.
+    let server = scrape(mesh.sidecars[0].addr("admin")).await;
+    let inbound = [("direction", "inbound"), ("service", "test/web-v1")];
+    assert_eq!(one(&server, "weir_requests_total", &inbound), &prometheus_parse::Value::Counter(35.0));
+}
