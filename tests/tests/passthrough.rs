@@ -70,6 +70,7 @@ async fn app_originated_tls_passes_through_untouched() {
         scratch.proxy_with(controller.addr("grpc"), "test/client", None, &scratch.token_flags("t-client")).await;
     let admin = client.addr("admin");
     wait_until("a mesh certificate", Duration::from_secs(20), || async move { renewals(admin, "ok").await >= 1 }).await;
+    wait_config(admin, "the mesh's services", |c| endpoint_count(c, "test", "web") == 1).await;
     let (external, cert, _server) = external_tls_server().await;
 
     // Through the tunnel, the client's own TLS handshake succeeds against the external
@@ -107,7 +108,6 @@ async fn app_originated_tls_passes_through_untouched() {
     .await;
 
     // Mesh services are not tunnelled; unreachable destinations are a 502 with the reason.
-    wait_config(admin, "the mesh's services", |c| endpoint_count(c, "test", "web") == 1).await;
     for mesh in ["web.test:80", "WEB.Test:80", "127.0.0.1:1"] {
         let (_, head) = connect(client.addr("outbound"), mesh).await;
         assert!(head.starts_with("HTTP/1.1 400") && head.contains("send plain HTTP"), "{mesh}: {head}");
