@@ -6,6 +6,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+
+use crate::inspect::get;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::{Client, connect::HttpConnector};
@@ -109,21 +111,6 @@ pub async fn run(args: CanaryArgs) -> anyhow::Result<()> {
         s["message"].as_str().unwrap_or("")
     );
     Ok(())
-}
-
-async fn get(
-    http: &Client<HttpConnector, Empty<Bytes>>,
-    admin: SocketAddr,
-    path: &str,
-) -> anyhow::Result<serde_json::Value> {
-    let rsp = http
-        .get(format!("http://{admin}{path}").parse()?)
-        .await
-        .with_context(|| format!("reaching the controller's admin port at {admin}"))?;
-    if !rsp.status().is_success() {
-        bail!("{path}: {}", rsp.status());
-    }
-    Ok(serde_json::from_slice(&rsp.into_body().collect().await?.to_bytes())?)
 }
 
 fn key(c: &serde_json::Value) -> String {

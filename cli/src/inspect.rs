@@ -56,9 +56,10 @@ pub struct StatArgs {
     pub output: String,
 }
 
-type Http = Client<HttpConnector, Empty<Bytes>>;
+pub(crate) type Http = Client<HttpConnector, Empty<Bytes>>;
 
-async fn get(http: &Http, admin: SocketAddr, path: &str) -> anyhow::Result<serde_json::Value> {
+/// GETs a JSON document from the controller's admin port.
+pub(crate) async fn get(http: &Http, admin: SocketAddr, path: &str) -> anyhow::Result<serde_json::Value> {
     let rsp = http
         .get(format!("http://{admin}{path}").parse()?)
         .await
