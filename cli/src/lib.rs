@@ -4,12 +4,14 @@
 //! - [`demo`]: `weir demo`, the whole mesh on loopback running a canary rollout under load.
 //! - [`canary`]: `weir canary status|promote|abort|pause|resume`.
 //! - [`inspect`]: `weir proxy-status` and `weir stat`.
+//! - [`check`]: `weir check`.
 //! - [`backend`]: `weir demo-backend`, a test application that fails or slows down on command.
 //! - [`procs`]: child processes started by the demo and the end-to-end tests.
 #![forbid(unsafe_code)]
 
 pub mod backend;
 pub mod canary;
+pub mod check;
 pub mod demo;
 pub mod inspect;
 pub mod procs;

@@ -16,6 +16,8 @@ enum Cmd {
     Demo(weir::demo::DemoArgs),
     /// Canary rollouts: status (with --watch), promote, abort, pause, resume.
     Canary(weir::canary::CanaryArgs),
+    /// Check the installation: controller, configuration, trust anchor, sidecars, CRDs.
+    Check(weir::check::CheckArgs),
     /// Every connected sidecar and whether it runs the latest snapshot (SYNCED, STALE, NACKED).
     ProxyStatus(weir::inspect::ProxyStatusArgs),
     /// Success rate, request rate and latency per service, route and backend, from the sidecars' reports.
@@ -58,6 +60,11 @@ fn main() -> std::process::ExitCode {
         Cmd::ProxyStatus(args) => match runtime().and_then(|rt| rt.block_on(weir::inspect::proxy_status(args))) {
             Ok(true) => Ok(()),
             Ok(false) => return std::process::ExitCode::from(weir::inspect::NOT_SYNCED),
+            Err(e) => Err(e),
+        },
+        Cmd::Check(args) => match runtime().and_then(|rt| rt.block_on(weir::check::run(args))) {
+            Ok(true) => Ok(()),
+            Ok(false) => return std::process::ExitCode::FAILURE,
             Err(e) => Err(e),
         },
         Cmd::Stat(args) => runtime().and_then(|rt| rt.block_on(weir::inspect::stat(args))),

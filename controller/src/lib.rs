@@ -216,6 +216,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             };
             let ca = identity::Ca::load_or_create(dir, &args.trust_domain, args.cert_lifetime)
                 .with_context(|| format!("loading the CA from {}", dir.display()))?;
+            let (root, issuer) = ca.expiries();
+            metrics.ca_expiration.with_label_values(&["trust-anchor"]).set(root);
+            metrics.ca_expiration.with_label_values(&["issuer"]).set(issuer);
             Some(identity::grpc::IdentityService {
                 ca: Arc::new(ca),
                 authenticator,

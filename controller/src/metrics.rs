@@ -14,6 +14,8 @@ pub struct Metrics {
     pub reports_received: IntCounter,
     pub reports_dropped_series: IntCounter,
     pub certify_results: prometheus::IntCounterVec,
+    /// Expiry of the trust anchor and the issuer (`cert` = `trust-anchor` | `issuer`), Unix seconds.
+    pub ca_expiration: prometheus::IntGaugeVec,
     /// Canary weight (percent) by canary.
     pub canary_weight: prometheus::IntGaugeVec,
     /// 1 for each canary's current phase.
@@ -62,6 +64,15 @@ impl Metrics {
         )
         .unwrap();
         registry.register(Box::new(certify_results.clone())).unwrap();
+        let ca_expiration = prometheus::IntGaugeVec::new(
+            prometheus::Opts::new(
+                "weir_controller_ca_expiration_timestamp_seconds",
+                "When the mesh's trust anchor and issuer certificates expire",
+            ),
+            &["cert"],
+        )
+        .unwrap();
+        registry.register(Box::new(ca_expiration.clone())).unwrap();
         let canary_weight = prometheus::IntGaugeVec::new(
             prometheus::Opts::new("weir_canary_weight", "Percent of traffic the canary receives"),
             &["canary"],
@@ -91,6 +102,7 @@ impl Metrics {
             reports_received,
             reports_dropped_series,
             certify_results,
+            ca_expiration,
             canary_weight,
             canary_phase,
             canary_analyses,

@@ -123,3 +123,100 @@ async fn stat_numbers_match_the_traffic_sent() {
     let line = table.lines().find(|l| l.contains("test/web-v1")).unwrap_or_else(|| panic!("{table}"));
     assert!(line.contains("80.00%") && line.contains(" 50 "), "{table}");
 }
+
+/// A fake API server that has only the `routes.weir.io` CRD.
+async fn fake_api_with_one_crd() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    use http_body_util::Full;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let mut conns = tokio::task::JoinSet::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            conns.spawn(async move {
+                let svc = hyper::service::service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
+                    let prefix = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/";
+                    let name = req.uri().path().strip_prefix(prefix).unwrap_or("");
+                    let found = weir_api::crds().into_iter().find(|c| c.metadata.name.as_deref() == Some(name));
+                    let (status, body) = match found {
+                        Some(crd) if name == "routes.weir.io" => (200, serde_json::to_value(crd).unwrap()),
+                        _ => (
+                            404,
+                            serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                                "reason": "NotFound", "code": 404, "message": format!("{name} not found")}),
+                        ),
+                    };
+                    let mut r = hyper::Response::new(Full::new(bytes::Bytes::from(body.to_string())));
+                    *r.status_mut() = http::StatusCode::from_u16(status).unwrap();
+                    r.headers_mut().insert("content-type", "application/json".parse().unwrap());
+                    Ok::<_, std::convert::Infallible>(r)
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_says_what_is_wrong_and_how_to_fix_it() {
+    let scratch = Scratch::new();
+    scratch.write("services.yaml", &service("test", "web", &[]));
+    let flags = scratch.identity_flags(&[("t-web", "test/web")], &[]);
+    let controller = scratch.controller_with(None, &flags).await;
+    let sidecar = scratch.proxy_with(controller.addr("grpc"), "test/web", None, &scratch.token_flags("t-web")).await;
+    wait_config(sidecar.addr("admin"), "a snapshot", |c| !c["version"].is_null()).await;
+    let a = controller.addr("admin").to_string();
+    let (code, out, _) = weir(&["check", "--controller-admin", &a]).await;
+    assert_eq!(code, Some(0), "{out}");
+    for line in [
+        "✔ controller: ready at",
+        "✔ configuration: 1 resources in force, none rejected",
+        "✔ trust anchor: valid for",
+        "✔ sidecars: 1 connected, all in sync",
+    ] {
+        assert!(out.contains(line), "{line:?} missing:\n{out}");
+    }
+    // A rejected definition is named with the fix.
+    scratch.write("bad.yaml", "kind: Service\nmetadata: { name: Bad_Name }\n");
+    let admin = controller.addr("admin");
+    wait_until("the rejection", Duration::from_secs(10), || async move {
+        admin_json(admin, "/resources").await["rejected"].as_array().is_some_and(|r| !r.is_empty())
+    })
+    .await;
+    let (code, out, _) = weir(&["check", "--controller-admin", &a]).await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("✘ configuration: 1 definition(s) rejected, e.g. bad.yaml")
+            && out.contains("fix: fix the definitions"),
+        "{out}"
+    );
+
+    // An unreachable controller, and a cluster missing CRDs.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let (api, _api) = fake_api_with_one_crd().await;
+    let kubeconfig = scratch.dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: fake, cluster: {{server: \"http://{api}\"}}}}]\n\
+             users: [{{name: me, user: {{token: t}}}}]\ncontexts: [{{name: fake, context: {{cluster: fake, user: me}}}}]\n\
+             current-context: fake\n"
+        ),
+    )
+    .unwrap();
+    let k = kubeconfig.display().to_string();
+    let (code, out, _) = weir(&["check", "--controller-admin", &closed, "--kubeconfig", &k]).await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("✔ CRD routes.weir.io: installed, v1alpha1 served"), "{out}");
+    assert!(
+        out.contains("✘ CRD canaries.weir.io: missing\n    fix: install the CRDs: kubectl apply -f crds/"),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("✘ controller: not reachable at {closed}")) && out.contains("fix: start it"),
+        "{out}"
+    );
+}

@@ -54,6 +54,16 @@ pub struct Ca {
     issuer: Issuer<'static, KeyPair>,
 }
 
+impl Ca {
+    /// Expiry (Unix seconds) of the trust anchor and of the issuer.
+    pub fn expiries(&self) -> (i64, i64) {
+        let not_after = |der: &[u8]| {
+            x509_parser::parse_x509_certificate(der).map(|(_, c)| c.validity().not_after.timestamp()).unwrap_or(0)
+        };
+        (not_after(&self.root_der), not_after(&self.issuer_der))
+    }
+}
+
 /// A certificate issued to a workload.
 pub struct Issued {
     pub identity: String,
