@@ -22,6 +22,11 @@ enum Cmd {
     ProxyStatus(weir::inspect::ProxyStatusArgs),
     /// Success rate, request rate and latency per service, route and backend, from the sidecars' reports.
     Stat(weir::inspect::StatArgs),
+    /// Print a shell completion script: `weir completions bash > /etc/bash_completion.d/weir`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// A test application that can fail a share of requests or add latency.
     DemoBackend(BackendArgs),
     /// Run the controller (same as `weir-controller`).
@@ -68,6 +73,11 @@ fn main() -> std::process::ExitCode {
             Err(e) => Err(e),
         },
         Cmd::Stat(args) => runtime().and_then(|rt| rt.block_on(weir::inspect::stat(args))),
+        Cmd::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "weir", &mut std::io::stdout());
+            Ok(())
+        }
         Cmd::DemoBackend(args) => runtime().and_then(|rt| rt.block_on(backend(args))),
     };
     match result {

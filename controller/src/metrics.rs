@@ -5,7 +5,8 @@ use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge, Registry};
 #[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
-    pub connected_proxies: IntGauge,
+    /// Sidecars with an open Discovery stream, by the version they reported.
+    pub connected_proxies: prometheus::IntGaugeVec,
     pub snapshots_pushed: IntCounter,
     pub push_latency: Histogram,
     pub nacks: IntCounter,
@@ -27,8 +28,11 @@ pub struct Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
-        let connected_proxies =
-            IntGauge::new("weir_controller_connected_proxies", "Sidecars with an open Discovery stream").unwrap();
+        let connected_proxies = prometheus::IntGaugeVec::new(
+            prometheus::Opts::new("weir_controller_connected_proxies", "Sidecars with an open Discovery stream"),
+            &["proxy_version"],
+        )
+        .unwrap();
         let snapshots_pushed =
             IntCounter::new("weir_controller_snapshots_pushed_total", "Snapshots sent to sidecars").unwrap();
         let push_latency = Histogram::with_opts(

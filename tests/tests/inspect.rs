@@ -171,6 +171,13 @@ async fn check_says_what_is_wrong_and_how_to_fix_it() {
     let a = controller.addr("admin").to_string();
     let (code, out, _) = weir(&["check", "--controller-admin", &a]).await;
     assert_eq!(code, Some(0), "{out}");
+    let m = admin_text(controller.addr("admin"), "/metrics").await;
+    assert!(
+        m.contains(&format!("weir_controller_connected_proxies{{proxy_version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"))),
+        "{m}"
+    );
+    let (code, script, _) = weir(&["completions", "bash"]).await;
+    assert!(code == Some(0) && script.contains("proxy-status") && script.contains("canary"), "{script}");
     for line in [
         "✔ controller: ready at",
         "✔ configuration: 1 resources in force, none rejected",

@@ -86,7 +86,9 @@ impl Session {
             nack: None,
             acked_resources: Arc::default(),
         });
-        svc.metrics.connected_proxies.inc();
+        // The label comes from the sidecar: bounded in length.
+        let proxy_version: String = hello.proxy_version.chars().take(32).collect();
+        svc.metrics.connected_proxies.with_label_values(&[&proxy_version]).inc();
         tracing::info!(%workload, "sidecar connected");
 
         let mut state_rx = svc.state.clone();
@@ -142,7 +144,7 @@ impl Session {
             }
         }
         svc.proxies.unregister(id);
-        svc.metrics.connected_proxies.dec();
+        svc.metrics.connected_proxies.with_label_values(&[&proxy_version]).dec();
         tracing::info!(%workload, "sidecar disconnected");
     }
 }
