@@ -64,7 +64,8 @@ pub struct Metrics {
     pub snapshots_applied: IntCounter,
     pub snapshots_rejected: IntCounter,
     pub control_connected: IntGauge,
-    pub tls_handshake_failures: prometheus::IntCounter,
+    /// Inbound connections refused before HTTP, by reason (see `server::failure_reason`).
+    pub tls_handshake_failures: IntCounterVec,
     pub inbound_by_identity: IntCounterVec,
     /// Inbound authorization decisions by server port, policy, rule and client identity.
     pub authorization: IntCounterVec,
@@ -128,9 +129,12 @@ impl Metrics {
         registry.register(Box::new(snapshots_rejected.clone())).unwrap();
         registry.register(Box::new(control_connected.clone())).unwrap();
         let resilience = ResilienceMetrics::register(&registry);
-        let tls_handshake_failures = prometheus::IntCounter::new(
-            "weir_tls_handshake_failures_total",
-            "Inbound connections that failed before HTTP (TLS handshake refused or timed out)",
+        let tls_handshake_failures = IntCounterVec::new(
+            Opts::new(
+                "weir_tls_handshake_failures_total",
+                "Inbound connections that failed before HTTP (TLS handshake refused or timed out), by reason",
+            ),
+            &["reason"],
         )
         .unwrap();
         registry.register(Box::new(tls_handshake_failures.clone())).unwrap();

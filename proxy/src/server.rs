@@ -89,7 +89,7 @@ pub async fn serve<F, Fut>(
             let (io, identity) = match detect(stream, tls.as_ref()).await {
                 Ok(x) => x,
                 Err(e) => {
-                    tls_failures.inc();
+                    tls_failures.with_label_values(&[failure_reason(&e)]).inc();
                     tracing::debug!(%peer, error = %e, "connection refused before HTTP");
                     active.dec();
                     return;
@@ -110,6 +110,37 @@ pub async fn serve<F, Fut>(
     drop(listener);
     if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
         tracing::warn!(direction = direction.as_str(), ?grace, "grace period over; closing remaining connections");
+    }
+}
+
+/// A bounded label for why a connection failed before HTTP: `timeout`, `no_certificate` (this
+/// sidecar has none yet), `client_certificate_missing`, `client_certificate_expired`,
+/// `client_certificate_untrusted` (another CA), `client_certificate_invalid`, `closed` (the
+/// client went away) or `protocol` (not TLS after all, or a TLS error).
+pub fn failure_reason(e: &std::io::Error) -> &'static str {
+    use rustls::{CertificateError, Error as TlsError};
+    if e.kind() == std::io::ErrorKind::TimedOut {
+        return "timeout";
+    }
+    if let Some(tls) = e.get_ref().and_then(|inner| inner.downcast_ref::<TlsError>()) {
+        return match tls {
+            TlsError::NoCertificatesPresented => "client_certificate_missing",
+            TlsError::InvalidCertificate(CertificateError::Expired | CertificateError::ExpiredContext { .. }) => {
+                "client_certificate_expired"
+            }
+            TlsError::InvalidCertificate(CertificateError::UnknownIssuer | CertificateError::BadSignature) => {
+                "client_certificate_untrusted"
+            }
+            TlsError::InvalidCertificate(_) => "client_certificate_invalid",
+            _ => "protocol",
+        };
+    }
+    match e.kind() {
+        std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe => {
+            "closed"
+        }
+        std::io::ErrorKind::Other if e.to_string().contains("no certificate yet") => "no_certificate",
+        _ => "protocol",
     }
 }
 

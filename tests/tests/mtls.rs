@@ -54,7 +54,9 @@ async fn sidecars_talk_mtls_and_know_each_other() {
     let mut buf = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(10), junk.read_to_end(&mut buf)).await.expect("closed");
     wait_until("the failed handshake counted", Duration::from_secs(5), || async {
-        admin_text(server.addr("admin"), "/metrics").await.contains("weir_tls_handshake_failures_total 1")
+        admin_text(server.addr("admin"), "/metrics")
+            .await
+            .contains("weir_tls_handshake_failures_total{reason=\"protocol\"} 1")
     })
     .await;
     let r = send(&http1(), client.addr("outbound"), "GET", "web.test", "/", &[]).await.unwrap();
@@ -269,8 +271,10 @@ async fn foreign_and_expired_client_certificates_are_refused() {
     assert!(!tls_request_with(inbound, cert, key, &[]).await, "a certificate from another CA must be refused");
 
     assert_eq!(backend.behaviour.served.load(std::sync::atomic::Ordering::Relaxed), served, "nothing reached the app");
-    wait_until("two refused handshakes counted", Duration::from_secs(5), || async move {
-        admin_text(admin, "/metrics").await.contains("weir_tls_handshake_failures_total 2")
+    wait_until("two refused handshakes counted by reason", Duration::from_secs(5), || async move {
+        let m = admin_text(admin, "/metrics").await;
+        m.contains("weir_tls_handshake_failures_total{reason=\"client_certificate_expired\"} 1")
+            && m.contains("weir_tls_handshake_failures_total{reason=\"client_certificate_untrusted\"} 1")
     })
     .await;
 }
