@@ -352,3 +352,47 @@ pub async fn certify(
     let mut client = weir_api::proto::identity_client::IdentityClient::new(channel);
     client.certify(weir_api::proto::CertifyRequest { token: token.into(), csr_der }).await.map(|r| r.into_inner())
 }
+
+/// What a fake server's handler sees of a request.
+pub struct FakeRequest {
+    pub method: http::Method,
+    pub path: String,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+/// A JSON HTTP server on loopback (a fake Kubernetes API, say): `handler` answers every request
+/// with a status and a JSON body. Connections live in the returned task: aborting it closes them.
+pub async fn fake_json_server<F, Fut>(handler: F) -> (SocketAddr, tokio::task::JoinHandle<()>)
+where
+    F: Fn(FakeRequest) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = (u16, serde_json::Value)> + Send + 'static,
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let mut conns = tokio::task::JoinSet::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            let handler = handler.clone();
+            conns.spawn(async move {
+                let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let handler = handler.clone();
+                    async move {
+                        let (method, path) = (req.method().clone(), req.uri().path().to_string());
+                        let headers = req.headers().clone();
+                        let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                        let (status, json) = handler(FakeRequest { method, path, headers, body }).await;
+                        let mut r = http::Response::new(http_body_util::Full::new(Bytes::from(json.to_string())));
+                        *r.status_mut() = http::StatusCode::from_u16(status).unwrap();
+                        r.headers_mut().insert("content-type", http::HeaderValue::from_static("application/json"));
+                        Ok::<_, std::convert::Infallible>(r)
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, task)
+}

@@ -126,38 +126,20 @@ async fn stat_numbers_match_the_traffic_sent() {
 
 /// A fake API server that has only the `routes.weir.io` CRD.
 async fn fake_api_with_one_crd() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
-    use http_body_util::Full;
-    use hyper_util::rt::{TokioExecutor, TokioIo};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let task = tokio::spawn(async move {
-        let mut conns = tokio::task::JoinSet::new();
-        while let Ok((stream, _)) = listener.accept().await {
-            conns.spawn(async move {
-                let svc = hyper::service::service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
-                    let prefix = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/";
-                    let name = req.uri().path().strip_prefix(prefix).unwrap_or("");
-                    let found = weir_api::crds().into_iter().find(|c| c.metadata.name.as_deref() == Some(name));
-                    let (status, body) = match found {
-                        Some(crd) if name == "routes.weir.io" => (200, serde_json::to_value(crd).unwrap()),
-                        _ => (
-                            404,
-                            serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
-                                "reason": "NotFound", "code": 404, "message": format!("{name} not found")}),
-                        ),
-                    };
-                    let mut r = hyper::Response::new(Full::new(bytes::Bytes::from(body.to_string())));
-                    *r.status_mut() = http::StatusCode::from_u16(status).unwrap();
-                    r.headers_mut().insert("content-type", "application/json".parse().unwrap());
-                    Ok::<_, std::convert::Infallible>(r)
-                });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
+    fake_json_server(|req: FakeRequest| async move {
+        let prefix = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/";
+        let name = req.path.strip_prefix(prefix).unwrap_or("").to_string();
+        let found = weir_api::crds().into_iter().find(|c| c.metadata.name.as_deref() == Some(name.as_str()));
+        match found {
+            Some(crd) if name == "routes.weir.io" => (200, serde_json::to_value(crd).unwrap()),
+            _ => (
+                404,
+                serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                    "reason": "NotFound", "code": 404, "message": format!("{name} not found")}),
+            ),
         }
-    });
-    (addr, task)
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

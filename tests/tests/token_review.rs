@@ -2,16 +2,10 @@
 //! projected ServiceAccount token with a TokenReview (audience `weir`) against the API server
 //! from its kubeconfig — here a fake API server that knows a few tokens.
 
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
-use hyper::{Request, Response};
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use weir_tests::*;
 
 const CONTROLLER_CREDENTIAL: &str = "Bearer controller-sa-token";
@@ -19,46 +13,25 @@ const CONTROLLER_CREDENTIAL: &str = "Bearer controller-sa-token";
 /// A fake API server answering TokenReviews. Only the controller's own credential may ask, and
 /// only reviews for the `weir` audience succeed.
 async fn fake_api(reviews: Arc<AtomicU64>) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    // Connections live in the accept task's JoinSet: aborting the task closes them all.
-    let task = tokio::spawn(async move {
-        let mut conns = tokio::task::JoinSet::new();
-        loop {
-            let Ok((stream, _)) = listener.accept().await else { return };
-            let reviews = reviews.clone();
-            conns.spawn(async move {
-                let svc = hyper::service::service_fn(move |req| answer(req, reviews.clone()));
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
-    (addr, task)
+    fake_json_server(move |req| {
+        let reviews = reviews.clone();
+        async move { answer(req, &reviews) }
+    })
+    .await
 }
 
-async fn answer(req: Request<Incoming>, reviews: Arc<AtomicU64>) -> Result<Response<Full<Bytes>>, Infallible> {
-    let json = |status: u16, v: serde_json::Value| {
-        let mut r = Response::new(Full::new(Bytes::from(v.to_string())));
-        *r.status_mut() = http::StatusCode::from_u16(status).unwrap();
-        r.headers_mut().insert("content-type", "application/json".parse().unwrap());
-        Ok(r)
-    };
-    if req.uri().path() != "/apis/authentication.k8s.io/v1/tokenreviews" || req.method() != "POST" {
-        return json(
-            404,
-            serde_json::json!({"kind": "Status", "status": "Failure", "code": 404, "reason": "NotFound"}),
-        );
+fn answer(req: FakeRequest, reviews: &AtomicU64) -> (u16, serde_json::Value) {
+    if req.path != "/apis/authentication.k8s.io/v1/tokenreviews" || req.method != "POST" {
+        return (404, serde_json::json!({"kind": "Status", "status": "Failure", "code": 404, "reason": "NotFound"}));
     }
-    if req.headers().get("authorization").and_then(|v| v.to_str().ok()) != Some(CONTROLLER_CREDENTIAL) {
-        return json(
+    if req.headers.get("authorization").and_then(|v| v.to_str().ok()) != Some(CONTROLLER_CREDENTIAL) {
+        return (
             401,
             serde_json::json!({"kind": "Status", "status": "Failure", "code": 401, "reason": "Unauthorized"}),
         );
     }
     reviews.fetch_add(1, Ordering::Relaxed);
-    let body: serde_json::Value = serde_json::from_slice(&req.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    let body: serde_json::Value = serde_json::from_slice(&req.body).unwrap();
     let token = body["spec"]["token"].as_str().unwrap_or_default();
     let audiences = body["spec"]["audiences"].clone();
     let status = if audiences != serde_json::json!(["weir"]) {
@@ -82,10 +55,8 @@ async fn answer(req: Request<Incoming>, reviews: Arc<AtomicU64>) -> Result<Respo
             _ => serde_json::json!({"authenticated": false, "error": "invalid bearer token"}),
         }
     };
-    json(
-        201,
-        serde_json::json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": body["spec"], "status": status}),
-    )
+    let review = serde_json::json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": body["spec"], "status": status});
+    (201, review)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
