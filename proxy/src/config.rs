@@ -77,6 +77,8 @@ pub struct Rule {
     /// `namespace/route` (label value for metrics).
     pub route: Arc<str>,
     pub name: Arc<str>,
+    /// The metrics `route` label, `namespace/route:rule`, built once per snapshot.
+    pub label: Arc<str>,
     pub matches: Vec<Match>,
     pub backends: Vec<Backend>,
     pub timeout: Option<Duration>,
@@ -251,6 +253,7 @@ impl TryFrom<&proto::Service> for Service {
             rules.push(Rule {
                 route: r.route.clone().into(),
                 name: r.name.clone().into(),
+                label: format!("{}:{}", r.route, r.name).into(),
                 matches,
                 backends,
                 timeout: (r.timeout_ms > 0).then(|| Duration::from_millis(r.timeout_ms)),

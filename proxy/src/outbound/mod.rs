@@ -145,15 +145,10 @@ impl Outbound {
         let Some(target) = route::select(svc, &parts, |n| rand::random_range(0..n)) else {
             return ProxyError::NoWeightedBackend { service: svc.key.to_string() }.into_response();
         };
-        let route_label: Arc<str> = if target.route.is_empty() {
-            target.route.clone()
-        } else {
-            format!("{}:{}", target.route, target.rule).into()
-        };
         let labels = Labels {
             direction: Direction::Outbound,
             service: svc.key.clone(),
-            route: route_label,
+            route: target.label.clone(),
             backend: target.backend.clone(),
             tls: self.credentials.is_some() && config.service(&target.backend).is_some_and(|b| b.mtls),
         };

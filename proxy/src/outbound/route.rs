@@ -12,6 +12,8 @@ pub struct Target {
     /// Label values: `""` for the default route.
     pub route: Arc<str>,
     pub rule: Arc<str>,
+    /// The metrics `route` label: `""` for the default route, else `namespace/route:rule`.
+    pub label: Arc<str>,
     pub backend: Arc<str>,
     pub backend_port: Option<u16>,
     pub timeout: Option<std::time::Duration>,
@@ -21,9 +23,11 @@ pub struct Target {
 /// Service with no rules) go to the Service itself. `None` when every weight is 0.
 pub fn select(svc: &Service, req: &Parts, random: impl FnOnce(u64) -> u64) -> Option<Target> {
     let Some(rule) = svc.rules.iter().find(|r| rule_matches(r, req)) else {
+        let none: Arc<str> = EMPTY.with(Arc::clone);
         return Some(Target {
-            route: "".into(),
-            rule: "".into(),
+            route: none.clone(),
+            rule: none.clone(),
+            label: none,
             backend: svc.key.clone(),
             backend_port: None,
             timeout: None,
@@ -33,10 +37,16 @@ pub fn select(svc: &Service, req: &Parts, random: impl FnOnce(u64) -> u64) -> Op
     Some(Target {
         route: rule.route.clone(),
         rule: rule.name.clone(),
+        label: rule.label.clone(),
         backend: backend.service.clone(),
         backend_port: backend.port,
         timeout: rule.timeout,
     })
+}
+
+thread_local! {
+    /// One shared empty label, so the default route allocates nothing per request.
+    static EMPTY: Arc<str> = Arc::from("");
 }
 
 fn pick_weighted(backends: &[Backend], random: impl FnOnce(u64) -> u64) -> Option<&Backend> {
@@ -145,7 +155,14 @@ mod tests {
     }
 
     fn rule(name: &str, m: Vec<Match>, backends: Vec<Backend>) -> Rule {
-        Rule { route: "ns/r".into(), name: name.into(), matches: m, backends, timeout: None }
+        Rule {
+            route: "ns/r".into(),
+            name: name.into(),
+            label: format!("ns/r:{name}").into(),
+            matches: m,
+            backends,
+            timeout: None,
+        }
     }
 
     #[test]
