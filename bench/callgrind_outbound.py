@@ -1,0 +1,87 @@
+#!/usr/bin/env python3
+"""Instructions per request on the sidecar's outbound path, counted by callgrind: stable on a
+noisy machine, so small changes to the hot path can be compared.
+
+Starts a release controller and backend, then the given `weir-proxy` binary under
+`valgrind --tool=callgrind`, sends N1 and then N2 more requests (oha, one connection) through
+its outbound listener, and reads the instruction counts after each batch through callgrind's
+control (`callgrind_control --dump`, which zeroes the counters): the first batch absorbs
+start-up and warm-up; the next two batches of N2 each give the per-request count (both are
+printed: they agree to a fraction of a percent). Stops everything it started, by PID.
+
+    python3 bench/callgrind_outbound.py [--proxy target/release/weir-proxy] [--n1 500] [--n2 2000]
+Needs valgrind (Debian package) and oha (`cargo install oha`).
+"""
+import argparse, glob, json, os, re, shutil, subprocess, sys, tempfile, time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from weirbench import BIN, get, start, start_backend, start_controller, stop, write_atomic  # noqa: E402
+
+
+def total_instructions(outdir, pid):
+    total = 0
+    for f in glob.glob(os.path.join(outdir, f"callgrind.out.{pid}*")):
+        with open(f) as fh:
+            for line in fh:
+                m = re.match(r"^(summary|totals):\s+(\d+)", line)
+                if m:
+                    total = max(total, int(m.group(2)))
+                    break
+    return total
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--proxy", default=os.path.join(BIN, "weir-proxy"))
+    ap.add_argument("--n1", type=int, default=500)
+    ap.add_argument("--n2", type=int, default=2000)
+    ap.add_argument("--oha", default=shutil.which("oha") or "oha")
+    opts = ap.parse_args()
+    for tool in ["valgrind", "callgrind_control", opts.oha]:
+        if not shutil.which(tool):
+            raise SystemExit(f"{tool} not found")
+    tmp = tempfile.mkdtemp(prefix="weir-callgrind-")
+    procs = []
+    try:
+        cfg = os.path.join(tmp, "config")
+        os.mkdir(cfg)
+        be, ba = start_backend(os.path.join(tmp, "backend.log"))
+        procs.append(be)
+        write_atomic(os.path.join(cfg, "services.yaml"),
+                     f"kind: Service\nmetadata: {{name: web, namespace: bench}}\nspec:\n  endpoints: [{{address: \"{ba['listen']}\"}}]\n")
+        ctl, ca = start_controller(cfg, os.path.join(tmp, "controller.log"))
+        procs.append(ctl)
+        px, pa = start(["valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/callgrind.out.%p", opts.proxy,
+                        "--controller", ca["grpc"], "--workload", "bench/client", "--outbound-addr", "127.0.0.1:0",
+                        "--inbound-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0", "--print-listen-addrs",
+                        "--log-level", "warn", "--report-interval", "1h"], os.path.join(tmp, "proxy.log"))
+        procs.append(px)
+        deadline = time.time() + 60
+        while not (json.loads(get(f"http://{pa['admin']}/config")).get("snapshot") or {}).get("services"):
+            if time.time() > deadline:
+                raise SystemExit("no config")
+            time.sleep(0.1)
+        url = f"http://{pa['outbound']}/"
+        counts = []
+        for n in [opts.n1, opts.n2, opts.n2]:
+            subprocess.run([opts.oha, "-n", str(n), "-c", "1", "--no-tui", "-H", "Host: web.bench", url],
+                           capture_output=True, check=True, timeout=600)
+            for f in glob.glob(os.path.join(tmp, f"callgrind.out.{px.pid}*")):
+                os.remove(f)
+            subprocess.run(["callgrind_control", "--dump", str(px.pid)], capture_output=True, check=True, timeout=120)
+            deadline = time.time() + 60
+            while not (total := total_instructions(tmp, px.pid)):
+                if time.time() > deadline:
+                    raise SystemExit("no callgrind dump")
+                time.sleep(0.2)
+            counts.append(total)
+        per_request = counts[2] / opts.n2
+        print(f"  batches: {counts[1] / opts.n2:,.0f} and {counts[2] / opts.n2:,.0f} instructions per request")
+        print(f"{opts.proxy}: {per_request:,.0f} instructions per request (outbound, HTTP/1.1, {opts.n2} requests)")
+    finally:
+        stop(procs)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
