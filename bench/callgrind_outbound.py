@@ -36,6 +36,7 @@ def main():
     ap.add_argument("--n1", type=int, default=500)
     ap.add_argument("--n2", type=int, default=2000)
     ap.add_argument("--oha", default=shutil.which("oha") or "oha")
+    ap.add_argument("--keep", help="copy the last batch's callgrind dump here (for callgrind_annotate)")
     opts = ap.parse_args()
     for tool in ["valgrind", "callgrind_control", opts.oha]:
         if not shutil.which(tool):
@@ -75,6 +76,9 @@ def main():
                     raise SystemExit("no callgrind dump")
                 time.sleep(0.2)
             counts.append(total)
+            if opts.keep:
+                for f in glob.glob(os.path.join(tmp, f"callgrind.out.{px.pid}*")):
+                    shutil.copy(f, opts.keep)
         per_request = counts[2] / opts.n2
         print(f"  batches: {counts[1] / opts.n2:,.0f} and {counts[2] / opts.n2:,.0f} instructions per request")
         print(f"{opts.proxy}: {per_request:,.0f} instructions per request (outbound, HTTP/1.1, {opts.n2} requests)")
