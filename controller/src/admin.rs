@@ -83,8 +83,8 @@ impl Admin {
         let defs = self.state.borrow().canaries.clone();
         match self.canaries.act(&defs, ns, name, action) {
             Ok(status) => json(&serde_json::to_value(status).unwrap_or_default()),
-            Err(e) if e.starts_with("no Canary") => text(StatusCode::NOT_FOUND, format!("{e}\n")),
-            Err(e) => text(StatusCode::CONFLICT, format!("{e}\n")),
+            Err(e @ crate::canary::ActError::NotFound(_)) => text(StatusCode::NOT_FOUND, format!("{e}\n")),
+            Err(e @ crate::canary::ActError::Refused(_)) => text(StatusCode::CONFLICT, format!("{e}\n")),
         }
     }
 

@@ -84,6 +84,16 @@ pub struct CanaryRouting {
 /// The routing every canary wants, published on each change.
 pub type RoutingRx = watch::Receiver<Arc<Vec<CanaryRouting>>>;
 
+/// Why a manual control was not applied.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ActError {
+    #[error("no Canary {0}")]
+    NotFound(String),
+    /// The rollout's state does not allow it (the message says why).
+    #[error("{0}")]
+    Refused(String),
+}
+
 /// A manual control.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
@@ -194,32 +204,40 @@ impl Canaries {
     }
 
     /// Applies a manual control to `namespace/name`.
-    pub fn act(&self, defs: &[CanaryDef], namespace: &str, name: &str, action: Action) -> Result<CanaryStatus, String> {
+    pub fn act(
+        &self,
+        defs: &[CanaryDef],
+        namespace: &str,
+        name: &str,
+        action: Action,
+    ) -> Result<CanaryStatus, ActError> {
         let def = defs
             .iter()
             .find(|d| d.namespace == namespace && d.name == name)
-            .ok_or_else(|| format!("no Canary {namespace}/{name}"))?;
+            .ok_or_else(|| ActError::NotFound(format!("{namespace}/{name}")))?;
         let mut entries = self.entries.lock().unwrap();
         self.sync(&mut entries, defs, Instant::now());
         let entry = entries.get_mut(&(namespace.to_string(), name.to_string())).expect("synced");
         let phase = entry.status.phase;
         if phase.is_final() {
             let done = if phase == Phase::Succeeded { "succeeded" } else { "failed" };
-            return Err(format!("Canary {namespace}/{name} has already {done}"));
+            return Err(ActError::Refused(format!("Canary {namespace}/{name} has already {done}")));
         }
         match action {
             Action::Promote => transition(&mut entry.status, Phase::Succeeded, 100, "promoted by hand".into()),
             Action::Abort => transition(&mut entry.status, Phase::Failed, 0, "aborted by hand".into()),
-            Action::Pause if phase == Phase::Paused => return Err("already paused".into()),
+            Action::Pause if phase == Phase::Paused => return Err(ActError::Refused("already paused".into())),
             Action::Pause => {
                 entry.status.paused_from = Some(phase);
                 entry.status.paused_by_spec = false;
                 let w = entry.status.weight;
                 transition(&mut entry.status, Phase::Paused, w, "paused by hand".into())
             }
-            Action::Resume if phase != Phase::Paused => return Err(format!("not paused (phase {})", phase.as_str())),
+            Action::Resume if phase != Phase::Paused => {
+                return Err(ActError::Refused(format!("not paused (phase {})", phase.as_str())));
+            }
             Action::Resume if def.spec.paused => {
-                return Err("spec.paused is true: set it to false to resume".into());
+                return Err(ActError::Refused("spec.paused is true: set it to false to resume".into()));
             }
             Action::Resume => resume(entry, "resumed by hand".into()),
         }
@@ -644,7 +662,7 @@ mod tests {
         c.tick(std::slice::from_ref(&paused), t0);
         assert_eq!((status(&c).phase, status(&c).weight), (Phase::Paused, 0));
         let resumed = c.act(std::slice::from_ref(&paused), "ns", "web", Action::Resume);
-        assert!(resumed.unwrap_err().contains("spec.paused is true"));
+        assert!(resumed.unwrap_err().to_string().contains("spec.paused is true"));
         c.tick(&[def("")], t0 + Duration::from_millis(10));
         // Back to Initializing, which the next due tick turns into the first step.
         c.tick(&[def("")], t0 + Duration::from_secs(2));

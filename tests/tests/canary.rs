@@ -97,6 +97,11 @@ async fn start_canary(mesh: &TwoVersions, yaml: &str) {
     .await;
 }
 
+/// The sum of every sample whose line starts with `prefix` (a metric name, or name and labels).
+fn sum_metric(metrics: &str, prefix: &str) -> f64 {
+    metrics.lines().filter(|l| l.starts_with(prefix)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
+}
+
 /// The weights the rollout went through, in order (inconclusive holds collapse into one).
 fn weights_seen(status: &serde_json::Value) -> Vec<u64> {
     let mut w: Vec<u64> = status["history"].as_array().unwrap().iter().map(|t| t["weight"].as_u64().unwrap()).collect();
@@ -173,9 +178,7 @@ async fn no_traffic_is_inconclusive_and_traffic_resumes_it() {
     let admin = mesh.controller.addr("admin");
     wait_until("three inconclusive analyses", Duration::from_secs(20), || async move {
         let m = admin_text(admin, "/metrics").await;
-        let prefix = "weir_canary_analyses_total{canary=\"test/web\",verdict=\"inconclusive\"} ";
-        let n = m.lines().find_map(|l| l.strip_prefix(prefix)).and_then(|v| v.parse::<f64>().ok());
-        n.is_some_and(|n| n >= 3.0)
+        sum_metric(&m, "weir_canary_analyses_total{canary=\"test/web\",verdict=\"inconclusive\"}") >= 3.0
     })
     .await;
     let s = status(&mesh.controller).await;
@@ -236,11 +239,16 @@ async fn pause_resume_promote_and_abort_do_what_they_say() {
     // Pause: the weight holds over several intervals.
     assert_eq!(act("pause").await.0, 200);
     let paused = status(&mesh.controller).await;
-    wait_until("intervals to pass", Duration::from_secs(10), || async move {
-        admin_text(admin, "/metrics").await.contains("weir_canary_phase{canary=\"test/web\",phase=\"Paused\"} 1")
+    let analyses = sum_metric(&admin_text(admin, "/metrics").await, "weir_canary_analyses_total{canary=\"test/web\"");
+    // Reports worth three intervals arrive (three sidecars report twice a second)...
+    let reports = sum_metric(&admin_text(admin, "/metrics").await, "weir_controller_reports_received_total");
+    wait_until("three intervals of reports", Duration::from_secs(20), || async move {
+        sum_metric(&admin_text(admin, "/metrics").await, "weir_controller_reports_received_total") >= reports + 18.0
     })
     .await;
-    tokio::time::sleep(Duration::from_secs(3)).await; // three intervals of a paused rollout
+    // ...and a paused rollout judges none of them and stays where it was.
+    let m = admin_text(admin, "/metrics").await;
+    assert_eq!(sum_metric(&m, "weir_canary_analyses_total{canary=\"test/web\""), analyses, "analysed while paused");
     let still = status(&mesh.controller).await;
     assert_eq!((still["phase"].as_str(), still["weight"].as_u64()), (Some("Paused"), paused["weight"].as_u64()));
     assert_eq!(act("pause").await.0, 409);
