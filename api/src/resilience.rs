@@ -355,6 +355,10 @@ pub struct TargetRef {
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "!has(self.request) || !has(self.perTry) || duration(self.perTry) <= duration(self.request)",
+    "message": "perTry must not exceed request"
+}]))]
 pub struct Timeouts {
     /// The whole call, retries and back-off included, until response headers. Default: none.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -57,6 +57,10 @@ pub struct RouteSpec {
 /// to one of `backendRefs`, chosen by weight.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "size(self.backendRefs) <= 1 || self.backendRefs.exists(b, !has(b.weight) || b.weight > 0)",
+    "message": "all weights are 0"
+}]))]
 pub struct RouteRule {
     /// Optional name, used in metrics and status; defaults to the rule's index.
     #[serde(default, skip_serializing_if = "Option::is_none")]

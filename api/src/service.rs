@@ -28,6 +28,10 @@ pub struct LocalServiceSpec {
     pub ports: Vec<ServicePort>,
     #[serde(default)]
     pub endpoints: Vec<LocalEndpoint>,
+    /// Virtual addresses clients may also call the Service at (a Kubernetes Service's
+    /// ClusterIPs; in local mode, addresses that interception sends to the sidecar).
+    #[serde(default, rename = "clusterIPs", skip_serializing_if = "Vec::is_empty")]
+    pub cluster_ips: Vec<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -78,6 +82,15 @@ impl LocalServiceSpec {
             }
             if !seen.insert(p.port) {
                 return Err(FieldError::new(format!("spec.ports[{i}].port"), format!("port {} listed twice", p.port)));
+            }
+        }
+        let mut ips = std::collections::BTreeSet::new();
+        for (i, ip) in self.cluster_ips.iter().enumerate() {
+            let parsed: std::net::IpAddr = ip.parse().map_err(|_| {
+                FieldError::new(format!("spec.clusterIPs[{i}]"), format!("{ip:?} is not an IP address"))
+            })?;
+            if !ips.insert(parsed) {
+                return Err(FieldError::new(format!("spec.clusterIPs[{i}]"), format!("{ip} listed twice")));
             }
         }
         let mut addrs = std::collections::BTreeSet::new();

@@ -80,11 +80,39 @@ pub struct Problem {
     /// The field at fault, when one is.
     pub field: Option<String>,
     pub message: String,
+    pub reason: Reason,
 }
 
 impl Problem {
     pub fn new(field: Option<String>, message: impl Into<String>) -> Self {
-        Self { field, message: message.into() }
+        Self { field, message: message.into(), reason: Reason::Invalid }
+    }
+
+    fn because(mut self, reason: Reason) -> Self {
+        self.reason = reason;
+        self
+    }
+}
+
+/// The class of a rejection (a status condition's `reason` in Kubernetes).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub enum Reason {
+    /// The definition itself is malformed.
+    #[default]
+    Invalid,
+    /// It refers to a Service (or rule) that does not exist.
+    BackendNotFound,
+    /// Another resource already holds what it claims.
+    Conflict,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Invalid => "Invalid",
+            Reason::BackendNotFound => "BackendNotFound",
+            Reason::Conflict => "Conflict",
+        }
     }
 }
 
@@ -112,6 +140,7 @@ pub struct Rejection {
     pub resource: Option<ResourceKey>,
     pub field: Option<String>,
     pub message: String,
+    pub reason: Reason,
 }
 
 impl fmt::Display for Rejection {
@@ -157,6 +186,7 @@ impl Index {
                 resource: None,
                 field: None,
                 message: u.message.clone(),
+                reason: Reason::Invalid,
             });
             for (k, e) in &self.entries {
                 if e.origin == u.origin {
@@ -177,6 +207,7 @@ impl Index {
                         resource: def.key,
                         field: p.field,
                         message: p.message,
+                        reason: p.reason,
                     });
                 }
                 Ok(resource) => {
@@ -233,7 +264,13 @@ impl Index {
             if let Some(prev) = self.entries.get(&key) {
                 next.insert(key.clone(), prev.clone());
             }
-            rejections.push(Rejection { origin, resource: Some(key), field: problem.field, message: problem.message });
+            rejections.push(Rejection {
+                origin,
+                resource: Some(key),
+                field: problem.field,
+                message: problem.message,
+                reason: problem.reason,
+            });
         }
 
         // Versions: unchanged content keeps its version.
@@ -265,6 +302,7 @@ fn duplicate(origin: &str, key: &ResourceKey, other: &str) -> Rejection {
         resource: Some(key.clone()),
         field: Some("metadata.name".into()),
         message: format!("duplicate: {key} is already defined in {other}"),
+        reason: Reason::Conflict,
     }
 }
 
@@ -275,7 +313,10 @@ fn missing_policy_target(
 ) -> Option<Problem> {
     let target = &spec.target_ref.service;
     if !entries.contains_key(&ResourceKey::new(Kind::Service, ns, target.clone())) {
-        return Some(Problem::new(Some("spec.targetRef.service".into()), format!("Service {ns}/{target} not found")));
+        return Some(
+            Problem::new(Some("spec.targetRef.service".into()), format!("Service {ns}/{target} not found"))
+                .because(Reason::BackendNotFound),
+        );
     }
     if let Some(rule) = &spec.target_ref.rule {
         let found = entries.iter().any(|(k, e)| match &e.resource {
@@ -287,10 +328,13 @@ fn missing_policy_target(
             _ => false,
         });
         if !found {
-            return Some(Problem::new(
-                Some("spec.targetRef.rule".into()),
-                format!("no Route rule named {rule:?} for Service {ns}/{target}"),
-            ));
+            return Some(
+                Problem::new(
+                    Some("spec.targetRef.rule".into()),
+                    format!("no Route rule named {rule:?} for Service {ns}/{target}"),
+                )
+                .because(Reason::BackendNotFound),
+            );
         }
     }
     None
@@ -300,7 +344,10 @@ fn missing_canary_service(ns: &str, spec: &CanarySpec, services: &BTreeSet<(Stri
     for (field, name) in [("spec.service", &spec.service), ("spec.stable", &spec.stable), ("spec.canary", &spec.canary)]
     {
         if !services.contains(&(ns.to_string(), name.clone())) {
-            return Some(Problem::new(Some(field.into()), format!("Service {ns}/{name} not found")));
+            return Some(
+                Problem::new(Some(field.into()), format!("Service {ns}/{name} not found"))
+                    .because(Reason::BackendNotFound),
+            );
         }
     }
     None
@@ -314,24 +361,33 @@ fn second_canary(key: &ResourceKey, spec: &CanarySpec, entries: &BTreeMap<Resour
             && k.name < key.name
             && matches!(&e.resource, Resource::Canary(c) if c.service == spec.service)
     })?;
-    Some(Problem::new(
-        Some("spec.service".into()),
-        format!("Canary {}/{} already rolls out Service {}", first.0.namespace, first.0.name, spec.service),
-    ))
+    Some(
+        Problem::new(
+            Some("spec.service".into()),
+            format!("Canary {}/{} already rolls out Service {}", first.0.namespace, first.0.name, spec.service),
+        )
+        .because(Reason::Conflict),
+    )
 }
 
 fn missing_service(ns: &str, spec: &RouteSpec, services: &BTreeSet<(String, String)>) -> Option<Problem> {
     if !services.contains(&(ns.to_string(), spec.service.clone())) {
-        return Some(Problem::new(Some("spec.service".into()), format!("Service {ns}/{} not found", spec.service)));
+        return Some(
+            Problem::new(Some("spec.service".into()), format!("Service {ns}/{} not found", spec.service))
+                .because(Reason::BackendNotFound),
+        );
     }
     for (i, rule) in spec.rules.iter().enumerate() {
         for (j, b) in rule.backend_refs.iter().enumerate() {
             let bns = b.namespace.as_deref().unwrap_or(ns);
             if !services.contains(&(bns.to_string(), b.name.clone())) {
-                return Some(Problem::new(
-                    Some(format!("spec.rules[{i}].backendRefs[{j}].name")),
-                    format!("backend Service {bns}/{} not found", b.name),
-                ));
+                return Some(
+                    Problem::new(
+                        Some(format!("spec.rules[{i}].backendRefs[{j}].name")),
+                        format!("backend Service {bns}/{} not found", b.name),
+                    )
+                    .because(Reason::BackendNotFound),
+                );
             }
         }
     }

@@ -2,7 +2,7 @@
 //! those to the sidecars.
 //!
 //! # Layout
-//! - [`source`]: where resources come from (local mode: a directory of YAML files).
+//! - [`source`]: where resources come from (a directory of YAML files, or Kubernetes).
 //! - [`index`]: the resources in force and the rejected definitions.
 //! - [`translator`]: index → the protocol's view of the mesh.
 //! - [`state`]: the published view, shared through a `watch` channel.
@@ -11,6 +11,8 @@
 //! - [`proxies`]: the registry of connected sidecars and what each acked.
 //! - [`reports`]: traffic reports aggregated from the sidecars.
 //! - [`admin`]: `/live`, `/ready`, `/metrics`, `/resources`, `/stats`.
+//! - [`leader`]: Lease-based leader election among replicas (Kubernetes mode).
+//! - [`status`]: status conditions of Weir's custom resources (written by the leader).
 //! - [`metrics`]: the controller's Prometheus metrics.
 #![forbid(unsafe_code)]
 
@@ -19,11 +21,13 @@ pub mod canary;
 pub mod grpc;
 pub mod identity;
 pub mod index;
+pub mod leader;
 pub mod metrics;
 pub mod proxies;
 pub mod reports;
 pub mod source;
 pub mod state;
+pub mod status;
 pub mod translator;
 
 use std::net::SocketAddr;
@@ -92,6 +96,25 @@ pub struct Args {
     /// Lifetime of issued workload certificates.
     #[arg(long, env = "WEIR_CERT_LIFETIME", default_value = "24h", value_parser = parse_duration)]
     pub cert_lifetime: Duration,
+    /// Kubernetes mode: watch only this namespace (repeat the flag, or separate with commas);
+    /// default: all namespaces.
+    #[arg(long = "namespace", env = "WEIR_NAMESPACES", value_delimiter = ',')]
+    pub namespaces: Vec<String>,
+    /// Namespace of the leader-election Lease; default: `POD_NAMESPACE`, else `weir-system`.
+    #[arg(long, env = "WEIR_LEASE_NAMESPACE")]
+    pub lease_namespace: Option<String>,
+    /// Name of the leader-election Lease.
+    #[arg(long, env = "WEIR_LEASE_NAME", default_value = "weir-controller")]
+    pub lease_name: String,
+    /// How long a leader's lease lasts without renewal (a standby takes over after it).
+    #[arg(long, env = "WEIR_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
+    pub lease_duration: Duration,
+    /// How often the leader renews (and standbys retry).
+    #[arg(long, env = "WEIR_LEASE_RENEW", default_value = "2s", value_parser = parse_duration)]
+    pub lease_renew: Duration,
+    /// This replica's name in the Lease; default: `POD_NAME`, else `<hostname>-<pid>`.
+    #[arg(long, env = "WEIR_REPLICA_NAME")]
+    pub replica_name: Option<String>,
 }
 
 #[derive(Subcommand, Debug, Clone)]
@@ -126,23 +149,90 @@ fn print_crds(out_dir: Option<&std::path::Path>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Where resources come from.
+enum Source {
+    Local { dir: PathBuf, changes: mpsc::Receiver<Instant>, _watch: source::local::WatchGuard },
+    Kubernetes(Arc<source::kubernetes::KubeSource>),
+}
+
+/// One full read of a source.
+struct Read {
+    defs: Vec<index::Definition>,
+    unreadable: Vec<index::UnreadableOrigin>,
+    /// Kubernetes: the generation of each custom resource read.
+    generations: Option<std::collections::HashMap<index::ResourceKey, Option<i64>>>,
+}
+
+impl Source {
+    fn read(&self) -> Result<Read, String> {
+        match self {
+            Source::Local { dir, .. } => source::local::read_dir(dir)
+                .map(|(defs, unreadable)| Read { defs, unreadable, generations: None })
+                .map_err(|e| format!("cannot read config directory {}: {e}", dir.display())),
+            Source::Kubernetes(k) => {
+                let (defs, generations) = k.definitions();
+                Ok(Read { defs, unreadable: Vec::new(), generations: Some(generations) })
+            }
+        }
+    }
+
+    /// When the next burst of changes began; `None` when the source has ended.
+    async fn changed(&mut self) -> Option<Instant> {
+        match self {
+            Source::Local { changes, .. } => changes.recv().await,
+            Source::Kubernetes(k) => Some(k.changed(Duration::from_millis(10), Duration::from_millis(100)).await),
+        }
+    }
+}
+
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    let Some(dir) = args.config_dir.clone() else {
-        anyhow::bail!(
-            "no --config-dir given: the Kubernetes source is not available in this build yet; run in local mode with --config-dir DIR"
-        );
-    };
     let metrics = metrics::Metrics::new();
+    let (trigger, drain) = rt::drain();
+    let mut kube = None;
+    let mut source = match &args.config_dir {
+        Some(dir) => {
+            let (tx, rx) = mpsc::channel(8);
+            let guard = source::local::watch(dir, tx, Duration::from_millis(10), Duration::from_millis(100))
+                .with_context(|| format!("watching {}", dir.display()))?;
+            // Read once before serving, so a directory that cannot be read stops start-up.
+            source::local::read_dir(dir).with_context(|| format!("reading config directory {}", dir.display()))?;
+            Source::Local { dir: dir.clone(), changes: rx, _watch: guard }
+        }
+        None => {
+            let client = source::kubernetes::client(args.kubeconfig.as_deref())
+                .await
+                .context("no --config-dir: running against Kubernetes")?;
+            let k = Arc::new(source::kubernetes::KubeSource::start(
+                client.clone(),
+                &args.namespaces,
+                metrics.watch_restarts.clone(),
+                drain.clone(),
+            ));
+            tracing::info!(namespaces = ?args.namespaces, "waiting for the first list of every watched kind");
+            // No sidecar may see a half-loaded cluster.
+            tokio::select! {
+                _ = k.wait_until_ready() => {}
+                _ = rt::shutdown_signal() => {
+                    trigger.trigger();
+                    return Ok(());
+                }
+            }
+            kube = Some((client, k.clone()));
+            Source::Kubernetes(k)
+        }
+    };
     let mut index = Index::default();
-    // Read everything before serving, so no sidecar ever sees a half-loaded mesh.
-    let (defs, unreadable) =
-        source::local::read_dir(&dir).with_context(|| format!("reading config directory {}", dir.display()))?;
-    index.replace_all(defs, unreadable);
+    let first = source.read().map_err(anyhow::Error::msg)?;
+    index.replace_all(first.defs, first.unreadable);
     log_rejections(&index);
     metrics.rejected_resources.set(index.rejections().len() as i64);
+    let (verdict_tx, verdict_rx) =
+        watch::channel(Arc::new(first.generations.as_ref().map(|g| status::verdicts(&index, g)).unwrap_or_default()));
     let reports = Arc::new(Mutex::new(reports::Reports::default()));
-    let state_file = args.canary_state.clone().unwrap_or_else(|| dir.join(".weir").join("canaries.json"));
-    let (canaries, mut routing_rx) = canary::Canaries::new(Some(state_file), reports.clone(), metrics.clone())?;
+    // Local mode keeps canary progress beside the configuration; Kubernetes mode only where told.
+    let state_file =
+        args.canary_state.clone().or_else(|| args.config_dir.as_ref().map(|d| d.join(".weir").join("canaries.json")));
+    let (canaries, mut routing_rx) = canary::Canaries::new(state_file, reports.clone(), metrics.clone())?;
     // Saved canary weights apply from the first snapshot on.
     canaries.adopt(&canary::definitions(&index));
     let routing = routing_rx.borrow_and_update().clone();
@@ -155,36 +245,74 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let grpc_addr = grpc_listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
 
-    let (trigger, drain) = rt::drain();
     let proxies = proxies::Proxies::default();
     let ready = Arc::new(AtomicBool::new(false));
 
-    // Watch the directory and republish on every change burst.
-    let (change_tx, mut change_rx) = mpsc::channel(8);
-    let _watch = source::local::watch(&dir, change_tx, Duration::from_millis(10), Duration::from_millis(100))
-        .with_context(|| format!("watching {}", dir.display()))?;
+    // Leader election and status (Kubernetes mode); local mode has one controller.
+    let mut background = Vec::new();
+    match &kube {
+        Some((client, k)) => {
+            if args.lease_renew >= args.lease_duration {
+                anyhow::bail!("--lease-renew must be shorter than --lease-duration");
+            }
+            let lease = leader::LeaseConfig {
+                namespace: args
+                    .lease_namespace
+                    .clone()
+                    .or_else(|| std::env::var("POD_NAMESPACE").ok().filter(|n| !n.is_empty()))
+                    .unwrap_or_else(|| "weir-system".into()),
+                name: args.lease_name.clone(),
+                identity: args.replica_name.clone().unwrap_or_else(replica_name),
+                duration: args.lease_duration,
+                renew_every: args.lease_renew,
+            };
+            tracing::info!(lease = %format!("{}/{}", lease.namespace, lease.name), identity = %lease.identity, "joining leader election");
+            let (leading, election) = leader::spawn(client.clone(), lease, metrics.leader.clone(), drain.clone());
+            background.push(election);
+            background.push(status::spawn(
+                client.clone(),
+                k.clone(),
+                verdict_rx,
+                leading,
+                metrics.status_writes.clone(),
+                drain.clone(),
+            ));
+        }
+        None => metrics.leader.set(1),
+    }
+
+    // Republish on every change burst.
     let reload_metrics = metrics.clone();
-    let reload_dir = dir.clone();
     let reload = tokio::spawn(async move {
         let mut generation = 1;
         loop {
-            // A config change re-reads the directory; a canary step only re-translates.
+            // A config change re-reads the source; a canary step only re-translates.
             let changed_at = tokio::select! {
-                changed = change_rx.recv() => {
+                changed = source.changed() => {
                     let Some(changed_at) = changed else { break };
                     reload_metrics.config_reloads.inc();
-                    let (defs, unreadable) = match source::local::read_dir(&reload_dir) {
+                    let read = match source.read() {
                         Ok(r) => r,
                         Err(e) => {
-                            tracing::error!(error = %e, dir = %reload_dir.display(), "cannot read config directory; keeping current config");
+                            tracing::error!(error = %e, "keeping current config");
                             continue;
                         }
                     };
-                    if index.replace_all(defs, unreadable) {
+                    if index.replace_all(read.defs, read.unreadable) {
                         tracing::info!(generation = generation + 1, resources = index.entries().len(), "configuration changed");
                     }
                     log_rejections(&index);
                     reload_metrics.rejected_resources.set(index.rejections().len() as i64);
+                    if let Some(g) = &read.generations {
+                        let verdicts = status::verdicts(&index, g);
+                        verdict_tx.send_if_modified(|v| {
+                            let changed = **v != verdicts;
+                            if changed {
+                                *v = Arc::new(verdicts);
+                            }
+                            changed
+                        });
+                    }
                     changed_at
                 }
                 routed = routing_rx.changed() => {
@@ -251,7 +379,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         args.shutdown_grace,
     ));
     ready.store(true, Ordering::Release);
-    tracing::info!(%grpc_addr, %admin_addr, config_dir = %dir.display(), "controller serving (local mode)");
+    match &args.config_dir {
+        Some(dir) => {
+            tracing::info!(%grpc_addr, %admin_addr, config_dir = %dir.display(), "controller serving (local mode)")
+        }
+        None => tracing::info!(%grpc_addr, %admin_addr, "controller serving (Kubernetes)"),
+    }
     if args.print_listen_addrs {
         println!("{}", serde_json::json!({ "grpc": grpc_addr, "admin": admin_addr }));
     }
@@ -264,10 +397,29 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         let _ = grpc.await;
         let _ = admin_task.await;
         let _ = reconciler.await;
+        // The election releases the lease so a standby takes over at once.
+        for task in background {
+            let _ = task.await;
+        }
     })
     .await;
     tracing::info!("controller stopped");
     Ok(())
+}
+
+/// `POD_NAME`, else `<hostname>-<pid>`.
+fn replica_name() -> String {
+    if let Ok(name) = std::env::var("POD_NAME")
+        && !name.is_empty()
+    {
+        return name;
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "weir-controller".into());
+    format!("{host}-{}", std::process::id())
 }
 
 fn log_rejections(index: &Index) {

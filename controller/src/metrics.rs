@@ -23,6 +23,12 @@ pub struct Metrics {
     pub canary_phase: prometheus::IntGaugeVec,
     /// Analyses by canary and verdict (pass, fail, inconclusive).
     pub canary_analyses: prometheus::IntCounterVec,
+    /// Kubernetes watch failures (each followed by a retry with back-off), by kind.
+    pub watch_restarts: prometheus::IntCounterVec,
+    /// 1 while this replica holds the leader lease (always 1 in local mode).
+    pub leader: IntGauge,
+    /// Status writes to Kubernetes by result (`ok`, `error`).
+    pub status_writes: prometheus::IntCounterVec,
 }
 
 impl Metrics {
@@ -95,6 +101,23 @@ impl Metrics {
         registry.register(Box::new(canary_weight.clone())).unwrap();
         registry.register(Box::new(canary_phase.clone())).unwrap();
         registry.register(Box::new(canary_analyses.clone())).unwrap();
+        let watch_restarts = prometheus::IntCounterVec::new(
+            prometheus::Opts::new(
+                "weir_controller_watch_restarts_total",
+                "Kubernetes watches that failed and were retried, by kind",
+            ),
+            &["kind"],
+        )
+        .unwrap();
+        let leader = IntGauge::new("weir_controller_leader", "1 while this replica holds the leader lease").unwrap();
+        let status_writes = prometheus::IntCounterVec::new(
+            prometheus::Opts::new("weir_controller_status_writes_total", "Status writes to Kubernetes by result"),
+            &["result"],
+        )
+        .unwrap();
+        registry.register(Box::new(watch_restarts.clone())).unwrap();
+        registry.register(Box::new(leader.clone())).unwrap();
+        registry.register(Box::new(status_writes.clone())).unwrap();
         Self {
             registry,
             connected_proxies,
@@ -110,6 +133,9 @@ impl Metrics {
             canary_weight,
             canary_phase,
             canary_analyses,
+            watch_restarts,
+            leader,
+            status_writes,
         }
     }
 

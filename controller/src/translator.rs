@@ -54,6 +54,7 @@ pub fn services(index: &Index, canaries: &[crate::canary::CanaryRouting]) -> Vec
                 .collect(),
             rules: Vec::new(),
             policies: policies.remove(&(key.namespace.as_str(), key.name.as_str())).unwrap_or_default(),
+            cluster_ips: spec.cluster_ips.clone(),
         };
         for c in canaries.iter().filter(|c| c.namespace == key.namespace && c.service == key.name) {
             svc.rules.extend(canary_rules(c));

@@ -162,6 +162,23 @@ impl Config {
             if ns == own_namespace {
                 by_host.insert(name.clone(), svc.clone());
             }
+            // A ClusterIP in the authority (`10.96.0.10:80`, `[fd00::a]:80`) names the Service too.
+            for ip in &s.cluster_ips {
+                let ip: std::net::IpAddr = ip.parse().map_err(|_| InvalidSnapshot::Service {
+                    service: svc.key.to_string(),
+                    message: format!("cluster IP {ip:?} is not an IP address"),
+                })?;
+                let host = match ip {
+                    std::net::IpAddr::V4(v4) => v4.to_string(),
+                    std::net::IpAddr::V6(v6) => format!("[{v6}]"),
+                };
+                if by_host.insert(host.clone(), svc.clone()).is_some_and(|other| other.key != svc.key) {
+                    return Err(InvalidSnapshot::Service {
+                        service: svc.key.to_string(),
+                        message: format!("cluster IP {host} is also another service's"),
+                    });
+                }
+            }
         }
         let mut inbound = Vec::new();
         for l in snapshot.inbound.iter().flat_map(|i| &i.rate_limits) {
@@ -681,6 +698,7 @@ mod tests {
                     timeout_ms: 0,
                 }],
                 policies: vec![],
+                cluster_ips: vec![],
             }],
             inbound: None,
         }
@@ -696,6 +714,19 @@ mod tests {
             Config::from_snapshot(snapshot(proto::MatchKind::Prefix as i32), "elsewhere", "cluster.local").unwrap();
         assert!(other.lookup("web").is_none());
         assert!(other.lookup("web.shop").is_some());
+    }
+
+    #[test]
+    fn resolves_cluster_ips() {
+        let mut snap = snapshot(proto::MatchKind::Prefix as i32);
+        snap.services[0].cluster_ips = vec!["10.96.0.10".into(), "fd00::a".into()];
+        let cfg = Config::from_snapshot(snap.clone(), "elsewhere", "cluster.local").unwrap();
+        assert_eq!(&*cfg.lookup("10.96.0.10").unwrap().key, "shop/web");
+        assert_eq!(&*cfg.lookup("[fd00::a]").unwrap().key, "shop/web");
+        assert!(cfg.lookup("10.96.0.11").is_none());
+        snap.services[0].cluster_ips = vec!["10.96.0".into()];
+        let err = Config::from_snapshot(snap, "shop", "cluster.local").unwrap_err();
+        assert!(err.to_string().contains("cluster IP \"10.96.0\" is not an IP address"), "{err}");
     }
 
     #[test]

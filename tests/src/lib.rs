@@ -2,6 +2,8 @@
 //! loopback with OS-chosen ports, in-process backends that fail on command, and helpers to
 //! wait for conditions (never fixed sleeps).
 
+pub mod fake_kube;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};

@@ -71,6 +71,7 @@ fn snapshot(version: &str, backend: std::net::SocketAddr, match_kind: i32) -> pr
                 timeout_ms: 0,
             }],
             policies: vec![],
+            cluster_ips: vec![],
         }],
         inbound: None,
     }

@@ -37,18 +37,7 @@ impl TokenReviewer {
     /// A reviewer using `kubeconfig`, or else the usual inference (in-cluster ServiceAccount,
     /// then `KUBECONFIG` / `~/.kube/config`).
     pub async fn connect(kubeconfig: Option<&Path>, audience: &str) -> anyhow::Result<Self> {
-        use anyhow::Context;
-        let config = match kubeconfig {
-            Some(path) => {
-                let kc = kube::config::Kubeconfig::read_from(path)
-                    .with_context(|| format!("reading kubeconfig {}", path.display()))?;
-                kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
-                    .await
-                    .with_context(|| format!("kubeconfig {}", path.display()))?
-            }
-            None => kube::Config::infer().await.context("no Kubernetes configuration (in-cluster or kubeconfig)")?,
-        };
-        let client = kube::Client::try_from(config).context("building the Kubernetes client")?;
+        let client = crate::source::kubernetes::client(kubeconfig).await?;
         Ok(Self { client, audience: audience.to_string() })
     }
 

@@ -117,6 +117,12 @@ fn parse_resource(kind: Kind, map: &serde_yaml::Mapping) -> Result<Resource, Fie
         weir_api::validate::dns_label("metadata.namespace", ns)?;
     }
     let spec = map.get("spec").cloned().unwrap_or(serde_yaml::Value::Mapping(Default::default()));
+    parse_spec(kind, api_version, spec)
+}
+
+/// Reads and validates a resource's `spec` (shared with the Kubernetes source, so both judge
+/// a definition the same way).
+pub fn parse_spec(kind: Kind, api_version: Option<&str>, spec: serde_yaml::Value) -> Result<Resource, FieldError> {
     match kind {
         Kind::Route | Kind::ResiliencePolicy | Kind::MeshAuthorization
             if api_version != Some(weir_api::API_VERSION) =>

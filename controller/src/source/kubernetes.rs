@@ -1,0 +1,654 @@
+//! The Kubernetes source: kube-rs watchers and reflectors over Weir's custom resources,
+//! `Service`s, `EndpointSlice`s and `Pod`s. Every change (coalesced) rebuilds the same
+//! [`Definition`]s local mode reads from files, so both sources share the index, the
+//! translator and every check.
+//!
+//! - A core `Service` becomes a Weir Service: its TCP ports, its ClusterIPs, and one endpoint
+//!   per ready address and port of its EndpointSlices (target port resolved by port name). The
+//!   endpoint's pod gives its identity (service account), labels, workload name and whether a
+//!   Weir sidecar serves it. Headless Services (no ClusterIP) route to the pod addresses alike.
+//! - Weir's custom resources are read as dynamic objects, so one malformed object is rejected
+//!   on its own (with a status condition saying why) instead of failing the whole list.
+//!
+//! Watch failures (410 Gone, disconnects, RBAC denials) are retried with kube's default
+//! back-off; the stores keep the last good view meanwhile.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt::Debug;
+use std::hash::Hash;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::{Container, Pod, PodSpec, Service as KubeService};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{Api, ApiResource, DynamicObject};
+use kube::runtime::reflector::{Store, store::Writer};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use tokio::sync::Notify;
+use weir_api::rt::Drain;
+use weir_api::service::{LocalEndpoint, LocalServiceSpec, ServicePort};
+
+use crate::index::{Definition, Kind, Problem, Resource as IndexResource, ResourceKey};
+
+/// Name of the sidecar container the injector adds; a pod with it is meshed.
+pub const PROXY_CONTAINER: &str = "weir-proxy";
+/// Origin of every definition this source produces.
+pub const ORIGIN: &str = "kubernetes";
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+
+/// A client from `kubeconfig`, or else kube's inference (`KUBECONFIG`, `~/.kube/config`, then
+/// the in-cluster ServiceAccount).
+pub async fn client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<Client> {
+    use anyhow::Context;
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::infer().await.context("no Kubernetes configuration (in-cluster or kubeconfig)")?,
+    };
+    Client::try_from(config).context("building the Kubernetes client")
+}
+
+/// Weir's custom resource kinds, with their API resource.
+pub fn weir_kinds() -> [(Kind, ApiResource); 4] {
+    [
+        (Kind::Route, ApiResource::erase::<weir_api::route::Route>(&())),
+        (Kind::ResiliencePolicy, ApiResource::erase::<weir_api::resilience::ResiliencePolicy>(&())),
+        (Kind::MeshAuthorization, ApiResource::erase::<weir_api::authorization::MeshAuthorization>(&())),
+        (Kind::Canary, ApiResource::erase::<weir_api::canary::Canary>(&())),
+    ]
+}
+
+/// The reflector stores of one kind, one per watched namespace (or one for all).
+pub struct Stores<K: Resource + 'static>
+where
+    K::DynamicType: Eq + Hash + Clone,
+{
+    stores: Vec<Store<K>>,
+}
+
+impl<K: Resource + Clone + 'static> Stores<K>
+where
+    K::DynamicType: Eq + Hash + Clone,
+{
+    pub fn objects(&self) -> impl Iterator<Item = Arc<K>> + '_ {
+        self.stores.iter().flat_map(|s| s.state())
+    }
+
+    async fn wait_until_ready(&self) {
+        for s in &self.stores {
+            // Only fails when the writer is gone, i.e. at shutdown.
+            let _ = s.wait_until_ready().await;
+        }
+    }
+}
+
+/// Coalesces store changes: the time of the first change of a burst, handed out once the
+/// burst has settled.
+#[derive(Default)]
+struct Changes {
+    first: Mutex<Option<Instant>>,
+    notify: Notify,
+}
+
+impl Changes {
+    fn mark(&self) {
+        let mut first = self.first.lock().expect("changes lock");
+        first.get_or_insert_with(Instant::now);
+        self.notify.notify_one();
+    }
+}
+
+/// The watched cluster.
+pub struct KubeSource {
+    pub weir: Vec<(Kind, Stores<DynamicObject>)>,
+    pub services: Stores<KubeService>,
+    pub slices: Stores<EndpointSlice>,
+    pub pods: Stores<Pod>,
+    changes: Arc<Changes>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for KubeSource {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Counts watch failures by kind (for `weir_controller_watch_restarts_total`).
+pub type RestartCounter = prometheus::IntCounterVec;
+
+impl KubeSource {
+    /// Starts a watcher per kind and namespace (`namespaces` empty: all namespaces).
+    pub fn start(client: Client, namespaces: &[String], restarts: RestartCounter, drain: Drain) -> Self {
+        let changes = Arc::new(Changes::default());
+        let mut tasks = Vec::new();
+        let mut spawn = |name: String, task: tokio::task::JoinHandle<()>| {
+            tracing::debug!(watch = %name, "watch started");
+            tasks.push(task);
+        };
+        let scopes: Vec<Option<&str>> =
+            if namespaces.is_empty() { vec![None] } else { namespaces.iter().map(|n| Some(n.as_str())).collect() };
+
+        let mut weir = Vec::new();
+        for (kind, ar) in weir_kinds() {
+            let mut stores = Vec::new();
+            for scope in &scopes {
+                let api: Api<DynamicObject> = match scope {
+                    Some(ns) => Api::namespaced_with(client.clone(), ns, &ar),
+                    None => Api::all_with(client.clone(), &ar),
+                };
+                let writer = Writer::new(ar.clone());
+                stores.push(writer.as_reader());
+                let label = format!("{}.{} {}", ar.plural, ar.group, scope.unwrap_or("(all namespaces)"));
+                let task = watch(api, writer, |_| {}, label.clone(), kind_label(kind), &changes, &restarts, &drain);
+                spawn(label, task);
+            }
+            weir.push((kind, Stores { stores }));
+        }
+        let typed = |plural: &str| -> Vec<(Option<String>, String)> {
+            scopes
+                .iter()
+                .map(|s| (s.map(String::from), format!("{plural} {}", s.unwrap_or("(all namespaces)"))))
+                .collect()
+        };
+        let mut services = Vec::new();
+        for (scope, label) in typed("services") {
+            let writer = Writer::default();
+            services.push(writer.as_reader());
+            let task = watch(
+                scoped_api(&client, scope.as_deref()),
+                writer,
+                trim_meta,
+                label.clone(),
+                "Service",
+                &changes,
+                &restarts,
+                &drain,
+            );
+            spawn(label, task);
+        }
+        let mut slices = Vec::new();
+        for (scope, label) in typed("endpointslices") {
+            let writer = Writer::default();
+            slices.push(writer.as_reader());
+            let task = watch(
+                scoped_api(&client, scope.as_deref()),
+                writer,
+                trim_meta,
+                label.clone(),
+                "EndpointSlice",
+                &changes,
+                &restarts,
+                &drain,
+            );
+            spawn(label, task);
+        }
+        let mut pods = Vec::new();
+        for (scope, label) in typed("pods") {
+            let writer = Writer::default();
+            pods.push(writer.as_reader());
+            let task = watch(
+                scoped_api(&client, scope.as_deref()),
+                writer,
+                trim_pod,
+                label.clone(),
+                "Pod",
+                &changes,
+                &restarts,
+                &drain,
+            );
+            spawn(label, task);
+        }
+        KubeSource {
+            weir,
+            services: Stores { stores: services },
+            slices: Stores { stores: slices },
+            pods: Stores { stores: pods },
+            changes,
+            tasks,
+        }
+    }
+
+    /// Waits until every watch has listed once (so no sidecar sees a half-loaded cluster).
+    pub async fn wait_until_ready(&self) {
+        for (_, s) in &self.weir {
+            s.wait_until_ready().await;
+        }
+        self.services.wait_until_ready().await;
+        self.slices.wait_until_ready().await;
+        self.pods.wait_until_ready().await;
+    }
+
+    /// Waits for the next burst of changes and returns when its first change happened: the
+    /// burst ends after `settle` without changes, or `max_delay` after it began.
+    pub async fn changed(&self, settle: Duration, max_delay: Duration) -> Instant {
+        loop {
+            self.changes.notify.notified().await;
+            let Some(first) = *self.changes.first.lock().expect("changes lock") else { continue };
+            let deadline = tokio::time::Instant::from_std(first + max_delay);
+            loop {
+                let settle_at = (tokio::time::Instant::now() + settle).min(deadline);
+                match tokio::time::timeout_at(settle_at, self.changes.notify.notified()).await {
+                    Ok(()) if tokio::time::Instant::now() < deadline => continue,
+                    _ => break,
+                }
+            }
+            return self.changes.first.lock().expect("changes lock").take().unwrap_or(first);
+        }
+    }
+
+    /// Everything in the stores, as definitions for the index, and the generation of each
+    /// custom resource read (what its status conditions will refer to).
+    pub fn definitions(&self) -> (Vec<Definition>, HashMap<ResourceKey, Option<i64>>) {
+        let mut defs = Vec::new();
+        let mut generations = HashMap::new();
+        for (kind, stores) in &self.weir {
+            for obj in stores.objects() {
+                let def = weir_definition(*kind, &obj);
+                if let Some(key) = &def.key {
+                    generations.insert(key.clone(), obj.metadata.generation);
+                }
+                defs.push(def);
+            }
+        }
+        let pods: HashMap<(String, String), Arc<Pod>> =
+            self.pods.objects().map(|p| ((p.namespace().unwrap_or_default(), p.name_any()), p)).collect();
+        let mut slices: HashMap<(String, String), Vec<Arc<EndpointSlice>>> = HashMap::new();
+        for s in self.slices.objects() {
+            if let Some(svc) = s.labels().get(SERVICE_NAME_LABEL) {
+                slices.entry((s.namespace().unwrap_or_default(), svc.clone())).or_default().push(s);
+            }
+        }
+        for svc in self.services.objects() {
+            let ns = svc.namespace().unwrap_or_default();
+            let name = svc.name_any();
+            let own = slices.get(&(ns.clone(), name.clone())).map(Vec::as_slice).unwrap_or_default();
+            if let Some(spec) = service_spec(&svc, own, &pods) {
+                defs.push(Definition {
+                    origin: ORIGIN.into(),
+                    key: Some(ResourceKey::new(Kind::Service, ns, name)),
+                    parsed: spec
+                        .validate()
+                        .map(|()| IndexResource::Service(spec))
+                        .map_err(|e| Problem::new(Some(e.field), e.message)),
+                });
+            }
+        }
+        (defs, generations)
+    }
+}
+
+fn kind_label(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Service => "Service",
+        Kind::Route => "Route",
+        Kind::ResiliencePolicy => "ResiliencePolicy",
+        Kind::MeshAuthorization => "MeshAuthorization",
+        Kind::Canary => "Canary",
+    }
+}
+
+fn scoped_api<K>(client: &Client, scope: Option<&str>) -> Api<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    K::DynamicType: Default,
+{
+    match scope {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Runs one watcher into its store until drained, marking every change.
+#[allow(clippy::too_many_arguments)]
+fn watch<K>(
+    api: Api<K>,
+    writer: Writer<K>,
+    trim: fn(&mut K),
+    label: String,
+    kind: &'static str,
+    changes: &Arc<Changes>,
+    restarts: &RestartCounter,
+    drain: &Drain,
+) -> tokio::task::JoinHandle<()>
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Eq + Hash + Clone + Send + Sync,
+{
+    let changes = changes.clone();
+    let restarts = restarts.with_label_values(&[kind]);
+    let drain = drain.clone();
+    tokio::spawn(async move {
+        let stream = watcher(api, watcher::Config::default())
+            .default_backoff()
+            .modify(move |o: &mut K| {
+                o.managed_fields_mut().clear();
+                trim(o);
+            })
+            .reflect(writer);
+        let mut stream = std::pin::pin!(stream);
+        let mut drained = std::pin::pin!(drain.signaled());
+        // Log a failing watch once per outage, not once per retry.
+        let mut failing = false;
+        loop {
+            let item = tokio::select! {
+                _ = &mut drained => break,
+                item = stream.next() => item,
+            };
+            match item {
+                None => break,
+                Some(Ok(event)) => {
+                    if failing {
+                        tracing::info!(watch = %label, "watch recovered");
+                        failing = false;
+                    }
+                    match event {
+                        watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone => {
+                            changes.mark()
+                        }
+                        watcher::Event::Init | watcher::Event::InitApply(_) => {}
+                    }
+                }
+                Some(Err(e)) => {
+                    restarts.inc();
+                    if !failing {
+                        tracing::warn!(watch = %label, error = %e, "watch failed; retrying with back-off and serving the last good view");
+                        failing = true;
+                    } else {
+                        tracing::debug!(watch = %label, error = %e, "watch still failing");
+                    }
+                }
+            }
+        }
+    })
+}
+
+fn trim_meta<K: Resource>(o: &mut K) {
+    let meta = o.meta_mut();
+    meta.annotations = None;
+    meta.owner_references = None;
+}
+
+/// Pods are the bulk of a cluster: keep only what endpoints need.
+fn trim_pod(pod: &mut Pod) {
+    let meta = std::mem::take(&mut pod.metadata);
+    let annotations = meta.annotations.map(|a| a.into_iter().filter(|(k, _)| k.starts_with("weir.io/")).collect());
+    let names = |cs: &[Container]| -> Vec<Container> {
+        cs.iter().map(|c| Container { name: c.name.clone(), ..Default::default() }).collect()
+    };
+    let spec = pod.spec.take().map(|s| PodSpec {
+        service_account_name: s.service_account_name,
+        containers: names(&s.containers),
+        init_containers: s.init_containers.as_deref().map(names),
+        ..Default::default()
+    });
+    *pod = Pod {
+        metadata: ObjectMeta {
+            name: meta.name,
+            namespace: meta.namespace,
+            labels: meta.labels,
+            annotations,
+            resource_version: meta.resource_version,
+            uid: meta.uid,
+            ..Default::default()
+        },
+        spec,
+        status: None,
+    };
+}
+
+/// A custom resource as a definition: the same parse and validation as local mode.
+fn weir_definition(kind: Kind, obj: &DynamicObject) -> Definition {
+    let key = ResourceKey::new(kind, obj.namespace().unwrap_or_default(), obj.name_any());
+    let api_version = obj.types.as_ref().map(|t| t.api_version.as_str()).unwrap_or(weir_api::API_VERSION);
+    let spec = obj.data.get("spec").cloned().unwrap_or_else(|| serde_json::json!({}));
+    let parsed = serde_yaml::to_value(&spec)
+        .map_err(|e| weir_api::validate::FieldError::new("spec", e.to_string()))
+        .and_then(|spec| crate::source::local::parse_spec(kind, Some(api_version), spec))
+        .map_err(|e| Problem::new(Some(e.field), e.message));
+    Definition { origin: ORIGIN.into(), key: Some(key), parsed }
+}
+
+/// Whether a Weir sidecar runs in the pod.
+pub fn is_meshed(pod: &Pod) -> bool {
+    pod.spec.as_ref().is_some_and(|s| {
+        s.containers.iter().chain(s.init_containers.iter().flatten()).any(|c| c.name == PROXY_CONTAINER)
+    })
+}
+
+/// A core Service and its EndpointSlices as a Weir Service; `None` for kinds the mesh does not
+/// route (ExternalName).
+fn service_spec(
+    svc: &KubeService,
+    slices: &[Arc<EndpointSlice>],
+    pods: &HashMap<(String, String), Arc<Pod>>,
+) -> Option<LocalServiceSpec> {
+    let spec = svc.spec.as_ref()?;
+    if spec.type_.as_deref() == Some("ExternalName") {
+        return None;
+    }
+    let ns = svc.namespace().unwrap_or_default();
+    let tcp = |p: &Option<String>| p.as_deref().is_none_or(|p| p == "TCP");
+    let ports: Vec<&k8s_openapi::api::core::v1::ServicePort> =
+        spec.ports.iter().flatten().filter(|p| tcp(&p.protocol) && (1..=65535).contains(&p.port)).collect();
+    let mut cluster_ips: Vec<String> = spec
+        .cluster_ips
+        .iter()
+        .flatten()
+        .chain(spec.cluster_ip.iter())
+        .filter(|ip| ip.parse::<IpAddr>().is_ok())
+        .cloned()
+        .collect();
+    let mut seen_ips = BTreeSet::new();
+    cluster_ips.retain(|ip| seen_ips.insert(ip.parse::<IpAddr>().expect("filtered")));
+
+    // Ready endpoints; when none is ready, those still serving while they terminate (so a
+    // Service whose pods are all rolling keeps answering, as kube-proxy does).
+    let mut ready = Vec::new();
+    let mut terminating = Vec::new();
+    let mut seen = BTreeSet::new();
+    for slice in slices {
+        if slice.address_type == "FQDN" {
+            continue;
+        }
+        for ep in slice.endpoints.iter().flatten() {
+            let conditions = ep.conditions.clone().unwrap_or_default();
+            let is_ready = conditions.ready.unwrap_or(true);
+            let serving = conditions.serving.unwrap_or(is_ready);
+            if !is_ready && !serving {
+                continue;
+            }
+            let Some(ip) = ep.addresses.first().and_then(|a| a.parse::<IpAddr>().ok()) else { continue };
+            let pod = ep
+                .target_ref
+                .as_ref()
+                .filter(|r| r.kind.as_deref() == Some("Pod"))
+                .and_then(|r| pods.get(&(r.namespace.clone().unwrap_or_else(|| ns.clone()), r.name.clone()?)));
+            let mut labels: BTreeMap<String, String> =
+                pod.map(|p| p.labels().clone()).unwrap_or_default().into_iter().collect();
+            if let Some(zone) = &ep.zone {
+                labels.insert(ZONE_LABEL.into(), zone.clone());
+            }
+            for sp in &ports {
+                let Some(target) = slice.ports.iter().flatten().find(|p| {
+                    p.name.as_deref().unwrap_or("") == sp.name.as_deref().unwrap_or("")
+                        && tcp(&p.protocol)
+                        && p.port.is_some_and(|n| (1..=65535).contains(&n))
+                }) else {
+                    continue;
+                };
+                let addr = SocketAddr::new(ip, target.port.expect("filtered") as u16);
+                let service_port = sp.port as u16;
+                if !seen.insert((addr, service_port)) {
+                    continue;
+                }
+                let endpoint = LocalEndpoint {
+                    address: addr.to_string(),
+                    meshed: pod.is_some_and(|p| is_meshed(p)),
+                    port: Some(service_port),
+                    service_account: pod.map(|p| {
+                        p.spec
+                            .as_ref()
+                            .and_then(|s| s.service_account_name.clone())
+                            .unwrap_or_else(|| "default".to_string())
+                    }),
+                    labels: labels.clone(),
+                    workload: pod.map(|p| p.name_any()),
+                    weight: 1,
+                };
+                if is_ready { ready.push(endpoint) } else { terminating.push(endpoint) }
+            }
+        }
+    }
+    let endpoints = if ready.is_empty() { terminating } else { ready };
+    Some(LocalServiceSpec {
+        ports: ports.iter().map(|p| ServicePort { name: p.name.clone(), port: p.port as u16 }).collect(),
+        endpoints,
+        cluster_ips,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(name: &str, sa: &str, meshed: bool) -> Arc<Pod> {
+        let mut p: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": "shop", "labels": {"app": "web"},
+                          "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{}", "weir.io/inject": "enabled"}},
+            "spec": {"serviceAccountName": sa, "containers": [{"name": "app", "image": "web:1"}],
+                     "initContainers": if meshed { serde_json::json!([{"name": PROXY_CONTAINER, "image": "weir-proxy", "restartPolicy": "Always"}]) } else { serde_json::json!([]) }},
+            "status": {"podIP": "10.0.0.1"}
+        }))
+        .unwrap();
+        trim_pod(&mut p);
+        Arc::new(p)
+    }
+
+    fn service(json: serde_json::Value) -> KubeService {
+        serde_json::from_value(json).unwrap()
+    }
+
+    fn slice(json: serde_json::Value) -> Arc<EndpointSlice> {
+        Arc::new(serde_json::from_value(json).unwrap())
+    }
+
+    #[test]
+    fn trimmed_pod_keeps_what_endpoints_need() {
+        let p = pod("web-1", "web", true);
+        assert!(is_meshed(&p));
+        assert_eq!(p.annotations().len(), 1);
+        assert_eq!(p.spec.as_ref().unwrap().service_account_name.as_deref(), Some("web"));
+        assert!(p.spec.as_ref().unwrap().containers[0].image.is_none());
+        assert!(p.status.is_none());
+        assert!(!is_meshed(&pod("web-2", "web", false)));
+    }
+
+    #[test]
+    fn endpoints_from_slices_by_port_name_and_readiness() {
+        let svc = service(serde_json::json!({
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {"clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10", "fd00::10"],
+                     "ports": [{"name": "http", "port": 80, "targetPort": "web"},
+                               {"name": "admin", "port": 9000},
+                               {"name": "dns", "port": 53, "protocol": "UDP"}]}
+        }));
+        let slices = vec![
+            slice(serde_json::json!({
+                "metadata": {"name": "web-abc", "namespace": "shop", "labels": {SERVICE_NAME_LABEL: "web"}},
+                "addressType": "IPv4",
+                "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}, {"name": "admin", "port": 9001}],
+                "endpoints": [
+                    {"addresses": ["10.0.0.1"], "conditions": {"ready": true}, "zone": "z1",
+                     "targetRef": {"kind": "Pod", "name": "web-1", "namespace": "shop"}},
+                    {"addresses": ["10.0.0.2"], "conditions": {"ready": false, "serving": true, "terminating": true},
+                     "targetRef": {"kind": "Pod", "name": "web-2", "namespace": "shop"}},
+                    {"addresses": ["10.0.0.3"], "conditions": {"ready": false, "serving": false}},
+                    {"addresses": ["10.0.0.4"]}
+                ]
+            })),
+            // The same endpoint in a second slice (as during slice migration) counts once.
+            slice(serde_json::json!({
+                "metadata": {"name": "web-def", "namespace": "shop", "labels": {SERVICE_NAME_LABEL: "web"}},
+                "addressType": "IPv4",
+                "ports": [{"name": "http", "port": 8080}],
+                "endpoints": [{"addresses": ["10.0.0.1"], "targetRef": {"kind": "Pod", "name": "web-1", "namespace": "shop"}}]
+            })),
+        ];
+        let pods: HashMap<_, _> = [("web-1", true), ("web-2", true)]
+            .into_iter()
+            .map(|(n, m)| (("shop".to_string(), n.to_string()), pod(n, "web", m)))
+            .collect();
+        let spec = service_spec(&svc, &slices, &pods).unwrap();
+        spec.validate().unwrap();
+        assert_eq!(spec.cluster_ips, ["10.96.0.10", "fd00::10"]);
+        assert_eq!(spec.ports.iter().map(|p| p.port).collect::<Vec<_>>(), [80, 9000]);
+        let eps: Vec<(String, Option<u16>)> = spec.endpoints.iter().map(|e| (e.address.clone(), e.port)).collect();
+        assert_eq!(
+            eps,
+            [
+                ("10.0.0.1:8080".to_string(), Some(80)),
+                ("10.0.0.1:9001".to_string(), Some(9000)),
+                ("10.0.0.4:8080".to_string(), Some(80)),
+                ("10.0.0.4:9001".to_string(), Some(9000)),
+            ]
+        );
+        let first = &spec.endpoints[0];
+        assert!(first.meshed);
+        assert_eq!(first.service_account.as_deref(), Some("web"));
+        assert_eq!(first.workload.as_deref(), Some("web-1"));
+        assert_eq!(first.labels.get(ZONE_LABEL).map(String::as_str), Some("z1"));
+        assert_eq!(first.labels.get("app").map(String::as_str), Some("web"));
+        // No pod behind it: not meshed, no identity.
+        assert!(!spec.endpoints[2].meshed && spec.endpoints[2].service_account.is_none());
+    }
+
+    #[test]
+    fn terminating_endpoints_serve_only_when_nothing_is_ready() {
+        let svc = service(serde_json::json!({
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {"clusterIP": "None", "ports": [{"port": 80}]}
+        }));
+        let slices = vec![slice(serde_json::json!({
+            "metadata": {"name": "web-abc", "namespace": "shop", "labels": {SERVICE_NAME_LABEL: "web"}},
+            "addressType": "IPv4",
+            "ports": [{"port": 8080}],
+            "endpoints": [{"addresses": ["10.0.0.2"], "conditions": {"ready": false, "serving": true, "terminating": true}}]
+        }))];
+        let spec = service_spec(&svc, &slices, &HashMap::new()).unwrap();
+        assert!(spec.cluster_ips.is_empty(), "headless");
+        assert_eq!(spec.endpoints.len(), 1);
+        assert_eq!(spec.endpoints[0].address, "10.0.0.2:8080");
+        let external = service(serde_json::json!({
+            "metadata": {"name": "ext", "namespace": "shop"},
+            "spec": {"type": "ExternalName", "externalName": "example.com"}
+        }));
+        assert!(service_spec(&external, &[], &HashMap::new()).is_none());
+    }
+
+    #[test]
+    fn malformed_custom_resource_is_rejected_alone() {
+        let ar = ApiResource::erase::<weir_api::route::Route>(&());
+        let mut obj = DynamicObject::new("r", &ar).within("shop");
+        obj.data = serde_json::json!({"spec": {"service": "web", "rules": [{"backendRefs": [{"name": "web", "weight": -1}]}]}});
+        let def = weir_definition(Kind::Route, &obj);
+        let p = def.parsed.unwrap_err();
+        assert_eq!(def.key.unwrap().to_string(), "Route shop/r");
+        assert_eq!(p.field.as_deref(), Some("spec.rules[0].backendRefs[0].weight"));
+        obj.data = serde_json::json!({"spec": {"service": "web", "rules": [{"backendRefs": [{"name": "web"}]}]}});
+        assert!(weir_definition(Kind::Route, &obj).parsed.is_ok());
+    }
+}

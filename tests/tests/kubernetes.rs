@@ -1,0 +1,379 @@
+//! The Kubernetes source against a fake API server with real list/watch semantics: Services,
+//! EndpointSlices, Pods and Weir's custom resources reach a connected sidecar; status
+//! conditions say why a resource is not in force; a watch outage followed by `410 Gone`
+//! relists and converges; leader election hands over between two controllers.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use weir_tests::fake_kube::FakeKube;
+use weir_tests::*;
+
+const SERVICES: &str = "api/v1/services";
+const SLICES: &str = "apis/discovery.k8s.io/v1/endpointslices";
+const PODS: &str = "api/v1/pods";
+const ROUTES: &str = "apis/weir.io/v1alpha1/routes";
+const LEASES: &str = "apis/coordination.k8s.io/v1/leases";
+
+fn service(ns: &str, name: &str, cluster_ip: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {"clusterIP": cluster_ip, "clusterIPs": [cluster_ip],
+                 "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": "http"}]}
+    })
+}
+
+/// One slice of `service` with one endpoint per `(address, pod, ready)`, all on the port of
+/// the first address.
+fn slice(ns: &str, name: &str, service: &str, endpoints: &[(SocketAddr, &str, bool)]) -> Value {
+    let port = endpoints.first().map(|e| e.0.port()).unwrap_or(8080);
+    json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": name, "namespace": ns, "labels": {"kubernetes.io/service-name": service}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
+        "endpoints": endpoints.iter().map(|(addr, pod, ready)| json!({
+            "addresses": [addr.ip().to_string()],
+            "conditions": {"ready": ready, "serving": ready, "terminating": false},
+            "targetRef": {"kind": "Pod", "name": pod, "namespace": ns},
+            "zone": "zone-a"
+        })).collect::<Vec<_>>()
+    })
+}
+
+fn pod(ns: &str, name: &str, service_account: &str, meshed: bool) -> Value {
+    let init = if meshed {
+        json!([{"name": "weir-proxy", "image": "weir-proxy:dev", "restartPolicy": "Always"}])
+    } else {
+        json!([])
+    };
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": ns, "labels": {"app": name}},
+        "spec": {"serviceAccountName": service_account, "containers": [{"name": "app", "image": "app:1"}], "initContainers": init},
+        "status": {"podIP": "127.0.0.1", "phase": "Running"}
+    })
+}
+
+fn route(ns: &str, name: &str, service: &str, backends: &[(&str, u32)]) -> Value {
+    json!({
+        "apiVersion": "weir.io/v1alpha1", "kind": "Route",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {"service": service, "rules": [{"backendRefs": backends.iter().map(|(n, w)| json!({"name": n, "weight": w})).collect::<Vec<_>>()}]}
+    })
+}
+
+/// A controller in Kubernetes mode against `fake`, with a short lease for the election tests.
+async fn kube_controller(scratch: &Scratch, fake: &FakeKube, name: &str, extra: &[&str]) -> ChildProc {
+    let kubeconfig = fake.kubeconfig(scratch.dir.path());
+    let mut args: Vec<String> = [
+        "--grpc-addr",
+        "127.0.0.1:0",
+        "--admin-addr",
+        "127.0.0.1:0",
+        "--print-listen-addrs",
+        "--log-level",
+        "debug",
+        "--kubeconfig",
+        &kubeconfig.display().to_string(),
+        "--lease-namespace",
+        "weir-system",
+        "--lease-duration",
+        "2s",
+        "--lease-renew",
+        "200ms",
+        "--replica-name",
+        name,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    ChildProc::spawn(name, &bin("weir-controller"), &args, scratch.log(name)).await.unwrap()
+}
+
+/// The `type` condition of an object's status: (status, reason, message, observedGeneration).
+fn condition(obj: &Value, type_: &str) -> Option<(String, String, String, i64)> {
+    let c = obj["status"]["conditions"].as_array()?.iter().find(|c| c["type"] == type_)?;
+    Some((
+        c["status"].as_str()?.to_string(),
+        c["reason"].as_str()?.to_string(),
+        c["message"].as_str()?.to_string(),
+        c["observedGeneration"].as_i64()?,
+    ))
+}
+
+async fn wait_condition(
+    fake: &FakeKube,
+    collection: &str,
+    ns: &str,
+    name: &str,
+    type_: &str,
+    ok: impl Fn(&(String, String, String, i64)) -> bool,
+) -> (String, String, String, i64) {
+    let mut last = None;
+    let limit = Duration::from_secs(20);
+    let start = Instant::now();
+    loop {
+        let c = fake.get(collection, ns, name).and_then(|o| condition(&o, type_));
+        if let Some(c) = &c
+            && ok(c)
+        {
+            return c.clone();
+        }
+        last = c.or(last);
+        assert!(
+            start.elapsed() < limit,
+            "{collection} {ns}/{name}: condition {type_} never as expected; last {last:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn endpoint_addresses(config: &Value, ns: &str, name: &str) -> Vec<String> {
+    let mut out: Vec<String> = config["snapshot"]["services"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["namespace"] == ns && s["name"] == name))
+        .and_then(|s| s["endpoints"].as_array())
+        .map(|e| e.iter().map(|e| e["address"].as_str().unwrap_or_default().to_string()).collect())
+        .unwrap_or_default();
+    out.sort();
+    out
+}
+
+fn has_service(config: &Value, ns: &str, name: &str) -> bool {
+    config["snapshot"]["services"]
+        .as_array()
+        .is_some_and(|s| s.iter().any(|s| s["namespace"] == ns && s["name"] == name))
+}
+
+async fn metric(admin: SocketAddr, series: &str) -> f64 {
+    admin_text(admin, "/metrics")
+        .await
+        .lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0.0)
+}
+
+fn log_count(path: &Path, needle: &str) -> usize {
+    std::fs::read_to_string(path).unwrap_or_default().matches(needle).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_changes_reach_sidecars_and_status_says_why() {
+    let fake = FakeKube::start().await;
+    let scratch = Scratch::new();
+    let web1 = Backend::start("web-1").await;
+    let web2 = Backend::start("web-2").await;
+    fake.create(SERVICES, service("shop", "web", "10.96.0.10"));
+    fake.create(PODS, pod("shop", "web-1", "web", false));
+    fake.create(PODS, pod("shop", "web-2", "web", false));
+    fake.create(SLICES, slice("shop", "web-a", "web", &[(web1.addr, "web-1", true)]));
+    // Another namespace than the one watched never shows.
+    fake.create(SERVICES, service("elsewhere", "hidden", "10.96.0.99"));
+
+    let controller = kube_controller(&scratch, &fake, "controller", &["--namespace", "shop"]).await;
+    let sidecar = scratch.proxy(controller.addr("grpc"), "shop/client", None).await;
+    let admin = sidecar.addr("admin");
+    wait_config(admin, "web with one endpoint", |c| endpoint_count(c, "shop", "web") == 1).await;
+    let client = http1();
+    let out = sidecar.addr("outbound");
+    let reply = send(&client, out, "GET", "web.shop", "/", &[]).await.unwrap();
+    assert_eq!((reply.status, reply.backend()), (200, "web-1"));
+    // The ClusterIP names the Service too.
+    let reply = send(&client, out, "GET", "10.96.0.10:80", "/", &[]).await.unwrap();
+    assert_eq!((reply.status, reply.backend()), (200, "web-1"));
+    let config = admin_json(admin, "/config").await;
+    assert!(!has_service(&config, "elsewhere", "hidden"));
+    let web = config["snapshot"]["services"].as_array().unwrap().iter().find(|s| s["name"] == "web").unwrap().clone();
+    assert_eq!(web["cluster_ips"], json!(["10.96.0.10"]), "{web}");
+    assert_eq!(web["endpoints"][0]["workload"], "web-1");
+    assert_eq!(web["endpoints"][0]["identity"], "web");
+    assert_eq!(web["endpoints"][0]["labels"]["topology.kubernetes.io/zone"], "zone-a");
+
+    // A second slice whose endpoint is not ready adds nothing; once ready, it serves.
+    fake.create(SLICES, slice("shop", "web-b", "web", &[(web2.addr, "web-2", false)]));
+    fake.create(SERVICES, service("shop", "marker", "10.96.0.11"));
+    wait_config(admin, "marker service", |c| has_service(c, "shop", "marker")).await;
+    assert_eq!(endpoint_count(&admin_json(admin, "/config").await, "shop", "web"), 1, "a not-ready endpoint was added");
+    fake.update(SLICES, slice("shop", "web-b", "web", &[(web2.addr, "web-2", true)]));
+    wait_config(admin, "second endpoint ready", |c| endpoint_count(c, "shop", "web") == 2).await;
+    fake.delete(SLICES, "shop", "web-a");
+    wait_config(admin, "first slice gone", |c| endpoint_addresses(c, "shop", "web") == [web2.addr.to_string()]).await;
+    let reply = send(&client, out, "GET", "web.shop", "/", &[]).await.unwrap();
+    assert_eq!((reply.status, reply.backend()), (200, "web-2"));
+
+    // A meshed pod's endpoint carries its identity and rides the sidecar hop.
+    fake.create(SERVICES, service("shop", "reviews", "10.96.0.12"));
+    fake.create(PODS, pod("shop", "reviews-1", "reviews", true));
+    fake.create(
+        SLICES,
+        slice("shop", "reviews-a", "reviews", &[("127.0.0.1:4143".parse().unwrap(), "reviews-1", true)]),
+    );
+    wait_config(admin, "reviews endpoint", |c| endpoint_count(c, "shop", "reviews") == 1).await;
+    let config = admin_json(admin, "/config").await;
+    let reviews =
+        config["snapshot"]["services"].as_array().unwrap().iter().find(|s| s["name"] == "reviews").unwrap().clone();
+    assert_eq!(reviews["endpoints"][0]["meshed"], true, "{reviews}");
+    assert_eq!(reviews["endpoints"][0]["identity"], "reviews");
+
+    // A Route to a missing backend is not in force, and its status says why.
+    fake.create(ROUTES, route("shop", "split", "web", &[("web", 90), ("web-v2", 10)]));
+    let (status, reason, message, generation) =
+        wait_condition(&fake, ROUTES, "shop", "split", "ResolvedRefs", |c| c.0 == "False").await;
+    assert_eq!((status.as_str(), reason.as_str(), generation), ("False", "BackendNotFound", 1));
+    assert!(message.contains("backend Service shop/web-v2 not found"), "{message}");
+    let accepted = condition(&fake.get(ROUTES, "shop", "split").unwrap(), "Accepted").unwrap();
+    assert_eq!((accepted.0.as_str(), accepted.1.as_str()), ("False", "BackendNotFound"));
+    // Once the backend exists, the Route is accepted and reaches the sidecar.
+    fake.create(SERVICES, service("shop", "web-v2", "10.96.0.13"));
+    wait_condition(&fake, ROUTES, "shop", "split", "Accepted", |c| c.0 == "True").await;
+    let route_obj = fake.get(ROUTES, "shop", "split").unwrap();
+    assert_eq!(route_obj["status"]["ruleCount"], 1);
+    assert_eq!(condition(&route_obj, "ResolvedRefs").unwrap().0, "True");
+    wait_config(admin, "route rules", |c| weights(c, "shop", "web") == [90, 10]).await;
+
+    // An invalid edit is refused with the field at fault; the previous version keeps serving.
+    let mut bad = route("shop", "split", "web", &[("web", 0), ("web-v2", 0)]);
+    bad["metadata"]["resourceVersion"] = route_obj["metadata"]["resourceVersion"].clone();
+    fake.update(ROUTES, bad);
+    let (_, reason, message, generation) =
+        wait_condition(&fake, ROUTES, "shop", "split", "Accepted", |c| c.3 == 2).await;
+    assert_eq!(reason, "Invalid");
+    assert!(message.contains("spec.rules[0].backendRefs: all weights are 0"), "{message}");
+    assert!(message.contains("previous version stays in force"), "{message}");
+    assert_eq!(generation, 2);
+    assert_eq!(weights(&admin_json(admin, "/config").await, "shop", "web"), [90, 10]);
+
+    // Deleting the Service removes it from the sidecar.
+    fake.delete(SERVICES, "shop", "marker");
+    wait_config(admin, "marker removed", |c| !has_service(c, "shop", "marker")).await;
+
+    // One replica, so it leads; the Lease names it.
+    let cadmin = controller.addr("admin");
+    assert_eq!(metric(cadmin, "weir_controller_leader ").await, 1.0);
+    let lease = fake.get(LEASES, "weir-system", "weir-controller").expect("the lease");
+    assert_eq!(lease["spec"]["holderIdentity"], "controller");
+    assert!(metric(cadmin, "weir_controller_status_writes_total{result=\"ok\"} ").await >= 3.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_outage_then_410_relists_and_converges() {
+    let fake = FakeKube::start().await;
+    let scratch = Scratch::new();
+    let addr = |i: u16| -> SocketAddr { format!("127.0.0.{i}:8080").parse().unwrap() };
+    fake.create(SERVICES, service("shop", "web", "10.96.0.10"));
+    for i in 1..=3u16 {
+        fake.create(SLICES, slice("shop", &format!("web-{i}"), "web", &[(addr(i), &format!("web-{i}"), true)]));
+    }
+    let controller = kube_controller(&scratch, &fake, "controller", &[]).await;
+    let cadmin = controller.addr("admin");
+    let sidecar = scratch.proxy(controller.addr("grpc"), "shop/client", None).await;
+    let admin = sidecar.addr("admin");
+    wait_config(admin, "three endpoints", |c| endpoint_count(c, "shop", "web") == 3).await;
+    let lists_before = fake
+        .request_log()
+        .iter()
+        .filter(|(m, p)| m == "GET" && p.contains("endpointslices") && !p.contains("watch="))
+        .count();
+
+    // RBAC takes EndpointSlices away and the watch drops: the controller keeps its view.
+    fake.set_forbidden(SLICES, true);
+    fake.break_watches();
+    wait_until("the slice watch to fail", Duration::from_secs(20), || async {
+        metric(cadmin, "weir_controller_watch_restarts_total{kind=\"EndpointSlice\"} ").await >= 1.0
+    })
+    .await;
+    // Meanwhile the cluster moves on, and the history the watch would resume from is gone.
+    fake.delete(SLICES, "shop", "web-1");
+    fake.update(SLICES, slice("shop", "web-2", "web", &[(addr(2), "web-2", false)]));
+    fake.create(SLICES, slice("shop", "web-4", "web", &[(addr(4), "web-4", true)]));
+    fake.update(SLICES, slice("shop", "web-3", "web", &[(addr(3), "web-3", true), (addr(5), "web-5", true)]));
+    fake.compact();
+    assert_eq!(endpoint_count(&admin_json(admin, "/config").await, "shop", "web"), 3, "the last good view stays");
+
+    // Access returns: the resumed watch gets 410 Gone, the controller relists and converges on
+    // exactly the cluster's endpoints.
+    fake.set_forbidden(SLICES, false);
+    let want: Vec<String> = [3, 4, 5].iter().map(|i| addr(*i).to_string()).collect();
+    wait_config(admin, "converged endpoints", |c| endpoint_addresses(c, "shop", "web") == want).await;
+    let lists_after = fake
+        .request_log()
+        .iter()
+        .filter(|(m, p)| m == "GET" && p.contains("endpointslices") && !p.contains("watch="))
+        .count();
+    assert!(lists_after > lists_before, "no relist after 410 ({lists_before} -> {lists_after})");
+    let config = admin_json(admin, "/config").await;
+    let unique: BTreeSet<String> = endpoint_addresses(&config, "shop", "web").into_iter().collect();
+    assert_eq!(unique.len(), endpoint_count(&config, "shop", "web"), "duplicate endpoints");
+    // The outage was logged once with its cause, not once per retry.
+    assert_eq!(log_count(&controller.log, "watch failed"), 1, "{}", std::fs::read_to_string(&controller.log).unwrap());
+    assert!(std::fs::read_to_string(&controller.log).unwrap().contains("403"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_election_hands_over() {
+    let fake = FakeKube::start().await;
+    let scratch = Scratch::new();
+    fake.create(SERVICES, service("shop", "web", "10.96.0.10"));
+    let mut a = kube_controller(&scratch, &fake, "replica-a", &[]).await;
+    let mut b = kube_controller(&scratch, &fake, "replica-b", &[]).await;
+    let leader_of = |fake: &FakeKube| -> String {
+        fake.get(LEASES, "weir-system", "weir-controller")
+            .and_then(|l| l["spec"]["holderIdentity"].as_str().map(String::from))
+            .unwrap_or_default()
+    };
+    wait_until("a leader", Duration::from_secs(20), || async { !leader_of(&fake).is_empty() }).await;
+    let (leader, follower) = if leader_of(&fake) == "replica-a" { (&mut a, &mut b) } else { (&mut b, &mut a) };
+    let (ladmin, fadmin) = (leader.addr("admin"), follower.addr("admin"));
+    wait_until("leader gauge", Duration::from_secs(20), || async {
+        metric(ladmin, "weir_controller_leader ").await == 1.0
+    })
+    .await;
+    assert_eq!(metric(fadmin, "weir_controller_leader ").await, 0.0);
+
+    // Both serve sidecars.
+    for admin_grpc in [leader.addr("grpc"), follower.addr("grpc")] {
+        let sidecar = scratch.proxy(admin_grpc, "shop/client", None).await;
+        wait_config(sidecar.addr("admin"), "web", |c| has_service(c, "shop", "web")).await;
+    }
+
+    // Only the leader writes status.
+    fake.create(ROUTES, route("shop", "r1", "ghost", &[("web", 1)]));
+    wait_condition(&fake, ROUTES, "shop", "r1", "Accepted", |c| c.1 == "BackendNotFound").await;
+    assert!(metric(ladmin, "weir_controller_status_writes_total{result=\"ok\"} ").await >= 1.0);
+    assert_eq!(metric(fadmin, "weir_controller_status_writes_total{result=\"ok\"} ").await, 0.0);
+
+    // The leader dies without releasing the lease: the follower takes over once it expires.
+    let started = Instant::now();
+    leader.kill().await;
+    let follower_name = if leader_of(&fake) == "replica-a" { "replica-b" } else { "replica-a" };
+    wait_until("the follower to take over", Duration::from_secs(20), || async { leader_of(&fake) == follower_name })
+        .await;
+    let took = started.elapsed();
+    wait_until("new leader gauge", Duration::from_secs(20), || async {
+        metric(fadmin, "weir_controller_leader ").await == 1.0
+    })
+    .await;
+    // Within the lease duration plus a renew period and scheduling slack.
+    assert!(took < Duration::from_secs(10), "hand-over took {took:?}");
+    // The new leader writes status.
+    fake.create(ROUTES, route("shop", "r2", "ghost", &[("web", 1)]));
+    wait_condition(&fake, ROUTES, "shop", "r2", "Accepted", |c| c.1 == "BackendNotFound").await;
+    assert!(metric(fadmin, "weir_controller_status_writes_total{result=\"ok\"} ").await >= 1.0);
+
+    // A graceful stop releases the lease at once.
+    let mut third = kube_controller(&scratch, &fake, "replica-c", &[]).await;
+    assert!(follower.stop(Duration::from_secs(10)).await);
+    wait_until("the lease released", Duration::from_secs(20), || async {
+        let holder = leader_of(&fake);
+        holder.is_empty() || holder == "replica-c"
+    })
+    .await;
+    wait_until("replica-c leads", Duration::from_secs(20), || async { leader_of(&fake) == "replica-c" }).await;
+    assert!(third.stop(Duration::from_secs(10)).await);
+}
