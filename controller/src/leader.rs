@@ -50,7 +50,24 @@ pub fn spawn(
         let mut observed: Observed = None;
         let mut drained = std::pin::pin!(drain.signaled());
         loop {
-            match try_acquire_or_renew(&api, &cfg, &mut observed).await {
+            // A leader's renewal must land within 80 % of the lease after the previous one, or
+            // it steps down before any standby may take over; no attempt may outlast that.
+            let deadline = last_renewed.map(|t| t + cfg.duration.mul_f32(0.8));
+            let now = tokio::time::Instant::now();
+            if deadline.is_some_and(|d| now >= d) {
+                tracing::warn!("could not renew the lease in time; stepping down");
+                last_renewed = None;
+                tx.send_if_modified(|l| std::mem::replace(l, false));
+            }
+            let budget = match last_renewed.map(|t| t + cfg.duration.mul_f32(0.8)) {
+                Some(d) => d.saturating_duration_since(now),
+                None => cfg.duration / 2,
+            };
+            let attempt = match tokio::time::timeout(budget, try_acquire_or_renew(&api, &cfg, &mut observed)).await {
+                Ok(r) => r.map_err(|e| e.to_string()),
+                Err(_) => Err(format!("no answer from the API server within {budget:?}")),
+            };
+            match attempt {
                 Ok(Outcome::Leading) => {
                     last_error = None;
                     following = None;
@@ -72,24 +89,21 @@ pub fn spawn(
                     last_renewed = None;
                     tx.send_if_modified(|l| std::mem::replace(l, false));
                 }
-                Err(e) => {
-                    let msg = e.to_string();
+                Err(msg) => {
                     if last_error.as_deref() != Some(msg.as_str()) {
                         tracing::warn!(error = %msg, "leader election: cannot read or write the lease");
                         last_error = Some(msg);
                     }
-                    // Step down before the lease can expire for others.
-                    if last_renewed.is_some_and(|t| t.elapsed() >= cfg.duration.mul_f32(0.8)) {
-                        tracing::warn!("could not renew the lease in time; stepping down");
-                        last_renewed = None;
-                        tx.send_if_modified(|l| std::mem::replace(l, false));
-                    }
                 }
             }
             gauge.set(i64::from(*tx.borrow()));
+            let mut wake = tokio::time::Instant::now() + cfg.renew_every;
+            if let Some(d) = last_renewed.map(|t| t + cfg.duration.mul_f32(0.8)) {
+                wake = wake.min(d);
+            }
             tokio::select! {
                 _ = &mut drained => break,
-                _ = tokio::time::sleep(cfg.renew_every) => {}
+                _ = tokio::time::sleep_until(wake) => {}
             }
         }
         if *tx.borrow() {
@@ -115,7 +129,8 @@ async fn try_acquire_or_renew(
     observed: &mut Observed,
 ) -> Result<Outcome, kube::Error> {
     let now = Timestamp::now();
-    let secs = i32::try_from(cfg.duration.as_secs().max(1)).unwrap_or(i32::MAX);
+    // Rounded up: standbys must never wait less than the leader keeps the lease.
+    let secs = i32::try_from(cfg.duration.as_secs_f64().ceil().max(1.0) as u64).unwrap_or(i32::MAX);
     let Some(mut lease) = api.get_opt(&cfg.name).await? else {
         let lease = Lease {
             metadata: ObjectMeta { name: Some(cfg.name.clone()), ..Default::default() },

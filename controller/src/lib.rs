@@ -109,7 +109,7 @@ pub struct Args {
     /// How long a leader's lease lasts without renewal (a standby takes over after it).
     #[arg(long, env = "WEIR_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
     pub lease_duration: Duration,
-    /// How often the leader renews (and standbys retry).
+    /// How often the leader renews (and standbys retry); at most half of --lease-duration.
     #[arg(long, env = "WEIR_LEASE_RENEW", default_value = "2s", value_parser = parse_duration)]
     pub lease_renew: Duration,
     /// This replica's name in the Lease; default: `POD_NAME`, else `<hostname>-<pid>`.
@@ -252,8 +252,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let mut background = Vec::new();
     match &kube {
         Some((client, k)) => {
-            if args.lease_renew >= args.lease_duration {
-                anyhow::bail!("--lease-renew must be shorter than --lease-duration");
+            if args.lease_renew * 2 > args.lease_duration || args.lease_renew.is_zero() {
+                anyhow::bail!("--lease-renew must be positive and at most half of --lease-duration");
             }
             let lease = leader::LeaseConfig {
                 namespace: args
@@ -291,6 +291,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 changed = source.changed() => {
                     let Some(changed_at) = changed else { break };
                     reload_metrics.config_reloads.inc();
+                    let started = Instant::now();
                     let read = match source.read() {
                         Ok(r) => r,
                         Err(e) => {
@@ -298,8 +299,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                             continue;
                         }
                     };
+                    let read_ms = started.elapsed().as_secs_f64() * 1e3;
                     if index.replace_all(read.defs, read.unreadable) {
-                        tracing::info!(generation = generation + 1, resources = index.entries().len(), "configuration changed");
+                        tracing::info!(
+                            generation = generation + 1,
+                            resources = index.entries().len(),
+                            read_ms,
+                            index_ms = started.elapsed().as_secs_f64() * 1e3 - read_ms,
+                            "configuration changed"
+                        );
                     }
                     log_rejections(&index);
                     reload_metrics.rejected_resources.set(index.rejections().len() as i64);
@@ -323,7 +331,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             let routing = routing_rx.borrow_and_update().clone();
             generation += 1;
             let prev = state_tx.borrow().clone();
+            let built = Instant::now();
             let next = MeshState::build(&index, &routing, generation, changed_at, Some(&prev));
+            tracing::debug!(
+                generation,
+                build_ms = built.elapsed().as_secs_f64() * 1e3,
+                since_change_ms = changed_at.elapsed().as_secs_f64() * 1e3,
+                "state published"
+            );
             state_tx.send_replace(Arc::new(next));
         }
     });

@@ -144,6 +144,7 @@ pub fn spawn(
         // Failed writes are retried on the next pass; a periodic pass also catches objects whose
         // status someone else overwrote.
         let mut resync = tokio::time::interval(Duration::from_secs(30));
+        let draining = drain.clone();
         let mut drained = std::pin::pin!(drain.signaled());
         loop {
             tokio::select! {
@@ -159,6 +160,10 @@ pub fn spawn(
             for (kind, stores) in &source.weir {
                 let (ar, client) = &apis[kind];
                 for obj in stores.objects() {
+                    // A deposed or stopping leader stops writing at once, not after the pass.
+                    if !*leader.borrow() || draining.is_draining() {
+                        break;
+                    }
                     let ns = obj.namespace().unwrap_or_default();
                     let key = ResourceKey::new(*kind, ns.clone(), obj.name_any());
                     let Some(v) = current.get(&key) else { continue };

@@ -99,9 +99,11 @@ async fn session(
                 let Some(controller_message::Msg::Snapshot(snapshot)) = msg.msg else { continue };
                 *attempt = 0;
                 let version = snapshot.version.clone();
+                let started = std::time::Instant::now();
                 let reply = match Config::from_snapshot(snapshot, &cfg.hello.namespace, &cfg.cluster_domain) {
                     Ok(config) => {
-                        tracing::info!(%version, services = config.services.len(), "applied snapshot");
+                        let build_ms = started.elapsed().as_secs_f64() * 1e3;
+                        tracing::info!(%version, services = config.services.len(), build_ms, "applied snapshot");
                         tx.send_replace(Some(Arc::new(config)));
                         metrics.snapshots_applied.inc();
                         proxy_message::Msg::Ack(proto::Ack { version })

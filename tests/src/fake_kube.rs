@@ -101,6 +101,9 @@ struct Watcher {
     tx: mpsc::Sender<(u64, Bytes)>,
 }
 
+/// A paged list in progress: its id, resourceVersion and the items of that moment.
+type ListSnapshot = (u64, u64, Arc<Vec<Arc<Value>>>);
+
 struct State {
     /// The global resourceVersion counter: the last version handed out.
     rv: u64,
@@ -113,6 +116,11 @@ struct State {
     history_limit: usize,
     watchers: Vec<Watcher>,
     forbidden: HashSet<String>,
+    /// Collections the server does not serve at all (a CRD not installed): 404 on every request.
+    unserved: HashSet<String>,
+    /// Paged lists in progress: (id, resourceVersion, the items of that moment), newest last.
+    list_snapshots: VecDeque<ListSnapshot>,
+    next_snapshot: u64,
     /// `kind` last seen per collection, for list kinds and bookmarks.
     kinds: HashMap<String, String>,
     next_uid: u64,
@@ -172,6 +180,9 @@ impl FakeKube {
                 history_limit: DEFAULT_HISTORY,
                 watchers: Vec::new(),
                 forbidden: HashSet::new(),
+                unserved: HashSet::new(),
+                list_snapshots: VecDeque::new(),
+                next_snapshot: 0,
                 kinds: HashMap::new(),
                 next_uid: 1,
             }),
@@ -324,6 +335,17 @@ preferences: {{}}
             st.forbidden.insert(collection.to_string());
         } else {
             st.forbidden.remove(collection);
+        }
+    }
+
+    /// While set, the server does not serve `collection` at all (as when its CRD is not
+    /// installed): every request gets `404 NotFound`, as the real API server answers.
+    pub fn set_unserved(&self, collection: &str, unserved: bool) {
+        let mut st = self.shared.state();
+        if unserved {
+            st.unserved.insert(collection.to_string());
+        } else {
+            st.unserved.remove(collection);
         }
     }
 
@@ -563,6 +585,9 @@ impl State {
     }
 
     fn check_forbidden(&self, collection: &str, verb: &str, ns: Option<&str>) -> Result<(), ApiError> {
+        if self.unserved.contains(collection) {
+            return Err(ApiError::new(404, "NotFound", "the server could not find the requested resource"));
+        }
         if !self.forbidden.contains(collection) {
             return Ok(());
         }
@@ -1029,19 +1054,65 @@ fn respond(
                 query.get("labelSelector").map(String::as_str),
                 query.get("fieldSelector").map(String::as_str),
             )?;
-            let items: Vec<Value> = st
-                .objects
-                .iter()
-                .filter(|((c, n, _), o)| c == coll && ns.is_none_or(|ns| ns == n) && filter.matches(o))
-                .map(|(_, o)| (**o).clone())
-                .collect();
+            // Paging as the real API server does it: `limit` cuts the list, and `continue`
+            // resumes the same snapshot (same resourceVersion) however the store moved since.
+            let limit = query.get("limit").and_then(|l| l.parse::<usize>().ok()).filter(|l| *l > 0);
+            let (snapshot_id, offset) = match query.get("continue").filter(|c| !c.is_empty()) {
+                Some(token) => {
+                    let parsed = token
+                        .split_once(':')
+                        .and_then(|(id, off)| Some((id.parse::<u64>().ok()?, off.parse::<usize>().ok()?)));
+                    match parsed.filter(|(id, _)| st.list_snapshots.iter().any(|(i, _, _)| i == id)) {
+                        Some(p) => (Some(p.0), p.1),
+                        None => {
+                            return Err(ApiError::new(
+                                410,
+                                "Expired",
+                                "the provided continue parameter is too old to display a consistent list result",
+                            ));
+                        }
+                    }
+                }
+                None => (None, 0),
+            };
+            let (snapshot_id, rv, all) = match snapshot_id {
+                Some(id) => {
+                    let (_, rv, items) = st.list_snapshots.iter().find(|(i, _, _)| *i == id).expect("checked");
+                    (id, *rv, items.clone())
+                }
+                None => {
+                    let items: Arc<Vec<Arc<Value>>> = Arc::new(
+                        st.objects
+                            .iter()
+                            .filter(|((c, n, _), o)| c == coll && ns.is_none_or(|ns| ns == n) && filter.matches(o))
+                            .map(|(_, o)| o.clone())
+                            .collect(),
+                    );
+                    st.next_snapshot += 1;
+                    let id = st.next_snapshot;
+                    let rv = st.rv;
+                    if limit.is_some_and(|l| l < items.len()) {
+                        st.list_snapshots.push_back((id, rv, items.clone()));
+                        while st.list_snapshots.len() > 16 {
+                            st.list_snapshots.pop_front();
+                        }
+                    }
+                    (id, rv, items)
+                }
+            };
+            let end = limit.map(|l| (offset + l).min(all.len())).unwrap_or(all.len());
+            let items: Vec<Value> = all[offset.min(end)..end].iter().map(|o| (**o).clone()).collect();
+            let mut metadata = json!({ "resourceVersion": rv.to_string() });
+            if end < all.len() {
+                metadata["continue"] = json!(format!("{snapshot_id}:{end}"));
+            }
             let (api_version, _) = api_version_and_plural(coll);
             Ok(Reply::Json(
                 200,
                 json!({
                     "apiVersion": api_version,
                     "kind": format!("{}List", st.kind_of(coll)),
-                    "metadata": { "resourceVersion": st.rv.to_string() },
+                    "metadata": metadata,
                     "items": items,
                 }),
             ))

@@ -505,3 +505,39 @@ async fn dropping_the_server_ends_watches() {
     .await
     .unwrap();
 }
+
+#[tokio::test]
+async fn paged_lists_are_consistent_snapshots() {
+    timeout(LIMIT, async {
+        let kube = FakeKube::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let api: Api<Service> = Api::default_namespaced(client(&kube, dir.path()).await);
+        for i in 0..5 {
+            kube.create("api/v1/services", json!({"metadata": {"name": format!("s{i}"), "namespace": "default"}}));
+        }
+        let first = api.list(&kube::api::ListParams::default().limit(2)).await.unwrap();
+        assert_eq!(first.items.len(), 2);
+        let token = first.metadata.continue_.clone().expect("a continue token");
+        let rv = first.metadata.resource_version.clone();
+        // The store moves on; the rest of the list still shows the moment it began.
+        kube.delete("api/v1/services", "default", "s4");
+        kube.create("api/v1/services", json!({"metadata": {"name": "s5", "namespace": "default"}}));
+        let mut names: Vec<String> = first.items.iter().map(|s| s.name_any()).collect();
+        let mut token = Some(token);
+        while let Some(t) = token {
+            let page = api.list(&kube::api::ListParams::default().limit(2).continue_token(&t)).await.unwrap();
+            assert_eq!(page.metadata.resource_version, rv);
+            names.extend(page.items.iter().map(|s| s.name_any()));
+            token = page.metadata.continue_.clone().filter(|c| !c.is_empty());
+        }
+        assert_eq!(names, ["s0", "s1", "s2", "s3", "s4"]);
+        // A fresh list sees the new state; an unknown token is 410 Expired.
+        let now: Vec<String> =
+            api.list(&Default::default()).await.unwrap().items.iter().map(|s| s.name_any()).collect();
+        assert_eq!(now, ["s0", "s1", "s2", "s3", "s5"]);
+        let err = api.list(&kube::api::ListParams::default().limit(2).continue_token("999:2")).await.unwrap_err();
+        assert!(matches!(err, kube::Error::Api(s) if s.code == 410), "expired continue token");
+    })
+    .await
+    .unwrap();
+}

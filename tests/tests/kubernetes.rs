@@ -116,7 +116,8 @@ async fn wait_condition(
     ok: impl Fn(&(String, String, String, i64)) -> bool,
 ) -> (String, String, String, i64) {
     let mut last = None;
-    let limit = Duration::from_secs(20);
+    // Generous: a watch retrying with kube's default back-off may wait up to 30 s between tries.
+    let limit = Duration::from_secs(60);
     let start = Instant::now();
     loop {
         let c = fake.get(collection, ns, name).and_then(|o| condition(&o, type_));
@@ -267,6 +268,9 @@ async fn watch_outage_then_410_relists_and_converges() {
     let scratch = Scratch::new();
     let addr = |i: u16| -> SocketAddr { format!("127.0.0.{i}:8080").parse().unwrap() };
     fake.create(SERVICES, service("shop", "web", "10.96.0.10"));
+    for i in 1..=5u16 {
+        fake.create(PODS, pod("shop", &format!("web-{i}"), "web", false));
+    }
     for i in 1..=3u16 {
         fake.create(SLICES, slice("shop", &format!("web-{i}"), "web", &[(addr(i), &format!("web-{i}"), true)]));
     }
@@ -376,4 +380,132 @@ async fn leader_election_hands_over() {
     .await;
     wait_until("replica-c leads", Duration::from_secs(20), || async { leader_of(&fake) == "replica-c" }).await;
     assert!(third.stop(Duration::from_secs(10)).await);
+}
+
+fn policies(config: &Value, ns: &str, name: &str) -> Vec<Value> {
+    config["snapshot"]["services"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["namespace"] == ns && s["name"] == name))
+        .and_then(|s| s["policies"].as_array().cloned())
+        .unwrap_or_default()
+}
+
+fn authorization_names(config: &Value) -> Vec<String> {
+    config["snapshot"]["inbound"]["authorizations"]
+        .as_array()
+        .map(|a| a.iter().map(|a| a["name"].as_str().unwrap_or_default().to_string()).collect())
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_weir_kind_and_pod_changes_reach_the_sidecar() {
+    let fake = FakeKube::start().await;
+    let scratch = Scratch::new();
+    let ep: SocketAddr = "127.0.0.1:4143".parse().unwrap();
+    for name in ["web", "web-v2"] {
+        fake.create(SERVICES, service("shop", name, if name == "web" { "10.96.0.10" } else { "10.96.0.11" }));
+    }
+    fake.create(PODS, pod("shop", "web-1", "web", true));
+    fake.create(SLICES, slice("shop", "web-a", "web", &[(ep, "web-1", true)]));
+    let controller = kube_controller(&scratch, &fake, "controller", &[]).await;
+    // The sidecar of workload shop/client, labelled app=client.
+    let sidecar = scratch
+        .proxy_with(controller.addr("grpc"), "shop/client", None, &["--label".into(), "app=client".into()])
+        .await;
+    let admin = sidecar.addr("admin");
+    wait_config(admin, "web", |c| endpoint_count(c, "shop", "web") == 1).await;
+
+    // ResiliencePolicy: create, update, delete.
+    let policy = |request: &str| {
+        json!({"apiVersion": "weir.io/v1alpha1", "kind": "ResiliencePolicy",
+               "metadata": {"name": "web", "namespace": "shop"},
+               "spec": {"targetRef": {"service": "web"}, "timeouts": {"request": request}}})
+    };
+    const POLICIES: &str = "apis/weir.io/v1alpha1/resiliencepolicies";
+    fake.create(POLICIES, policy("2s"));
+    wait_config(admin, "policy", |c| {
+        policies(c, "shop", "web").first().is_some_and(|p| p["request_timeout_ms"] == 2000)
+    })
+    .await;
+    fake.update(POLICIES, policy("3s"));
+    wait_config(admin, "policy updated", |c| {
+        policies(c, "shop", "web").first().is_some_and(|p| p["request_timeout_ms"] == 3000)
+    })
+    .await;
+    wait_condition(&fake, POLICIES, "shop", "web", "Accepted", |c| c.0 == "True" && c.3 == 2).await;
+    fake.delete(POLICIES, "shop", "web");
+    wait_config(admin, "policy deleted", |c| policies(c, "shop", "web").is_empty()).await;
+
+    // MeshAuthorization: only those selecting this workload reach it.
+    const AUTHZ: &str = "apis/weir.io/v1alpha1/meshauthorizations";
+    let authz = |name: &str, app: &str| {
+        json!({"apiVersion": "weir.io/v1alpha1", "kind": "MeshAuthorization",
+               "metadata": {"name": name, "namespace": "shop"},
+               "spec": {"targetRef": {"selector": {"matchLabels": {"app": app}}}, "mode": "strict",
+                        "allow": [{"name": "web", "from": {"serviceAccounts": ["web"]}}]}})
+    };
+    fake.create(AUTHZ, authz("others", "reviews"));
+    fake.create(AUTHZ, authz("mine", "client"));
+    wait_config(admin, "own authorization", |c| authorization_names(c) == ["shop/mine"]).await;
+    fake.delete(AUTHZ, "shop", "mine");
+    wait_config(admin, "authorization deleted", |c| authorization_names(c).is_empty()).await;
+
+    // Canary: its rules lead the Service's.
+    const CANARIES: &str = "apis/weir.io/v1alpha1/canaries";
+    fake.create(
+        CANARIES,
+        json!({"apiVersion": "weir.io/v1alpha1", "kind": "Canary",
+               "metadata": {"name": "web", "namespace": "shop"},
+               "spec": {"service": "web", "stable": "web", "canary": "web-v2", "steps": [10, 50], "interval": "1h"}}),
+    );
+    wait_config(admin, "canary rules", |c| {
+        c["snapshot"]["services"]
+            .as_array()
+            .and_then(|s| s.iter().find(|s| s["name"] == "web"))
+            .and_then(|s| s["rules"].as_array())
+            .is_some_and(|r| r.iter().any(|r| r["route"].as_str().is_some_and(|n| n.contains("canary"))))
+    })
+    .await;
+    wait_condition(&fake, CANARIES, "shop", "web", "Accepted", |c| c.0 == "True").await;
+    fake.delete(CANARIES, "shop", "web");
+    wait_config(admin, "canary rules gone", |c| weights(c, "shop", "web").is_empty()).await;
+
+    // Pods: the endpoint follows its pod's service account and mesh membership.
+    let identity = |c: &Value| {
+        c["snapshot"]["services"]
+            .as_array()
+            .and_then(|s| s.iter().find(|s| s["name"] == "web"))
+            .map(|s| (s["endpoints"][0]["identity"].clone(), s["endpoints"][0]["meshed"].clone()))
+    };
+    wait_config(admin, "meshed identity", |c| identity(c) == Some((json!("web"), json!(true)))).await;
+    fake.update(PODS, pod("shop", "web-1", "web-sa2", false));
+    wait_config(admin, "pod changed", |c| identity(c) == Some((json!("web-sa2"), json!(false)))).await;
+    // An endpoint whose pod is gone (the slice not yet updated) is left out rather than routed
+    // to without its identity.
+    fake.delete(PODS, "shop", "web-1");
+    wait_config(admin, "pod gone", |c| endpoint_count(c, "shop", "web") == 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_crd_does_not_hold_the_mesh_back() {
+    let fake = FakeKube::start().await;
+    let scratch = Scratch::new();
+    const CANARIES: &str = "apis/weir.io/v1alpha1/canaries";
+    fake.set_unserved(CANARIES, true);
+    fake.create(SERVICES, service("shop", "web", "10.96.0.10"));
+    let controller = kube_controller(&scratch, &fake, "controller", &[]).await;
+    let sidecar = scratch.proxy(controller.addr("grpc"), "shop/client", None).await;
+    wait_config(sidecar.addr("admin"), "web", |c| has_service(c, "shop", "web")).await;
+    let log = std::fs::read_to_string(&controller.log).unwrap();
+    assert!(log.contains("are Weir's CRDs installed?"), "{log}");
+    // Once the CRD is installed, its resources are picked up.
+    fake.set_unserved(CANARIES, false);
+    fake.create(SERVICES, service("shop", "web-v2", "10.96.0.11"));
+    fake.create(
+        CANARIES,
+        json!({"apiVersion": "weir.io/v1alpha1", "kind": "Canary",
+               "metadata": {"name": "web", "namespace": "shop"},
+               "spec": {"service": "web", "stable": "web", "canary": "web-v2", "steps": [10], "interval": "1h"}}),
+    );
+    wait_condition(&fake, CANARIES, "shop", "web", "Accepted", |c| c.0 == "True").await;
 }

@@ -29,7 +29,7 @@ use kube::runtime::reflector::{Store, store::Writer};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 use weir_api::rt::Drain;
 use weir_api::service::{LocalEndpoint, LocalServiceSpec, ServicePort};
 
@@ -75,6 +75,8 @@ where
     K::DynamicType: Eq + Hash + Clone,
 {
     stores: Vec<Store<K>>,
+    /// Custom resources: set when the API server does not serve the kind (CRD not installed).
+    absent: Option<watch::Receiver<bool>>,
 }
 
 impl<K: Resource + Clone + 'static> Stores<K>
@@ -85,10 +87,26 @@ where
         self.stores.iter().flat_map(|s| s.state())
     }
 
-    async fn wait_until_ready(&self) {
-        for s in &self.stores {
-            // Only fails when the writer is gone, i.e. at shutdown.
-            let _ = s.wait_until_ready().await;
+    /// Waits for the first list of every scope; a custom resource the API server does not
+    /// serve counts as listed (empty) so a missing CRD does not hold the whole mesh back.
+    async fn wait_until_ready(&self, what: &str) {
+        let listed = async {
+            for s in &self.stores {
+                // Only fails when the writer is gone, i.e. at shutdown.
+                let _ = s.wait_until_ready().await;
+            }
+        };
+        match &self.absent {
+            None => listed.await,
+            Some(absent) => {
+                let mut absent = absent.clone();
+                tokio::select! {
+                    _ = listed => {}
+                    _ = absent.wait_for(|a| *a) => {
+                        tracing::warn!(kind = %what, "the API server does not serve this kind; serving without it until its CRD is installed");
+                    }
+                }
+            }
         }
     }
 }
@@ -106,6 +124,26 @@ impl Changes {
         let mut first = self.first.lock().expect("changes lock");
         first.get_or_insert_with(Instant::now);
         self.notify.notify_one();
+    }
+
+    async fn settled(&self, settle: Duration, max_delay: Duration) -> Instant {
+        // Cancel-safe: a burst stays pending in `first` until this returns, so a caller that
+        // drops the future mid-way (a `select!` taking another branch) finds it again next time.
+        let first = loop {
+            if let Some(first) = *self.first.lock().expect("changes lock") {
+                break first;
+            }
+            self.notify.notified().await;
+        };
+        let deadline = tokio::time::Instant::from_std(first + max_delay);
+        loop {
+            let settle_at = (tokio::time::Instant::now() + settle).min(deadline);
+            match tokio::time::timeout_at(settle_at, self.notify.notified()).await {
+                Ok(()) if tokio::time::Instant::now() < deadline => continue,
+                _ => break,
+            }
+        }
+        self.first.lock().expect("changes lock").take().unwrap_or(first)
     }
 }
 
@@ -135,16 +173,17 @@ impl KubeSource {
     pub fn start(client: Client, namespaces: &[String], restarts: RestartCounter, drain: Drain) -> Self {
         let changes = Arc::new(Changes::default());
         let mut tasks = Vec::new();
-        let mut spawn = |name: String, task: tokio::task::JoinHandle<()>| {
-            tracing::debug!(watch = %name, "watch started");
-            tasks.push(task);
-        };
+        let mut namespaces = namespaces.to_vec();
+        namespaces.sort();
+        namespaces.dedup();
         let scopes: Vec<Option<&str>> =
             if namespaces.is_empty() { vec![None] } else { namespaces.iter().map(|n| Some(n.as_str())).collect() };
+        let label = |plural: &str, scope: Option<&str>| format!("{plural} {}", scope.unwrap_or("(all namespaces)"));
 
         let mut weir = Vec::new();
         for (kind, ar) in weir_kinds() {
             let mut stores = Vec::new();
+            let (absent_tx, absent_rx) = watch::channel(false);
             for scope in &scopes {
                 let api: Api<DynamicObject> = match scope {
                     Some(ns) => Api::namespaced_with(client.clone(), ns, &ar),
@@ -152,102 +191,106 @@ impl KubeSource {
                 };
                 let writer = Writer::new(ar.clone());
                 stores.push(writer.as_reader());
-                let label = format!("{}.{} {}", ar.plural, ar.group, scope.unwrap_or("(all namespaces)"));
-                let task = watch(api, writer, |_| {}, label.clone(), kind_label(kind), &changes, &restarts, &drain);
-                spawn(label, task);
+                let spec = WatchSpec {
+                    trim: |_| {},
+                    fingerprint: fingerprint_custom,
+                    label: label(&format!("{}.{}", ar.plural, ar.group), *scope),
+                    kind: kind_label(kind),
+                    absent: Some(absent_tx.clone()),
+                };
+                tasks.push(watch(api, writer, spec, &changes, &restarts, &drain));
             }
-            weir.push((kind, Stores { stores }));
+            weir.push((kind, Stores { stores, absent: Some(absent_rx) }));
         }
-        let typed = |plural: &str| -> Vec<(Option<String>, String)> {
-            scopes
-                .iter()
-                .map(|s| (s.map(String::from), format!("{plural} {}", s.unwrap_or("(all namespaces)"))))
-                .collect()
-        };
-        let mut services = Vec::new();
-        for (scope, label) in typed("services") {
-            let writer = Writer::default();
-            services.push(writer.as_reader());
-            let task = watch(
-                scoped_api(&client, scope.as_deref()),
-                writer,
-                trim_meta,
-                label.clone(),
-                "Service",
-                &changes,
-                &restarts,
-                &drain,
-            );
-            spawn(label, task);
+        fn typed<K>(
+            client: &Client,
+            scopes: &[Option<&str>],
+            spec: impl Fn(Option<&str>) -> WatchSpec<K>,
+            changes: &Arc<Changes>,
+            restarts: &RestartCounter,
+            drain: &Drain,
+            tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+        ) -> Stores<K>
+        where
+            K: Resource<Scope = k8s_openapi::NamespaceResourceScope>
+                + Clone
+                + DeserializeOwned
+                + Debug
+                + Send
+                + Sync
+                + 'static,
+            K::DynamicType: Default + Eq + Hash + Clone + Send + Sync,
+        {
+            let mut stores = Vec::new();
+            for scope in scopes {
+                let writer = Writer::default();
+                stores.push(writer.as_reader());
+                tasks.push(watch(scoped_api(client, *scope), writer, spec(*scope), changes, restarts, drain));
+            }
+            Stores { stores, absent: None }
         }
-        let mut slices = Vec::new();
-        for (scope, label) in typed("endpointslices") {
-            let writer = Writer::default();
-            slices.push(writer.as_reader());
-            let task = watch(
-                scoped_api(&client, scope.as_deref()),
-                writer,
-                trim_meta,
-                label.clone(),
-                "EndpointSlice",
-                &changes,
-                &restarts,
-                &drain,
-            );
-            spawn(label, task);
-        }
-        let mut pods = Vec::new();
-        for (scope, label) in typed("pods") {
-            let writer = Writer::default();
-            pods.push(writer.as_reader());
-            let task = watch(
-                scoped_api(&client, scope.as_deref()),
-                writer,
-                trim_pod,
-                label.clone(),
-                "Pod",
-                &changes,
-                &restarts,
-                &drain,
-            );
-            spawn(label, task);
-        }
-        KubeSource {
-            weir,
-            services: Stores { stores: services },
-            slices: Stores { stores: slices },
-            pods: Stores { stores: pods },
-            changes,
-            tasks,
-        }
+        let services = typed(
+            &client,
+            &scopes,
+            |scope| WatchSpec {
+                trim: trim_meta,
+                fingerprint: fingerprint_object::<KubeService>,
+                label: label("services", scope),
+                kind: "Service",
+                absent: None,
+            },
+            &changes,
+            &restarts,
+            &drain,
+            &mut tasks,
+        );
+        let slices = typed(
+            &client,
+            &scopes,
+            |scope| WatchSpec {
+                trim: trim_meta,
+                fingerprint: fingerprint_object::<EndpointSlice>,
+                label: label("endpointslices.discovery.k8s.io", scope),
+                kind: "EndpointSlice",
+                absent: None,
+            },
+            &changes,
+            &restarts,
+            &drain,
+            &mut tasks,
+        );
+        let pods = typed(
+            &client,
+            &scopes,
+            |scope| WatchSpec {
+                trim: trim_pod,
+                fingerprint: fingerprint_object::<Pod>,
+                label: label("pods", scope),
+                kind: "Pod",
+                absent: None,
+            },
+            &changes,
+            &restarts,
+            &drain,
+            &mut tasks,
+        );
+        KubeSource { weir, services, slices, pods, changes, tasks }
     }
 
     /// Waits until every watch has listed once (so no sidecar sees a half-loaded cluster).
     pub async fn wait_until_ready(&self) {
-        for (_, s) in &self.weir {
-            s.wait_until_ready().await;
+        for (kind, s) in &self.weir {
+            s.wait_until_ready(kind_label(*kind)).await;
         }
-        self.services.wait_until_ready().await;
-        self.slices.wait_until_ready().await;
-        self.pods.wait_until_ready().await;
+        self.services.wait_until_ready("Service").await;
+        self.slices.wait_until_ready("EndpointSlice").await;
+        self.pods.wait_until_ready("Pod").await;
     }
 
     /// Waits for the next burst of changes and returns when its first change happened: the
     /// burst ends after `settle` without changes, or `max_delay` after it began.
     pub async fn changed(&self, settle: Duration, max_delay: Duration) -> Instant {
-        loop {
-            self.changes.notify.notified().await;
-            let Some(first) = *self.changes.first.lock().expect("changes lock") else { continue };
-            let deadline = tokio::time::Instant::from_std(first + max_delay);
-            loop {
-                let settle_at = (tokio::time::Instant::now() + settle).min(deadline);
-                match tokio::time::timeout_at(settle_at, self.changes.notify.notified()).await {
-                    Ok(()) if tokio::time::Instant::now() < deadline => continue,
-                    _ => break,
-                }
-            }
-            return self.changes.first.lock().expect("changes lock").take().unwrap_or(first);
-        }
+        self.changes.settled(settle, max_delay).await
     }
 
     /// Everything in the stores, as definitions for the index, and the generation of each
@@ -264,18 +307,19 @@ impl KubeSource {
                 defs.push(def);
             }
         }
-        let pods: HashMap<(String, String), Arc<Pod>> =
-            self.pods.objects().map(|p| ((p.namespace().unwrap_or_default(), p.name_any()), p)).collect();
-        let mut slices: HashMap<(String, String), Vec<Arc<EndpointSlice>>> = HashMap::new();
-        for s in self.slices.objects() {
-            if let Some(svc) = s.labels().get(SERVICE_NAME_LABEL) {
-                slices.entry((s.namespace().unwrap_or_default(), svc.clone())).or_default().push(s);
+        // Indexed by borrowed keys: this runs on every change, over every pod.
+        let pod_list: Vec<Arc<Pod>> = self.pods.objects().collect();
+        let pods: PodIndex = pod_list.iter().map(|p| (ns_name(&p.metadata), p.as_ref())).collect();
+        let slice_list: Vec<Arc<EndpointSlice>> = self.slices.objects().collect();
+        let mut slices: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
+        for s in &slice_list {
+            if let Some(svc) = s.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) {
+                slices.entry((s.metadata.namespace.as_deref().unwrap_or(""), svc.as_str())).or_default().push(s);
             }
         }
         for svc in self.services.objects() {
-            let ns = svc.namespace().unwrap_or_default();
-            let name = svc.name_any();
-            let own = slices.get(&(ns.clone(), name.clone())).map(Vec::as_slice).unwrap_or_default();
+            let own = slices.get(&ns_name(&svc.metadata)).map(Vec::as_slice).unwrap_or_default();
+            let (ns, name) = (svc.namespace().unwrap_or_default(), svc.name_any());
             if let Some(spec) = service_spec(&svc, own, &pods) {
                 defs.push(Definition {
                     origin: ORIGIN.into(),
@@ -312,14 +356,50 @@ where
     }
 }
 
-/// Runs one watcher into its store until drained, marking every change.
-#[allow(clippy::too_many_arguments)]
+/// How one kind is watched.
+struct WatchSpec<K> {
+    /// Drops what the mesh never reads before the object is stored.
+    trim: fn(&mut K),
+    /// A hash of what the mesh reads: an event that leaves it unchanged (a pod's status, a
+    /// resource's status written by a controller) triggers no rebuild.
+    fingerprint: fn(&K) -> u64,
+    /// For logs: the resource and scope.
+    label: String,
+    /// For metrics: the kind.
+    kind: &'static str,
+    /// Set when the initial list finds no such resource (a CRD not installed).
+    absent: Option<watch::Sender<bool>>,
+}
+
+fn hash_json(v: &serde_json::Value) -> u64 {
+    use std::hash::Hasher;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    h.write(v.to_string().as_bytes());
+    h.finish()
+}
+
+/// Everything but `metadata.resourceVersion` and `status`.
+fn fingerprint_object<K: serde::Serialize>(o: &K) -> u64 {
+    let mut v = serde_json::to_value(o).unwrap_or_default();
+    if let Some(m) = v.get_mut("metadata").and_then(|m| m.as_object_mut()) {
+        m.remove("resourceVersion");
+    }
+    if let Some(o) = v.as_object_mut() {
+        o.remove("status");
+    }
+    hash_json(&v)
+}
+
+/// A custom resource's spec and generation.
+fn fingerprint_custom(o: &DynamicObject) -> u64 {
+    hash_json(&serde_json::json!([o.data.get("spec"), o.metadata.generation]))
+}
+
+/// Runs one watcher into its store until drained, marking every change that matters.
 fn watch<K>(
     api: Api<K>,
     writer: Writer<K>,
-    trim: fn(&mut K),
-    label: String,
-    kind: &'static str,
+    spec: WatchSpec<K>,
     changes: &Arc<Changes>,
     restarts: &RestartCounter,
     drain: &Drain,
@@ -329,8 +409,9 @@ where
     K::DynamicType: Eq + Hash + Clone + Send + Sync,
 {
     let changes = changes.clone();
-    let restarts = restarts.with_label_values(&[kind]);
+    let restarts = restarts.with_label_values(&[spec.kind]);
     let drain = drain.clone();
+    let WatchSpec { trim, fingerprint, label, absent, .. } = spec;
     tokio::spawn(async move {
         let stream = watcher(api, watcher::Config::default())
             .default_backoff()
@@ -343,6 +424,9 @@ where
         let mut drained = std::pin::pin!(drain.signaled());
         // Log a failing watch once per outage, not once per retry.
         let mut failing = false;
+        let key = |o: &K| (o.meta().namespace.clone().unwrap_or_default(), o.meta().name.clone().unwrap_or_default());
+        let mut seen: HashMap<(String, String), u64> = HashMap::new();
+        let mut relisted: HashMap<(String, String), u64> = HashMap::new();
         loop {
             let item = tokio::select! {
                 _ = &mut drained => break,
@@ -356,16 +440,41 @@ where
                         failing = false;
                     }
                     match event {
-                        watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone => {
-                            changes.mark()
+                        watcher::Event::Apply(o) => {
+                            let fp = fingerprint(&o);
+                            if seen.insert(key(&o), fp) != Some(fp) {
+                                changes.mark();
+                            }
                         }
-                        watcher::Event::Init | watcher::Event::InitApply(_) => {}
+                        watcher::Event::Delete(o) => {
+                            seen.remove(&key(&o));
+                            changes.mark();
+                        }
+                        watcher::Event::Init => relisted.clear(),
+                        watcher::Event::InitApply(o) => {
+                            relisted.insert(key(&o), fingerprint(&o));
+                        }
+                        watcher::Event::InitDone => {
+                            // A relist that found what the watch had already delivered is no change.
+                            if relisted != seen {
+                                changes.mark();
+                            }
+                            seen = std::mem::take(&mut relisted);
+                        }
                     }
                 }
                 Some(Err(e)) => {
                     restarts.inc();
+                    let missing = matches!(&e, watcher::Error::InitialListFailed(kube::Error::Api(s)) if s.code == 404);
+                    if let (true, Some(absent)) = (missing, &absent) {
+                        absent.send_replace(true);
+                    }
                     if !failing {
-                        tracing::warn!(watch = %label, error = %e, "watch failed; retrying with back-off and serving the last good view");
+                        if missing {
+                            tracing::warn!(watch = %label, error = %e, "resource not served by the API server (are Weir's CRDs installed? kubectl apply -f crds/); retrying with back-off");
+                        } else {
+                            tracing::warn!(watch = %label, error = %e, "watch failed; retrying with back-off and serving the last good view");
+                        }
                         failing = true;
                     } else {
                         tracing::debug!(watch = %label, error = %e, "watch still failing");
@@ -431,11 +540,14 @@ pub fn is_meshed(pod: &Pod) -> bool {
 
 /// A core Service and its EndpointSlices as a Weir Service; `None` for kinds the mesh does not
 /// route (ExternalName).
-fn service_spec(
-    svc: &KubeService,
-    slices: &[Arc<EndpointSlice>],
-    pods: &HashMap<(String, String), Arc<Pod>>,
-) -> Option<LocalServiceSpec> {
+/// Pods by namespace and name.
+type PodIndex<'a> = HashMap<(&'a str, &'a str), &'a Pod>;
+
+fn ns_name(meta: &ObjectMeta) -> (&str, &str) {
+    (meta.namespace.as_deref().unwrap_or(""), meta.name.as_deref().unwrap_or(""))
+}
+
+fn service_spec(svc: &KubeService, slices: &[&EndpointSlice], pods: &PodIndex) -> Option<LocalServiceSpec> {
     let spec = svc.spec.as_ref()?;
     if spec.type_.as_deref() == Some("ExternalName") {
         return None;
@@ -455,15 +567,18 @@ fn service_spec(
     let mut seen_ips = BTreeSet::new();
     cluster_ips.retain(|ip| seen_ips.insert(ip.parse::<IpAddr>().expect("filtered")));
 
-    // Ready endpoints; when none is ready, those still serving while they terminate (so a
-    // Service whose pods are all rolling keeps answering, as kube-proxy does).
-    let mut ready = Vec::new();
-    let mut terminating = Vec::new();
-    let mut seen = BTreeSet::new();
+    // A dual-stack Service lists each pod once per family: follow its primary family.
+    let family = spec.ip_families.as_ref().and_then(|f| f.first()).cloned();
+    let mut slices: Vec<&EndpointSlice> = slices
+        .iter()
+        .copied()
+        .filter(|s| s.address_type != "FQDN" && family.as_ref().is_none_or(|f| *f == s.address_type))
+        .collect();
+    slices.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+    // (address, service port) → (ready, endpoint); the same endpoint may sit in two slices
+    // while the slice controller moves it, and a ready copy wins over a terminating one.
+    let mut found: BTreeMap<(SocketAddr, u16), (bool, LocalEndpoint)> = BTreeMap::new();
     for slice in slices {
-        if slice.address_type == "FQDN" {
-            continue;
-        }
         for ep in slice.endpoints.iter().flatten() {
             let conditions = ep.conditions.clone().unwrap_or_default();
             let is_ready = conditions.ready.unwrap_or(true);
@@ -472,13 +587,21 @@ fn service_spec(
                 continue;
             }
             let Some(ip) = ep.addresses.first().and_then(|a| a.parse::<IpAddr>().ok()) else { continue };
-            let pod = ep
-                .target_ref
-                .as_ref()
-                .filter(|r| r.kind.as_deref() == Some("Pod"))
-                .and_then(|r| pods.get(&(r.namespace.clone().unwrap_or_else(|| ns.clone()), r.name.clone()?)));
-            let mut labels: BTreeMap<String, String> =
-                pod.map(|p| p.labels().clone()).unwrap_or_default().into_iter().collect();
+            let pod = match ep.target_ref.as_ref().filter(|r| r.kind.as_deref() == Some("Pod")) {
+                None => None,
+                Some(r) => {
+                    let pod = r
+                        .name
+                        .as_ref()
+                        .and_then(|n| pods.get(&(r.namespace.as_deref().unwrap_or(&ns), n.as_str())).copied())
+                        .filter(|p| r.uid.is_none() || p.metadata.uid.is_none() || r.uid == p.metadata.uid);
+                    // Its pod not seen yet (or a namesake from before): leave the endpoint out
+                    // rather than route to it without its identity.
+                    let Some(pod) = pod else { continue };
+                    Some(pod)
+                }
+            };
+            let mut labels: BTreeMap<String, String> = pod.map(|p| p.labels().clone()).unwrap_or_default();
             if let Some(zone) = &ep.zone {
                 labels.insert(ZONE_LABEL.into(), zone.clone());
             }
@@ -492,12 +615,12 @@ fn service_spec(
                 };
                 let addr = SocketAddr::new(ip, target.port.expect("filtered") as u16);
                 let service_port = sp.port as u16;
-                if !seen.insert((addr, service_port)) {
+                if found.get(&(addr, service_port)).is_some_and(|(r, _)| *r || !is_ready) {
                     continue;
                 }
                 let endpoint = LocalEndpoint {
                     address: addr.to_string(),
-                    meshed: pod.is_some_and(|p| is_meshed(p)),
+                    meshed: pod.is_some_and(is_meshed),
                     port: Some(service_port),
                     service_account: pod.map(|p| {
                         p.spec
@@ -509,11 +632,15 @@ fn service_spec(
                     workload: pod.map(|p| p.name_any()),
                     weight: 1,
                 };
-                if is_ready { ready.push(endpoint) } else { terminating.push(endpoint) }
+                found.insert((addr, service_port), (is_ready, endpoint));
             }
         }
     }
-    let endpoints = if ready.is_empty() { terminating } else { ready };
+    // Ready endpoints; when none is ready, those still serving while they terminate (so a
+    // Service whose pods are all rolling keeps answering, as kube-proxy does). Sorted, so the
+    // same cluster always gives the same Service.
+    let any_ready = found.values().any(|(r, _)| *r);
+    let endpoints = found.into_values().filter(|(r, _)| *r == any_ready).map(|(_, e)| e).collect();
     Some(LocalServiceSpec {
         ports: ports.iter().map(|p| ServicePort { name: p.name.clone(), port: p.port as u16 }).collect(),
         endpoints,
@@ -536,6 +663,14 @@ mod tests {
         .unwrap();
         trim_pod(&mut p);
         Arc::new(p)
+    }
+
+    fn by_ref(pods: &HashMap<(String, String), Arc<Pod>>) -> PodIndex<'_> {
+        pods.iter().map(|((n, p), pod)| ((n.as_str(), p.as_str()), pod.as_ref())).collect()
+    }
+
+    fn refs(slices: &[Arc<EndpointSlice>]) -> Vec<&EndpointSlice> {
+        slices.iter().map(|s| s.as_ref()).collect()
     }
 
     fn service(json: serde_json::Value) -> KubeService {
@@ -592,7 +727,7 @@ mod tests {
             .into_iter()
             .map(|(n, m)| (("shop".to_string(), n.to_string()), pod(n, "web", m)))
             .collect();
-        let spec = service_spec(&svc, &slices, &pods).unwrap();
+        let spec = service_spec(&svc, &refs(&slices), &by_ref(&pods)).unwrap();
         spec.validate().unwrap();
         assert_eq!(spec.cluster_ips, ["10.96.0.10", "fd00::10"]);
         assert_eq!(spec.ports.iter().map(|p| p.port).collect::<Vec<_>>(), [80, 9000]);
@@ -616,6 +751,74 @@ mod tests {
         assert!(!spec.endpoints[2].meshed && spec.endpoints[2].service_account.is_none());
     }
 
+    #[tokio::test]
+    async fn a_burst_survives_a_cancelled_wait() {
+        let changes = Changes::default();
+        changes.mark();
+        let settle = Duration::from_millis(50);
+        // Dropped mid-settle, as a select! taking another branch would.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(5), changes.settled(settle, Duration::from_secs(1)))
+                .await
+                .is_err()
+        );
+        let first = tokio::time::timeout(Duration::from_secs(5), changes.settled(settle, Duration::from_secs(1)))
+            .await
+            .expect("the pending burst is still delivered");
+        assert!(first.elapsed() >= settle);
+        assert!(changes.first.lock().unwrap().is_none());
+    }
+
+    #[test]
+    fn unknown_pods_duplicates_and_dual_stack() {
+        let svc = service(serde_json::json!({
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {"clusterIPs": ["10.96.0.10", "fd00::10"], "ipFamilies": ["IPv4", "IPv6"], "ports": [{"port": 80}]}
+        }));
+        let pods: HashMap<_, _> = [(("shop".to_string(), "web-1".to_string()), pod("web-1", "web", true))].into();
+        let slices = vec![
+            // A terminating copy first, then the ready one: the ready one wins.
+            slice(serde_json::json!({
+                "metadata": {"name": "a", "namespace": "shop", "labels": {SERVICE_NAME_LABEL: "web"}},
+                "addressType": "IPv4", "ports": [{"port": 8080}],
+                "endpoints": [{"addresses": ["10.0.0.1"], "conditions": {"ready": false, "serving": true, "terminating": true},
+                               "targetRef": {"kind": "Pod", "name": "web-1", "namespace": "shop"}}]
+            })),
+            slice(serde_json::json!({
+                "metadata": {"name": "b", "namespace": "shop", "labels": {SERVICE_NAME_LABEL: "web"}},
+                "addressType": "IPv4", "ports": [{"port": 8080}],
+                "endpoints": [
+                    {"addresses": ["10.0.0.1"], "conditions": {"ready": true},
+                     "targetRef": {"kind": "Pod", "name": "web-1", "namespace": "shop"}},
+                    // Its pod is not known yet: left out rather than routed without identity.
+                    {"addresses": ["10.0.0.9"], "targetRef": {"kind": "Pod", "name": "web-9", "namespace": "shop"}}
+                ]
+            })),
+            // The secondary family's slice is ignored.
+            slice(serde_json::json!({
+                "metadata": {"name": "c", "namespace": "shop", "labels": {SERVICE_NAME_LABEL: "web"}},
+                "addressType": "IPv6", "ports": [{"port": 8080}],
+                "endpoints": [{"addresses": ["fd00::1"], "targetRef": {"kind": "Pod", "name": "web-1", "namespace": "shop"}}]
+            })),
+        ];
+        let spec = service_spec(&svc, &refs(&slices), &by_ref(&pods)).unwrap();
+        let eps: Vec<&str> = spec.endpoints.iter().map(|e| e.address.as_str()).collect();
+        assert_eq!(eps, ["10.0.0.1:8080"]);
+        assert!(spec.endpoints[0].meshed);
+        // Slice order does not matter.
+        let reversed: Vec<_> = slices.iter().rev().cloned().collect();
+        assert_eq!(service_spec(&svc, &refs(&reversed), &by_ref(&pods)).unwrap(), spec);
+        // A pod recreated under the same name (another UID) is not the endpoint's.
+        let mut moved = slices[1].as_ref().clone();
+        moved.endpoints.as_mut().unwrap()[0].target_ref.as_mut().unwrap().uid = Some("other".into());
+        let mut with_uid = pods.clone();
+        let mut p = with_uid[&("shop".to_string(), "web-1".to_string())].as_ref().clone();
+        p.metadata.uid = Some("current".into());
+        with_uid.insert(("shop".into(), "web-1".into()), Arc::new(p));
+        let spec = service_spec(&svc, &[&moved], &by_ref(&with_uid)).unwrap();
+        assert!(spec.endpoints.is_empty(), "{:?}", spec.endpoints);
+    }
+
     #[test]
     fn terminating_endpoints_serve_only_when_nothing_is_ready() {
         let svc = service(serde_json::json!({
@@ -628,7 +831,7 @@ mod tests {
             "ports": [{"port": 8080}],
             "endpoints": [{"addresses": ["10.0.0.2"], "conditions": {"ready": false, "serving": true, "terminating": true}}]
         }))];
-        let spec = service_spec(&svc, &slices, &HashMap::new()).unwrap();
+        let spec = service_spec(&svc, &refs(&slices), &HashMap::new()).unwrap();
         assert!(spec.cluster_ips.is_empty(), "headless");
         assert_eq!(spec.endpoints.len(), 1);
         assert_eq!(spec.endpoints[0].address, "10.0.0.2:8080");
