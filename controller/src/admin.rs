@@ -25,6 +25,8 @@ pub struct Admin {
     pub reports: Arc<Mutex<Reports>>,
     pub ready: Arc<AtomicBool>,
     pub canaries: Arc<crate::canary::Canaries>,
+    /// Whether this replica drives canaries (always in local mode).
+    pub leading: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Admin {
@@ -80,6 +82,12 @@ impl Admin {
             Ok(a) => a,
             Err(e) => return text(StatusCode::BAD_REQUEST, format!("{e}\n")),
         };
+        if !*self.leading.borrow() {
+            return text(
+                StatusCode::CONFLICT,
+                "this controller replica does not lead: send canary controls to the leader (the holder of the weir-controller Lease)\n",
+            );
+        }
         let defs = self.state.borrow().canaries.clone();
         match self.canaries.act(&defs, ns, name, action) {
             Ok(status) => json(&serde_json::to_value(status).unwrap_or_default()),

@@ -129,6 +129,8 @@ pub struct Canaries {
     /// Statuses loaded from the state file, adopted when their spec still matches.
     loaded: Mutex<BTreeMap<String, CanaryStatus>>,
     routing: watch::Sender<Arc<Vec<CanaryRouting>>>,
+    /// Bumped whenever a status changes (Kubernetes mode writes them to the Canary objects).
+    revision: watch::Sender<u64>,
     state_file: Option<PathBuf>,
     reports: Arc<Mutex<Reports>>,
     metrics: Metrics,
@@ -156,6 +158,7 @@ impl Canaries {
             entries: Mutex::default(),
             loaded: Mutex::new(loaded),
             routing: tx,
+            revision: watch::channel(0).0,
             state_file,
             reports,
             metrics,
@@ -169,6 +172,33 @@ impl Canaries {
         let mut entries = self.entries.lock().unwrap();
         self.sync(&mut entries, defs, now);
         self.publish(&entries, defs);
+    }
+
+    /// Mirrors the statuses the leading replica wrote to the Canary objects (Kubernetes mode,
+    /// on replicas that do not lead), so every replica routes with the same weights. A status
+    /// written for another rollout of the Canary (another spec hash) is ignored.
+    pub fn follow(&self, defs: &[CanaryDef], written: &BTreeMap<String, CanaryStatus>) {
+        let mut entries = self.entries.lock().unwrap();
+        let mut changed = self.sync(&mut entries, defs, Instant::now());
+        for ((ns, n), e) in entries.iter_mut() {
+            let Some(w) = written.get(&format!("{ns}/{n}")) else { continue };
+            let mut w = w.clone();
+            w.conditions.clear();
+            if w.spec_hash == e.status.spec_hash && w != e.status {
+                e.status = w;
+                // Whoever leads next measures from its own first report on.
+                e.baseline = None;
+                changed = true;
+            }
+        }
+        if changed {
+            self.publish(&entries, defs);
+        }
+    }
+
+    /// Changes whenever a status does.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.revision.subscribe()
     }
 
     /// The statuses, keyed `namespace/name`.
@@ -401,6 +431,7 @@ impl Canaries {
     }
 
     fn save(&self, entries: &BTreeMap<(String, String), Entry>) {
+        self.revision.send_modify(|r| *r += 1);
         let Some(path) = &self.state_file else { return };
         // Saved statuses not adopted yet (their Canary is absent or rejected for now) are kept.
         let loaded = self.loaded.lock().unwrap().clone();
@@ -424,7 +455,14 @@ impl Canaries {
 
 /// Runs the reconciler until `drain` fires: ticks every 50 ms, analysing each canary when its
 /// interval is due.
-pub async fn run(canaries: Arc<Canaries>, state: watch::Receiver<Arc<MeshState>>, drain: Drain) {
+/// Only while `leading` holds (always, in local mode): in Kubernetes mode one replica drives
+/// and the others follow the statuses it writes.
+pub async fn run(
+    canaries: Arc<Canaries>,
+    state: watch::Receiver<Arc<MeshState>>,
+    leading: watch::Receiver<bool>,
+    drain: Drain,
+) {
     let mut tick = tokio::time::interval(Duration::from_millis(50));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let stop = drain.signaled();
@@ -433,6 +471,9 @@ pub async fn run(canaries: Arc<Canaries>, state: watch::Receiver<Arc<MeshState>>
         tokio::select! {
             _ = tick.tick() => {}
             _ = &mut stop => return,
+        }
+        if !*leading.borrow() {
+            continue;
         }
         let defs = state.borrow().canaries.clone();
         canaries.tick(&defs, Instant::now());

@@ -161,17 +161,20 @@ struct Read {
     unreadable: Vec<index::UnreadableOrigin>,
     /// Kubernetes: the generation of each custom resource read.
     generations: Option<std::collections::HashMap<index::ResourceKey, Option<i64>>>,
+    /// Kubernetes: the rollout status the leading replica wrote to each Canary.
+    canary_statuses: Option<std::collections::BTreeMap<String, weir_api::canary::CanaryStatus>>,
 }
 
 impl Source {
     fn read(&self) -> Result<Read, String> {
         match self {
             Source::Local { dir, .. } => source::local::read_dir(dir)
-                .map(|(defs, unreadable)| Read { defs, unreadable, generations: None })
+                .map(|(defs, unreadable)| Read { defs, unreadable, generations: None, canary_statuses: None })
                 .map_err(|e| format!("cannot read config directory {}: {e}", dir.display())),
             Source::Kubernetes(k) => {
                 let (defs, generations) = k.definitions();
-                Ok(Read { defs, unreadable: Vec::new(), generations: Some(generations) })
+                let canary_statuses = Some(k.canary_statuses());
+                Ok(Read { defs, unreadable: Vec::new(), generations: Some(generations), canary_statuses })
             }
         }
     }
@@ -233,8 +236,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let state_file =
         args.canary_state.clone().or_else(|| args.config_dir.as_ref().map(|d| d.join(".weir").join("canaries.json")));
     let (canaries, mut routing_rx) = canary::Canaries::new(state_file, reports.clone(), metrics.clone())?;
-    // Saved canary weights apply from the first snapshot on.
+    // Saved canary weights apply from the first snapshot on (local mode: the state file;
+    // Kubernetes: the statuses in the Canary objects).
     canaries.adopt(&canary::definitions(&index));
+    if let Some(written) = &first.canary_statuses {
+        canaries.follow(&canary::definitions(&index), written);
+    }
     let routing = routing_rx.borrow_and_update().clone();
     let (state_tx, state_rx) = watch::channel(Arc::new(MeshState::build(&index, &routing, 1, Instant::now(), None)));
 
@@ -248,8 +255,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let proxies = proxies::Proxies::default();
     let ready = Arc::new(AtomicBool::new(false));
 
-    // Leader election and status (Kubernetes mode); local mode has one controller.
+    // Leader election and status (Kubernetes mode); local mode has one controller, which leads.
     let mut background = Vec::new();
+    let (_local_leader, mut leading) = watch::channel(true);
     match &kube {
         Some((client, k)) => {
             if args.lease_renew * 2 > args.lease_duration || args.lease_renew.is_zero() {
@@ -267,13 +275,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 renew_every: args.lease_renew,
             };
             tracing::info!(lease = %format!("{}/{}", lease.namespace, lease.name), identity = %lease.identity, "joining leader election");
-            let (leading, election) = leader::spawn(client.clone(), lease, metrics.leader.clone(), drain.clone());
+            let (elected, election) = leader::spawn(client.clone(), lease, metrics.leader.clone(), drain.clone());
+            leading = elected;
             background.push(election);
             background.push(status::spawn(
                 client.clone(),
                 k.clone(),
                 verdict_rx,
-                leading,
+                leading.clone(),
+                canaries.clone(),
                 metrics.status_writes.clone(),
                 drain.clone(),
             ));
@@ -283,6 +293,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
     // Republish on every change burst.
     let reload_metrics = metrics.clone();
+    let reload_leading = leading.clone();
+    let reload_canaries = canaries.clone();
     let reload = tokio::spawn(async move {
         let mut generation = 1;
         loop {
@@ -311,6 +323,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                     }
                     log_rejections(&index);
                     reload_metrics.rejected_resources.set(index.rejections().len() as i64);
+                    // Replicas that do not lead route canaries as the leader's statuses say.
+                    if let Some(written) = &read.canary_statuses
+                        && !*reload_leading.borrow()
+                    {
+                        reload_canaries.follow(&canary::definitions(&index), written);
+                    }
                     if let Some(g) = &read.generations {
                         let verdicts = status::verdicts(&index, g);
                         verdict_tx.send_if_modified(|v| {
@@ -385,8 +403,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             .add_optional_service(identity.map(weir_api::proto::identity_server::IdentityServer::new))
             .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), grpc_drain.signaled()),
     );
-    let reconciler = tokio::spawn(canary::run(canaries.clone(), state_rx.clone(), drain.clone()));
-    let admin = admin::Admin { state: state_rx, proxies, metrics, reports, ready: ready.clone(), canaries };
+    let reconciler = tokio::spawn(canary::run(canaries.clone(), state_rx.clone(), leading.clone(), drain.clone()));
+    let admin = admin::Admin { state: state_rx, proxies, metrics, reports, ready: ready.clone(), canaries, leading };
     let admin_task = tokio::spawn(rt::serve_admin(
         admin_listener,
         move |req| admin.clone().handle(req),

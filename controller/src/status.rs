@@ -130,14 +130,17 @@ fn existing_conditions(obj: &DynamicObject) -> Vec<Condition> {
 }
 
 /// Writes status whenever this replica leads and a verdict differs from an object's status.
+#[allow(clippy::too_many_arguments)]
 pub fn spawn(
     client: Client,
     source: Arc<KubeSource>,
     mut verdicts: watch::Receiver<Arc<Verdicts>>,
     mut leader: watch::Receiver<bool>,
+    canaries: Arc<crate::canary::Canaries>,
     writes: prometheus::IntCounterVec,
     drain: Drain,
 ) -> tokio::task::JoinHandle<()> {
+    let mut rollouts = canaries.subscribe();
     tokio::spawn(async move {
         let apis: HashMap<Kind, (kube::api::ApiResource, Client)> =
             weir_kinds().into_iter().map(|(k, ar)| (k, (ar, client.clone()))).collect();
@@ -151,12 +154,15 @@ pub fn spawn(
                 _ = &mut drained => break,
                 r = verdicts.changed() => if r.is_err() { break },
                 r = leader.changed() => if r.is_err() { break },
+                r = rollouts.changed() => if r.is_err() { break },
                 _ = resync.tick() => {}
             }
             if !*leader.borrow_and_update() {
                 continue;
             }
             let current = verdicts.borrow_and_update().clone();
+            rollouts.borrow_and_update();
+            let rollout = canaries.statuses();
             for (kind, stores) in &source.weir {
                 let (ar, client) = &apis[kind];
                 for obj in stores.objects() {
@@ -169,17 +175,39 @@ pub fn spawn(
                     let Some(v) = current.get(&key) else { continue };
                     let existing = existing_conditions(&obj);
                     let desired = conditions(v, &existing, Timestamp::now());
-                    let rule_count = obj.data.get("status").and_then(|s| s.get("ruleCount")).and_then(|n| n.as_u64());
-                    if same(&existing, &desired) && rule_count.map(|n| n as u32) == v.rule_count {
+                    let have = obj.data.get("status").cloned().unwrap_or_else(|| serde_json::json!({}));
+                    // What the status should be: ours overwrites the fields we own.
+                    let mut want = match kind {
+                        // A Canary's status is the rollout this replica drives, in full.
+                        Kind::Canary => rollout
+                            .get(&format!("{ns}/{}", obj.name_any()))
+                            .and_then(|r| serde_json::to_value(r).ok())
+                            .unwrap_or_else(|| have.clone()),
+                        _ => have.clone(),
+                    };
+                    if !want.is_object() {
+                        want = serde_json::json!({});
+                    }
+                    want["conditions"] = serde_json::to_value(&desired).unwrap_or_default();
+                    if *kind == Kind::Route {
+                        want["ruleCount"] =
+                            v.rule_count.map(serde_json::Value::from).unwrap_or(serde_json::Value::Null);
+                        if want["ruleCount"].is_null() {
+                            want.as_object_mut().expect("object").remove("ruleCount");
+                        }
+                    }
+                    let mut patch = merge_patch_to(&have, &want);
+                    // Conditions that say the same (times aside) are not rewritten.
+                    if same(&existing, &desired)
+                        && let Some(p) = patch.as_object_mut()
+                    {
+                        p.remove("conditions");
+                    }
+                    if patch.as_object().is_some_and(|p| p.is_empty()) {
                         continue;
                     }
-                    let mut status = serde_json::json!({ "conditions": desired });
-                    if *kind == Kind::Route {
-                        status["ruleCount"] =
-                            v.rule_count.map(serde_json::Value::from).unwrap_or(serde_json::Value::Null);
-                    }
                     let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &ns, ar);
-                    let patch = Patch::Merge(serde_json::json!({ "status": status }));
+                    let patch = Patch::Merge(serde_json::json!({ "status": patch }));
                     match api.patch_status(&obj.name_any(), &PatchParams::default(), &patch).await {
                         Ok(_) => writes.with_label_values(&["ok"]).inc(),
                         // Deleted meanwhile: nothing to report on.
@@ -195,12 +223,84 @@ pub fn spawn(
     })
 }
 
+/// JSON equality where numbers compare by value (the API server writes `100.0` back as `100`).
+fn json_eq(a: &serde_json::Value, b: &serde_json::Value) -> bool {
+    use serde_json::Value::*;
+    match (a, b) {
+        (Number(x), Number(y)) => x.as_f64() == y.as_f64(),
+        (Array(x), Array(y)) => x.len() == y.len() && x.iter().zip(y).all(|(x, y)| json_eq(x, y)),
+        (Object(x), Object(y)) => x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| json_eq(v, w))),
+        _ => a == b,
+    }
+}
+
+/// A JSON merge patch (RFC 7386) that turns `from` into `to`: fields `to` lacks are nulled.
+pub fn merge_patch_to(from: &serde_json::Value, to: &serde_json::Value) -> serde_json::Value {
+    match (from, to) {
+        (serde_json::Value::Object(f), serde_json::Value::Object(t)) => {
+            let mut patch = serde_json::Map::new();
+            for (k, fv) in f {
+                match t.get(k) {
+                    None => {
+                        patch.insert(k.clone(), serde_json::Value::Null);
+                    }
+                    Some(tv) if !json_eq(tv, fv) => {
+                        patch.insert(k.clone(), merge_patch_to(fv, tv));
+                    }
+                    Some(_) => {}
+                }
+            }
+            for (k, tv) in t {
+                if !f.contains_key(k) {
+                    patch.insert(k.clone(), tv.clone());
+                }
+            }
+            serde_json::Value::Object(patch)
+        }
+        _ => to.clone(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn verdict(problem: Option<(Reason, &str)>, in_force: bool) -> Verdict {
         Verdict { generation: Some(3), problem: problem.map(|(r, m)| (r, m.to_string())), in_force, rule_count: None }
+    }
+
+    #[test]
+    fn merge_patch_turns_one_status_into_another() {
+        let from = serde_json::json!({"phase": "Progressing", "lastAnalysis": {"canary": {"p99": "5ms", "rate": 99}}, "old": 1});
+        let to = serde_json::json!({"phase": "Failed", "lastAnalysis": {"canary": {"rate": 90}}});
+        let patch = merge_patch_to(&from, &to);
+        assert_eq!(
+            patch,
+            serde_json::json!({"phase": "Failed", "old": null, "lastAnalysis": {"canary": {"p99": null, "rate": 90}}})
+        );
+        fn apply(t: &mut serde_json::Value, p: &serde_json::Value) {
+            match (t.as_object_mut(), p.as_object()) {
+                (Some(t), Some(p)) => {
+                    for (k, v) in p {
+                        if v.is_null() {
+                            t.remove(k);
+                        } else {
+                            apply(t.entry(k.clone()).or_insert(serde_json::Value::Null), v);
+                        }
+                    }
+                }
+                _ => *t = p.clone(),
+            }
+        }
+        let mut applied = from.clone();
+        apply(&mut applied, &patch);
+        assert_eq!(applied, to);
+        assert_eq!(merge_patch_to(&to, &to), serde_json::json!({}));
+        // Numbers compare by value, as the API server may re-encode them.
+        assert_eq!(
+            merge_patch_to(&serde_json::json!({"w": 100}), &serde_json::json!({"w": 100.0})),
+            serde_json::json!({})
+        );
     }
 
     #[test]

@@ -509,3 +509,75 @@ async fn a_missing_crd_does_not_hold_the_mesh_back() {
     );
     wait_condition(&fake, CANARIES, "shop", "web", "Accepted", |c| c.0 == "True").await;
 }
+
+/// `[stable, canary]` weights of the canary's split rule in a sidecar's `/config`.
+fn canary_split(config: &Value) -> Option<Vec<u64>> {
+    let rules =
+        config["snapshot"]["services"].as_array()?.iter().find(|s| s["name"] == "web")?["rules"].as_array()?.clone();
+    let split = rules.iter().find(|r| {
+        r["route"].as_str().is_some_and(|n| n.starts_with("canary/"))
+            && r["matches"].as_array().is_none_or(|m| m.is_empty())
+    })?;
+    Some(split["backends"].as_array()?.iter().filter_map(|b| b["weight"].as_u64()).collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_drives_canaries_and_followers_route_as_its_status_says() {
+    let fake = FakeKube::start().await;
+    let scratch = Scratch::new();
+    for (i, name) in ["web", "web-v1", "web-v2"].iter().enumerate() {
+        fake.create(SERVICES, service("shop", name, &format!("10.96.0.{}", 10 + i)));
+    }
+    let mut a = kube_controller(&scratch, &fake, "replica-a", &[]).await;
+    let mut b = kube_controller(&scratch, &fake, "replica-b", &[]).await;
+    let holder = || {
+        fake.get(LEASES, "weir-system", "weir-controller")
+            .and_then(|l| l["spec"]["holderIdentity"].as_str().map(String::from))
+            .unwrap_or_default()
+    };
+    wait_until("a leader", Duration::from_secs(20), || async { !holder().is_empty() }).await;
+    let (leader, follower) = if holder() == "replica-a" { (&mut a, &mut b) } else { (&mut b, &mut a) };
+    let on_leader = scratch.proxy(leader.addr("grpc"), "shop/client-a", None).await;
+    let on_follower = scratch.proxy(follower.addr("grpc"), "shop/client-b", None).await;
+
+    const CANARIES: &str = "apis/weir.io/v1alpha1/canaries";
+    fake.create(
+        CANARIES,
+        json!({"apiVersion": "weir.io/v1alpha1", "kind": "Canary",
+               "metadata": {"name": "web", "namespace": "shop"},
+               "spec": {"service": "web", "stable": "web-v1", "canary": "web-v2", "steps": [20, 60],
+                        "interval": "3s", "skipAnalysis": true}}),
+    );
+    // The leader's rollout lands in the Canary's status, step by step, and the follower's
+    // sidecar routes as that status says (each step holds for the 3 s interval).
+    let fadmin_sidecar = on_follower.addr("admin");
+    let weight = || fake.get(CANARIES, "shop", "web").and_then(|o| o["status"]["weight"].as_u64());
+    wait_until("the first step written", Duration::from_secs(30), || async { weight() == Some(20) }).await;
+    wait_config(fadmin_sidecar, "the follower's sidecar at 20%", |c| canary_split(c) == Some(vec![80, 20])).await;
+    let mut seen = BTreeSet::from([20]);
+    wait_until("the rollout to finish", Duration::from_secs(60), || {
+        seen.extend(weight());
+        async { fake.get(CANARIES, "shop", "web").is_some_and(|o| o["status"]["phase"] == "Succeeded") }
+    })
+    .await;
+    let (l, f) = (on_leader.addr("admin"), fadmin_sidecar);
+    wait_until("both sidecars route alike", Duration::from_secs(20), || async {
+        let split = canary_split(&admin_json(l, "/config").await);
+        split.is_some() && split == canary_split(&admin_json(f, "/config").await)
+    })
+    .await;
+    assert!(seen.contains(&20) && seen.contains(&60), "weights written along the way: {seen:?}");
+    let status = fake.get(CANARIES, "shop", "web").unwrap()["status"].clone();
+    assert_eq!(status["phase"], "Succeeded", "{status}");
+    assert_eq!(condition(&fake.get(CANARIES, "shop", "web").unwrap(), "Accepted").unwrap().0, "True");
+    // The follower mirrors the leader's status; manual controls must go to the leader.
+    let fadmin = follower.addr("admin");
+    wait_until("the follower mirrors the final status", Duration::from_secs(20), || async {
+        admin_json(fadmin, "/canaries").await["canaries"][0]["status"]["phase"] == "Succeeded"
+    })
+    .await;
+    let client = http1();
+    let reply = send(&client, fadmin, "POST", &fadmin.to_string(), "/canaries/shop/web/abort", &[]).await.unwrap();
+    assert_eq!(reply.status, 409, "{}", reply.body);
+    assert!(reply.body.contains("does not lead"), "{}", reply.body);
+}

@@ -193,7 +193,8 @@ impl KubeSource {
                 stores.push(writer.as_reader());
                 let spec = WatchSpec {
                     trim: |_| {},
-                    fingerprint: fingerprint_custom,
+                    // A Canary's status carries the rollout the leader drives; others follow it.
+                    fingerprint: if kind == Kind::Canary { fingerprint_with_status } else { fingerprint_custom },
                     label: label(&format!("{}.{}", ar.plural, ar.group), *scope),
                     kind: kind_label(kind),
                     absent: Some(absent_tx.clone()),
@@ -291,6 +292,18 @@ impl KubeSource {
     /// burst ends after `settle` without changes, or `max_delay` after it began.
     pub async fn changed(&self, settle: Duration, max_delay: Duration) -> Instant {
         self.changes.settled(settle, max_delay).await
+    }
+
+    /// The rollout status written to each Canary (by the leading replica), keyed `ns/name`.
+    pub fn canary_statuses(&self) -> BTreeMap<String, weir_api::canary::CanaryStatus> {
+        let Some((_, stores)) = self.weir.iter().find(|(k, _)| *k == Kind::Canary) else { return BTreeMap::new() };
+        stores
+            .objects()
+            .filter_map(|o| {
+                let status = serde_json::from_value(o.data.get("status")?.clone()).ok()?;
+                Some((format!("{}/{}", o.namespace().unwrap_or_default(), o.name_any()), status))
+            })
+            .collect()
     }
 
     /// Everything in the stores, as definitions for the index, and the generation of each
@@ -393,6 +406,11 @@ fn fingerprint_object<K: serde::Serialize>(o: &K) -> u64 {
 /// A custom resource's spec and generation.
 fn fingerprint_custom(o: &DynamicObject) -> u64 {
     hash_json(&serde_json::json!([o.data.get("spec"), o.metadata.generation]))
+}
+
+/// A custom resource's spec, generation and status.
+fn fingerprint_with_status(o: &DynamicObject) -> u64 {
+    hash_json(&serde_json::json!([o.data.get("spec"), o.metadata.generation, o.data.get("status")]))
 }
 
 /// Runs one watcher into its store until drained, marking every change that matters.
