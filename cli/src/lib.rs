@@ -15,3 +15,4 @@ pub mod check;
 pub mod demo;
 pub mod inspect;
 pub mod procs;
+pub mod proxy_config;

@@ -14,6 +14,8 @@ pub struct ProxyInfo {
     pub service_account: String,
     pub labels: BTreeMap<String, String>,
     pub proxy_version: String,
+    /// Where the sidecar's admin endpoints answer (`/config`), when it said.
+    pub admin: Option<String>,
     pub connected_at_unix_ms: u64,
     pub sent_version: Option<String>,
     pub acked_version: Option<String>,

@@ -42,10 +42,21 @@ impl Admin {
                 }
             },
             "/metrics" => text(StatusCode::OK, self.metrics.render()),
-            "/config" => match config {
-                Some(c) => json(&serde_json::json!({ "version": c.version, "snapshot": c.source })),
-                None => json(&serde_json::json!({ "version": null })),
-            },
+            "/config" => {
+                // The workload identity in use (never the key).
+                let identity = self.credentials.as_ref().map(|c| match c.borrow().as_ref() {
+                    Some(c) => serde_json::json!({
+                        "spiffeId": c.identity, "notAfterUnix": c.not_after_unix, "chainLength": c.chain.len(),
+                    }),
+                    None => serde_json::json!({ "spiffeId": null, "message": "no certificate yet" }),
+                });
+                match config {
+                    Some(c) => {
+                        json(&serde_json::json!({ "version": c.version, "snapshot": c.source, "identity": identity }))
+                    }
+                    None => json(&serde_json::json!({ "version": null, "identity": identity })),
+                }
+            }
             _ => text(StatusCode::NOT_FOUND, "not found: try /live /ready /metrics /config /log-level\n"),
         }
     }

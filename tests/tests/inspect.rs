@@ -209,3 +209,49 @@ async fn check_says_what_is_wrong_and_how_to_fix_it() {
         "{out}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_config_shows_what_one_sidecar_runs() {
+    let mesh = TwoVersions::start(&split_route(90, 10)).await;
+    let admin = mesh.controller.addr("admin").to_string();
+    mesh.scratch.write(
+        "policy.yaml",
+        "apiVersion: weir.io/v1alpha1\nkind: ResiliencePolicy\nmetadata: { name: web, namespace: test }\nspec:\n  targetRef: { service: web }\n  timeouts: { request: 2s }\n  retries: { attempts: 2 }\n",
+    );
+    let client_admin = mesh.client.addr("admin");
+    wait_config(client_admin, "the policy", |c| {
+        c["snapshot"]["services"]
+            .as_array()
+            .is_some_and(|s| s.iter().any(|s| s["policies"].as_array().is_some_and(|p| !p.is_empty())))
+    })
+    .await;
+
+    // Found through the controller by workload name.
+    let (code, out, err) = weir(&["proxy-config", "test/client", "routes", "--controller-admin", &admin]).await;
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("test/web:split") && out.contains("web-v1=90") && out.contains("web-v2=10"), "{out}");
+    let (code, out, err) =
+        weir(&["proxy-config", "client", "-n", "test", "endpoints", "--controller-admin", &admin]).await;
+    assert_eq!(code, Some(0), "{err}");
+    for s in &mesh.sidecars {
+        assert!(out.contains(&s.addr("inbound").to_string()), "{out}");
+    }
+    let (code, out, err) = weir(&["proxy-config", "test/client", "policies", "--controller-admin", &admin]).await;
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("test/web") && out.contains("2000ms"), "{out}");
+    // Structured output for scripts, straight from the sidecar.
+    let direct = client_admin.to_string();
+    let (code, out, err) = weir(&["proxy-config", "--proxy-admin", &direct, "endpoints", "-o", "json"]).await;
+    assert_eq!(code, Some(0), "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let web = v.as_array().unwrap().iter().find(|s| s["service"] == "test/web-v1").unwrap();
+    assert!(!web["endpoints"].as_array().unwrap().is_empty(), "{out}");
+    let (code, out, _) =
+        weir(&["proxy-config", "test/client", "identity", "-o", "yaml", "--controller-admin", &admin]).await;
+    assert_eq!(code, Some(0));
+    assert!(out.trim() == "null", "no identity without --token-file: {out}");
+    // A workload with no sidecar connected is an error that lists who is.
+    let (code, _, err) = weir(&["proxy-config", "test/ghost", "--controller-admin", &admin]).await;
+    assert_eq!(code, Some(1));
+    assert!(err.contains("no connected sidecar of workload test/ghost") && err.contains("test/client"), "{err}");
+}

@@ -38,6 +38,7 @@ impl proto::discovery_server::Discovery for DiscoveryService {
     type StreamStream = Outbound;
 
     async fn stream(&self, request: Request<Streaming<proto::ProxyMessage>>) -> Result<Response<Outbound>, Status> {
+        let peer = request.remote_addr();
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
             .await
@@ -52,7 +53,11 @@ impl proto::discovery_server::Discovery for DiscoveryService {
             return Err(Status::invalid_argument("Hello.namespace and Hello.name are required"));
         }
         let (tx, rx) = mpsc::channel(1);
-        let session = Session { svc: self.clone(), hello, tx };
+        let admin = match (peer, u16::try_from(hello.admin_port)) {
+            (Some(peer), Ok(port)) if port != 0 => Some(std::net::SocketAddr::new(peer.ip(), port).to_string()),
+            _ => None,
+        };
+        let session = Session { svc: self.clone(), hello, admin, tx };
         tokio::spawn(session.run(inbound));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
@@ -61,6 +66,7 @@ impl proto::discovery_server::Discovery for DiscoveryService {
 struct Session {
     svc: DiscoveryService,
     hello: proto::Hello,
+    admin: Option<String>,
     tx: mpsc::Sender<Result<proto::ControllerMessage, Status>>,
 }
 
@@ -73,13 +79,14 @@ struct Pending {
 
 impl Session {
     async fn run(self, mut inbound: Streaming<proto::ProxyMessage>) {
-        let Session { svc, hello, tx } = self;
+        let Session { svc, hello, admin, tx } = self;
         let workload = format!("{}/{}", hello.namespace, hello.name);
         let id = svc.proxies.register(ProxyInfo {
             workload: workload.clone(),
             service_account: hello.service_account.clone(),
             labels: hello.labels.clone().into_iter().collect(),
             proxy_version: hello.proxy_version.clone(),
+            admin,
             connected_at_unix_ms: unix_ms(),
             sent_version: None,
             acked_version: None,
