@@ -13,6 +13,7 @@
 //! - [`body`]: body types and hop-by-hop header handling.
 //! - [`metrics`]: Prometheus series and the Reports sent to the controller.
 //! - [`admin`]: `/live`, `/ready`, `/metrics`, `/config`.
+//! - [`init`]: `weir-proxy init`, the iptables rules for transparent interception.
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -23,6 +24,7 @@ pub mod control;
 pub mod errors;
 pub mod identity;
 pub mod inbound;
+pub mod init;
 pub mod metrics;
 pub mod outbound;
 pub mod server;
@@ -44,7 +46,12 @@ use weir_api::{proto, rt};
 use crate::metrics::{Direction, Metrics};
 
 #[derive(Parser, Debug, Clone)]
-#[command(name = "weir-proxy", version, about = "Weir's sidecar proxy")]
+#[command(
+    name = "weir-proxy",
+    version,
+    about = "Weir's sidecar proxy",
+    after_help = "`weir-proxy init` writes the iptables rules that send a pod's traffic through the sidecar (see `weir-proxy init --help`)."
+)]
 pub struct Args {
     /// Controller Discovery address (host:port).
     #[arg(long, env = "WEIR_CONTROLLER")]

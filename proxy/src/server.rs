@@ -29,6 +29,18 @@ pub struct Peer {
     pub addr: SocketAddr,
     /// The client's SPIFFE ID when it connected over mesh mTLS.
     pub identity: Option<Arc<str>>,
+    /// Where the client meant to connect, when iptables redirected it here (`SO_ORIGINAL_DST`).
+    pub original_dst: Option<SocketAddr>,
+}
+
+/// The destination a redirected connection was bound for; `None` when it was addressed to the
+/// listener itself (or the kernel keeps no NAT record of it).
+pub fn original_dst(stream: &TcpStream, listener: SocketAddr) -> Option<SocketAddr> {
+    let sock = socket2::SockRef::from(stream);
+    let orig = if listener.is_ipv4() { sock.original_dst_v4() } else { sock.original_dst_v6() };
+    let orig = orig.ok()?.as_socket()?;
+    let local = stream.local_addr().ok()?;
+    (orig != local && orig != listener).then_some(orig)
 }
 
 /// TLS records start with 0x16 (handshake); HTTP never does.
@@ -66,6 +78,7 @@ pub async fn serve<F, Fut>(
     let total = metrics.connections.with_label_values(&[direction.as_str()]);
     let stop = drain.signaled();
     tokio::pin!(stop);
+    let listening = listener.local_addr().ok();
     loop {
         let (stream, peer) = tokio::select! {
             _ = &mut stop => break,
@@ -80,6 +93,7 @@ pub async fn serve<F, Fut>(
             },
         };
         let _ = stream.set_nodelay(true);
+        let redirected = listening.and_then(|l| original_dst(&stream, l));
         total.inc();
         active.inc();
         let (handler, builder, watcher, active, tls) =
@@ -95,7 +109,7 @@ pub async fn serve<F, Fut>(
                     return;
                 }
             };
-            let peer = Peer { addr: peer, identity };
+            let peer = Peer { addr: peer, identity, original_dst: redirected };
             let svc = hyper::service::service_fn(move |req| {
                 let fut = handler(req, peer.clone());
                 async move { Ok::<_, Infallible>(fut.await) }

@@ -99,10 +99,17 @@ impl Inbound {
             None => ("", "false"),
         };
         self.metrics.inbound_by_identity.with_label_values(&[who, tls]).inc();
+        // A connection iptables redirected here goes to the port it was bound for, on this
+        // host; otherwise to --app-addr.
+        let app = match peer.original_dst {
+            Some(orig) if orig.is_ipv4() => Some(SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, orig.port()))),
+            Some(orig) => Some(SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, orig.port()))),
+            None => self.app,
+        };
         let config = self.config.borrow().clone();
         let refused = match config.as_deref() {
             Some(config) => self
-                .authorize(config, &mut req, peer.identity.as_deref())
+                .authorize(config, &mut req, peer.identity.as_deref(), app)
                 .or_else(|| self.rate_limited(config, &req, client, peer.identity.as_deref())),
             None => None,
         };
@@ -114,7 +121,7 @@ impl Inbound {
             self.metrics.request_finished(&labels, status, started.elapsed());
             return rsp;
         }
-        let result = self.forward(req).await;
+        let result = self.forward(req, app).await;
         let rsp = match result {
             Ok(rsp) => rsp,
             Err(e) => {
@@ -128,11 +135,17 @@ impl Inbound {
 
     /// Applies the MeshAuthorizations that select this workload. An allowed request with a
     /// path that normalises differently goes on with the normalised path, the one judged.
-    fn authorize(&self, config: &Config, req: &mut Request<Incoming>, identity: Option<&str>) -> Option<ProxyError> {
+    fn authorize(
+        &self,
+        config: &Config,
+        req: &mut Request<Incoming>,
+        identity: Option<&str>,
+        app: Option<SocketAddr>,
+    ) -> Option<ProxyError> {
         if config.authorizations.is_empty() {
             return None;
         }
-        let port = self.app.map(|a| a.port()).unwrap_or(0);
+        let port = app.map(|a| a.port()).unwrap_or(0);
         if !authz::applies(&config.authorizations, port) {
             self.warn_unmatched(config, port);
             return None;
@@ -221,7 +234,7 @@ impl Inbound {
         None
     }
 
-    async fn forward(&self, req: Request<Incoming>) -> Result<Response<Body>, ProxyError> {
+    async fn forward(&self, req: Request<Incoming>, app: Option<SocketAddr>) -> Result<Response<Body>, ProxyError> {
         let client_version = req.version();
         let (mut parts, body) = req.into_parts();
         let version = match parts.headers.remove(&ORIG_PROTO) {
@@ -230,7 +243,7 @@ impl Inbound {
             Some(v) if v == "HTTP/2" => Version::HTTP_2,
             _ => parts.version,
         };
-        let app = self.app.ok_or(ProxyError::NoApp)?;
+        let app = app.ok_or(ProxyError::NoApp)?;
         strip_hop_by_hop(&mut parts.headers);
         let authority = request_authority(&parts).map(|a| a.to_string()).unwrap_or_else(|| app.to_string());
         let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();

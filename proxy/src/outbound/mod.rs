@@ -121,6 +121,39 @@ impl Outbound {
         rsp
     }
 
+    /// A redirected request for a destination outside the mesh: forwarded to where the
+    /// application sent it, as it was.
+    async fn passthrough(
+        &self,
+        mut parts: http::request::Parts,
+        body: Incoming,
+        orig: SocketAddr,
+        authority: &http::uri::Authority,
+    ) -> Response<Body> {
+        strip_hop_by_hop(&mut parts.headers);
+        let result = if parts.version == Version::HTTP_2 {
+            let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
+            match format!("http://{authority}{pq}").parse() {
+                Ok(uri) => parts.uri = uri,
+                Err(_) => return ProxyError::NoAuthority.into_response(),
+            }
+            self.clients.h2.send(orig, Request::from_parts(parts, boxed(body)), Default::default()).await
+        } else {
+            self.clients.send_h1(orig, Request::from_parts(parts, boxed(body)), Default::default()).await
+        };
+        match result {
+            Ok(rsp) => {
+                let (mut rparts, rbody) = rsp.into_parts();
+                strip_hop_by_hop(&mut rparts.headers);
+                Response::from_parts(rparts, boxed(rbody))
+            }
+            Err(e) => {
+                tracing::debug!(%orig, error = %e, "pass-through request failed");
+                e.into_response()
+            }
+        }
+    }
+
     async fn route(self, req: Request<Incoming>, peer: crate::server::Peer) -> Response<Body> {
         let client = peer.addr;
         let started = Instant::now();
@@ -135,8 +168,23 @@ impl Outbound {
             Some(a) => a,
             None => return ProxyError::NoAuthority.into_response(),
         };
-        let port = authority.port_u16().unwrap_or(80);
-        let Some(svc) = config.lookup(authority.host()) else {
+        let redirected = peer.original_dst;
+        let port = authority.port_u16().or(redirected.map(|o| o.port())).unwrap_or(80);
+        // By name (or ClusterIP) in the authority; for a connection iptables redirected here,
+        // also by the address it was bound for. Redirected traffic to anything else leaves
+        // the mesh untouched.
+        let svc = config.lookup(authority.host()).or_else(|| {
+            let orig = redirected?;
+            let host = match orig.ip() {
+                std::net::IpAddr::V4(ip) => ip.to_string(),
+                std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+            };
+            config.lookup(&host)
+        });
+        let Some(svc) = svc else {
+            if let Some(orig) = redirected {
+                return self.passthrough(parts, body, orig, &authority).await;
+            }
             return ProxyError::UnknownService { authority: authority.to_string() }.into_response();
         };
         if !svc.ports.is_empty() && !svc.ports.contains(&port) {
