@@ -238,6 +238,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     );
     inb.access_log = args.access_log;
     let grace = args.shutdown_grace;
+    let opaque = server::Opaque {
+        connect_timeout: args.connect_timeout,
+        tunnels: outbound::tunnel::Tunnels::new(drain.clone(), grace),
+    };
     let outbound_task = tokio::spawn(server::serve(
         outbound_l,
         Direction::Outbound,
@@ -246,6 +250,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         drain.clone(),
         grace,
         None,
+        Some(opaque.clone()),
     ));
     let inbound_task = tokio::spawn(server::serve(
         inbound_l,
@@ -255,6 +260,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         drain.clone(),
         grace,
         args.token_file.is_some().then(|| creds_rx.clone()),
+        Some(opaque),
     ));
     let admin = admin::Admin {
         config: config_rx,

@@ -46,6 +46,66 @@ pub fn original_dst(stream: &TcpStream, listener: SocketAddr) -> Option<SocketAd
 /// TLS records start with 0x16 (handshake); HTTP never does.
 const TLS_HANDSHAKE: u8 = 0x16;
 
+/// How long a redirected connection may stay silent before it is taken for a protocol where
+/// the server speaks first (and carried as opaque TCP).
+pub const DETECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Redirected connections that are not HTTP (nor, inbound, mesh TLS) are carried as opaque
+/// TCP: outbound to where they were bound, inbound to that port on localhost.
+#[derive(Clone)]
+pub struct Opaque {
+    pub connect_timeout: Duration,
+    pub tunnels: crate::outbound::tunnel::Tunnels,
+}
+
+/// What the first bytes of a connection say.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Sniffed {
+    Http,
+    Tls,
+    Other,
+}
+
+/// HTTP/1 starts with a method token and a space; HTTP/2 with its preface; TLS with 0x16.
+pub fn sniff(bytes: &[u8]) -> Sniffed {
+    if bytes.first() == Some(&TLS_HANDSHAKE) {
+        return Sniffed::Tls;
+    }
+    if bytes.starts_with(b"PRI * HTTP/2") || b"PRI * HTTP/2".starts_with(bytes) && !bytes.is_empty() {
+        return Sniffed::Http;
+    }
+    let method_len = bytes.iter().take_while(|b| b.is_ascii_uppercase()).count();
+    if method_len > 0 && (method_len == bytes.len() || bytes.get(method_len) == Some(&b' ')) && method_len <= 16 {
+        return Sniffed::Http;
+    }
+    Sniffed::Other
+}
+
+/// Peeks at a redirected connection's first bytes (until a space shows, 16 bytes, or the
+/// detect timeout).
+async fn peek_protocol(stream: &TcpStream) -> Sniffed {
+    let mut buf = [0u8; 16];
+    let deadline = tokio::time::Instant::now() + DETECT_TIMEOUT;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
+            Err(_) => return Sniffed::Other,
+            Ok(Err(_)) | Ok(Ok(0)) => return Sniffed::Other,
+            Ok(Ok(n)) => {
+                let seen = &buf[..n];
+                let verdict = sniff(seen);
+                // A method token still arriving: look again once more bytes are in.
+                if verdict == Sniffed::Http && n < buf.len() && !seen.contains(&b' ') && !seen.starts_with(b"PRI") {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    if tokio::time::Instant::now() < deadline {
+                        continue;
+                    }
+                }
+                return verdict;
+            }
+        }
+    }
+}
+
 /// Accepts connections until `drain` fires, then gives open ones `grace` to finish their
 /// requests (HTTP/1.1 closes after the current response, HTTP/2 sends GOAWAY). With `tls`,
 /// connections whose first byte opens a TLS handshake are served over mesh mTLS; others in
@@ -59,6 +119,7 @@ pub async fn serve<F, Fut>(
     drain: Drain,
     grace: Duration,
     tls: Option<CredsRx>,
+    opaque: Option<Opaque>,
 ) where
     F: Fn(Request<Incoming>, Peer) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<Body>> + Send + 'static,
@@ -99,7 +160,31 @@ pub async fn serve<F, Fut>(
         let (handler, builder, watcher, active, tls) =
             (handler.clone(), builder.clone(), graceful.watcher(), active.clone(), tls.clone());
         let tls_failures = metrics.tls_handshake_failures.clone();
+        let (opaque, metrics) = (opaque.clone(), metrics.clone());
         tokio::spawn(async move {
+            if let (Some(orig), Some(opaque)) = (redirected, opaque) {
+                let protocol = peek_protocol(&stream).await;
+                let carried = match direction {
+                    Direction::Outbound => protocol != Sniffed::Http,
+                    Direction::Inbound => protocol == Sniffed::Other,
+                };
+                if carried {
+                    let target = match direction {
+                        Direction::Outbound => orig,
+                        Direction::Inbound => SocketAddr::new(
+                            if orig.is_ipv4() {
+                                std::net::Ipv4Addr::LOCALHOST.into()
+                            } else {
+                                std::net::Ipv6Addr::LOCALHOST.into()
+                            },
+                            orig.port(),
+                        ),
+                    };
+                    opaque.tunnels.carry(stream, target, opaque.connect_timeout, &metrics).await;
+                    active.dec();
+                    return;
+                }
+            }
             let (io, identity) = match detect(stream, tls.as_ref()).await {
                 Ok(x) => x,
                 Err(e) => {
@@ -183,4 +268,20 @@ async fn detect(stream: TcpStream, tls: Option<&CredsRx>) -> std::io::Result<(Bo
         .and_then(|c| crate::tls::spiffe_ids(c).into_iter().next())
         .map(Arc::from);
     Ok((Box::new(tls), identity))
+}
+
+#[cfg(test)]
+mod sniff_tests {
+    use super::*;
+
+    #[test]
+    fn first_bytes_tell_http_tls_and_the_rest() {
+        assert_eq!(sniff(b"GET / HTTP/1.1\r\n"), Sniffed::Http);
+        assert_eq!(sniff(b"POST"), Sniffed::Http);
+        assert_eq!(sniff(b"PRI * HTTP/2.0\r\n"), Sniffed::Http);
+        assert_eq!(sniff(&[0x16, 0x03, 0x01]), Sniffed::Tls);
+        assert_eq!(sniff(b"hello\n"), Sniffed::Other);
+        assert_eq!(sniff(&[0, 0, 0, 8, 4, 210, 22, 47]), Sniffed::Other, "a PostgreSQL startup");
+        assert_eq!(sniff(b"SSH-2.0-OpenSSH"), Sniffed::Other);
+    }
 }

@@ -254,6 +254,47 @@ async fn iptables_send_pod_traffic_through_the_sidecars() {
     assert_eq!((status, backend_name.as_str()), (200, "outside"));
     outside_task.abort();
 
+    // Not HTTP: carried as opaque TCP. Outbound, to where the app sent it (an echo server
+    // outside the mesh)…
+    let echo = tokio::net::TcpListener::bind(format!("{subnet}.1:0")).await.unwrap();
+    let echo_addr = echo.local_addr().unwrap();
+    let echo_task = tokio::spawn(async move {
+        while let Ok((mut s, _)) = echo.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    let tunnels = |admin: SocketAddr| async move {
+        admin_text(admin, "/metrics")
+            .await
+            .lines()
+            .find_map(|l| l.strip_prefix("weir_tunnels_total{result=\"ok\"} ").and_then(|v| v.parse::<f64>().ok()))
+            .unwrap_or(0.0)
+    };
+    let a_ns = a.ns.clone();
+    let script =
+        format!("exec 3<>/dev/tcp/{}/{}; printf 'hello\\n' >&3; head -c 6 <&3", echo_addr.ip(), echo_addr.port());
+    let echoed = tokio::task::spawn_blocking(move || {
+        sh(&["ip", "netns", "exec", &a_ns, "timeout", "10", "bash", "-c", &script])
+    })
+    .await
+    .unwrap();
+    assert_eq!(echoed, "hello\n");
+    assert!(tunnels(a_admin).await >= 1.0, "a's sidecar did not carry the opaque connection");
+    echo_task.abort();
+    // …and inbound, to the original port on localhost (the HTTP app answers the garbage).
+    let mut raw = tokio::net::TcpStream::connect(format!("{}:8080", b.ip)).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut raw, b"hello\r\n\r\n").await.unwrap();
+    let mut answer = vec![0u8; 12];
+    tokio::time::timeout(Duration::from_secs(10), tokio::io::AsyncReadExt::read_exact(&mut raw, &mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&answer, b"HTTP/1.1 400", "{}", String::from_utf8_lossy(&answer));
+    assert!(tunnels(b_admin).await >= 1.0, "b's sidecar did not carry the opaque connection");
+
     // `init` again: the same rules, once.
     let before = nat_rules(&b);
     init(&b, &["--skip-inbound-ports", "4191,9999"]);

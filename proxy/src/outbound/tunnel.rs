@@ -118,6 +118,48 @@ impl Tunnels {
     }
 }
 
+impl Tunnels {
+    /// Carries a redirected connection that is not HTTP as opaque TCP to `target` (counted as
+    /// a tunnel), until either side closes, it idles out, or draining ends it.
+    pub async fn carry(&self, client: TcpStream, target: SocketAddr, connect_timeout: Duration, metrics: &Metrics) {
+        let Ok(_slot) = self.slots.clone().try_acquire_owned() else {
+            metrics.tunnels.with_label_values(&["error"]).inc();
+            tracing::warn!(%target, "too many opaque connections; refusing one");
+            return;
+        };
+        let upstream = match tokio::time::timeout(connect_timeout, TcpStream::connect(target)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                metrics.tunnels.with_label_values(&["error"]).inc();
+                tracing::debug!(%target, error = %e, "opaque connection refused upstream");
+                return;
+            }
+            Err(_) => {
+                metrics.tunnels.with_label_values(&["error"]).inc();
+                tracing::debug!(%target, "opaque connection timed out connecting");
+                return;
+            }
+        };
+        let _ = upstream.set_nodelay(true);
+        metrics.tunnels.with_label_values(&["ok"]).inc();
+        metrics.tunnels_active.inc();
+        let (drain, grace) = (self.drain.clone(), self.grace);
+        let drained = async move {
+            drain.signaled().await;
+            tokio::time::sleep(grace).await;
+        };
+        tokio::select! {
+            r = pump(client, upstream, self.idle, metrics) => {
+                if let Err(e) = r {
+                    tracing::debug!(%target, error = %e, "opaque connection ended with an error");
+                }
+            }
+            _ = drained => tracing::debug!(%target, "opaque connection closed at the end of the drain grace period"),
+        }
+        metrics.tunnels_active.dec();
+    }
+}
+
 /// Copies bytes both ways, counting them as they go, until both sides have closed; an error
 /// after `idle` without a byte either way.
 async fn pump<C, U>(client: C, upstream: U, idle: Duration, metrics: &Metrics) -> std::io::Result<()>
