@@ -1,7 +1,7 @@
 //! Transparent interception for real: two "pods" (network namespaces on a bridge, each with
 //! its own address), an application and a sidecar in each, the iptables rules written by
 //! `weir-proxy init`. A plain HTTP client calls a Service's virtual address and the request
-//! goes client → client sidecar → server sidecar → application, with neither application
+//! goes client → client sidecar → (mesh mTLS) → server sidecar → application, with neither application
 //! knowing; skip-ports bypass the sidecars; the sidecar's own traffic is not redirected (no
 //! loop); destinations outside the mesh pass through; `init` twice leaves the same rules.
 //!
@@ -178,6 +178,7 @@ async fn iptables_send_pod_traffic_through_the_sidecars() {
     ]
     .iter()
     .map(|s| s.to_string())
+    .chain(scratch.identity_flags(&[("token-a", "test/a"), ("token-b", "test/b")], &[]))
     .collect();
     let controller =
         ChildProc::spawn("controller", &bin("weir-controller"), &controller_args, scratch.log("controller"))
@@ -194,12 +195,21 @@ async fn iptables_send_pod_traffic_through_the_sidecars() {
     };
     let _b_app = spawn_in(&scratch, &b, "b-app", None, &backend, &app("b-app", "0.0.0.0:8080")).await;
     let _b_direct = spawn_in(&scratch, &b, "b-direct", None, &backend, &app("b-direct", "0.0.0.0:9999")).await;
-    let sidecar = |workload: &str| -> Vec<String> {
+    // The sidecars run as the proxy UID: let it read its token.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(scratch.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let sidecar = |workload: &str, sa: &str| -> Vec<String> {
+        let token = scratch.token_flags(&format!("token-{sa}"));
+        std::fs::set_permissions(&token[1], std::fs::Permissions::from_mode(0o644)).unwrap();
         [
             "--controller",
             &grpc,
             "--workload",
             workload,
+            "--service-account",
+            sa,
+            "--token-file",
+            &token[1],
             "--outbound-addr",
             "127.0.0.1:4140",
             "--inbound-addr",
@@ -214,12 +224,19 @@ async fn iptables_send_pod_traffic_through_the_sidecars() {
         .to_vec()
     };
     let proxy = bin("weir-proxy").display().to_string();
-    let _a_proxy = spawn_in(&scratch, &a, "a-proxy", Some(PROXY_UID), &proxy, &sidecar("test/a")).await;
-    let _b_proxy = spawn_in(&scratch, &b, "b-proxy", Some(PROXY_UID), &proxy, &sidecar("test/b")).await;
+    let _a_proxy = spawn_in(&scratch, &a, "a-proxy", Some(PROXY_UID), &proxy, &sidecar("test/a", "a")).await;
+    let _b_proxy = spawn_in(&scratch, &b, "b-proxy", Some(PROXY_UID), &proxy, &sidecar("test/b", "b")).await;
     let a_admin: SocketAddr = format!("{}:4191", a.ip).parse().unwrap();
     let b_admin: SocketAddr = format!("{}:4191", b.ip).parse().unwrap();
     wait_config(a_admin, "a's snapshot", |c| endpoint_count(c, "test", "web") == 1).await;
     wait_config(b_admin, "b's snapshot", |c| !c["version"].is_null()).await;
+    // Both hold a workload certificate before traffic flows.
+    for admin in [a_admin, b_admin] {
+        wait_until("a workload certificate", Duration::from_secs(20), || async move {
+            admin_text(admin, "/ready").await.starts_with("ready")
+        })
+        .await;
+    }
 
     // The client calls the virtual address in plain HTTP: both sidecars carry it (the client
     // sidecar's own connection to b is not redirected back to itself).
@@ -227,6 +244,30 @@ async fn iptables_send_pod_traffic_through_the_sidecars() {
     assert_eq!((status, backend_name.as_str()), (200, "b-app"), "see {}", scratch.dir.path().display());
     assert!(requests(a_admin, "outbound").await >= 1.0, "a's sidecar saw no outbound request");
     assert!(requests(b_admin, "inbound").await >= 1.0, "b's sidecar saw no inbound request");
+    // Between the sidecars, mesh mTLS with a's identity.
+    let b_metrics = admin_text(b_admin, "/metrics").await;
+    assert!(
+        b_metrics.lines().any(|l| l.starts_with("weir_requests_total{")
+            && l.contains("direction=\"inbound\"")
+            && l.contains("tls=\"true\"")),
+        "{b_metrics}"
+    );
+    assert!(b_metrics.contains("client_identity=\"spiffe://cluster.local/ns/test/sa/a\""), "{b_metrics}");
+    // A meshed pod called by its own address rides the mesh hop (mTLS) too.
+    let mtls_in = |m: &str| -> f64 {
+        m.lines()
+            .filter(|l| {
+                l.starts_with("weir_requests_total{")
+                    && l.contains("direction=\"inbound\"")
+                    && l.contains("tls=\"true\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let before = mtls_in(&admin_text(b_admin, "/metrics").await);
+    let (status, backend_name) = curl(&a, &format!("http://{}:8080/", b.ip));
+    assert_eq!((status, backend_name.as_str()), (200, "b-app"));
+    assert_eq!(mtls_in(&admin_text(b_admin, "/metrics").await), before + 1.0, "not over mesh mTLS");
     // By name too (cluster DNS would answer the ClusterIP; curl is told so).
     let (status, backend_name) = curl_with(
         &a.ns,

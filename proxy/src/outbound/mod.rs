@@ -121,17 +121,50 @@ impl Outbound {
         rsp
     }
 
-    /// A redirected request for a destination outside the mesh: forwarded to where the
-    /// application sent it, as it was.
+    /// Mesh mTLS to a peer sidecar whose identity the controller gave (in namespace `ns`),
+    /// once this sidecar has a certificate of its own. Never plaintext to a peer with an
+    /// identity: without a certificate yet, the connect fails ("no workload certificate").
+    fn tls_target(&self, ns: &str, endpoint: &Endpoint) -> Option<TlsTarget> {
+        match &self.credentials {
+            Some(creds) if endpoint.meshed && !endpoint.identity.is_empty() => {
+                let expected = format!("spiffe://{}/ns/{ns}/sa/{}", self.trust_domain, endpoint.identity);
+                Some(TlsTarget { creds: creds.clone(), expected: expected.into() })
+            }
+            _ => None,
+        }
+    }
+
+    /// A redirected request that names no Service: to a meshed pod's address, straight to that
+    /// endpoint over the mesh hop (mTLS with its identity); anywhere else, forwarded to where
+    /// the application sent it, as it was.
     async fn passthrough(
         &self,
+        config: &Config,
         mut parts: http::request::Parts,
         body: Incoming,
         orig: SocketAddr,
         authority: &http::uri::Authority,
     ) -> Response<Body> {
         strip_hop_by_hop(&mut parts.headers);
-        let result = if parts.version == Version::HTTP_2 {
+        let meshed = config.services.values().find_map(|s| {
+            let e = s.endpoints.iter().find(|e| e.addr == orig && e.meshed)?;
+            Some((s.key.split('/').next().unwrap_or_default().to_string(), e.clone()))
+        });
+        let result = if let Some((ns, endpoint)) = meshed {
+            parts.headers.insert(ORIG_PROTO.clone(), HeaderValue::from_static(proto_name(parts.version)));
+            parts.headers.remove(header::HOST);
+            let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
+            match format!("http://{authority}{pq}").parse() {
+                Ok(uri) => parts.uri = uri,
+                Err(_) => return ProxyError::NoAuthority.into_response(),
+            }
+            parts.version = Version::HTTP_2;
+            let tls = self.tls_target(&ns, &endpoint);
+            self.clients
+                .h2
+                .send_tls(orig, Request::from_parts(parts, boxed(body)), Default::default(), tls.as_ref())
+                .await
+        } else if parts.version == Version::HTTP_2 {
             let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
             match format!("http://{authority}{pq}").parse() {
                 Ok(uri) => parts.uri = uri,
@@ -183,7 +216,7 @@ impl Outbound {
         });
         let Some(svc) = svc else {
             if let Some(orig) = redirected {
-                return self.passthrough(parts, body, orig, &authority).await;
+                return self.passthrough(&config, parts, body, orig, &authority).await;
             }
             return ProxyError::UnknownService { authority: authority.to_string() }.into_response();
         };
@@ -498,18 +531,8 @@ impl Outbound {
             let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
             parts.uri = format!("http://{}{pq}", call.authority).parse().map_err(|_| ProxyError::NoAuthority)?;
             parts.version = Version::HTTP_2;
-            // Mesh mTLS to a peer sidecar whose identity the controller gave, once this
-            // sidecar has a certificate of its own.
-            let tls = match &self.credentials {
-                // Never plaintext to a peer with an identity: without a certificate yet, the
-                // connect fails ("no workload certificate") instead.
-                Some(creds) if endpoint.meshed && !endpoint.identity.is_empty() => {
-                    let ns = call.target.backend.split('/').next().unwrap_or_default();
-                    let expected = format!("spiffe://{}/ns/{ns}/sa/{}", self.trust_domain, endpoint.identity);
-                    Some(TlsTarget { creds: creds.clone(), expected: expected.into() })
-                }
-                _ => None,
-            };
+            let ns = call.target.backend.split('/').next().unwrap_or_default();
+            let tls = self.tls_target(ns, endpoint);
             self.clients.h2.send_tls(endpoint.addr, Request::from_parts(parts, body), opts, tls.as_ref()).await
         } else {
             self.clients.send_h1(endpoint.addr, Request::from_parts(parts, body), opts).await
