@@ -9,7 +9,9 @@ pub struct Metrics {
     pub connected_proxies: prometheus::IntGaugeVec,
     pub snapshots_pushed: IntCounter,
     pub push_latency: Histogram,
-    pub nacks: IntCounter,
+    /// Snapshots sidecars refused, by reason class (`service`, `duplicate`, `authorization`,
+    /// `other`).
+    pub nacks: prometheus::IntCounterVec,
     pub rejected_resources: IntGauge,
     pub config_reloads: IntCounter,
     pub reports_received: IntCounter,
@@ -49,7 +51,11 @@ impl Metrics {
             .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
         )
         .unwrap();
-        let nacks = IntCounter::new("weir_controller_nacks_total", "Snapshots sidecars could not apply").unwrap();
+        let nacks = prometheus::IntCounterVec::new(
+            prometheus::Opts::new("weir_controller_nacks_total", "Snapshots sidecars could not apply, by reason class"),
+            &["reason"],
+        )
+        .unwrap();
         let rejected_resources =
             IntGauge::new("weir_controller_rejected_resources", "Resource definitions currently rejected").unwrap();
         let config_reloads =
@@ -62,7 +68,8 @@ impl Metrics {
             "Report series dropped because the aggregation table was full",
         )
         .unwrap();
-        for c in [&snapshots_pushed, &nacks, &config_reloads, &reports_received, &reports_dropped_series] {
+        registry.register(Box::new(nacks.clone())).unwrap();
+        for c in [&snapshots_pushed, &config_reloads, &reports_received, &reports_dropped_series] {
             registry.register(Box::new(c.clone())).unwrap();
         }
         registry.register(Box::new(connected_proxies.clone())).unwrap();

@@ -10,6 +10,17 @@ use std::time::Duration;
 use http::{HeaderName, Method};
 use weir_api::proto;
 
+impl InvalidSnapshot {
+    /// The Nack's reason class (a bounded label on the controller's metrics).
+    pub fn class(&self) -> &'static str {
+        match self {
+            InvalidSnapshot::Service { .. } => "service",
+            InvalidSnapshot::Duplicate { .. } => "duplicate",
+            InvalidSnapshot::Authorization(_) => "authorization",
+        }
+    }
+}
+
 /// Why a snapshot cannot be applied.
 #[derive(Debug, thiserror::Error)]
 pub enum InvalidSnapshot {

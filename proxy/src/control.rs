@@ -111,7 +111,11 @@ async fn session(
                     Err(e) => {
                         tracing::warn!(%version, error = %e, "rejected snapshot; keeping the previous one");
                         metrics.snapshots_rejected.inc();
-                        proxy_message::Msg::Nack(proto::Nack { version, reason: e.to_string() })
+                        proxy_message::Msg::Nack(proto::Nack {
+                            version,
+                            reason: e.to_string(),
+                            reason_class: e.class().to_string(),
+                        })
                     }
                 };
                 if out_tx.send(proto::ProxyMessage { msg: Some(reply) }).await.is_err() {

@@ -32,7 +32,11 @@ async fn fake_sidecar(
         let _keep = tx.clone();
         while let Ok(Some(m)) = stream.message().await {
             if let (Some(proto::controller_message::Msg::Snapshot(s)), Some(reason)) = (m.msg, nack) {
-                let msg = proxy_message::Msg::Nack(proto::Nack { version: s.version, reason: reason.into() });
+                let msg = proxy_message::Msg::Nack(proto::Nack {
+                    version: s.version,
+                    reason: reason.into(),
+                    ..Default::default()
+                });
                 let _ = tx.send(proto::ProxyMessage { msg: Some(msg) }).await;
             }
         }

@@ -146,7 +146,12 @@ async fn controller_reports_nacks_and_acks() {
         None => panic!("no snapshot"),
     };
     assert_eq!(first.services.len(), 1);
-    let nack = proto::Nack { version: first.version.clone(), reason: "cannot apply: test says no".into() };
+    // A reason class outside the known set is counted as "other" (labels stay bounded).
+    let nack = proto::Nack {
+        version: first.version.clone(),
+        reason: "cannot apply: test says no".into(),
+        reason_class: "made-up-by-a-sidecar".into(),
+    };
     tx.send(proto::ProxyMessage { msg: Some(proxy_message::Msg::Nack(nack)) }).await.unwrap();
     let admin = controller.addr("admin");
     wait_until("the nack to show in /resources", Duration::from_secs(10), || async move {
@@ -154,7 +159,9 @@ async fn controller_reports_nacks_and_acks() {
         v["proxies"][0]["nack"]["reason"] == "cannot apply: test says no"
     })
     .await;
-    assert!(admin_text(admin, "/metrics").await.contains("weir_controller_nacks_total 1"));
+    let metrics = admin_text(admin, "/metrics").await;
+    assert!(metrics.contains("weir_controller_nacks_total{reason=\"other\"} 1"), "{metrics}");
+    assert!(!metrics.contains("made-up"), "{metrics}");
 
     // A malformed first message is refused with a clear status.
     let mut client = discovery_client(controller.addr("grpc")).await;

@@ -169,7 +169,12 @@ fn handle(svc: &DiscoveryService, id: u64, workload: &str, m: proto::ProxyMessag
             }
         }
         Some(proxy_message::Msg::Nack(nack)) => {
-            svc.metrics.nacks.inc();
+            // Only known classes become label values; anything else a sidecar sends is "other".
+            let class = match nack.reason_class.as_str() {
+                c @ ("service" | "duplicate" | "authorization") => c,
+                _ => "other",
+            };
+            svc.metrics.nacks.with_label_values(&[class]).inc();
             tracing::warn!(%workload, version = %nack.version, reason = %nack.reason, "sidecar rejected snapshot");
             pending.take_if(|p| p.version == nack.version);
             svc.proxies.update(id, |info| info.nack = Some(NackInfo { version: nack.version, reason: nack.reason }));
