@@ -60,12 +60,22 @@ pub(crate) type Http = Client<HttpConnector, Empty<Bytes>>;
 
 /// GETs a JSON document from the controller's admin port.
 pub(crate) async fn get(http: &Http, admin: SocketAddr, path: &str) -> anyhow::Result<serde_json::Value> {
+    get_from(http, admin, path, "the controller's admin port").await
+}
+
+/// GETs a JSON document from `what` at `addr`.
+pub(crate) async fn get_from(
+    http: &Http,
+    addr: SocketAddr,
+    path: &str,
+    what: &str,
+) -> anyhow::Result<serde_json::Value> {
     let rsp = http
-        .get(format!("http://{admin}{path}").parse()?)
+        .get(format!("http://{addr}{path}").parse()?)
         .await
-        .with_context(|| format!("reaching the controller's admin port at {admin}"))?;
+        .with_context(|| format!("reaching {what} at {addr}"))?;
     if !rsp.status().is_success() {
-        bail!("{path}: {}", rsp.status());
+        bail!("{addr}{path}: {}", rsp.status());
     }
     Ok(serde_json::from_slice(&rsp.into_body().collect().await?.to_bytes())?)
 }

@@ -9,7 +9,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{Value, json};
 
-use crate::inspect::{Http, get};
+use crate::inspect::{Http, get, get_from};
 
 pub const SECTIONS: [&str; 5] = ["all", "routes", "endpoints", "policies", "identity"];
 
@@ -57,7 +57,7 @@ pub async fn run(mut args: ProxyConfigArgs) -> anyhow::Result<()> {
             find_admin(&http, args.controller_admin, &workload).await?
         }
     };
-    let config = get_sidecar(&http, admin).await?;
+    let config = get_from(&http, admin, "/config", "the sidecar's admin port").await?;
     if config["version"].is_null() {
         bail!("the sidecar at {admin} has no configuration from the controller yet");
     }
@@ -91,18 +91,6 @@ async fn find_admin(http: &Http, controller: SocketAddr, workload: &str) -> anyh
             bail!("{} sidecars of workload {workload}: pick one with --proxy-admin ({})", many.len(), addrs.join(", "))
         }
     }
-}
-
-async fn get_sidecar(http: &Http, admin: SocketAddr) -> anyhow::Result<Value> {
-    let rsp = http
-        .get(format!("http://{admin}/config").parse()?)
-        .await
-        .with_context(|| format!("reaching the sidecar's admin port at {admin}"))?;
-    if !rsp.status().is_success() {
-        bail!("{admin}/config: {}", rsp.status());
-    }
-    use http_body_util::BodyExt;
-    Ok(serde_json::from_slice(&rsp.into_body().collect().await?.to_bytes())?)
 }
 
 fn services(config: &Value) -> Vec<Value> {

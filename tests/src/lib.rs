@@ -123,6 +123,29 @@ impl Default for Scratch {
     }
 }
 
+/// Arguments for a controller in Kubernetes mode (`--kubeconfig`) on loopback with OS-chosen
+/// ports, its leader-election Lease in `weir-system`.
+pub fn kube_controller_args(kubeconfig: &Path, log_level: &str, extra: &[&str]) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "--grpc-addr",
+        "127.0.0.1:0",
+        "--admin-addr",
+        "127.0.0.1:0",
+        "--print-listen-addrs",
+        "--log-level",
+        log_level,
+        "--kubeconfig",
+        &kubeconfig.display().to_string(),
+        "--lease-namespace",
+        "weir-system",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
 /// An in-process backend; stops when dropped.
 pub struct Backend {
     pub addr: SocketAddr,

@@ -70,29 +70,9 @@ fn route(ns: &str, name: &str, service: &str, backends: &[(&str, u32)]) -> Value
 /// A controller in Kubernetes mode against `fake`, with a short lease for the election tests.
 async fn kube_controller(scratch: &Scratch, fake: &FakeKube, name: &str, extra: &[&str]) -> ChildProc {
     let kubeconfig = fake.kubeconfig(scratch.dir.path());
-    let mut args: Vec<String> = [
-        "--grpc-addr",
-        "127.0.0.1:0",
-        "--admin-addr",
-        "127.0.0.1:0",
-        "--print-listen-addrs",
-        "--log-level",
-        "debug",
-        "--kubeconfig",
-        &kubeconfig.display().to_string(),
-        "--lease-namespace",
-        "weir-system",
-        "--lease-duration",
-        "2s",
-        "--lease-renew",
-        "200ms",
-        "--replica-name",
-        name,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    args.extend(extra.iter().map(|s| s.to_string()));
+    let mut flags = vec!["--lease-duration", "2s", "--lease-renew", "200ms", "--replica-name", name];
+    flags.extend_from_slice(extra);
+    let args = kube_controller_args(&kubeconfig, "debug", &flags);
     ChildProc::spawn(name, &bin("weir-controller"), &args, scratch.log(name)).await.unwrap()
 }
 

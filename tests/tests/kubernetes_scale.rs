@@ -71,22 +71,7 @@ async fn thousand_services_ten_thousand_endpoints() {
         fake.create("apis/discovery.k8s.io/v1/endpointslices", slice(ns, svc, ENDPOINTS_PER_SERVICE));
     }
     let kubeconfig = fake.kubeconfig(scratch.dir.path());
-    let args: Vec<String> = [
-        "--grpc-addr",
-        "127.0.0.1:0",
-        "--admin-addr",
-        "127.0.0.1:0",
-        "--print-listen-addrs",
-        "--log-level",
-        "debug,kube=info,tower=info,hyper=info,h2=info",
-        "--kubeconfig",
-        &kubeconfig.display().to_string(),
-        "--lease-namespace",
-        "weir-system",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let args = kube_controller_args(&kubeconfig, "debug,kube=info,tower=info,hyper=info,h2=info", &[]);
     let program = bin("weir-controller");
     let started = Instant::now();
     let controller = ChildProc::spawn("controller", &program, &args, scratch.log("controller")).await.unwrap();
