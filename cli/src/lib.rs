@@ -13,6 +13,7 @@ pub mod backend;
 pub mod canary;
 pub mod check;
 pub mod demo;
+pub mod inject;
 pub mod inspect;
 pub mod procs;
 pub mod proxy_config;

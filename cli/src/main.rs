@@ -20,6 +20,8 @@ enum Cmd {
     Check(weir::check::CheckArgs),
     /// Every connected sidecar and whether it runs the latest snapshot (SYNCED, STALE, NACKED).
     ProxyStatus(weir::inspect::ProxyStatusArgs),
+    /// Add the sidecar to workload manifests (Deployments, StatefulSets, DaemonSets, Jobs, Pods, …).
+    Inject(weir::inject::InjectArgs),
     /// What one sidecar runs: its routes, endpoints, policies and identity (from its /config).
     ProxyConfig(weir::proxy_config::ProxyConfigArgs),
     /// Success rate, request rate and latency per service, route and backend, from the sidecars' reports.
@@ -75,6 +77,7 @@ fn main() -> std::process::ExitCode {
             Err(e) => Err(e),
         },
         Cmd::Stat(args) => runtime().and_then(|rt| rt.block_on(weir::inspect::stat(args))),
+        Cmd::Inject(args) => weir::inject::run(args),
         Cmd::ProxyConfig(args) => runtime().and_then(|rt| rt.block_on(weir::proxy_config::run(args))),
         Cmd::Completions { shell } => {
             use clap::CommandFactory;

@@ -8,6 +8,7 @@
 //! - [`state`]: the published view, shared through a `watch` channel.
 //! - [`grpc`]: the Discovery server (one session per sidecar).
 //! - [`identity`]: the certificate authority and `weir.v1.Identity/Certify`.
+//! - [`inject`]: what a pod gets to join the mesh (webhook and `weir inject`).
 //! - [`proxies`]: the registry of connected sidecars and what each acked.
 //! - [`reports`]: traffic reports aggregated from the sidecars.
 //! - [`admin`]: `/live`, `/ready`, `/metrics`, `/resources`, `/stats`.
@@ -21,6 +22,7 @@ pub mod canary;
 pub mod grpc;
 pub mod identity;
 pub mod index;
+pub mod inject;
 pub mod leader;
 pub mod metrics;
 pub mod proxies;

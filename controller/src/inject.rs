@@ -1,0 +1,368 @@
+//! Sidecar injection: what a pod gets to join the mesh. One piece of code for the admission
+//! webhook and for `weir inject` on manifests.
+//!
+//! A pod gets:
+//! - `weir-init`, an init container running `weir-proxy init` (only NET_ADMIN and NET_RAW),
+//!   which writes the interception rules;
+//! - `weir-proxy`, the sidecar, as a native sidecar (an init container with
+//!   `restartPolicy: Always`: it starts before the application and does not keep Jobs alive),
+//!   running as UID 2102 with a read-only root filesystem, probes on its admin port, and a
+//!   projected ServiceAccount token for the audience `weir`;
+//! - the annotation `weir.io/injected`.
+//!
+//! Annotations on the pod adjust it: `weir.io/inject: disabled` opts out;
+//! `weir.io/skip-inbound-ports`, `weir.io/skip-outbound-ports`, `weir.io/skip-outbound-cidrs`,
+//! `weir.io/proxy-cpu-request`, `weir.io/proxy-memory-request`, `weir.io/proxy-cpu-limit`,
+//! `weir.io/proxy-memory-limit`, `weir.io/proxy-log-level`. A pod that already has a
+//! `weir-proxy` container is left as it is.
+
+use serde_json::{Value, json};
+
+pub const PROXY: &str = "weir-proxy";
+pub const INIT: &str = "weir-init";
+pub const TOKEN_VOLUME: &str = "weir-token";
+pub const INJECTED: &str = "weir.io/injected";
+pub const INJECT: &str = "weir.io/inject";
+pub const PROXY_UID: i64 = 2102;
+const TOKEN_DIR: &str = "/var/run/weir/tokens";
+const INBOUND_PORT: u16 = 4143;
+const OUTBOUND_PORT: u16 = 4140;
+const ADMIN_PORT: u16 = 4191;
+
+/// What injection needs to know about the installation.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// The proxy image (it holds both `weir-proxy` and `weir-proxy init`).
+    pub proxy_image: String,
+    /// Where sidecars reach the controller's Discovery and Identity service.
+    pub controller_addr: String,
+    /// The audience of the projected token.
+    pub token_audience: String,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            proxy_image: "ghcr.io/weir-mesh/weir-proxy:0.1.0".into(),
+            controller_addr: "weir-controller.weir-system.svc:8090".into(),
+            token_audience: "weir".into(),
+        }
+    }
+}
+
+/// Why a pod was not changed.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Skipped {
+    /// `weir.io/inject: disabled`.
+    OptedOut,
+    /// It already runs a `weir-proxy`.
+    AlreadyInjected,
+    /// `hostNetwork: true`: interception rules would capture the node's traffic.
+    HostNetwork,
+}
+
+/// A bad annotation or pod, named with where it is.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{field}: {message}")]
+pub struct InjectError {
+    pub field: String,
+    pub message: String,
+}
+
+fn err(field: impl Into<String>, message: impl Into<String>) -> InjectError {
+    InjectError { field: field.into(), message: message.into() }
+}
+
+/// Injects into a pod template or pod (`metadata` + `spec`) in place. `Ok(None)` when
+/// injected, `Ok(Some(why))` when left alone.
+pub fn inject_pod(pod: &mut Value, settings: &Settings) -> Result<Option<Skipped>, InjectError> {
+    let annotations = pod["metadata"]["annotations"].as_object().cloned().unwrap_or_default();
+    // The sidecar announces the pod's labels (selectors of MeshAuthorizations match them).
+    let labels: Vec<String> = pod["metadata"]["labels"]
+        .as_object()
+        .map(|l| l.iter().map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default())).collect())
+        .unwrap_or_default();
+    let annotation = |k: &str| annotations.get(k).and_then(|v| v.as_str()).map(str::to_string);
+    if annotation(INJECT).as_deref() == Some("disabled") {
+        return Ok(Some(Skipped::OptedOut));
+    }
+    let spec = pod.get_mut("spec").and_then(|s| s.as_object_mut()).ok_or_else(|| err("spec", "a pod needs a spec"))?;
+    let has =
+        |list: &str| spec.get(list).and_then(|c| c.as_array()).is_some_and(|c| c.iter().any(|c| c["name"] == PROXY));
+    if has("containers") || has("initContainers") {
+        return Ok(Some(Skipped::AlreadyInjected));
+    }
+    if spec.get("hostNetwork").and_then(|h| h.as_bool()) == Some(true) {
+        return Ok(Some(Skipped::HostNetwork));
+    }
+
+    let list = |key: &str, check: fn(&str) -> Result<(), String>| -> Result<Option<String>, InjectError> {
+        let field = format!("metadata.annotations[{key}]");
+        match annotation(key) {
+            None => Ok(None),
+            Some(v) => {
+                for item in v.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+                    check(item).map_err(|m| err(&field, m))?;
+                }
+                Ok(Some(v.split(',').map(str::trim).filter(|s| !s.is_empty()).collect::<Vec<_>>().join(",")))
+            }
+        }
+    };
+    let port_check = |p: &str| -> Result<(), String> {
+        let ok = |x: &str| x.parse::<u16>().is_ok_and(|n| n > 0);
+        match p.split_once('-') {
+            Some((a, b)) if ok(a) && ok(b) => Ok(()),
+            None if ok(p) => Ok(()),
+            _ => Err(format!("{p:?} is not a port or FROM-TO range")),
+        }
+    };
+    let cidr_check = |c: &str| -> Result<(), String> {
+        let (ip, bits) = c.split_once('/').ok_or_else(|| format!("{c:?} is not ADDR/BITS"))?;
+        match (ip.parse::<std::net::Ipv4Addr>(), bits.parse::<u8>()) {
+            (Ok(_), Ok(b)) if b <= 32 => Ok(()),
+            _ => Err(format!("{c:?} is not an IPv4 network")),
+        }
+    };
+    let mut skip_in = vec![ADMIN_PORT.to_string()];
+    skip_in.extend(list("weir.io/skip-inbound-ports", port_check)?);
+    let skip_out = list("weir.io/skip-outbound-ports", port_check)?;
+    let skip_cidrs = list("weir.io/skip-outbound-cidrs", cidr_check)?;
+    let quantity = |key: &str, default: &str| -> Result<String, InjectError> {
+        let v = annotation(key).unwrap_or_else(|| default.to_string());
+        let digits = v.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+        let unit = &v[digits.len()..];
+        if digits.is_empty()
+            || digits.parse::<f64>().is_err()
+            || !["", "m", "k", "M", "G", "Ki", "Mi", "Gi"].contains(&unit)
+        {
+            return Err(err(format!("metadata.annotations[{key}]"), format!("{v:?} is not a resource quantity")));
+        }
+        Ok(v)
+    };
+    let resources = json!({
+        "requests": {
+            "cpu": quantity("weir.io/proxy-cpu-request", "10m")?,
+            "memory": quantity("weir.io/proxy-memory-request", "20Mi")?,
+        },
+        "limits": {
+            "cpu": quantity("weir.io/proxy-cpu-limit", "1")?,
+            "memory": quantity("weir.io/proxy-memory-limit", "250Mi")?,
+        },
+    });
+    let log_level = annotation("weir.io/proxy-log-level").unwrap_or_else(|| "info".into());
+    if log_level.is_empty() || log_level.contains(char::is_whitespace) {
+        return Err(err("metadata.annotations[weir.io/proxy-log-level]", format!("{log_level:?} is not a log level")));
+    }
+
+    let mut init_args = vec![
+        "init".to_string(),
+        "--inbound-port".into(),
+        INBOUND_PORT.to_string(),
+        "--outbound-port".into(),
+        OUTBOUND_PORT.to_string(),
+        "--proxy-uid".into(),
+        PROXY_UID.to_string(),
+        "--skip-inbound-ports".into(),
+        skip_in.join(","),
+    ];
+    if let Some(p) = skip_out {
+        init_args.extend(["--skip-outbound-ports".into(), p]);
+    }
+    if let Some(c) = skip_cidrs {
+        init_args.extend(["--skip-outbound-cidrs".into(), c]);
+    }
+    let init = json!({
+        "name": INIT,
+        "image": settings.proxy_image,
+        "command": ["weir-proxy"],
+        "args": init_args,
+        "resources": {"requests": {"cpu": "10m", "memory": "10Mi"}, "limits": {"cpu": "100m", "memory": "50Mi"}},
+        "securityContext": {
+            "runAsUser": 0, "runAsNonRoot": false, "privileged": false, "allowPrivilegeEscalation": false,
+            "readOnlyRootFilesystem": true,
+            "capabilities": {"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]},
+        },
+    });
+    let field = |path: &str| json!({"fieldRef": {"fieldPath": path}});
+    let probe =
+        |path: &str| json!({"httpGet": {"path": path, "port": ADMIN_PORT}, "periodSeconds": 5, "failureThreshold": 3});
+    let proxy = json!({
+        "name": PROXY,
+        "image": settings.proxy_image,
+        "command": ["weir-proxy"],
+        "restartPolicy": "Always",
+        "env": [
+            {"name": "POD_NAME", "valueFrom": field("metadata.name")},
+            {"name": "POD_NAMESPACE", "valueFrom": field("metadata.namespace")},
+            {"name": "WEIR_WORKLOAD", "value": "$(POD_NAMESPACE)/$(POD_NAME)"},
+            {"name": "WEIR_SERVICE_ACCOUNT", "valueFrom": field("spec.serviceAccountName")},
+            {"name": "WEIR_CONTROLLER", "value": settings.controller_addr},
+            {"name": "WEIR_TOKEN_FILE", "value": format!("{TOKEN_DIR}/token")},
+            {"name": "WEIR_LABELS", "value": labels.join(",")},
+            {"name": "WEIR_OUTBOUND_ADDR", "value": format!("127.0.0.1:{OUTBOUND_PORT}")},
+            {"name": "WEIR_INBOUND_ADDR", "value": format!("0.0.0.0:{INBOUND_PORT}")},
+            {"name": "WEIR_ADMIN_ADDR", "value": format!("0.0.0.0:{ADMIN_PORT}")},
+            {"name": "WEIR_LOG_LEVEL", "value": log_level},
+        ],
+        "ports": [
+            {"name": "weir-inbound", "containerPort": INBOUND_PORT},
+            {"name": "weir-admin", "containerPort": ADMIN_PORT},
+        ],
+        "readinessProbe": probe("/ready"),
+        "livenessProbe": probe("/live"),
+        "startupProbe": {"httpGet": {"path": "/live", "port": ADMIN_PORT}, "periodSeconds": 1, "failureThreshold": 30},
+        "resources": resources,
+        "securityContext": {
+            "runAsUser": PROXY_UID, "runAsGroup": PROXY_UID, "runAsNonRoot": true, "privileged": false,
+            "allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true,
+            "capabilities": {"drop": ["ALL"]},
+        },
+        "volumeMounts": [{"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": true}],
+    });
+    // The interception rules first, then the sidecar, then the pod's own init containers
+    // (which may then use the network through the mesh).
+    let mut inits = vec![init, proxy];
+    if let Some(existing) = spec.get("initContainers").and_then(|c| c.as_array()) {
+        inits.extend(existing.iter().cloned());
+    }
+    spec.insert("initContainers".into(), Value::Array(inits));
+    let volume = json!({
+        "name": TOKEN_VOLUME,
+        "projected": {"sources": [{"serviceAccountToken": {
+            "audience": settings.token_audience, "expirationSeconds": 3600, "path": "token",
+        }}]},
+    });
+    match spec.get_mut("volumes").and_then(|v| v.as_array_mut()) {
+        Some(vols) => vols.push(volume),
+        None => {
+            spec.insert("volumes".into(), json!([volume]));
+        }
+    }
+    let meta = pod
+        .as_object_mut()
+        .expect("checked above")
+        .entry("metadata")
+        .or_insert_with(|| json!({}))
+        .as_object_mut()
+        .ok_or_else(|| err("metadata", "not a mapping"))?;
+    let annotations = meta.entry("annotations").or_insert_with(|| json!({}));
+    if let Some(a) = annotations.as_object_mut() {
+        a.insert(INJECTED.into(), json!("true"));
+    }
+    Ok(None)
+}
+
+/// Where a workload kind keeps its pod template.
+pub fn pod_template_path(kind: &str) -> Option<&'static [&'static str]> {
+    match kind {
+        "Pod" => Some(&[]),
+        "Deployment" | "StatefulSet" | "DaemonSet" | "ReplicaSet" | "Job" | "ReplicationController" => {
+            Some(&["spec", "template"])
+        }
+        "CronJob" => Some(&["spec", "jobTemplate", "spec", "template"]),
+        _ => None,
+    }
+}
+
+/// Injects into any workload manifest (Pod, Deployment, StatefulSet, DaemonSet, ReplicaSet,
+/// Job, CronJob); other kinds come back unchanged with `Ok(None)`.
+pub fn inject_manifest(doc: &mut Value, settings: &Settings) -> Result<Option<Result<(), Skipped>>, InjectError> {
+    let kind = doc["kind"].as_str().unwrap_or_default().to_string();
+    let Some(path) = pod_template_path(&kind) else { return Ok(None) };
+    let mut target = &mut *doc;
+    let mut at = String::new();
+    for p in path {
+        at = if at.is_empty() { p.to_string() } else { format!("{at}.{p}") };
+        target = target.get_mut(*p).ok_or_else(|| err(&at, format!("a {kind} needs {at}")))?;
+    }
+    inject_pod(target, settings)
+        .map(|skipped| Some(skipped.map_or(Ok(()), Err)))
+        .map_err(|e| err(if at.is_empty() { e.field } else { format!("{at}.{}", e.field) }, e.message))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn deployment(annotations: Value) -> Value {
+        json!({
+            "apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {"template": {
+                "metadata": {"labels": {"app": "web"}, "annotations": annotations},
+                "spec": {
+                    "serviceAccountName": "web",
+                    "initContainers": [{"name": "migrate", "image": "web:1"}],
+                    "containers": [{"name": "app", "image": "web:1"}],
+                    "volumes": [{"name": "data", "emptyDir": {}}]
+                }
+            }}
+        })
+    }
+
+    #[test]
+    fn a_deployment_gets_the_init_rules_and_a_native_sidecar_once() {
+        let mut d =
+            deployment(json!({"weir.io/skip-outbound-ports": "5432, 6379", "weir.io/proxy-log-level": "debug"}));
+        assert_eq!(inject_manifest(&mut d, &Settings::default()), Ok(Some(Ok(()))));
+        let spec = &d["spec"]["template"]["spec"];
+        let inits: Vec<&str> =
+            spec["initContainers"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
+        assert_eq!(inits, [INIT, PROXY, "migrate"]);
+        let init = &spec["initContainers"][0];
+        assert_eq!(init["securityContext"]["capabilities"]["add"], json!(["NET_ADMIN", "NET_RAW"]));
+        let args: Vec<&str> = init["args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
+        assert!(args.windows(2).any(|w| w == ["--skip-outbound-ports", "5432,6379"]), "{args:?}");
+        assert!(args.windows(2).any(|w| w == ["--skip-inbound-ports", "4191"]), "{args:?}");
+        let proxy = &spec["initContainers"][1];
+        assert_eq!(proxy["restartPolicy"], "Always");
+        assert_eq!(proxy["securityContext"]["runAsUser"], PROXY_UID);
+        assert_eq!(proxy["securityContext"]["readOnlyRootFilesystem"], true);
+        assert_eq!(proxy["readinessProbe"]["httpGet"]["path"], "/ready");
+        let env = |name: &str| proxy["env"].as_array().unwrap().iter().find(|e| e["name"] == name).unwrap().clone();
+        assert_eq!(env("WEIR_LOG_LEVEL")["value"], "debug");
+        assert_eq!(env("WEIR_LABELS")["value"], "app=web");
+        assert_eq!(env("WEIR_SERVICE_ACCOUNT")["valueFrom"]["fieldRef"]["fieldPath"], "spec.serviceAccountName");
+        let vols = spec["volumes"].as_array().unwrap();
+        assert_eq!(vols.len(), 2);
+        assert_eq!(vols[1]["projected"]["sources"][0]["serviceAccountToken"]["audience"], "weir");
+        assert_eq!(d["spec"]["template"]["metadata"]["annotations"][INJECTED], "true");
+        // Idempotent: a second pass changes nothing.
+        let before = d.clone();
+        assert_eq!(inject_manifest(&mut d, &Settings::default()), Ok(Some(Err(Skipped::AlreadyInjected))));
+        assert_eq!(d, before);
+    }
+
+    #[test]
+    fn opt_out_host_network_and_other_kinds_are_left_alone() {
+        let mut d = deployment(json!({"weir.io/inject": "disabled"}));
+        let before = d.clone();
+        assert_eq!(inject_manifest(&mut d, &Settings::default()), Ok(Some(Err(Skipped::OptedOut))));
+        assert_eq!(d, before);
+        let mut pod =
+            json!({"kind": "Pod", "metadata": {"name": "p"}, "spec": {"hostNetwork": true, "containers": []}});
+        assert_eq!(inject_manifest(&mut pod, &Settings::default()), Ok(Some(Err(Skipped::HostNetwork))));
+        let mut svc = json!({"kind": "Service", "metadata": {"name": "s"}, "spec": {}});
+        assert_eq!(inject_manifest(&mut svc, &Settings::default()), Ok(None));
+        let mut cron = json!({"kind": "CronJob", "metadata": {"name": "c"},
+            "spec": {"jobTemplate": {"spec": {"template": {"spec": {"containers": [{"name": "job"}], "restartPolicy": "Never"}}}}}});
+        assert_eq!(inject_manifest(&mut cron, &Settings::default()), Ok(Some(Ok(()))));
+        assert_eq!(cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["initContainers"][1]["name"], PROXY);
+    }
+
+    #[test]
+    fn bad_annotations_say_where() {
+        for (annotations, field, message) in [
+            (json!({"weir.io/skip-inbound-ports": "80,http"}), "weir.io/skip-inbound-ports", "\"http\" is not a port"),
+            (json!({"weir.io/skip-outbound-cidrs": "10.0.0.0"}), "weir.io/skip-outbound-cidrs", "is not ADDR/BITS"),
+            (json!({"weir.io/proxy-memory-limit": "lots"}), "weir.io/proxy-memory-limit", "not a resource quantity"),
+        ] {
+            let mut d = deployment(annotations);
+            let e = inject_manifest(&mut d, &Settings::default()).unwrap_err();
+            assert_eq!(e.field, format!("spec.template.metadata.annotations[{field}]"));
+            assert!(e.message.contains(message), "{e}");
+        }
+        let mut d = json!({"kind": "Deployment", "metadata": {"name": "x"}, "spec": {}});
+        assert_eq!(inject_manifest(&mut d, &Settings::default()).unwrap_err().field, "spec.template");
+    }
+}
