@@ -14,6 +14,7 @@
 //! - [`admin`]: `/live`, `/ready`, `/metrics`, `/resources`, `/stats`.
 //! - [`leader`]: Lease-based leader election among replicas (Kubernetes mode).
 //! - [`status`]: status conditions of Weir's custom resources (written by the leader).
+//! - [`webhook`]: the sidecar injection admission webhook (HTTPS).
 //! - [`metrics`]: the controller's Prometheus metrics.
 #![forbid(unsafe_code)]
 
@@ -31,6 +32,7 @@ pub mod source;
 pub mod state;
 pub mod status;
 pub mod translator;
+pub mod webhook;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -114,6 +116,18 @@ pub struct Args {
     /// How often the leader renews (and standbys retry); at most half of --lease-duration.
     #[arg(long, env = "WEIR_LEASE_RENEW", default_value = "2s", value_parser = parse_duration)]
     pub lease_renew: Duration,
+    /// Serve the sidecar injection webhook (HTTPS) here.
+    #[arg(long, env = "WEIR_WEBHOOK_ADDR", requires = "webhook_tls_dir")]
+    pub webhook_addr: Option<SocketAddr>,
+    /// The webhook's certificate and key: `tls.crt` and `tls.key` (a mounted TLS Secret).
+    #[arg(long, env = "WEIR_WEBHOOK_TLS_DIR")]
+    pub webhook_tls_dir: Option<PathBuf>,
+    /// The proxy image injected pods run.
+    #[arg(long, env = "WEIR_PROXY_IMAGE", default_value_t = inject::Settings::default().proxy_image)]
+    pub proxy_image: String,
+    /// Where injected sidecars reach this controller.
+    #[arg(long, env = "WEIR_INJECT_CONTROLLER_ADDR", default_value_t = inject::Settings::default().controller_addr)]
+    pub inject_controller_addr: String,
     /// This replica's name in the Lease; default: `POD_NAME`, else `<hostname>-<pid>`.
     #[arg(long, env = "WEIR_REPLICA_NAME")]
     pub replica_name: Option<String>,
@@ -405,6 +419,19 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             .add_optional_service(identity.map(weir_api::proto::identity_server::IdentityServer::new))
             .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), grpc_drain.signaled()),
     );
+    let mut webhook_addr = None;
+    if let Some(addr) = args.webhook_addr {
+        let dir = args.webhook_tls_dir.as_deref().expect("clap requires it");
+        let tls = webhook::load_tls(dir).context("--webhook-tls-dir")?;
+        let listener = TcpListener::bind(addr).await.with_context(|| format!("binding the webhook on {addr}"))?;
+        webhook_addr = Some(listener.local_addr()?);
+        let settings = inject::Settings {
+            proxy_image: args.proxy_image.clone(),
+            controller_addr: args.inject_controller_addr.clone(),
+            token_audience: args.token_audience.clone(),
+        };
+        background.push(tokio::spawn(webhook::serve(listener, tls, settings, drain.clone(), args.shutdown_grace)));
+    }
     let reconciler = tokio::spawn(canary::run(canaries.clone(), state_rx.clone(), leading.clone(), drain.clone()));
     let admin = admin::Admin { state: state_rx, proxies, metrics, reports, ready: ready.clone(), canaries, leading };
     let admin_task = tokio::spawn(rt::serve_admin(
@@ -421,7 +448,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         None => tracing::info!(%grpc_addr, %admin_addr, "controller serving (Kubernetes)"),
     }
     if args.print_listen_addrs {
-        println!("{}", serde_json::json!({ "grpc": grpc_addr, "admin": admin_addr }));
+        println!("{}", serde_json::json!({ "grpc": grpc_addr, "admin": admin_addr, "webhook": webhook_addr }));
     }
 
     rt::shutdown_signal().await;

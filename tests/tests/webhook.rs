@@ -1,0 +1,166 @@
+//! The sidecar injection webhook, served over HTTPS by a real controller: AdmissionReviews for
+//! a namespace that opted in, a pod that opted in or out, an already injected pod, a Job's pod,
+//! a pod with init containers of its own, a malformed annotation, and a malformed request.
+
+use std::sync::Arc;
+
+use base64::Engine;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use weir_tests::*;
+
+struct Webhook {
+    addr: std::net::SocketAddr,
+    roots: Arc<rustls::RootCertStore>,
+}
+
+impl Webhook {
+    /// POSTs `body` to `path`: (status, body).
+    async fn post(&self, path: &str, body: String) -> (u16, String) {
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(self.roots.clone())
+            .with_no_client_auth();
+        let tcp = tokio::net::TcpStream::connect(self.addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await.unwrap();
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.unwrap();
+        tokio::spawn(conn);
+        let req = http::Request::post(path)
+            .header("host", "localhost")
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap();
+        let rsp = send.send_request(req).await.unwrap();
+        let status = rsp.status().as_u16();
+        let body = rsp.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    /// The response of an AdmissionReview for `pod`, and the pod with its patch applied.
+    async fn admit(&self, path: &str, pod: Value) -> (Value, Value) {
+        let review = json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+            "request": {"uid": "3f2c", "kind": {"group": "", "version": "v1", "kind": "Pod"},
+                        "resource": {"group": "", "version": "v1", "resource": "pods"},
+                        "operation": "CREATE", "namespace": "shop", "object": pod.clone()}});
+        let (status, body) = self.post(path, review.to_string()).await;
+        assert_eq!(status, 200, "{body}");
+        let answer: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(answer["kind"], "AdmissionReview");
+        assert_eq!(answer["response"]["uid"], "3f2c");
+        let mut patched = pod;
+        if let Some(p) = answer["response"]["patch"].as_str() {
+            assert_eq!(answer["response"]["patchType"], "JSONPatch");
+            let ops: Value =
+                serde_json::from_slice(&base64::engine::general_purpose::STANDARD.decode(p).unwrap()).unwrap();
+            for op in ops.as_array().unwrap() {
+                // add/replace of whole members, all the webhook emits.
+                let path = op["path"].as_str().unwrap();
+                let (parent, key) = path.rsplit_once('/').unwrap();
+                let target = if parent.is_empty() { &mut patched } else { patched.pointer_mut(parent).unwrap() };
+                match op["op"].as_str().unwrap() {
+                    "add" => assert!(target.get(key).is_none(), "add over an existing {path}"),
+                    "replace" => assert!(target.get(key).is_some(), "replace of a missing {path}"),
+                    other => panic!("unexpected op {other}"),
+                }
+                target[key] = op["value"].clone();
+            }
+        }
+        (answer["response"].clone(), patched)
+    }
+}
+
+fn init_names(pod: &Value) -> Vec<String> {
+    pod["spec"]["initContainers"]
+        .as_array()
+        .map(|c| c.iter().map(|c| c["name"].as_str().unwrap_or_default().to_string()).collect())
+        .unwrap_or_default()
+}
+
+fn pod(annotations: Value) -> Value {
+    json!({"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"generateName": "web-7d9f-", "namespace": "shop", "labels": {"app": "web"}, "annotations": annotations},
+           "spec": {"serviceAccountName": "web", "containers": [{"name": "app", "image": "web:1"}]}})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admission_reviews_get_the_sidecar_where_asked() {
+    let scratch = Scratch::new();
+    scratch.write("services.yaml", &service("shop", "web", &[]));
+    let tls_dir = scratch.dir.path().join("webhook-tls");
+    std::fs::create_dir(&tls_dir).unwrap();
+    let issued = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    std::fs::write(tls_dir.join("tls.crt"), issued.cert.pem()).unwrap();
+    std::fs::write(tls_dir.join("tls.key"), issued.signing_key.serialize_pem()).unwrap();
+    let flags: Vec<String> = [
+        "--webhook-addr",
+        "127.0.0.1:0",
+        "--webhook-tls-dir",
+        tls_dir.to_str().unwrap(),
+        "--proxy-image",
+        "registry.example/weir-proxy:test",
+    ]
+    .map(String::from)
+    .to_vec();
+    let controller = scratch.controller_with(None, &flags).await;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(issued.cert.der().clone()).unwrap();
+    let hook = Webhook { addr: controller.addr("webhook"), roots: Arc::new(roots) };
+
+    // A namespace that opted in: injected, sidecar first, with the configured image.
+    let (rsp, patched) = hook.admit("/inject/namespace", pod(json!({}))).await;
+    assert_eq!(rsp["allowed"], true);
+    assert_eq!(init_names(&patched), ["weir-init", "weir-proxy"]);
+    assert_eq!(patched["spec"]["initContainers"][1]["image"], "registry.example/weir-proxy:test");
+    assert_eq!(patched["spec"]["initContainers"][1]["restartPolicy"], "Always");
+    assert_eq!(patched["metadata"]["annotations"]["weir.io/injected"], "true");
+    // Injecting the result again changes nothing.
+    let (rsp, again) = hook.admit("/inject/namespace", patched.clone()).await;
+    assert!(rsp["patch"].is_null());
+    assert_eq!(again, patched);
+
+    // The pod opts out in an opted-in namespace.
+    let (rsp, _) = hook.admit("/inject/namespace", pod(json!({"weir.io/inject": "disabled"}))).await;
+    assert_eq!((rsp["allowed"].clone(), rsp["patch"].is_null()), (json!(true), true));
+    // Elsewhere only pods that opt in are touched.
+    let (rsp, _) = hook.admit("/inject/pod", pod(json!({}))).await;
+    assert!(rsp["patch"].is_null());
+    let (_, patched) = hook.admit("/inject/pod", pod(json!({"weir.io/inject": "enabled"}))).await;
+    assert_eq!(init_names(&patched), ["weir-init", "weir-proxy"]);
+
+    // A Job's pod: the native sidecar does not keep it from completing.
+    let mut job = pod(json!({}));
+    job["metadata"]["ownerReferences"] =
+        json!([{"apiVersion": "batch/v1", "kind": "Job", "name": "report", "uid": "j1"}]);
+    job["spec"]["restartPolicy"] = json!("Never");
+    let (_, patched) = hook.admit("/inject/namespace", job).await;
+    assert_eq!(patched["spec"]["initContainers"][1]["restartPolicy"], "Always");
+    assert_eq!(patched["spec"]["restartPolicy"], "Never");
+
+    // Init containers of its own run after the sidecar, with their volumes kept.
+    let mut own = pod(json!({}));
+    own["spec"]["initContainers"] = json!([{"name": "migrate", "image": "web:1"}]);
+    own["spec"]["volumes"] = json!([{"name": "data", "emptyDir": {}}]);
+    let (_, patched) = hook.admit("/inject/namespace", own).await;
+    assert_eq!(init_names(&patched), ["weir-init", "weir-proxy", "migrate"]);
+    let vols: Vec<&str> =
+        patched["spec"]["volumes"].as_array().unwrap().iter().map(|v| v["name"].as_str().unwrap()).collect();
+    assert_eq!(vols, ["data", "weir-token"]);
+
+    // A malformed annotation refuses the pod, saying why.
+    let (rsp, _) = hook.admit("/inject/namespace", pod(json!({"weir.io/skip-inbound-ports": "http"}))).await;
+    assert_eq!(rsp["allowed"], false);
+    assert_eq!(rsp["status"]["code"], 400);
+    let message = rsp["status"]["message"].as_str().unwrap();
+    assert!(message.contains("weir.io/skip-inbound-ports") && message.contains("\"http\" is not a port"), "{message}");
+
+    // Not an AdmissionReview: 400; elsewhere: 404.
+    let (status, body) = hook.post("/inject/namespace", "{\"kind\": \"Pod\"}".into()).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("no request"), "{body}");
+    let (status, _) = hook.post("/mutate", "{}".into()).await;
+    assert_eq!(status, 404);
+}
