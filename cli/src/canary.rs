@@ -56,7 +56,7 @@ pub enum CanaryCmd {
 pub async fn run(args: CanaryArgs) -> anyhow::Result<()> {
     let http: Client<HttpConnector, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let admin = args.controller_admin;
-    let qualify = |name: &str| if name.contains('/') { name.to_string() } else { format!("{}/{name}", args.namespace) };
+    let qualify = |name: &str| crate::inspect::qualify(name, &args.namespace);
     let (action, name) = match &args.command {
         CanaryCmd::Status { name, watch, output } => {
             let filter = name.as_deref().map(qualify);

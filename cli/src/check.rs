@@ -192,7 +192,7 @@ async fn controller(args: &CheckArgs) -> Vec<Outcome> {
     } else {
         let behind: Vec<String> = proxies
             .iter()
-            .filter(|p| !p["nack"].is_null() || p["sentVersion"] != p["ackedVersion"] || p["sentVersion"].is_null())
+            .filter(|p| crate::inspect::sync_row(p)["status"] != "SYNCED")
             .map(|p| p["workload"].as_str().unwrap_or("?").to_string())
             .collect();
         if behind.is_empty() {

@@ -58,6 +58,11 @@ pub struct StatArgs {
 
 pub(crate) type Http = Client<HttpConnector, Empty<Bytes>>;
 
+/// `NAMESPACE/NAME` from a name given with or without its namespace.
+pub(crate) fn qualify(name: &str, namespace: &str) -> String {
+    if name.contains('/') { name.to_string() } else { format!("{namespace}/{name}") }
+}
+
 /// GETs a JSON document from the controller's admin port.
 pub(crate) async fn get(http: &Http, admin: SocketAddr, path: &str) -> anyhow::Result<serde_json::Value> {
     get_from(http, admin, path, "the controller's admin port").await
@@ -100,7 +105,7 @@ pub async fn proxy_status(args: ProxyStatusArgs) -> anyhow::Result<bool> {
 
 /// SYNCED: acked what was sent; STALE: a sent snapshot not acked yet; NACKED: the last one was
 /// refused (with the sidecar's reason).
-fn sync_row(p: &serde_json::Value) -> serde_json::Value {
+pub(crate) fn sync_row(p: &serde_json::Value) -> serde_json::Value {
     let sent = p["sentVersion"].as_str().unwrap_or("");
     let acked = p["ackedVersion"].as_str().unwrap_or("");
     let (status, detail) = if let Some(n) = p["nack"].as_object() {
@@ -136,10 +141,7 @@ fn proxy_table(rows: &[serde_json::Value]) -> String {
 pub async fn stat(args: StatArgs) -> anyhow::Result<()> {
     let http: Http = Client::builder(TokioExecutor::new()).build_http();
     let admin = args.controller_admin;
-    let service = args
-        .service
-        .as_deref()
-        .map(|s| if s.contains('/') { s.to_string() } else { format!("{}/{s}", args.namespace) });
+    let service = args.service.as_deref().map(|s| qualify(s, &args.namespace));
     let keep = |s: &serde_json::Value| {
         (args.direction == "all" || s["direction"] == args.direction.as_str())
             && service.as_ref().is_none_or(|want| s["service"] == want.as_str())

@@ -53,7 +53,7 @@ pub async fn run(mut args: ProxyConfigArgs) -> anyhow::Result<()> {
         (Some(a), _) => a,
         (None, None) => bail!("name a WORKLOAD (NAMESPACE/NAME), or give --proxy-admin ADDR"),
         (None, Some(w)) => {
-            let workload = if w.contains('/') { w.clone() } else { format!("{}/{w}", args.namespace) };
+            let workload = crate::inspect::qualify(w, &args.namespace);
             find_admin(&http, args.controller_admin, &workload).await?
         }
     };

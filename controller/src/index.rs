@@ -24,15 +24,21 @@ pub enum Kind {
     Canary,
 }
 
-impl fmt::Display for Kind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
             Kind::Service => "Service",
             Kind::Route => "Route",
             Kind::ResiliencePolicy => "ResiliencePolicy",
             Kind::MeshAuthorization => "MeshAuthorization",
             Kind::Canary => "Canary",
-        })
+        }
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 

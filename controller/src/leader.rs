@@ -52,14 +52,14 @@ pub fn spawn(
         loop {
             // A leader's renewal must land within 80 % of the lease after the previous one, or
             // it steps down before any standby may take over; no attempt may outlast that.
-            let deadline = last_renewed.map(|t| t + cfg.duration.mul_f32(0.8));
+            let deadline = |renewed: Option<tokio::time::Instant>| renewed.map(|t| t + cfg.duration.mul_f32(0.8));
             let now = tokio::time::Instant::now();
-            if deadline.is_some_and(|d| now >= d) {
+            if deadline(last_renewed).is_some_and(|d| now >= d) {
                 tracing::warn!("could not renew the lease in time; stepping down");
                 last_renewed = None;
                 tx.send_if_modified(|l| std::mem::replace(l, false));
             }
-            let budget = match last_renewed.map(|t| t + cfg.duration.mul_f32(0.8)) {
+            let budget = match deadline(last_renewed) {
                 Some(d) => d.saturating_duration_since(now),
                 None => cfg.duration / 2,
             };
@@ -98,7 +98,7 @@ pub fn spawn(
             }
             gauge.set(i64::from(*tx.borrow()));
             let mut wake = tokio::time::Instant::now() + cfg.renew_every;
-            if let Some(d) = last_renewed.map(|t| t + cfg.duration.mul_f32(0.8)) {
+            if let Some(d) = deadline(last_renewed) {
                 wake = wake.min(d);
             }
             tokio::select! {

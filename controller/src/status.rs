@@ -142,8 +142,7 @@ pub fn spawn(
 ) -> tokio::task::JoinHandle<()> {
     let mut rollouts = canaries.subscribe();
     tokio::spawn(async move {
-        let apis: HashMap<Kind, (kube::api::ApiResource, Client)> =
-            weir_kinds().into_iter().map(|(k, ar)| (k, (ar, client.clone()))).collect();
+        let resources: HashMap<Kind, kube::api::ApiResource> = weir_kinds().into_iter().collect();
         // Failed writes are retried on the next pass; a periodic pass also catches objects whose
         // status someone else overwrote.
         let mut resync = tokio::time::interval(Duration::from_secs(30));
@@ -164,7 +163,7 @@ pub fn spawn(
             rollouts.borrow_and_update();
             let rollout = canaries.statuses();
             for (kind, stores) in &source.weir {
-                let (ar, client) = &apis[kind];
+                let ar = &resources[kind];
                 for obj in stores.objects() {
                     // A deposed or stopping leader stops writing at once, not after the pass.
                     if !*leader.borrow() || draining.is_draining() {

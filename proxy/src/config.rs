@@ -145,7 +145,12 @@ impl Config {
 
     /// The Service that has `addr` as an endpoint, if any.
     pub fn endpoint_owner(&self, addr: SocketAddr) -> Option<&ServiceKey> {
-        self.services.values().find(|s| s.endpoints.iter().any(|e| e.addr == addr)).map(|s| &s.key)
+        self.endpoint_at(addr).map(|(s, _)| &s.key)
+    }
+
+    /// The endpoint at `addr` and its Service, if any (the first, when several list it).
+    pub fn endpoint_at(&self, addr: SocketAddr) -> Option<(&Arc<Service>, &Endpoint)> {
+        self.services.values().find_map(|s| Some((s, s.endpoints.iter().find(|e| e.addr == addr)?)))
     }
 
     pub fn service(&self, key: &str) -> Option<&Arc<Service>> {

@@ -31,13 +31,13 @@ pub fn hop(headers: &mut HeaderMap) -> Context {
             id
         }
     };
-    let span_id = hex(&rand::random::<[u8; 8]>());
+    let span_id = format!("{:016x}", rand::random::<u64>());
     let (trace_id, flags) = match headers.get(&TRACEPARENT).and_then(|v| v.to_str().ok()).and_then(parse) {
         Some((trace, flags)) => (trace.to_string(), flags.to_string()),
         None => {
             headers.remove("tracestate");
             // Not sampled: a tracer upstream decides sampling; we only correlate.
-            (hex(&rand::random::<[u8; 16]>()), "00".to_string())
+            (format!("{:032x}", rand::random::<u128>()), "00".to_string())
         }
     };
     if let Ok(v) = HeaderValue::from_str(&format!("00-{trace_id}-{span_id}-{flags}")) {
@@ -71,16 +71,12 @@ fn valid_request_id(v: &str) -> bool {
     !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic())
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// A random UUID (version 4) in its usual text form.
 fn new_request_id() -> String {
     let mut b: [u8; 16] = rand::random();
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
-    let h = hex(&b);
+    let h = format!("{:032x}", u128::from_be_bytes(b));
     format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..])
 }
 

@@ -196,7 +196,7 @@ impl KubeSource {
                     // A Canary's status carries the rollout the leader drives; others follow it.
                     fingerprint: if kind == Kind::Canary { fingerprint_with_status } else { fingerprint_custom },
                     label: label(&format!("{}.{}", ar.plural, ar.group), *scope),
-                    kind: kind_label(kind),
+                    kind: kind.as_str(),
                     absent: Some(absent_tx.clone()),
                 };
                 tasks.push(watch(api, writer, spec, &changes, &restarts, &drain));
@@ -281,7 +281,7 @@ impl KubeSource {
     /// Waits until every watch has listed once (so no sidecar sees a half-loaded cluster).
     pub async fn wait_until_ready(&self) {
         for (kind, s) in &self.weir {
-            s.wait_until_ready(kind_label(*kind)).await;
+            s.wait_until_ready(kind.as_str()).await;
         }
         self.services.wait_until_ready("Service").await;
         self.slices.wait_until_ready("EndpointSlice").await;
@@ -345,16 +345,6 @@ impl KubeSource {
             }
         }
         (defs, generations)
-    }
-}
-
-fn kind_label(kind: Kind) -> &'static str {
-    match kind {
-        Kind::Service => "Service",
-        Kind::Route => "Route",
-        Kind::ResiliencePolicy => "ResiliencePolicy",
-        Kind::MeshAuthorization => "MeshAuthorization",
-        Kind::Canary => "Canary",
     }
 }
 

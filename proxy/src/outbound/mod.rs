@@ -146,11 +146,8 @@ impl Outbound {
         authority: &http::uri::Authority,
     ) -> Response<Body> {
         strip_hop_by_hop(&mut parts.headers);
-        let meshed = config.services.values().find_map(|s| {
-            let e = s.endpoints.iter().find(|e| e.addr == orig && e.meshed)?;
-            Some((s.key.split('/').next().unwrap_or_default().to_string(), e.clone()))
-        });
-        let result = if let Some((ns, endpoint)) = meshed {
+        let meshed = config.endpoint_at(orig).filter(|(_, e)| e.meshed);
+        let result = if let Some((svc, endpoint)) = meshed {
             parts.headers.insert(ORIG_PROTO.clone(), HeaderValue::from_static(proto_name(parts.version)));
             parts.headers.remove(header::HOST);
             let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
@@ -159,7 +156,7 @@ impl Outbound {
                 Err(_) => return ProxyError::NoAuthority.into_response(),
             }
             parts.version = Version::HTTP_2;
-            let tls = self.tls_target(&ns, &endpoint);
+            let tls = self.tls_target(svc.key.split('/').next().unwrap_or_default(), endpoint);
             self.clients
                 .h2
                 .send_tls(orig, Request::from_parts(parts, boxed(body)), Default::default(), tls.as_ref())
