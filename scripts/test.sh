@@ -22,6 +22,9 @@ if ((${#missing[@]})); then
   $sudo apt-get update -qq && $sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
 fi
 
+# helm and kubernetes-validate for the chart tests (tests/tests/chart.rs), into target/tools.
+./scripts/tools.sh
+
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo build --workspace --bins --locked

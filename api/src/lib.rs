@@ -46,7 +46,7 @@ pub fn crds() -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensi
     ]
 }
 
-/// Renders every CRD as a multi-document YAML stream (what `crds/` holds).
+/// Renders every CRD as a multi-document YAML stream (what `charts/weir/crds/` holds).
 pub fn crds_yaml() -> Result<Vec<(String, String)>, serde_yaml::Error> {
     crds()
         .into_iter()
@@ -60,14 +60,17 @@ pub fn crds_yaml() -> Result<Vec<(String, String)>, serde_yaml::Error> {
 
 #[cfg(test)]
 mod tests {
-    /// `crds/` must hold exactly what the types generate: regenerate with
-    /// `cargo run -p weir-controller -- crds --out-dir crds`.
+    /// `charts/weir/crds/` must hold exactly what the types generate: regenerate with
+    /// `cargo run -p weir-controller -- crds --out-dir charts/weir/crds`.
     #[test]
     fn crds_directory_is_up_to_date() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds");
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/weir/crds");
         for (file, yaml) in super::crds_yaml().unwrap() {
             let on_disk = std::fs::read_to_string(dir.join(&file)).unwrap_or_default();
-            assert!(on_disk == yaml, "crds/{file} is stale: run `cargo run -p weir-controller -- crds --out-dir crds`");
+            assert!(
+                on_disk == yaml,
+                "charts/weir/crds/{file} is stale: run `cargo run -p weir-controller -- crds --out-dir charts/weir/crds`"
+            );
         }
     }
 }

@@ -111,14 +111,14 @@ async fn crds(kubeconfig: &std::path::Path) -> Vec<Outcome> {
                     out.push(Outcome::fail(
                         &check,
                         format!("installed but {} is not served", weir_api::VERSION),
-                        "upgrade the CRDs: kubectl apply -f crds/".into(),
+                        "upgrade the CRDs: kubectl apply -f charts/weir/crds/".into(),
                     ));
                 }
             }
             Ok(None) => out.push(Outcome::fail(
                 &check,
                 "missing".into(),
-                "install the CRDs: kubectl apply -f crds/ (or install the Helm chart)".into(),
+                "install the CRDs: kubectl apply -f charts/weir/crds/ (or install the Helm chart)".into(),
             )),
             Err(e) => out.push(Outcome::fail(
                 &check,

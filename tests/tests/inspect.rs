@@ -205,7 +205,7 @@ async fn check_says_what_is_wrong_and_how_to_fix_it() {
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("✔ CRD routes.weir.io: installed, v1alpha1 served"), "{out}");
     assert!(
-        out.contains("✘ CRD canaries.weir.io: missing\n    fix: install the CRDs: kubectl apply -f crds/"),
+        out.contains("✘ CRD canaries.weir.io: missing\n    fix: install the CRDs: kubectl apply -f charts/weir/crds/"),
         "{out}"
     );
     assert!(

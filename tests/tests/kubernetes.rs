@@ -240,6 +240,21 @@ async fn cluster_changes_reach_sidecars_and_status_says_why() {
     let lease = fake.get(LEASES, "weir-system", "weir-controller").expect("the lease");
     assert_eq!(lease["spec"]["holderIdentity"], "controller");
     assert!(metric(cadmin, "weir_controller_status_writes_total{result=\"ok\"} ").await >= 3.0);
+    let made = chart_rbac_allows_every_request(&fake);
+    assert!(made.iter().any(|r| r.resource == "routes/status" && r.verb == "patch"), "{made:?}");
+    assert!(made.iter().any(|r| r.resource == "leases" && r.verb == "create"), "{made:?}");
+}
+
+/// Everything the controller asked the API server for, the Helm chart's RBAC grants its
+/// ServiceAccount (the requests are returned, to check they are not trivially few).
+fn chart_rbac_allows_every_request(fake: &FakeKube) -> BTreeSet<chart::Request> {
+    let docs = chart::render(None, &[]).unwrap();
+    let sa = format!("{}/weir-controller", chart::NAMESPACE);
+    let made: BTreeSet<chart::Request> =
+        fake.request_log().iter().filter_map(|(m, p)| chart::request(m.as_str(), p)).collect();
+    let denied: Vec<&chart::Request> = made.iter().filter(|r| !chart::allows(&docs, &sa, r)).collect();
+    assert!(denied.is_empty(), "the chart's RBAC denies {denied:#?}");
+    made
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -464,6 +479,11 @@ async fn every_weir_kind_and_pod_changes_reach_the_sidecar() {
     // to without its identity.
     fake.delete(PODS, "shop", "web-1");
     wait_config(admin, "pod gone", |c| endpoint_count(c, "shop", "web") == 0).await;
+    let made = chart_rbac_allows_every_request(&fake);
+    for status in ["resiliencepolicies/status", "canaries/status"] {
+        assert!(made.iter().any(|r| r.resource == status), "{made:?}");
+    }
+    assert!(made.iter().any(|r| r.resource == "pods" && r.verb == "watch"), "{made:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,74 +4,8 @@
 
 use std::sync::Arc;
 
-use base64::Engine;
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use weir_tests::*;
-
-struct Webhook {
-    addr: std::net::SocketAddr,
-    roots: Arc<rustls::RootCertStore>,
-}
-
-impl Webhook {
-    /// POSTs `body` to `path`: (status, body).
-    async fn post(&self, path: &str, body: String) -> (u16, String) {
-        let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(self.roots.clone())
-            .with_no_client_auth();
-        let tcp = tokio::net::TcpStream::connect(self.addr).await.unwrap();
-        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-        let tls = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await.unwrap();
-        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.unwrap();
-        tokio::spawn(conn);
-        let req = http::Request::post(path)
-            .header("host", "localhost")
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(body)))
-            .unwrap();
-        let rsp = send.send_request(req).await.unwrap();
-        let status = rsp.status().as_u16();
-        let body = rsp.into_body().collect().await.unwrap().to_bytes();
-        (status, String::from_utf8_lossy(&body).into_owned())
-    }
-
-    /// The response of an AdmissionReview for `pod`, and the pod with its patch applied.
-    async fn admit(&self, path: &str, pod: Value) -> (Value, Value) {
-        let review = json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
-            "request": {"uid": "3f2c", "kind": {"group": "", "version": "v1", "kind": "Pod"},
-                        "resource": {"group": "", "version": "v1", "resource": "pods"},
-                        "operation": "CREATE", "namespace": "shop", "object": pod.clone()}});
-        let (status, body) = self.post(path, review.to_string()).await;
-        assert_eq!(status, 200, "{body}");
-        let answer: Value = serde_json::from_str(&body).unwrap();
-        assert_eq!(answer["kind"], "AdmissionReview");
-        assert_eq!(answer["response"]["uid"], "3f2c");
-        let mut patched = pod;
-        if let Some(p) = answer["response"]["patch"].as_str() {
-            assert_eq!(answer["response"]["patchType"], "JSONPatch");
-            let ops: Value =
-                serde_json::from_slice(&base64::engine::general_purpose::STANDARD.decode(p).unwrap()).unwrap();
-            for op in ops.as_array().unwrap() {
-                // add/replace of whole members, all the webhook emits.
-                let path = op["path"].as_str().unwrap();
-                let (parent, key) = path.rsplit_once('/').unwrap();
-                let target = if parent.is_empty() { &mut patched } else { patched.pointer_mut(parent).unwrap() };
-                match op["op"].as_str().unwrap() {
-                    "add" => assert!(target.get(key).is_none(), "add over an existing {path}"),
-                    "replace" => assert!(target.get(key).is_some(), "replace of a missing {path}"),
-                    other => panic!("unexpected op {other}"),
-                }
-                target[key] = op["value"].clone();
-            }
-        }
-        (answer["response"].clone(), patched)
-    }
-}
 
 fn init_names(pod: &Value) -> Vec<String> {
     pod["spec"]["initContainers"]
@@ -108,7 +42,8 @@ async fn admission_reviews_get_the_sidecar_where_asked() {
     let controller = scratch.controller_with(None, &flags).await;
     let mut roots = rustls::RootCertStore::empty();
     roots.add(issued.cert.der().clone()).unwrap();
-    let hook = Webhook { addr: controller.addr("webhook"), roots: Arc::new(roots) };
+    let hook =
+        WebhookClient { addr: controller.addr("webhook"), roots: Arc::new(roots), server_name: "localhost".into() };
 
     // A namespace that opted in: injected, sidecar first, with the configured image.
     let (rsp, patched) = hook.admit("/inject/namespace", pod(json!({}))).await;

@@ -115,6 +115,46 @@ fn pem_to_der(path: PathBuf, pem_str: &str) -> Result<Vec<u8>, CaError> {
         .map_err(|e| CaError::File { path, message: format!("not a PEM certificate: {e}") })
 }
 
+/// The issuer's key from PEM: PKCS#8 (`PRIVATE KEY`), or what Helm's `genPrivateKey`,
+/// openssl and cert-manager also write: SEC1 (`EC PRIVATE KEY`, P-256 or P-384) and PKCS#1
+/// (`RSA PRIVATE KEY`), which are wrapped into PKCS#8 for the signer.
+fn issuer_key(pem: &str) -> Result<KeyPair, String> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+    const RSA: &[u64] = &[1, 2, 840, 113549, 1, 1, 1];
+    const EC: &[u64] = &[1, 2, 840, 10045, 2, 1];
+    const P256: &[u64] = &[1, 2, 840, 10045, 3, 1, 7];
+    const P384: &[u64] = &[1, 3, 132, 0, 34];
+    let key = PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|e| format!("not a PEM private key: {e}"))?;
+    // PrivateKeyInfo (RFC 5208): version 0, the algorithm, the key in the older format.
+    let pkcs8 = |alg: &[u64], params: Option<&[u64]>, inner: &[u8]| {
+        PrivatePkcs8KeyDer::from(yasna::construct_der(|w| {
+            w.write_sequence(|w| {
+                w.next().write_u8(0);
+                w.next().write_sequence(|w| {
+                    w.next().write_oid(&yasna::models::ObjectIdentifier::from_slice(alg));
+                    match params {
+                        Some(curve) => w.next().write_oid(&yasna::models::ObjectIdentifier::from_slice(curve)),
+                        None => w.next().write_null(),
+                    }
+                });
+                w.next().write_bytes(inner);
+            })
+        }))
+    };
+    let unsupported = |e: rcgen::Error| format!("unsupported private key: {e}");
+    match key {
+        PrivateKeyDer::Pkcs8(k) => KeyPair::try_from(&k).map_err(unsupported),
+        PrivateKeyDer::Pkcs1(k) => KeyPair::try_from(&pkcs8(RSA, None, k.secret_pkcs1_der())).map_err(unsupported),
+        // The curve is whichever one the key is valid on (the signer checks the public key).
+        PrivateKeyDer::Sec1(k) => [P256, P384]
+            .iter()
+            .find_map(|curve| KeyPair::try_from(&pkcs8(EC, Some(curve), k.secret_sec1_der())).ok())
+            .ok_or_else(|| "unsupported EC private key: only P-256 and P-384 are".to_string()),
+        _ => Err("unsupported private key format".into()),
+    }
+}
+
 impl Ca {
     /// Loads the trust anchor and issuer from `dir` (`root.crt`, `issuer.crt`, `issuer.key`);
     /// when the directory holds none of them, generates both once and keeps them there.
@@ -141,8 +181,8 @@ impl Ca {
             });
         }
         let get = |f: &str| read(dir, f).map(|s| s.unwrap_or_default());
-        let key = KeyPair::from_pem(&get("issuer.key")?)
-            .map_err(|e| CaError::File { path: dir.join("issuer.key"), message: e.to_string() })?;
+        let key = issuer_key(&get("issuer.key")?)
+            .map_err(|message| CaError::File { path: dir.join("issuer.key"), message })?;
         let issuer_pem = get("issuer.crt")?;
         let issuer = Issuer::from_ca_cert_pem(&issuer_pem, key)
             .map_err(|e| CaError::File { path: dir.join("issuer.crt"), message: e.to_string() })?;
@@ -223,6 +263,26 @@ mod tests {
         let mut p = CertificateParams::default();
         p.subject_alt_names = vec![SanType::URI(uri.try_into().unwrap())];
         (p.serialize_request(&key).unwrap().der().to_vec(), key)
+    }
+
+    /// Keys as Helm's `genPrivateKey`, openssl and cert-manager write them sign certificates.
+    #[test]
+    fn issuer_keys_in_every_common_pem_format() {
+        let formats = [
+            (include_str!("testdata/sec1-p256.key"), &rcgen::PKCS_ECDSA_P256_SHA256),
+            (include_str!("testdata/sec1-p384.key"), &rcgen::PKCS_ECDSA_P384_SHA384),
+            (include_str!("testdata/pkcs1-rsa.key"), &rcgen::PKCS_RSA_SHA256),
+        ];
+        for (pem, alg) in formats {
+            let key = issuer_key(pem).unwrap();
+            assert!(key.is_compatible(alg), "{pem}");
+            ca_params("test", ROOT_LIFETIME).self_signed(&key).unwrap();
+        }
+        let pkcs8 = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        assert_eq!(issuer_key(&pkcs8.serialize_pem()).unwrap().public_key_pem(), pkcs8.public_key_pem());
+        let err = issuer_key("-----BEGIN EC PRIVATE KEY-----\nAAAA\n-----END EC PRIVATE KEY-----\n").unwrap_err();
+        assert!(err.contains("only P-256 and P-384"), "{err}");
+        assert!(issuer_key("not a key").unwrap_err().contains("not a PEM private key"));
     }
 
     #[test]

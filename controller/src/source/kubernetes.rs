@@ -479,7 +479,7 @@ where
                     }
                     if !failing {
                         if missing {
-                            tracing::warn!(watch = %label, error = %e, "resource not served by the API server (are Weir's CRDs installed? kubectl apply -f crds/); retrying with back-off");
+                            tracing::warn!(watch = %label, error = %e, "resource not served by the API server (are Weir's CRDs installed? kubectl apply -f charts/weir/crds/); retrying with back-off");
                         } else {
                             tracing::warn!(watch = %label, error = %e, "watch failed; retrying with back-off and serving the last good view");
                         }
