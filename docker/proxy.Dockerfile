@@ -2,8 +2,9 @@
 # iptables rules, run by the injected weir-init container as root with NET_ADMIN/NET_RAW).
 # Build from the repository root:
 #   docker build -f docker/proxy.Dockerfile -t ghcr.io/weir-mesh/weir-proxy:0.1.0 .
-# The runtime image is Debian slim with only iptables added (nft backend by default; set
-# WEIR_IPTABLES=iptables-legacy for nodes whose kernels lack nf_tables).
+# The runtime image is Debian slim with only iptables added. Its default backend is nft, which
+# needs nf_tables in the node's kernel (every current distribution has it) and no lock file
+# (the injected weir-init runs with a read-only root filesystem).
 
 FROM docker.io/library/rust:1.95-bookworm AS build
 WORKDIR /src

@@ -118,14 +118,18 @@ impl Drain {
     }
 }
 
-/// Completes on SIGTERM or SIGINT.
-pub async fn shutdown_signal() {
+/// Completes on SIGTERM or SIGINT. The handlers are installed when this is called, not when
+/// the future is first polled: call it before announcing readiness, so a signal that follows
+/// the announcement at once is never the default (fatal) one.
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received, draining"),
-        _ = int.recv() => tracing::info!("SIGINT received, draining"),
+    async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received, draining"),
+            _ = int.recv() => tracing::info!("SIGINT received, draining"),
+        }
     }
 }
 

@@ -1,30 +1,24 @@
-//! `weir canary`: the state of every Canary, and the manual controls, against a local-mode
-//! controller's admin port (`--controller-admin`; Kubernetes support arrives with the
-//! Kubernetes source).
+//! `weir canary`: the state of every Canary, and the manual controls, against the leading
+//! controller's admin port (`--controller-admin`, or in Kubernetes the Lease holder's pod
+//! through the API server).
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 
-use crate::inspect::get;
-use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
-use hyper_util::client::legacy::{Client, connect::HttpConnector};
-use hyper_util::rt::TokioExecutor;
+use crate::admin::Target;
 
 #[derive(clap::Args, Debug)]
 #[command(after_help = "Examples:
   weir canary status --controller-admin 127.0.0.1:9990
-  weir canary status demo/reviews --watch
+  weir canary status demo/reviews --watch --kube
   weir canary promote reviews -n demo
   weir canary abort demo/reviews")]
 pub struct CanaryArgs {
     #[command(subcommand)]
     pub command: CanaryCmd,
-    /// The controller's admin address (local mode).
-    #[arg(long, global = true, env = "WEIR_CONTROLLER_ADMIN", default_value = "127.0.0.1:9990")]
-    pub controller_admin: SocketAddr,
+    #[command(flatten)]
+    pub target: Target,
     /// Namespace of NAME when it has none.
     #[arg(short = 'n', long, global = true, default_value = "default")]
     pub namespace: String,
@@ -54,14 +48,15 @@ pub enum CanaryCmd {
 }
 
 pub async fn run(args: CanaryArgs) -> anyhow::Result<()> {
-    let http: Client<HttpConnector, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    let admin = args.controller_admin;
+    let admin = args.target.connect().await?;
+    // Only the leader drives canaries (the others answer controls with 409).
+    let leader = admin.leader().await?;
     let qualify = |name: &str| crate::inspect::qualify(name, &args.namespace);
     let (action, name) = match &args.command {
         CanaryCmd::Status { name, watch, output } => {
             let filter = name.as_deref().map(qualify);
             loop {
-                let all = get(&http, admin, "/canaries").await?;
+                let all = admin.call(&leader, http::Method::GET, "/canaries").await?.json("/canaries")?;
                 let list: Vec<serde_json::Value> = all["canaries"]
                     .as_array()
                     .cloned()
@@ -96,11 +91,9 @@ pub async fn run(args: CanaryArgs) -> anyhow::Result<()> {
         CanaryCmd::Pause { name } => ("pause", qualify(name)),
         CanaryCmd::Resume { name } => ("resume", qualify(name)),
     };
-    let req = http::Request::post(format!("http://{admin}/canaries/{name}/{action}")).body(Empty::new())?;
-    let rsp = http.request(req).await.with_context(|| format!("reaching the controller's admin port at {admin}"))?;
-    let status = rsp.status();
-    let body = String::from_utf8_lossy(&rsp.into_body().collect().await?.to_bytes()).into_owned();
-    if !status.is_success() {
+    let rsp = admin.call(&leader, http::Method::POST, &format!("/canaries/{name}/{action}")).await?;
+    let body = String::from_utf8_lossy(&rsp.body).into_owned();
+    if !rsp.status.is_success() {
         bail!("{action} {name}: {}", body.trim());
     }
     let s: serde_json::Value = serde_json::from_str(&body)?;

@@ -24,6 +24,9 @@ pub struct InjectArgs {
     /// Audience of the projected ServiceAccount token.
     #[arg(long, default_value = "weir")]
     pub token_audience: String,
+    /// A Secret for pulling the proxy image (repeat, or separate with commas).
+    #[arg(long = "proxy-image-pull-secret", value_delimiter = ',')]
+    pub proxy_image_pull_secrets: Vec<String>,
 }
 
 /// The injected manifests as YAML, and one line per workload saying what happened.
@@ -72,6 +75,7 @@ pub fn run(args: InjectArgs) -> anyhow::Result<()> {
         proxy_image: args.proxy_image,
         controller_addr: args.controller_addr,
         token_audience: args.token_audience,
+        image_pull_secrets: args.proxy_image_pull_secrets,
     };
     let (yaml, report) = inject_text(&text, &settings)?;
     print!("{yaml}");

@@ -1,15 +1,18 @@
-//! `weir proxy-status` and `weir stat`: what a local-mode controller knows about its sidecars
-//! (which snapshot each runs) and their traffic (aggregated from their reports). No Prometheus
-//! server is needed. Kubernetes support arrives with the Kubernetes source.
+//! `weir proxy-status` and `weir stat`: what the controllers know about their sidecars (which
+//! snapshot each runs) and their traffic (aggregated from their reports). No Prometheus server
+//! is needed. In Kubernetes every controller replica is asked, each for the sidecars connected
+//! to it, and the answers are merged.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use std::collections::BTreeMap;
+
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::Empty;
 use hyper_util::client::legacy::{Client, connect::HttpConnector};
-use hyper_util::rt::TokioExecutor;
+use weir_controller::reports::Totals;
+
+use crate::admin::{Admin, Target};
 
 /// Exit code when some sidecar is not in sync (`proxy-status`).
 pub const NOT_SYNCED: u8 = 3;
@@ -20,12 +23,12 @@ pub const NOT_SYNCED: u8 = 3;
 
 Examples:
   weir proxy-status --controller-admin 127.0.0.1:9990
+  weir proxy-status --kube
   weir proxy-status -o json"
 )]
 pub struct ProxyStatusArgs {
-    /// The controller's admin address (local mode).
-    #[arg(long, env = "WEIR_CONTROLLER_ADMIN", default_value = "127.0.0.1:9990")]
-    pub controller_admin: SocketAddr,
+    #[command(flatten)]
+    pub target: Target,
     /// `table` or `json`.
     #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "json"])]
     pub output: String,
@@ -34,7 +37,7 @@ pub struct ProxyStatusArgs {
 #[derive(clap::Args, Debug)]
 #[command(after_help = "Examples:
   weir stat --controller-admin 127.0.0.1:9990
-  weir stat reviews -n demo --window 5s
+  weir stat reviews -n demo --window 5s --kube
   weir stat -o json")]
 pub struct StatArgs {
     /// Only this Service (NAMESPACE/NAME or NAME).
@@ -42,9 +45,8 @@ pub struct StatArgs {
     /// Namespace of a SERVICE given without one.
     #[arg(short = 'n', long, default_value = "default")]
     pub namespace: String,
-    /// The controller's admin address (local mode).
-    #[arg(long, env = "WEIR_CONTROLLER_ADMIN", default_value = "127.0.0.1:9990")]
-    pub controller_admin: SocketAddr,
+    #[command(flatten)]
+    pub target: Target,
     /// How long to watch for the request rate.
     #[arg(long, default_value = "2s", value_parser = |s: &str| weir_api::duration::parse(s).map_err(|e| e.to_string()))]
     pub window: Duration,
@@ -63,42 +65,28 @@ pub(crate) fn qualify(name: &str, namespace: &str) -> String {
     if name.contains('/') { name.to_string() } else { format!("{namespace}/{name}") }
 }
 
-/// GETs a JSON document from the controller's admin port.
-pub(crate) async fn get(http: &Http, admin: SocketAddr, path: &str) -> anyhow::Result<serde_json::Value> {
-    get_from(http, admin, path, "the controller's admin port").await
-}
-
-/// GETs a JSON document from `what` at `addr`.
-pub(crate) async fn get_from(
-    http: &Http,
-    addr: SocketAddr,
-    path: &str,
-    what: &str,
-) -> anyhow::Result<serde_json::Value> {
-    let rsp = http
-        .get(format!("http://{addr}{path}").parse()?)
-        .await
-        .with_context(|| format!("reaching {what} at {addr}"))?;
-    if !rsp.status().is_success() {
-        bail!("{addr}{path}: {}", rsp.status());
+/// Every connected sidecar, as each controller replica lists it in `/resources`, with the
+/// replica it is connected to (`controller`).
+pub(crate) async fn connected(admin: &Admin) -> anyhow::Result<Vec<serde_json::Value>> {
+    let mut out = Vec::new();
+    for (replica, r) in admin.get_all("/resources").await? {
+        for mut p in r["proxies"].as_array().cloned().unwrap_or_default() {
+            p["controller"] = replica.clone().into();
+            out.push(p);
+        }
     }
-    Ok(serde_json::from_slice(&rsp.into_body().collect().await?.to_bytes())?)
+    Ok(out)
 }
 
 /// Prints the table (or JSON); returns whether every sidecar is in sync.
 pub async fn proxy_status(args: ProxyStatusArgs) -> anyhow::Result<bool> {
-    let http: Http = Client::builder(TokioExecutor::new()).build_http();
-    let r = get(&http, args.controller_admin, "/resources").await?;
-    let rows: Vec<serde_json::Value> =
-        r["proxies"].as_array().cloned().unwrap_or_default().iter().map(sync_row).collect();
+    let admin = args.target.connect().await?;
+    let rows: Vec<serde_json::Value> = connected(&admin).await?.iter().map(sync_row).collect();
     let all_synced = rows.iter().all(|r| r["status"] == "SYNCED");
     if args.output == "json" {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&serde_json::json!({ "generation": r["generation"], "proxies": rows }))?
-        );
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "proxies": rows }))?);
     } else {
-        print!("{}", proxy_table(&rows));
+        print!("{}", proxy_table(&rows, args.target.is_kube()));
     }
     Ok(all_synced)
 }
@@ -116,18 +104,30 @@ pub(crate) fn sync_row(p: &serde_json::Value) -> serde_json::Value {
         ("SYNCED", String::new())
     };
     serde_json::json!({
-        "workload": p["workload"], "proxyVersion": p["proxyVersion"], "sent": sent, "acked": acked,
-        "status": status, "detail": detail,
+        "workload": p["workload"], "controller": p["controller"], "proxyVersion": p["proxyVersion"],
+        "sent": sent, "acked": acked, "status": status, "detail": detail,
     })
 }
 
-fn proxy_table(rows: &[serde_json::Value]) -> String {
-    let mut out =
-        format!("{:<28} {:<8} {:>6} {:>6}  {:<7} {}\n", "WORKLOAD", "PROXY", "SENT", "ACKED", "STATUS", "DETAIL");
+/// The table; with the CONTROLLER column (the replica each sidecar is connected to) when
+/// there may be several.
+fn proxy_table(rows: &[serde_json::Value], replicas: bool) -> String {
+    let controller = |c: &str| if replicas { format!("{c:<32} ") } else { String::new() };
+    let mut out = format!(
+        "{:<28} {}{:<8} {:>6} {:>6}  {:<7} {}\n",
+        "WORKLOAD",
+        controller("CONTROLLER"),
+        "PROXY",
+        "SENT",
+        "ACKED",
+        "STATUS",
+        "DETAIL"
+    );
     for r in rows {
         out.push_str(&format!(
-            "{:<28} {:<8} {:>6} {:>6}  {:<7} {}\n",
+            "{:<28} {}{:<8} {:>6} {:>6}  {:<7} {}\n",
             r["workload"].as_str().unwrap_or(""),
+            controller(r["controller"].as_str().unwrap_or("")),
             r["proxyVersion"].as_str().unwrap_or(""),
             r["sent"].as_str().unwrap_or(""),
             r["acked"].as_str().unwrap_or(""),
@@ -138,37 +138,52 @@ fn proxy_table(rows: &[serde_json::Value]) -> String {
     out
 }
 
+/// The traffic series of every replica's `/stats`, summed per direction, service, route and
+/// backend (each sidecar reports to the one replica it is connected to).
+/// Direction, service, route, backend.
+type SeriesKey = (String, String, String, String);
+
+async fn stats(admin: &Admin) -> anyhow::Result<BTreeMap<SeriesKey, Totals>> {
+    let mut out: BTreeMap<_, Totals> = BTreeMap::new();
+    for (_, doc) in admin.get_all("/stats").await? {
+        for s in doc["series"].as_array().into_iter().flatten() {
+            let text = |k: &str| s[k].as_str().unwrap_or("").to_string();
+            let key = (text("direction"), text("service"), text("route"), text("backend"));
+            let nums =
+                |k: &str| -> Vec<u64> { s[k].as_array().into_iter().flatten().filter_map(|v| v.as_u64()).collect() };
+            out.entry(key).or_default().add(&Totals {
+                requests: s["requests"].as_u64().unwrap_or(0),
+                failures: s["failures"].as_u64().unwrap_or(0),
+                bounds: s["latencyBoundsSeconds"].as_array().into_iter().flatten().filter_map(|v| v.as_f64()).collect(),
+                counts: nums("latencyCounts"),
+            });
+        }
+    }
+    Ok(out)
+}
+
 pub async fn stat(args: StatArgs) -> anyhow::Result<()> {
-    let http: Http = Client::builder(TokioExecutor::new()).build_http();
-    let admin = args.controller_admin;
+    let admin = args.target.connect().await?;
     let service = args.service.as_deref().map(|s| qualify(s, &args.namespace));
-    let keep = |s: &serde_json::Value| {
-        (args.direction == "all" || s["direction"] == args.direction.as_str())
-            && service.as_ref().is_none_or(|want| s["service"] == want.as_str())
+    let keep = |(direction, svc, _, _): &SeriesKey| {
+        (args.direction == "all" || *direction == args.direction) && service.as_ref().is_none_or(|want| svc == want)
     };
-    let first = get(&http, admin, "/stats").await?;
+    let first = stats(&admin).await?;
     tokio::time::sleep(args.window).await;
-    let second = get(&http, admin, "/stats").await?;
-    let key = |s: &serde_json::Value| format!("{}|{}|{}|{}", s["direction"], s["service"], s["route"], s["backend"]);
-    let before: std::collections::HashMap<String, u64> = first["series"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|s| (key(s), s["requests"].as_u64().unwrap_or(0)))
-        .collect();
-    let rows: Vec<serde_json::Value> = second["series"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|s| keep(s))
-        .map(|s| {
-            let now = s["requests"].as_u64().unwrap_or(0);
-            let rps = now.saturating_sub(before.get(&key(s)).copied().unwrap_or(0)) as f64 / args.window.as_secs_f64();
-            let ms = |k: &str| s[k].as_f64().map(|v| v * 1000.0);
+    let second = stats(&admin).await?;
+    let rows: Vec<serde_json::Value> = second
+        .iter()
+        .filter(|(k, _)| keep(k))
+        .map(|(k, t)| {
+            let before = first.get(k).map(|b| b.requests).unwrap_or(0);
+            let rps = t.requests.saturating_sub(before) as f64 / args.window.as_secs_f64();
+            let ms = |q: f64| t.quantile(q).map(|v| v * 1000.0);
+            let success = (t.requests > 0).then(|| 100.0 * (1.0 - t.failures as f64 / t.requests as f64));
+            let (direction, service, route, backend) = k;
             serde_json::json!({
-                "direction": s["direction"], "service": s["service"], "route": s["route"], "backend": s["backend"],
-                "requests": now, "failures": s["failures"], "successRate": s["successRate"].as_f64().map(|r| r * 100.0),
-                "rps": rps, "p50Ms": ms("p50Seconds"), "p95Ms": ms("p95Seconds"), "p99Ms": ms("p99Seconds"),
+                "direction": direction, "service": service, "route": route, "backend": backend,
+                "requests": t.requests, "failures": t.failures, "successRate": success,
+                "rps": rps, "p50Ms": ms(0.5), "p95Ms": ms(0.95), "p99Ms": ms(0.99),
             })
         })
         .collect();
@@ -218,6 +233,6 @@ mod tests {
         let nacked = serde_json::json!({"sentVersion": "8", "ackedVersion": "7", "nack": {"version": "8", "reason": "bad regex"}});
         let r = sync_row(&nacked);
         assert_eq!((r["status"].as_str(), r["detail"].as_str()), (Some("NACKED"), Some("version 8: bad regex")));
-        assert!(proxy_table(&[r]).contains("NACKED  version 8: bad regex"));
+        assert!(proxy_table(&[r], false).contains("NACKED  version 8: bad regex"));
     }
 }

@@ -6,9 +6,12 @@
 //! - [`inspect`]: `weir proxy-status` and `weir stat`.
 //! - [`check`]: `weir check`.
 //! - [`backend`]: `weir demo-backend`, a test application that fails or slows down on command.
+//! - [`admin`]: how commands reach the controllers' and sidecars' admin endpoints (directly,
+//!   or through the Kubernetes API server).
 //! - [`procs`]: child processes started by the demo and the end-to-end tests.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod backend;
 pub mod canary;
 pub mod check;

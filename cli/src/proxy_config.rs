@@ -1,15 +1,17 @@
 //! `weir proxy-config WORKLOAD [routes|endpoints|policies|identity]`: what one sidecar is
-//! running, read from its own `/config` (found through the controller's registry of connected
-//! sidecars, or asked directly with `--proxy-admin`).
+//! running, read from its own `/config` (found through the controllers' registries of connected
+//! sidecars and reached directly or, in Kubernetes, through its pod's proxy subresource; or
+//! asked directly with `--proxy-admin`).
 
 use std::net::SocketAddr;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{Value, json};
 
-use crate::inspect::{Http, get, get_from};
+use crate::admin::{Admin, Target};
+use crate::inspect::Http;
 
 pub const SECTIONS: [&str; 5] = ["all", "routes", "endpoints", "policies", "identity"];
 
@@ -28,9 +30,8 @@ pub struct ProxyConfigArgs {
     /// Namespace of a WORKLOAD given without one.
     #[arg(short = 'n', long, default_value = "default")]
     pub namespace: String,
-    /// The controller's admin address, where connected sidecars are listed (local mode).
-    #[arg(long, env = "WEIR_CONTROLLER_ADMIN", default_value = "127.0.0.1:9990")]
-    pub controller_admin: SocketAddr,
+    #[command(flatten)]
+    pub target: Target,
     /// Ask the sidecar at this admin address directly.
     #[arg(long)]
     pub proxy_admin: Option<SocketAddr>,
@@ -48,18 +49,25 @@ pub async fn run(mut args: ProxyConfigArgs) -> anyhow::Result<()> {
         args.section = w.to_string();
         args.workload = None;
     }
-    let http: Http = Client::builder(TokioExecutor::new()).build_http();
-    let admin = match (args.proxy_admin, &args.workload) {
-        (Some(a), _) => a,
+    let (config, which) = match (args.proxy_admin, &args.workload) {
+        (Some(a), _) => {
+            let http: Http = Client::builder(TokioExecutor::new()).build_http();
+            let admin = Admin::Direct { http: Box::new(http), addr: a };
+            (
+                admin.sidecar_get(&json!({"workload": "the sidecar", "admin": a.to_string()}), "/config").await?,
+                a.to_string(),
+            )
+        }
         (None, None) => bail!("name a WORKLOAD (NAMESPACE/NAME), or give --proxy-admin ADDR"),
         (None, Some(w)) => {
             let workload = crate::inspect::qualify(w, &args.namespace);
-            find_admin(&http, args.controller_admin, &workload).await?
+            let admin = args.target.connect().await?;
+            let proxy = find(&admin, &workload).await?;
+            (admin.sidecar_get(&proxy, "/config").await?, workload)
         }
     };
-    let config = get_from(&http, admin, "/config", "the sidecar's admin port").await?;
     if config["version"].is_null() {
-        bail!("the sidecar at {admin} has no configuration from the controller yet");
+        bail!("the sidecar of {which} has no configuration from the controller yet");
     }
     let view = section(&config, &args.section);
     match args.output.as_str() {
@@ -70,10 +78,9 @@ pub async fn run(mut args: ProxyConfigArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The admin address of the one connected sidecar of `workload`.
-async fn find_admin(http: &Http, controller: SocketAddr, workload: &str) -> anyhow::Result<SocketAddr> {
-    let r = get(http, controller, "/resources").await?;
-    let proxies = r["proxies"].as_array().cloned().unwrap_or_default();
+/// The one connected sidecar of `workload`, as a controller lists it.
+async fn find(admin: &Admin, workload: &str) -> anyhow::Result<Value> {
+    let proxies = crate::inspect::connected(admin).await?;
     let matching: Vec<&Value> = proxies.iter().filter(|p| p["workload"] == workload).collect();
     match matching.as_slice() {
         [] => {
@@ -83,9 +90,7 @@ async fn find_admin(http: &Http, controller: SocketAddr, workload: &str) -> anyh
                 if connected.is_empty() { "none".to_string() } else { connected.join(", ") }
             )
         }
-        [p] => p["admin"].as_str().and_then(|a| a.parse().ok()).with_context(|| {
-            format!("the sidecar of {workload} did not say where its admin port is; use --proxy-admin")
-        }),
+        [p] => Ok((*p).clone()),
         many => {
             let addrs: Vec<&str> = many.iter().filter_map(|p| p["admin"].as_str()).collect();
             bail!("{} sidecars of workload {workload}: pick one with --proxy-admin ({})", many.len(), addrs.join(", "))

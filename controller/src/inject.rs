@@ -38,6 +38,8 @@ pub struct Settings {
     pub controller_addr: String,
     /// The audience of the projected token.
     pub token_audience: String,
+    /// Secrets for pulling the proxy image, added to the pod's `imagePullSecrets`.
+    pub image_pull_secrets: Vec<String>,
 }
 
 impl Default for Settings {
@@ -46,6 +48,7 @@ impl Default for Settings {
             proxy_image: "ghcr.io/weir-mesh/weir-proxy:0.1.0".into(),
             controller_addr: "weir-controller.weir-system.svc:8090".into(),
             token_audience: "weir".into(),
+            image_pull_secrets: Vec::new(),
         }
     }
 }
@@ -236,6 +239,15 @@ pub fn inject_pod(pod: &mut Value, settings: &Settings) -> Result<Option<Skipped
         Some(vols) => vols.push(volume),
         None => {
             spec.insert("volumes".into(), json!([volume]));
+        }
+    }
+    if !settings.image_pull_secrets.is_empty() {
+        let secrets = spec.entry("imagePullSecrets").or_insert_with(|| json!([]));
+        let list = secrets.as_array_mut().ok_or_else(|| err("spec.imagePullSecrets", "not a list"))?;
+        for name in &settings.image_pull_secrets {
+            if !list.iter().any(|s| s["name"] == name.as_str()) {
+                list.push(json!({ "name": name }));
+            }
         }
     }
     let meta = pod

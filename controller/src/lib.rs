@@ -73,6 +73,11 @@ pub struct Args {
     /// How long draining may take on SIGTERM.
     #[arg(long, env = "WEIR_SHUTDOWN_GRACE", default_value = "5s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
+    /// On SIGTERM, how long to keep serving while reporting not ready, before draining (so
+    /// the webhook and gRPC endpoints leave the Services' endpoints before their listeners
+    /// close: no refused admission calls during rollouts).
+    #[arg(long, env = "WEIR_SHUTDOWN_DELAY", default_value = "0s", value_parser = parse_duration)]
+    pub shutdown_delay: Duration,
     /// Print the bound addresses as one JSON line on stdout once listening (for scripts and tests).
     #[arg(long)]
     pub print_listen_addrs: bool,
@@ -125,6 +130,10 @@ pub struct Args {
     /// The proxy image injected pods run.
     #[arg(long, env = "WEIR_PROXY_IMAGE", default_value_t = inject::Settings::default().proxy_image)]
     pub proxy_image: String,
+    /// Secrets for pulling the proxy image, added to injected pods (repeat, or separate with
+    /// commas).
+    #[arg(long = "proxy-image-pull-secret", env = "WEIR_PROXY_IMAGE_PULL_SECRETS", value_delimiter = ',')]
+    pub proxy_image_pull_secrets: Vec<String>,
     /// Where injected sidecars reach this controller.
     #[arg(long, env = "WEIR_INJECT_CONTROLLER_ADDR", default_value_t = inject::Settings::default().controller_addr)]
     pub inject_controller_addr: String,
@@ -205,6 +214,8 @@ impl Source {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
+    // Handlers first: a SIGTERM right after the listen addresses are announced must drain.
+    let mut stop = Box::pin(rt::shutdown_signal());
     let metrics = metrics::Metrics::new();
     let (trigger, drain) = rt::drain();
     let mut kube = None;
@@ -231,7 +242,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             // No sidecar may see a half-loaded cluster.
             tokio::select! {
                 _ = k.wait_until_ready() => {}
-                _ = rt::shutdown_signal() => {
+                _ = &mut stop => {
                     trigger.trigger();
                     return Ok(());
                 }
@@ -429,6 +440,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             proxy_image: args.proxy_image.clone(),
             controller_addr: args.inject_controller_addr.clone(),
             token_audience: args.token_audience.clone(),
+            image_pull_secrets: args.proxy_image_pull_secrets.clone(),
         };
         background.push(tokio::spawn(webhook::serve(listener, tls, settings, drain.clone(), args.shutdown_grace)));
     }
@@ -451,8 +463,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         println!("{}", serde_json::json!({ "grpc": grpc_addr, "admin": admin_addr, "webhook": webhook_addr }));
     }
 
-    rt::shutdown_signal().await;
+    stop.await;
     ready.store(false, Ordering::Release);
+    if !args.shutdown_delay.is_zero() {
+        // Not ready, still serving: the API server and sidecars stop picking this replica
+        // (endpoints removal takes a moment to spread) before its listeners close.
+        tracing::info!(delay = ?args.shutdown_delay, "stopping: not ready, serving on for the shutdown delay");
+        tokio::time::sleep(args.shutdown_delay).await;
+    }
     trigger.trigger();
     reload.abort();
     let _ = tokio::time::timeout(args.shutdown_grace, async {

@@ -63,6 +63,22 @@ pub struct Totals {
 }
 
 impl Totals {
+    /// Adds `other`'s counts; a histogram of another shape is left out of the latencies (the
+    /// first shape seen wins).
+    pub fn add(&mut self, other: &Totals) {
+        self.requests += other.requests;
+        self.failures += other.failures;
+        if self.bounds.is_empty() && self.counts.is_empty() {
+            self.bounds = other.bounds.clone();
+            self.counts = vec![0; other.counts.len()];
+        }
+        if self.bounds == other.bounds && self.counts.len() == other.counts.len() {
+            for (a, b) in self.counts.iter_mut().zip(&other.counts) {
+                *a += b;
+            }
+        }
+    }
+
     /// What happened between `earlier` and `self`.
     pub fn since(&self, earlier: &Totals) -> Totals {
         let counts = if self.bounds == earlier.bounds && self.counts.len() == earlier.counts.len() {
@@ -135,21 +151,13 @@ impl Reports {
     pub fn outbound_totals(&self, service: &str, backend: &str) -> Totals {
         let mut t = Totals::default();
         for (k, s) in &self.series {
-            if k.direction != "outbound" || k.service != service || k.backend != backend {
-                continue;
-            }
-            t.requests += s.requests;
-            t.failures += s.failures;
-            if t.bounds.is_empty() || t.bounds != s.latency_bounds_seconds {
-                if t.bounds.is_empty() {
-                    t.bounds = s.latency_bounds_seconds.clone();
-                    t.counts = vec![0; s.latency_counts.len()];
-                } else {
-                    continue;
-                }
-            }
-            for (a, b) in t.counts.iter_mut().zip(&s.latency_counts) {
-                *a += b;
+            if k.direction == "outbound" && k.service == service && k.backend == backend {
+                t.add(&Totals {
+                    requests: s.requests,
+                    failures: s.failures,
+                    bounds: s.latency_bounds_seconds.clone(),
+                    counts: s.latency_counts.clone(),
+                });
             }
         }
         t
@@ -165,6 +173,7 @@ impl Reports {
                     "requests": s.requests, "failures": s.failures,
                     "successRate": if s.requests > 0 { Some(1.0 - s.failures as f64 / s.requests as f64) } else { None },
                     "p50Seconds": s.quantile(0.5), "p95Seconds": s.quantile(0.95), "p99Seconds": s.quantile(0.99),
+                    "latencyBoundsSeconds": s.latency_bounds_seconds, "latencyCounts": s.latency_counts,
                     "lastReportUnixMs": s.last_report_unix_ms,
                 })
             })

@@ -99,7 +99,13 @@ pub fn review(scope: Scope, review: &Value, settings: &Settings) -> Result<Value
 /// The JSON patch from `before` to `after` over what injection changes.
 fn json_patch(before: &Value, after: &Value) -> Value {
     let mut ops = Vec::new();
-    for (parent, key) in [("/spec", "initContainers"), ("/spec", "volumes"), ("/metadata", "annotations")] {
+    let changed = [
+        ("/spec", "initContainers"),
+        ("/spec", "volumes"),
+        ("/spec", "imagePullSecrets"),
+        ("/metadata", "annotations"),
+    ];
+    for (parent, key) in changed {
         let pointer = format!("{parent}/{key}");
         let (b, a) = (before.pointer(&pointer), after.pointer(&pointer));
         match (b, a) {
@@ -213,6 +219,18 @@ mod tests {
         let paths: Vec<&str> = patch.as_array().unwrap().iter().map(|o| o["path"].as_str().unwrap()).collect();
         assert_eq!(paths, ["/spec/initContainers", "/spec/volumes", "/metadata/annotations"]);
         assert!(patch.as_array().unwrap().iter().all(|o| o["op"] == "add"));
+
+        // With pull secrets for the proxy image: added beside the pod's own, once.
+        let settings = Settings { image_pull_secrets: vec!["regcred".into(), "own".into()], ..Settings::default() };
+        let pod = json!({"metadata": {"name": "p"},
+                         "spec": {"containers": [{"name": "app"}], "imagePullSecrets": [{"name": "own"}]}});
+        let answer = review(Scope::Namespace, &admission(pod), &settings).unwrap();
+        let patch: Value = serde_json::from_slice(
+            &base64::engine::general_purpose::STANDARD.decode(answer["response"]["patch"].as_str().unwrap()).unwrap(),
+        )
+        .unwrap();
+        let op = patch.as_array().unwrap().iter().find(|o| o["path"] == "/spec/imagePullSecrets").unwrap();
+        assert_eq!((&op["op"], &op["value"]), (&json!("replace"), &json!([{"name": "own"}, {"name": "regcred"}])));
     }
 
     #[test]

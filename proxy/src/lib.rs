@@ -138,6 +138,8 @@ pub fn main_with(args: Args) -> anyhow::Result<()> {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
+    // Handlers first: a SIGTERM right after the listen addresses are announced must drain.
+    let stop = rt::shutdown_signal();
     let (ns, name) = args.workload.clone();
     let workload = format!("{ns}/{name}");
     let metrics = Metrics::new();
@@ -275,7 +277,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         println!("{addrs}");
     }
 
-    rt::shutdown_signal().await;
+    stop.await;
     draining.store(true, Ordering::Release);
     trigger.trigger();
     let _ = tokio::join!(outbound_task, inbound_task);

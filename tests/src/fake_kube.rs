@@ -57,6 +57,8 @@ pub struct FakeKube {
 
 struct Shared {
     state: Mutex<State>,
+    /// Pod ports served through `pods/NAME:PORT/proxy/...`: where to forward.
+    pod_proxies: Mutex<HashMap<(String, String, u16), SocketAddr>>,
     log: Mutex<Vec<(Method, String)>>,
     /// Running watch streams, aborted on shutdown.
     watch_tasks: Mutex<tokio::task::JoinSet<()>>,
@@ -187,6 +189,7 @@ impl FakeKube {
                 next_uid: 1,
             }),
             log: Mutex::new(Vec::new()),
+            pod_proxies: Mutex::new(HashMap::new()),
             watch_tasks: Mutex::new(tokio::task::JoinSet::new()),
             shutdown: tokio::sync::watch::channel(false).0,
         });
@@ -247,6 +250,18 @@ preferences: {{}}
         let ns = obj["metadata"]["namespace"].as_str().unwrap_or("default").to_string();
         let mut st = self.shared.state();
         st.create(collection, &ns, obj, true).unwrap_or_else(|e| panic!("create in {collection}: {e}"))
+    }
+
+    /// Creates a cluster-scoped object (a CRD, a webhook configuration); panics if it exists.
+    pub fn create_cluster_scoped(&self, collection: &str, obj: Value) -> Value {
+        let mut st = self.shared.state();
+        st.create(collection, "", obj, true).unwrap_or_else(|e| panic!("create in {collection}: {e}"))
+    }
+
+    /// Serves `port` of pod `ns/name` through the pods' `proxy` subresource by forwarding to
+    /// `to` (what the API server does with the pod's IP).
+    pub fn set_pod_proxy(&self, ns: &str, name: &str, port: u16, to: SocketAddr) {
+        self.shared.pod_proxies.lock().unwrap().insert((ns.to_string(), name.to_string(), port), to);
     }
 
     /// Replaces an object wholesale (status included; `resourceVersion` in `obj` is ignored);
@@ -499,7 +514,12 @@ impl State {
             Some(mut obj) => {
                 let meta = ensure_object(&mut obj, "metadata");
                 meta.insert("name".into(), json!(name));
-                meta.insert("namespace".into(), json!(ns));
+                if ns.is_empty() {
+                    // Cluster-scoped.
+                    meta.remove("namespace");
+                } else {
+                    meta.insert("namespace".into(), json!(ns));
+                }
                 self.fill_type(collection, &mut obj);
                 match &old {
                     Some(old) => {
@@ -907,6 +927,51 @@ fn error_response(e: ApiError) -> http::Response<Body> {
     json_response(e.code, &e.status())
 }
 
+/// `/api/v1/namespaces/NS/pods/NAME:PORT/proxy/REST`: (NS, NAME, PORT, /REST).
+fn pod_proxy_path(path: &str) -> Option<(String, String, u16, String)> {
+    let rest = path.strip_prefix("/api/v1/namespaces/")?;
+    let (ns, rest) = rest.split_once("/pods/")?;
+    let (pod_port, rest) = rest.split_once("/proxy")?;
+    let (pod, port) = pod_port.rsplit_once(':')?;
+    let rest = if rest.is_empty() { "/".to_string() } else { rest.to_string() };
+    Some((ns.to_string(), pod.to_string(), port.parse().ok()?, rest))
+}
+
+/// Forwards a proxied request to `to` and relays the answer, as the API server's proxy does.
+async fn forward(req: http::Request<hyper::body::Incoming>, to: SocketAddr, path: &str) -> http::Response<Body> {
+    let query = req.uri().query().map(|q| format!("?{q}")).unwrap_or_default();
+    let method = req.method().clone();
+    let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let attempt = async {
+        let tcp = tokio::net::TcpStream::connect(to).await?;
+        let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
+        tokio::spawn(conn);
+        let out = http::Request::builder()
+            .method(method)
+            .uri(format!("{path}{query}"))
+            .header("host", to.to_string())
+            .body(Full::new(body))?;
+        let rsp = send.send_request(out).await?;
+        let status = rsp.status();
+        let content_type = rsp.headers().get(http::header::CONTENT_TYPE).cloned();
+        let bytes = rsp.into_body().collect().await?.to_bytes();
+        anyhow::Ok((status, content_type, bytes))
+    };
+    match attempt.await {
+        Ok((status, content_type, bytes)) => {
+            let mut r = http::Response::new(Full::new(bytes).boxed());
+            *r.status_mut() = status;
+            if let Some(ct) = content_type {
+                r.headers_mut().insert(http::header::CONTENT_TYPE, ct);
+            }
+            r
+        }
+        Err(e) => {
+            error_response(ApiError::new(503, "ServiceUnavailable", format!("error trying to reach service: {e}")))
+        }
+    }
+}
+
 /// A parsed API path.
 struct Target {
     collection: String,
@@ -924,6 +989,8 @@ fn parse_path(path: &str) -> Option<Target> {
     };
     let (namespace, plural, name, sub) = match rest {
         [plural] => (None, plural, None, None),
+        // Cluster-scoped objects (stored under the namespace "").
+        [plural, name] if plural != "namespaces" => (None, plural, Some(name.clone()), None),
         [ns_kw, ns, plural, tail @ ..] if ns_kw == "namespaces" && tail.len() <= 2 => {
             (Some(ns.clone()), plural, tail.first().cloned(), tail.get(1).cloned())
         }
@@ -971,6 +1038,17 @@ async fn handle(shared: Arc<Shared>, req: http::Request<hyper::body::Incoming>) 
     let method = req.method().clone();
     let path_and_query = req.uri().path_and_query().map(|p| p.as_str().to_string()).unwrap_or_default();
     shared.log.lock().unwrap().push((method.clone(), path_and_query));
+    if let Some((ns, pod, port, rest)) = pod_proxy_path(req.uri().path()) {
+        let to = shared.pod_proxies.lock().unwrap().get(&(ns.clone(), pod.clone(), port)).copied();
+        return match to {
+            Some(to) => forward(req, to, &rest).await,
+            None => error_response(ApiError::new(
+                503,
+                "ServiceUnavailable",
+                format!("error trying to reach service: no pod {ns}/{pod} serving port {port}"),
+            )),
+        };
+    }
     let query = parse_query(req.uri().query());
     let Some(target) = parse_path(req.uri().path()) else {
         return error_response(ApiError::new(404, "NotFound", "the server could not find the requested resource"));
@@ -1118,7 +1196,7 @@ fn respond(
             ))
         }
         (Method::GET, Some(name)) => {
-            let ns = ns.ok_or_else(|| not_found(coll, name))?;
+            let ns = ns.unwrap_or("");
             st.objects
                 .get(&key(coll, ns, name))
                 .map(|o| Reply::Json(200, (**o).clone()))

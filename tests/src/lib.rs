@@ -150,6 +150,12 @@ pub fn kube_controller_args(kubeconfig: &Path, log_level: &str, extra: &[&str]) 
     a
 }
 
+/// Runs the `weir` command: (exit code, stdout, stderr).
+pub async fn run_weir(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = tokio::process::Command::new(bin("weir")).args(args).kill_on_drop(true).output().await.unwrap();
+    (out.status.code(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
 /// An in-process backend; stops when dropped.
 pub struct Backend {
     pub addr: SocketAddr,

@@ -65,6 +65,7 @@ fn everything_on(ca: &(String, String, String)) -> String {
         "controller:\n  replicas: 3\n  namespaces: [shop, payments]\n  podLabels: {{team: mesh}}\n  \
          nodeSelector: {{kubernetes.io/os: linux}}\n  tolerations: [{{key: dedicated, operator: Exists}}]\n  \
          priorityClassName: system-cluster-critical\n  imagePullSecrets: [{{name: regcred}}]\n\
+         proxy:\n  imagePullSecrets: [regcred]\n\
          identity:\n  trustDomain: mesh.example\n  trustAnchorPEM: |\n{}  issuer:\n    crtPEM: |\n{}    keyPEM: |\n{}\
          webhook:\n  failurePolicy: Ignore\n  excludeNamespaces: [monitoring]\n\
          metrics:\n  podMonitor:\n    enabled: true\n    labels: {{release: prometheus}}\n\
@@ -124,6 +125,9 @@ fn chart_lints_and_renders_valid_kubernetes_objects() {
         assert_eq!(&find(&docs, "PodDisruptionBudget", "weir-controller")["spec"]["selector"]["matchLabels"][k], v);
     }
     assert!(pod["spec"]["affinity"]["podAntiAffinity"].is_object());
+    // The admin port (canary controls) is on no Service; only sidecars' gRPC is.
+    let ports = find(&docs, "Service", "weir-controller")["spec"]["ports"].as_array().unwrap().clone();
+    assert_eq!(ports.iter().map(|p| p["name"].as_str().unwrap()).collect::<Vec<_>>(), ["grpc"]);
     assert_eq!(pod["metadata"]["annotations"]["weir.io/inject"], "disabled");
     let c = container(&docs);
     assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
@@ -147,6 +151,7 @@ fn chart_lints_and_renders_valid_kubernetes_objects() {
     assert_eq!(find(&docs, "Deployment", "weir-controller")["spec"]["replicas"], 3);
     let a = args(&docs);
     assert!(a.contains(&"--namespace=shop".into()) && a.contains(&"--namespace=payments".into()), "{a:?}");
+    assert!(a.contains(&"--proxy-image-pull-secret=regcred".into()), "{a:?}");
     assert_eq!(flag(&docs, "trust-domain").as_deref(), Some("mesh.example"));
     find(&docs, "PodMonitor", "weir-controller");
     assert_eq!(find(&docs, "PodMonitor", "weir-proxies")["spec"]["podMetricsEndpoints"][0]["port"], "weir-admin");
@@ -181,6 +186,9 @@ fn broken_values_are_refused_naming_the_field() {
         ("webhook:\n  timeoutSeconds: 60\n", "/webhook/timeoutSeconds"),
         ("identity:\n  trustAnchorPEM: not a certificate\n", "/identity/trustAnchorPEM"),
         ("metrics:\n  podMonitor:\n    enabled: yes please\n", "/metrics/podMonitor/enabled"),
+        ("proxy:\n  imagePullSecrets: [Reg Cred]\n", "/proxy/imagePullSecrets/0"),
+        // A budget no drain could ever satisfy.
+        ("controller:\n  podDisruptionBudget:\n    minAvailable: 2\n", "must be below controller.replicas (2)"),
         // Valid one by one, but not together.
         (
             "identity:\n  trustAnchorPEM: \"-----BEGIN CERTIFICATE-----\\n\"\n",

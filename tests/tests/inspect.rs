@@ -43,11 +43,6 @@ async fn fake_sidecar(
     })
 }
 
-async fn weir(args: &[&str]) -> (Option<i32>, String, String) {
-    let out = tokio::process::Command::new(bin("weir")).args(args).kill_on_drop(true).output().await.unwrap();
-    (out.status.code(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_status_tells_synced_stale_and_nacked_apart() {
     let scratch = Scratch::new();
@@ -64,7 +59,7 @@ async fn proxy_status_tells_synced_stale_and_nacked_apart() {
         r["proxies"].as_array().is_some_and(|p| p.len() == 3 && p.iter().any(|p| !p["nack"].is_null()))
     })
     .await;
-    let (code, table, _) = weir(&["proxy-status", "--controller-admin", &a]).await;
+    let (code, table, _) = run_weir(&["proxy-status", "--controller-admin", &a]).await;
     assert_eq!(code, Some(3), "not all in sync:\n{table}");
     let line = |w: &str| table.lines().find(|l| l.starts_with(w)).unwrap_or_else(|| panic!("{w}: {table}")).to_string();
     assert!(line("test/real").contains("SYNCED"), "{table}");
@@ -73,7 +68,7 @@ async fn proxy_status_tells_synced_stale_and_nacked_apart() {
         line("test/refuser").contains("NACKED  version") && line("test/refuser").contains("cannot apply this"),
         "{table}"
     );
-    let (_, json, _) = weir(&["proxy-status", "--controller-admin", &a, "-o", "json"]).await;
+    let (_, json, _) = run_weir(&["proxy-status", "--controller-admin", &a, "-o", "json"]).await;
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert_eq!(v["proxies"].as_array().unwrap().len(), 3);
 
@@ -84,11 +79,11 @@ async fn proxy_status_tells_synced_stale_and_nacked_apart() {
         admin_json(admin, "/resources").await["proxies"].as_array().is_some_and(|p| p.len() == 1)
     })
     .await;
-    let (code, table, _) = weir(&["proxy-status", "--controller-admin", &a]).await;
+    let (code, table, _) = run_weir(&["proxy-status", "--controller-admin", &a]).await;
     assert_eq!(code, Some(0), "{table}");
     // An unreachable controller is an error with the address.
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
-    let (code, _, err) = weir(&["proxy-status", "--controller-admin", &closed]).await;
+    let (code, _, err) = run_weir(&["proxy-status", "--controller-admin", &closed]).await;
     assert_eq!(code, Some(1));
     assert!(err.contains(&format!("reaching the controller's admin port at {closed}")), "{err}");
 }
@@ -115,7 +110,7 @@ async fn stat_numbers_match_the_traffic_sent() {
     .await;
     let a = admin.to_string();
     let (code, json, err) =
-        weir(&["stat", "web", "-n", "test", "--controller-admin", &a, "--window", "100ms", "-o", "json"]).await;
+        run_weir(&["stat", "web", "-n", "test", "--controller-admin", &a, "--window", "100ms", "-o", "json"]).await;
     assert_eq!(code, Some(0), "{err}");
     let rows: serde_json::Value = serde_json::from_str(&json).unwrap();
     let row = rows.as_array().unwrap().iter().find(|r| r["backend"] == "test/web-v1").unwrap();
@@ -123,7 +118,7 @@ async fn stat_numbers_match_the_traffic_sent() {
     assert_eq!(row["successRate"].as_f64(), Some(80.0));
     // Loopback requests to an idle backend: p50 well inside the first buckets.
     assert!(row["p50Ms"].as_f64().unwrap() <= 50.0, "{row}");
-    let (_, table, _) = weir(&["stat", "--controller-admin", &a, "--window", "100ms"]).await;
+    let (_, table, _) = run_weir(&["stat", "--controller-admin", &a, "--window", "100ms"]).await;
     let line = table.lines().find(|l| l.contains("test/web-v1")).unwrap_or_else(|| panic!("{table}"));
     assert!(line.contains("80.00%") && line.contains(" 50 "), "{table}");
 }
@@ -155,14 +150,14 @@ async fn check_says_what_is_wrong_and_how_to_fix_it() {
     let sidecar = scratch.proxy_with(controller.addr("grpc"), "test/web", None, &scratch.token_flags("t-web")).await;
     wait_config(sidecar.addr("admin"), "a snapshot", |c| !c["version"].is_null()).await;
     let a = controller.addr("admin").to_string();
-    let (code, out, _) = weir(&["check", "--controller-admin", &a]).await;
+    let (code, out, _) = run_weir(&["check", "--controller-admin", &a]).await;
     assert_eq!(code, Some(0), "{out}");
     let m = admin_text(controller.addr("admin"), "/metrics").await;
     assert!(
         m.contains(&format!("weir_controller_connected_proxies{{proxy_version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"))),
         "{m}"
     );
-    let (code, script, _) = weir(&["completions", "bash"]).await;
+    let (code, script, _) = run_weir(&["completions", "bash"]).await;
     assert!(code == Some(0) && script.contains("proxy-status") && script.contains("canary"), "{script}");
     for line in [
         "✔ controller: ready at",
@@ -179,7 +174,7 @@ async fn check_says_what_is_wrong_and_how_to_fix_it() {
         admin_json(admin, "/resources").await["rejected"].as_array().is_some_and(|r| !r.is_empty())
     })
     .await;
-    let (code, out, _) = weir(&["check", "--controller-admin", &a]).await;
+    let (code, out, _) = run_weir(&["check", "--controller-admin", &a]).await;
     assert_eq!(code, Some(1), "{out}");
     assert!(
         out.contains("✘ configuration: 1 definition(s) rejected, e.g. bad.yaml")
@@ -201,7 +196,7 @@ async fn check_says_what_is_wrong_and_how_to_fix_it() {
     )
     .unwrap();
     let k = kubeconfig.display().to_string();
-    let (code, out, _) = weir(&["check", "--controller-admin", &closed, "--kubeconfig", &k]).await;
+    let (code, out, _) = run_weir(&["check", "--controller-admin", &closed, "--kubeconfig", &k]).await;
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("✔ CRD routes.weir.io: installed, v1alpha1 served"), "{out}");
     assert!(
@@ -231,31 +226,31 @@ async fn proxy_config_shows_what_one_sidecar_runs() {
     .await;
 
     // Found through the controller by workload name.
-    let (code, out, err) = weir(&["proxy-config", "test/client", "routes", "--controller-admin", &admin]).await;
+    let (code, out, err) = run_weir(&["proxy-config", "test/client", "routes", "--controller-admin", &admin]).await;
     assert_eq!(code, Some(0), "{err}");
     assert!(out.contains("test/web:split") && out.contains("web-v1=90") && out.contains("web-v2=10"), "{out}");
     let (code, out, err) =
-        weir(&["proxy-config", "client", "-n", "test", "endpoints", "--controller-admin", &admin]).await;
+        run_weir(&["proxy-config", "client", "-n", "test", "endpoints", "--controller-admin", &admin]).await;
     assert_eq!(code, Some(0), "{err}");
     for s in &mesh.sidecars {
         assert!(out.contains(&s.addr("inbound").to_string()), "{out}");
     }
-    let (code, out, err) = weir(&["proxy-config", "test/client", "policies", "--controller-admin", &admin]).await;
+    let (code, out, err) = run_weir(&["proxy-config", "test/client", "policies", "--controller-admin", &admin]).await;
     assert_eq!(code, Some(0), "{err}");
     assert!(out.contains("test/web") && out.contains("2000ms"), "{out}");
     // Structured output for scripts, straight from the sidecar.
     let direct = client_admin.to_string();
-    let (code, out, err) = weir(&["proxy-config", "--proxy-admin", &direct, "endpoints", "-o", "json"]).await;
+    let (code, out, err) = run_weir(&["proxy-config", "--proxy-admin", &direct, "endpoints", "-o", "json"]).await;
     assert_eq!(code, Some(0), "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let web = v.as_array().unwrap().iter().find(|s| s["service"] == "test/web-v1").unwrap();
     assert!(!web["endpoints"].as_array().unwrap().is_empty(), "{out}");
     let (code, out, _) =
-        weir(&["proxy-config", "test/client", "identity", "-o", "yaml", "--controller-admin", &admin]).await;
+        run_weir(&["proxy-config", "test/client", "identity", "-o", "yaml", "--controller-admin", &admin]).await;
     assert_eq!(code, Some(0));
     assert!(out.trim() == "null", "no identity without --token-file: {out}");
     // A workload with no sidecar connected is an error that lists who is.
-    let (code, _, err) = weir(&["proxy-config", "test/ghost", "--controller-admin", &admin]).await;
+    let (code, _, err) = run_weir(&["proxy-config", "test/ghost", "--controller-admin", &admin]).await;
     assert_eq!(code, Some(1));
     assert!(err.contains("no connected sidecar of workload test/ghost") && err.contains("test/client"), "{err}");
 }

@@ -581,3 +581,113 @@ async fn the_leader_drives_canaries_and_followers_route_as_its_status_says() {
     assert_eq!(reply.status, 409, "{}", reply.body);
     assert!(reply.body.contains("does not lead"), "{}", reply.body);
 }
+
+const CRDS: &str = "apis/apiextensions.k8s.io/v1/customresourcedefinitions";
+const WEBHOOKS: &str = "apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations";
+const CONTROLLER_PODS: [&str; 2] = ["weir-controller-a", "weir-controller-b"];
+
+/// The `weir` command against a cluster: every controller replica (the chart's pods) is asked
+/// through the API server's proxy subresource, each for the sidecars connected to it, and the
+/// answers merged; a sidecar's own admin port is reached through its pod; canaries through the
+/// Lease holder; `weir check` also judges the CRDs and the chart's webhook configuration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_weir_command_asks_every_replica_through_the_api_server() {
+    let fake = FakeKube::start().await;
+    let scratch = Scratch::new();
+    let backend = Backend::start("v1").await;
+    fake.create(SERVICES, service("shop", "web", "10.96.0.10"));
+    fake.create(PODS, pod("shop", "web-1", "web", false));
+    fake.create(SLICES, slice("shop", "web-a", "web", &[(backend.addr, "web-1", true)]));
+    for crd in weir_api::crds() {
+        fake.create_cluster_scoped(CRDS, serde_json::to_value(crd).unwrap());
+    }
+    let docs = chart::render(None, &[]).unwrap();
+    let hooks = chart::find(&docs, "MutatingWebhookConfiguration", "weir-sidecar-injector").clone();
+    fake.create_cluster_scoped(WEBHOOKS, hooks);
+    let a = kube_controller(&scratch, &fake, CONTROLLER_PODS[0], &[]).await;
+    let b = kube_controller(&scratch, &fake, CONTROLLER_PODS[1], &[]).await;
+    for (name, c) in CONTROLLER_PODS.iter().zip([&a, &b]) {
+        fake.create(
+            PODS,
+            json!({"apiVersion": "v1", "kind": "Pod",
+                   "metadata": {"name": name, "namespace": "weir-system",
+                                "labels": {"app.kubernetes.io/name": "weir", "app.kubernetes.io/component": "controller"}},
+                   "spec": {"containers": [{"name": "controller", "image": "weir-controller:dev"}]},
+                   "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}}),
+        );
+        fake.set_pod_proxy("weir-system", name, 9990, c.addr("admin"));
+    }
+    // One sidecar on each replica, its pod's admin port reachable through the API server too.
+    let client_a = scratch.proxy(a.addr("grpc"), "shop/client-a", None).await;
+    let client_b = scratch.proxy(b.addr("grpc"), "shop/client-b", None).await;
+    for (pod, (sidecar, requests)) in ["client-a", "client-b"].into_iter().zip([(&client_a, 6u64), (&client_b, 4)]) {
+        let admin = sidecar.addr("admin");
+        fake.set_pod_proxy("shop", pod, admin.port(), admin);
+        wait_config(admin, "web", |c| endpoint_count(c, "shop", "web") == 1).await;
+        for _ in 0..requests {
+            let r = send(&http1(), sidecar.addr("outbound"), "GET", "web.shop", "/", &[]).await.unwrap();
+            assert_eq!(r.status, 200, "{}", r.body);
+        }
+    }
+    for (c, n) in [(&a, 6), (&b, 4)] {
+        let admin = c.addr("admin");
+        wait_until("the reports", Duration::from_secs(20), || async move {
+            admin_json(admin, "/stats").await["series"]
+                .as_array()
+                .is_some_and(|s| s.iter().any(|s| s["direction"] == "outbound" && s["requests"] == n))
+        })
+        .await;
+    }
+    let kubeconfig = fake.kubeconfig(scratch.dir.path());
+    let k = kubeconfig.to_str().unwrap();
+
+    let (code, table, err) = run_weir(&["proxy-status", "--kubeconfig", k]).await;
+    assert_eq!(code, Some(0), "{table}{err}");
+    let line = |w: &str| table.lines().find(|l| l.starts_with(w)).unwrap_or_else(|| panic!("{w}: {table}")).to_string();
+    assert!(line("shop/client-a").contains("weir-controller-a") && line("shop/client-a").contains("SYNCED"), "{table}");
+    assert!(line("shop/client-b").contains("weir-controller-b") && line("shop/client-b").contains("SYNCED"), "{table}");
+
+    // Traffic reported to both replicas, summed.
+    let (code, json, err) =
+        run_weir(&["stat", "web", "-n", "shop", "--kubeconfig", k, "--window", "100ms", "-o", "json"]).await;
+    assert_eq!(code, Some(0), "{err}");
+    let rows: Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(rows.as_array().unwrap().len(), 1, "{rows:#}");
+    assert_eq!((rows[0]["requests"].as_u64(), rows[0]["successRate"].as_f64()), (Some(10), Some(100.0)), "{rows:#}");
+    assert!(rows[0]["p99Ms"].as_f64().is_some_and(|p| p > 0.0), "{rows:#}");
+
+    let (code, out, err) = run_weir(&["proxy-config", "shop/client-b", "endpoints", "--kubeconfig", k]).await;
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("shop/web") && out.contains(&backend.addr.to_string()), "{out}");
+
+    let (code, out, err) = run_weir(&["canary", "status", "--kubeconfig", k, "-o", "json"]).await;
+    assert_eq!((code, out.trim()), (Some(0), "[]"), "{err}");
+
+    let (code, out, _) = run_weir(&["check", "--kubeconfig", k]).await;
+    assert_eq!(code, Some(0), "{out}");
+    for want in [
+        "✔ CRD routes.weir.io: installed",
+        "✔ injection webhook: 2 entries, CA bundle valid for",
+        "✔ controller weir-controller-a: ready",
+        "✔ controller weir-controller-b: ready",
+        "✔ sidecars: 2 connected, all in sync",
+    ] {
+        assert!(out.contains(want), "{want}:\n{out}");
+    }
+    // The webhook configuration gone: ✘ with the fix.
+    fake.delete(WEBHOOKS, "", "weir-sidecar-injector");
+    let (code, out, _) = run_weir(&["check", "--kubeconfig", k]).await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("✘ injection webhook: no MutatingWebhookConfiguration weir-sidecar-injector")
+            && out.contains("fix: install the chart with webhook.enabled=true"),
+        "{out}"
+    );
+    // No ready controller pod: the error says so and how to install.
+    for name in CONTROLLER_PODS {
+        fake.patch_status(PODS, "weir-system", name, json!({"conditions": [{"type": "Ready", "status": "False"}]}));
+    }
+    let (code, _, err) = run_weir(&["proxy-status", "--kubeconfig", k]).await;
+    assert_eq!(code, Some(1));
+    assert!(err.contains("no ready controller pod in weir-system (2 found"), "{err}");
+}

@@ -29,3 +29,25 @@ async fn sigterm_lets_in_flight_requests_finish() {
     assert!(exited_cleanly, "the sidecar should exit on its own once drained");
     assert!(tokio::net::TcpStream::connect(via).await.is_err(), "a drained sidecar must not accept connections");
 }
+
+/// `--shutdown-delay`: on SIGTERM the controller says it is not ready but keeps serving (a
+/// sidecar still gets its snapshot) for the delay, then exits on its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_controller_serves_not_ready_through_its_shutdown_delay() {
+    let scratch = Scratch::new();
+    scratch.write("services.yaml", &service("test", "web", &[]));
+    let mut controller = scratch.controller_with(None, &["--shutdown-delay".into(), "5s".into()]).await;
+    let (admin, grpc) = (controller.addr("admin"), controller.addr("grpc"));
+    let ready = || async move {
+        let rsp = http1().get(format!("http://{admin}/ready").parse().unwrap()).await.unwrap();
+        rsp.status().as_u16()
+    };
+    assert_eq!(ready().await, 200);
+    let stopped = tokio::spawn(async move { controller.stop(Duration::from_secs(20)).await });
+    wait_until("not ready", Duration::from_secs(10), || async move { ready().await == 503 }).await;
+    // Still serving: a sidecar connecting now gets its configuration.
+    let late = scratch.proxy(grpc, "test/late", None).await;
+    wait_config(late.addr("admin"), "a snapshot from the stopping controller", |c| !c["version"].is_null()).await;
+    assert!(!stopped.is_finished(), "the delay is not over yet");
+    assert!(stopped.await.unwrap(), "the controller exits on its own after the delay");
+}

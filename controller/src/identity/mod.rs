@@ -156,12 +156,23 @@ fn issuer_key(pem: &str) -> Result<KeyPair, String> {
 }
 
 impl Ca {
-    /// Loads the trust anchor and issuer from `dir` (`root.crt`, `issuer.crt`, `issuer.key`);
-    /// when the directory holds none of them, generates both once and keeps them there.
+    /// Loads the trust anchor and issuer from `dir` (`root.crt`, `issuer.crt`, `issuer.key`,
+    /// or a `kubernetes.io/tls` Secret's `ca.crt`, `tls.crt`, `tls.key` as cert-manager writes
+    /// an issuer); when the directory holds none of them, generates both once and keeps them
+    /// there.
     pub fn load_or_create(dir: &Path, trust_domain: &str, lifetime: Duration) -> Result<Self, CaError> {
         std::fs::create_dir_all(dir).map_err(|e| CaError::File { path: dir.into(), message: e.to_string() })?;
-        let files = ["root.crt", "issuer.crt", "issuer.key"];
-        let present: Vec<Option<String>> = files.iter().map(|f| read(dir, f)).collect::<Result<_, _>>()?;
+        let ours = ["root.crt", "issuer.crt", "issuer.key"];
+        let tls = ["ca.crt", "tls.crt", "tls.key"];
+        let read_all = |names: &[&str; 3]| names.iter().map(|f| read(dir, f)).collect::<Result<Vec<_>, _>>();
+        let mut files = ours;
+        let mut present = read_all(&ours)?;
+        if present.iter().all(Option::is_none) {
+            let as_tls = read_all(&tls)?;
+            if as_tls.iter().all(Option::is_some) {
+                (files, present) = (tls, as_tls);
+            }
+        }
         if present.iter().all(Option::is_none) {
             let root_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
             let root_params = ca_params("Weir trust anchor", ROOT_LIFETIME);
@@ -180,17 +191,17 @@ impl Ca {
                 message: "missing (the directory holds a partial CA)".into(),
             });
         }
+        let [root_file, issuer_file, key_file] = files;
         let get = |f: &str| read(dir, f).map(|s| s.unwrap_or_default());
-        let key = issuer_key(&get("issuer.key")?)
-            .map_err(|message| CaError::File { path: dir.join("issuer.key"), message })?;
-        let issuer_pem = get("issuer.crt")?;
+        let key = issuer_key(&get(key_file)?).map_err(|message| CaError::File { path: dir.join(key_file), message })?;
+        let issuer_pem = get(issuer_file)?;
         let issuer = Issuer::from_ca_cert_pem(&issuer_pem, key)
-            .map_err(|e| CaError::File { path: dir.join("issuer.crt"), message: e.to_string() })?;
+            .map_err(|e| CaError::File { path: dir.join(issuer_file), message: e.to_string() })?;
         Ok(Ca {
             trust_domain: trust_domain.to_string(),
             lifetime,
-            root_der: pem_to_der(dir.join("root.crt"), &get("root.crt")?)?,
-            issuer_der: pem_to_der(dir.join("issuer.crt"), &issuer_pem)?,
+            root_der: pem_to_der(dir.join(root_file), &get(root_file)?)?,
+            issuer_der: pem_to_der(dir.join(issuer_file), &issuer_pem)?,
             issuer,
         })
     }
@@ -297,6 +308,23 @@ mod tests {
         std::fs::remove_file(dir.path().join("issuer.crt")).unwrap();
         let err = Ca::load_or_create(dir.path(), "cluster.local", Duration::from_secs(3600)).err().unwrap();
         assert!(err.to_string().contains("issuer.crt"), "{err}");
+    }
+
+    /// A `kubernetes.io/tls` Secret as cert-manager writes an issuer certificate.
+    #[test]
+    fn loads_an_issuer_from_tls_secret_keys() {
+        let made = tempfile::tempdir().unwrap();
+        let ca = Ca::load_or_create(made.path(), "cluster.local", Duration::from_secs(3600)).unwrap();
+        let mounted = tempfile::tempdir().unwrap();
+        for (from, to) in [("root.crt", "ca.crt"), ("issuer.crt", "tls.crt"), ("issuer.key", "tls.key")] {
+            std::fs::copy(made.path().join(from), mounted.path().join(to)).unwrap();
+        }
+        let loaded = Ca::load_or_create(mounted.path(), "cluster.local", Duration::from_secs(3600)).unwrap();
+        assert_eq!((&loaded.root_der, &loaded.issuer_der), (&ca.root_der, &ca.issuer_der));
+        let id = loaded.spiffe_id("shop", "web");
+        loaded.certify(&csr_for(&id).0, &id).unwrap();
+        // Nothing was generated beside them.
+        assert!(!mounted.path().join("root.crt").exists());
     }
 
     #[test]
