@@ -176,7 +176,12 @@ fn print_crds(out_dir: Option<&std::path::Path>) -> anyhow::Result<()> {
 
 /// Where resources come from.
 enum Source {
-    Local { dir: PathBuf, changes: mpsc::Receiver<Instant>, _watch: source::local::WatchGuard },
+    Local {
+        dir: PathBuf,
+        changes: mpsc::Receiver<Instant>,
+        _watch: source::local::WatchGuard,
+        cache: source::local::ParseCache,
+    },
     Kubernetes(Arc<source::kubernetes::KubeSource>),
 }
 
@@ -191,9 +196,9 @@ struct Read {
 }
 
 impl Source {
-    fn read(&self) -> Result<Read, String> {
+    fn read(&mut self) -> Result<Read, String> {
         match self {
-            Source::Local { dir, .. } => source::local::read_dir(dir)
+            Source::Local { dir, cache, .. } => source::local::read_dir_cached(dir, cache)
                 .map(|(defs, unreadable)| Read { defs, unreadable, generations: None, canary_statuses: None })
                 .map_err(|e| format!("cannot read config directory {}: {e}", dir.display())),
             Source::Kubernetes(k) => {
@@ -226,7 +231,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 .with_context(|| format!("watching {}", dir.display()))?;
             // Read once before serving, so a directory that cannot be read stops start-up.
             source::local::read_dir(dir).with_context(|| format!("reading config directory {}", dir.display()))?;
-            Source::Local { dir: dir.clone(), changes: rx, _watch: guard }
+            Source::Local { dir: dir.clone(), changes: rx, _watch: guard, cache: Default::default() }
         }
         None => {
             let client = source::kubernetes::client(args.kubeconfig.as_deref())
@@ -420,13 +425,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         reports: reports.clone(),
         drain: drain.clone(),
+        in_flight: Arc::new(tokio::sync::Semaphore::new(grpc::discovery::MAX_IN_FLIGHT)),
     };
     let grpc_drain = drain.clone();
     let grpc = tokio::spawn(
         tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(Duration::from_secs(5)))
-            .add_service(weir_api::proto::discovery_server::DiscoveryServer::new(discovery))
+            .add_service(grpc::wire::DiscoveryServer::new(discovery))
             .add_optional_service(identity.map(weir_api::proto::identity_server::IdentityServer::new))
             .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), grpc_drain.signaled()),
     );

@@ -16,12 +16,17 @@ pub struct MeshState {
     /// When the change that led to this state was first observed.
     pub changed_at: Instant,
     pub services: Arc<Vec<proto::Service>>,
+    /// `services` encoded for the wire, made on first use and shared with the next state
+    /// while the services stay the same.
+    services_wire: Arc<std::sync::OnceLock<bytes::Bytes>>,
     pub authorizations: Arc<Vec<crate::translator::SelectedAuthorization>>,
     /// Canaries in force (the reconciler reads them from here).
     pub canaries: Arc<Vec<crate::canary::CanaryDef>>,
     /// Resources in force: key → (origin, version).
     pub resources: Arc<BTreeMap<ResourceKey, (String, u64)>>,
     pub rejections: Arc<Vec<Rejection>>,
+    /// [`Self::resource_versions`], made once and shared by every session.
+    resource_versions: std::sync::OnceLock<Arc<BTreeMap<ResourceKey, u64>>>,
 }
 
 impl MeshState {
@@ -41,9 +46,9 @@ impl MeshState {
             .collect();
         let services = crate::translator::services(index, &routing);
         // Keep the same Arc when nothing changed so sessions can skip the comparison.
-        let services = match previous {
-            Some(p) if *p.services == services => p.services.clone(),
-            _ => Arc::new(services),
+        let (services, services_wire) = match previous {
+            Some(p) if *p.services == services => (p.services.clone(), p.services_wire.clone()),
+            _ => (Arc::new(services), Arc::default()),
         };
         let authorizations = crate::translator::authorizations(index);
         let authorizations = match previous {
@@ -58,17 +63,26 @@ impl MeshState {
             generation,
             changed_at,
             services,
+            services_wire,
             authorizations,
             canaries,
             resources: Arc::new(
                 index.entries().iter().map(|(k, e)| (k.clone(), (e.origin.clone(), e.version))).collect(),
             ),
             rejections: Arc::new(index.rejections().to_vec()),
+            resource_versions: std::sync::OnceLock::new(),
         }
+    }
+
+    /// The services as `Snapshot.services` entries on the wire (encoded once, then shared).
+    pub fn services_wire(&self) -> bytes::Bytes {
+        self.services_wire.get_or_init(|| crate::grpc::wire::encode_services(&self.services)).clone()
     }
 
     /// Version of each resource in force (what a sidecar that acks this state has applied).
     pub fn resource_versions(&self) -> Arc<BTreeMap<ResourceKey, u64>> {
-        Arc::new(self.resources.iter().map(|(k, (_, v))| (k.clone(), *v)).collect())
+        self.resource_versions
+            .get_or_init(|| Arc::new(self.resources.iter().map(|(k, (_, v))| (k.clone(), *v)).collect()))
+            .clone()
     }
 }

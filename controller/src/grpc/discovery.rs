@@ -10,9 +10,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
-use weir_api::proto::{self, controller_message, proxy_message};
+use weir_api::proto::{self, proxy_message};
 use weir_api::rt::{Drain, unix_ms};
 
+use super::wire::ControllerWire;
 use crate::index::ResourceKey;
 use crate::metrics::Metrics;
 use crate::proxies::{NackInfo, Proxies, ProxyInfo};
@@ -21,6 +22,13 @@ use crate::state::MeshState;
 
 /// How long a new stream may take to say Hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Snapshots sent and not yet answered, across all sidecars. Each holds its encoded bytes
+/// until the sidecar has read them, so this bounds the controller's memory when every sidecar
+/// needs a full snapshot at once (a connection storm, a change with a thousand sidecars).
+pub const MAX_IN_FLIGHT: usize = 64;
+/// How long an unanswered snapshot counts against [`MAX_IN_FLIGHT`] (a sidecar that never
+/// answers must not hold the others back).
+const IN_FLIGHT_HOLD: Duration = Duration::from_secs(5);
 
 #[derive(Clone)]
 pub struct DiscoveryService {
@@ -29,15 +37,15 @@ pub struct DiscoveryService {
     pub metrics: Metrics,
     pub reports: Arc<Mutex<Reports>>,
     pub drain: Drain,
+    /// Permits for snapshots in flight ([`MAX_IN_FLIGHT`]).
+    pub in_flight: Arc<tokio::sync::Semaphore>,
 }
 
-type Outbound = ReceiverStream<Result<proto::ControllerMessage, Status>>;
+pub type Outbound = ReceiverStream<Result<ControllerWire, Status>>;
 
-#[tonic::async_trait]
-impl proto::discovery_server::Discovery for DiscoveryService {
-    type StreamStream = Outbound;
-
-    async fn stream(&self, request: Request<Streaming<proto::ProxyMessage>>) -> Result<Response<Outbound>, Status> {
+impl DiscoveryService {
+    /// `weir.v1.Discovery/Stream` (served by [`super::wire::DiscoveryServer`]).
+    pub async fn stream(&self, request: Request<Streaming<proto::ProxyMessage>>) -> Result<Response<Outbound>, Status> {
         let peer = request.remote_addr();
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
@@ -67,7 +75,7 @@ struct Session {
     svc: DiscoveryService,
     hello: proto::Hello,
     admin: Option<String>,
-    tx: mpsc::Sender<Result<proto::ControllerMessage, Status>>,
+    tx: mpsc::Sender<Result<ControllerWire, Status>>,
 }
 
 /// A snapshot sent and not yet answered.
@@ -75,6 +83,9 @@ struct Pending {
     version: String,
     changed_at: Instant,
     resources: Arc<BTreeMap<ResourceKey, u64>>,
+    /// Its place among the snapshots in flight, given back on the answer or after
+    /// [`IN_FLIGHT_HOLD`].
+    permit: Option<(tokio::sync::OwnedSemaphorePermit, tokio::time::Instant)>,
 }
 
 impl Session {
@@ -111,13 +122,26 @@ impl Session {
                 (Arc::ptr_eq(&l.services, &view.services) || l.services == view.services) && l.inbound == view.inbound
             });
             if !unchanged {
+                // A newer snapshot supersedes the unanswered one: its place goes back first.
+                if let Some(p) = pending.as_mut() {
+                    p.permit = None;
+                }
+                let permit = tokio::select! {
+                    p = svc.in_flight.clone().acquire_owned() => match p {
+                        Ok(p) => p,
+                        Err(_) => break,
+                    },
+                    _ = &mut drain => break,
+                };
+                // The state may have moved on while waiting: send the newest.
+                let state = state_rx.borrow_and_update().clone();
+                let view = view_for(&hello, &labels, &state);
                 let version = state.generation.to_string();
-                let msg = proto::ControllerMessage {
-                    msg: Some(controller_message::Msg::Snapshot(proto::Snapshot {
-                        version: version.clone(),
-                        services: (*view.services).clone(),
-                        inbound: Some(view.inbound.clone()),
-                    })),
+                // The Services part is encoded once per state and shared by every session.
+                let msg = ControllerWire {
+                    version: version.clone(),
+                    services: state.services_wire(),
+                    inbound: view.inbound.clone(),
                 };
                 tokio::select! {
                     sent = tx.send(Ok(msg)) => if sent.is_err() { break },
@@ -125,7 +149,13 @@ impl Session {
                 }
                 svc.metrics.snapshots_pushed.inc();
                 svc.proxies.update(id, |p| p.sent_version = Some(version.clone()));
-                pending = Some(Pending { version, changed_at: state.changed_at, resources: state.resource_versions() });
+                let hold_until = tokio::time::Instant::now() + IN_FLIGHT_HOLD;
+                pending = Some(Pending {
+                    version,
+                    changed_at: state.changed_at,
+                    resources: state.resource_versions(),
+                    permit: Some((permit, hold_until)),
+                });
                 last_sent = Some(view);
             } else if pending.is_none() {
                 // The view did not change, so the sidecar already runs what this state says.
@@ -137,8 +167,16 @@ impl Session {
                 });
             }
 
+            let held = pending.as_ref().and_then(|p| p.permit.as_ref()).map(|(_, until)| *until);
             tokio::select! {
                 changed = state_rx.changed() => if changed.is_err() { break },
+                _ = tokio::time::sleep_until(held.unwrap_or_else(tokio::time::Instant::now)), if held.is_some() => {
+                    // No answer in time: the place goes back; the snapshot stays pending.
+                    if let Some(p) = pending.as_mut() {
+                        p.permit = None;
+                    }
+                    continue;
+                }
                 msg = inbound.message() => match msg {
                     Ok(Some(m)) => handle(&svc, id, &workload, m, &mut pending),
                     Ok(None) => break,

@@ -1,6 +1,7 @@
 //! Local mode: every `*.yaml`/`*.yml` file in a directory (multi-document, `kind`-tagged),
 //! re-read as a whole whenever the directory changes.
 
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -18,23 +19,49 @@ use crate::index::{Definition, Kind, Problem, Resource, ResourceKey, UnreadableO
 
 /// Reads every YAML file of `dir` (sorted by name).
 pub fn read_dir(dir: &Path) -> std::io::Result<(Vec<Definition>, Vec<UnreadableOrigin>)> {
+    read_dir_cached(dir, &mut ParseCache::default())
+}
+
+/// What each file parsed to, by name, with the text it was parsed from: a change to one file
+/// re-parses only that file (the YAML of a large mesh costs far more than reading it).
+#[derive(Default)]
+pub struct ParseCache(HashMap<String, (String, Result<Vec<Definition>, UnreadableOrigin>)>);
+
+/// [`read_dir`], re-parsing only files whose text changed since `cache` saw them.
+pub fn read_dir_cached(
+    dir: &Path,
+    cache: &mut ParseCache,
+) -> std::io::Result<(Vec<Definition>, Vec<UnreadableOrigin>)> {
     let mut files: Vec<PathBuf> =
         std::fs::read_dir(dir)?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| is_config_file(p)).collect();
     files.sort();
     let mut defs = Vec::new();
     let mut unreadable = Vec::new();
+    let mut seen = HashSet::new();
     for path in files {
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         match std::fs::read_to_string(&path) {
-            Ok(text) => match parse_file(&name, &text) {
-                Ok(d) => defs.extend(d),
-                Err(u) => unreadable.push(u),
-            },
+            Ok(text) => {
+                let parsed = match cache.0.get(&name) {
+                    Some((cached, parsed)) if *cached == text => parsed.clone(),
+                    _ => {
+                        let parsed = parse_file(&name, &text);
+                        cache.0.insert(name.clone(), (text, parsed.clone()));
+                        parsed
+                    }
+                };
+                seen.insert(name);
+                match parsed {
+                    Ok(d) => defs.extend(d),
+                    Err(u) => unreadable.push(u),
+                }
+            }
             // Removed between listing and reading: the next event re-reads the directory.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => unreadable.push(UnreadableOrigin { origin: name, message: format!("cannot read: {e}") }),
         }
     }
+    cache.0.retain(|name, _| seen.contains(name));
     Ok((defs, unreadable))
 }
 
@@ -256,6 +283,36 @@ mod tests {
         let (key, p) = problem("kind: Gateway\nmetadata: {name: s}\n");
         assert!(key.is_none());
         assert!(p.message.contains("unknown kind"));
+    }
+
+    /// The cache re-parses what changed and forgets what is gone; the result is always what
+    /// an uncached read gives.
+    #[test]
+    fn cached_reads_follow_every_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |f: &str, t: &str| std::fs::write(dir.path().join(f), t).unwrap();
+        let names = |defs: &[Definition]| {
+            let mut n: Vec<String> = defs.iter().filter_map(|d| d.key.as_ref().map(|k| format!("{k:?}"))).collect();
+            n.sort();
+            n
+        };
+        write("a.yaml", "kind: Service\nmetadata: {name: a}\n");
+        write("b.yaml", "kind: Service\nmetadata: {name: b}\n");
+        let mut cache = ParseCache::default();
+        let check = |cache: &mut ParseCache| {
+            let (cached, bad) = read_dir_cached(dir.path(), cache).unwrap();
+            let (plain, plain_bad) = read_dir(dir.path()).unwrap();
+            assert_eq!((names(&cached), bad.len()), (names(&plain), plain_bad.len()));
+            (names(&cached), bad.len())
+        };
+        assert_eq!(check(&mut cache).0.len(), 2);
+        write("b.yaml", "kind: Service\nmetadata: {name: c}\n");
+        assert!(check(&mut cache).0.iter().any(|n| n.contains("\"c\"")));
+        write("b.yaml", "kind: Service\nmetadata: {name: c\n");
+        assert_eq!(check(&mut cache), (names(&read_dir(dir.path()).unwrap().0), 1));
+        std::fs::remove_file(dir.path().join("b.yaml")).unwrap();
+        assert_eq!(check(&mut cache).0.len(), 1);
+        assert_eq!(cache.0.len(), 1);
     }
 
     #[test]
