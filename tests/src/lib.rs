@@ -150,6 +150,42 @@ pub fn kube_controller_args(kubeconfig: &Path, log_level: &str, extra: &[&str]) 
     a
 }
 
+/// A hand-driven sidecar: says Hello as `test/NAME`, then Nacks the first snapshot with
+/// `nack` (or never answers when `None`). Aborting the task hangs up.
+pub async fn fake_sidecar(
+    grpc: std::net::SocketAddr,
+    name: &str,
+    nack: Option<&'static str>,
+) -> tokio::task::JoinHandle<()> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{grpc}")).unwrap().connect().await.unwrap();
+    let mut client = weir_api::proto::discovery_client::DiscoveryClient::new(channel);
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let hello = weir_api::proto::Hello {
+        namespace: "test".into(),
+        name: name.into(),
+        service_account: name.into(),
+        proxy_version: "fake".into(),
+        ..Default::default()
+    };
+    tx.send(weir_api::proto::ProxyMessage { msg: Some(weir_api::proto::proxy_message::Msg::Hello(hello)) })
+        .await
+        .unwrap();
+    let mut stream = client.stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+    tokio::spawn(async move {
+        let _keep = tx.clone();
+        while let Ok(Some(m)) = stream.message().await {
+            if let (Some(weir_api::proto::controller_message::Msg::Snapshot(s)), Some(reason)) = (m.msg, nack) {
+                let msg = weir_api::proto::proxy_message::Msg::Nack(weir_api::proto::Nack {
+                    version: s.version,
+                    reason: reason.into(),
+                    ..Default::default()
+                });
+                let _ = tx.send(weir_api::proto::ProxyMessage { msg: Some(msg) }).await;
+            }
+        }
+    })
+}
+
 /// Runs the `weir` command: (exit code, stdout, stderr).
 pub async fn run_weir(args: &[&str]) -> (Option<i32>, String, String) {
     let out = tokio::process::Command::new(bin("weir")).args(args).kill_on_drop(true).output().await.unwrap();

@@ -191,3 +191,32 @@ async fn wait_for_rejection(admin: std::net::SocketAddr) -> serde_json::Value {
 fn resource<'a>(v: &'a serde_json::Value, kind: &str, name: &str) -> &'a serde_json::Value {
     v["resources"].as_array().unwrap().iter().find(|r| r["kind"] == kind && r["name"] == name).unwrap()
 }
+
+/// Sidecars that never answer hold at most their place among the snapshots in flight, and only
+/// for a while: with more silent sidecars than places, a real one still gets its configuration
+/// (once the silent ones' places are given back), and so do they.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_sidecars_do_not_starve_the_others() {
+    let scratch = Scratch::new();
+    scratch.write("services.yaml", &service("test", "web", &[]));
+    let controller = scratch.controller(None).await;
+    let (grpc, admin) = (controller.addr("grpc"), controller.addr("admin"));
+    let silent = weir_controller::grpc::discovery::MAX_IN_FLIGHT + 8;
+    let mut fakes = Vec::new();
+    for i in 0..silent {
+        fakes.push(fake_sidecar(grpc, &format!("silent-{i}"), None).await);
+    }
+    // Every silent one was sent a snapshot: the first ones at once, the rest as places came back.
+    wait_until("a snapshot sent to every silent sidecar", Duration::from_secs(30), || async move {
+        let r = admin_json(admin, "/resources").await;
+        r["proxies"].as_array().is_some_and(|p| {
+            p.len() == silent && p.iter().all(|p| p["sentVersion"].as_str().is_some_and(|v| !v.is_empty()))
+        })
+    })
+    .await;
+    let real = scratch.proxy(grpc, "test/real", None).await;
+    wait_config(real.addr("admin"), "a snapshot despite the silent ones", |c| !c["version"].is_null()).await;
+    for f in fakes {
+        f.abort();
+    }
+}

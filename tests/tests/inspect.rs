@@ -4,44 +4,7 @@
 
 use std::time::Duration;
 
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
-use weir_api::proto::{self, proxy_message};
 use weir_tests::*;
-
-/// A hand-driven sidecar: says Hello as `test/NAME`, then Nacks the first snapshot with
-/// `nack` (or never answers when `None`). Aborting the task hangs up.
-async fn fake_sidecar(
-    grpc: std::net::SocketAddr,
-    name: &str,
-    nack: Option<&'static str>,
-) -> tokio::task::JoinHandle<()> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{grpc}")).unwrap().connect().await.unwrap();
-    let mut client = proto::discovery_client::DiscoveryClient::new(channel);
-    let (tx, rx) = mpsc::channel(4);
-    let hello = proto::Hello {
-        namespace: "test".into(),
-        name: name.into(),
-        service_account: name.into(),
-        proxy_version: "fake".into(),
-        ..Default::default()
-    };
-    tx.send(proto::ProxyMessage { msg: Some(proxy_message::Msg::Hello(hello)) }).await.unwrap();
-    let mut stream = client.stream(ReceiverStream::new(rx)).await.unwrap().into_inner();
-    tokio::spawn(async move {
-        let _keep = tx.clone();
-        while let Ok(Some(m)) = stream.message().await {
-            if let (Some(proto::controller_message::Msg::Snapshot(s)), Some(reason)) = (m.msg, nack) {
-                let msg = proxy_message::Msg::Nack(proto::Nack {
-                    version: s.version,
-                    reason: reason.into(),
-                    ..Default::default()
-                });
-                let _ = tx.send(proto::ProxyMessage { msg: Some(msg) }).await;
-            }
-        }
-    })
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_status_tells_synced_stale_and_nacked_apart() {
