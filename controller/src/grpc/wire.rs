@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::{BufMut, Bytes, BytesMut};
-use prost::encoding::{self, DecodeContext, WireType};
+use prost::encoding::{self, WireType};
 use tonic::codegen::{Body, BoxFuture, Service, StdError, http};
 use weir_api::proto;
 
@@ -49,7 +49,7 @@ impl ControllerWire {
         let snapshot = self.snapshot_len();
         let mut head = BytesMut::with_capacity(32 + self.version.len());
         head.put_u8(0); // not compressed
-        head.put_u32(prost::Message::encoded_len(self) as u32);
+        head.put_u32(self.message_len() as u32);
         encoding::encode_key(1, WireType::LengthDelimited, &mut head);
         encoding::encode_varint(snapshot as u64, &mut head);
         encoding::string::encode(1, &self.version, &mut head);
@@ -58,41 +58,16 @@ impl ControllerWire {
         [head.freeze(), self.services.clone(), tail.freeze()]
     }
 
-    fn snapshot_len(&self) -> usize {
-        encoding::string::encoded_len(1, &self.version)
-            + self.services.len()
-            + encoding::message::encoded_len(3, &self.inbound)
-    }
-}
-
-impl prost::Message for ControllerWire {
-    fn encode_raw(&self, buf: &mut impl BufMut) {
-        // ControllerMessage.snapshot (field 1), then the Snapshot's own fields in order.
-        encoding::encode_key(1, WireType::LengthDelimited, buf);
-        encoding::encode_varint(self.snapshot_len() as u64, buf);
-        encoding::string::encode(1, &self.version, buf);
-        buf.put_slice(&self.services);
-        encoding::message::encode(3, &self.inbound, buf);
-    }
-
-    /// Encode-only: the controller never decodes its own messages; fields are skipped.
-    fn merge_field(
-        &mut self,
-        tag: u32,
-        wire_type: WireType,
-        buf: &mut impl bytes::Buf,
-        ctx: DecodeContext,
-    ) -> Result<(), prost::DecodeError> {
-        encoding::skip_field(wire_type, tag, buf, ctx)
-    }
-
-    fn encoded_len(&self) -> usize {
+    /// Length of the `ControllerMessage` (the frame's payload).
+    fn message_len(&self) -> usize {
         let inner = self.snapshot_len();
         encoding::key_len(1) + encoding::encoded_len_varint(inner as u64) + inner
     }
 
-    fn clear(&mut self) {
-        *self = Self::default();
+    fn snapshot_len(&self) -> usize {
+        encoding::string::encoded_len(1, &self.version)
+            + self.services.len()
+            + encoding::message::encoded_len(3, &self.inbound)
     }
 }
 
@@ -211,6 +186,11 @@ mod tests {
 
     use super::*;
 
+    /// The frame's payload: what follows the 5-byte gRPC prefix.
+    fn payload(wire: &ControllerWire) -> Vec<u8> {
+        wire.frame_chunks().concat()[5..].to_vec()
+    }
+
     /// The shared bytes plus the session's parts are exactly the message encoded whole.
     #[test]
     fn encodes_as_the_whole_message_would() {
@@ -236,9 +216,9 @@ mod tests {
             })),
         };
         let wire = ControllerWire { version: "42".into(), services: encode_services(&services), inbound };
-        assert_eq!(wire.encoded_len(), whole.encoded_len());
-        assert_eq!(wire.encode_to_vec(), whole.encode_to_vec());
-        assert_eq!(proto::ControllerMessage::decode(&wire.encode_to_vec()[..]).unwrap(), whole);
+        assert_eq!(wire.message_len(), whole.encoded_len());
+        assert_eq!(payload(&wire), whole.encode_to_vec());
+        assert_eq!(proto::ControllerMessage::decode(&payload(&wire)[..]).unwrap(), whole);
         // No services, empty inbound policy: still the same bytes.
         let empty = ControllerWire { version: "1".into(), services: encode_services(&[]), ..Default::default() };
         let whole = proto::ControllerMessage {
@@ -248,13 +228,11 @@ mod tests {
                 inbound: Some(proto::InboundPolicy::default()),
             })),
         };
-        assert_eq!(empty.encode_to_vec(), whole.encode_to_vec());
+        assert_eq!(payload(&empty), whole.encode_to_vec());
 
-        // As gRPC frame chunks: the 5-byte prefix, then exactly the message.
+        // The 5-byte prefix: not compressed, then the payload's length.
         let framed: Vec<u8> = wire.frame_chunks().concat();
-        let body = wire.encode_to_vec();
         assert_eq!(framed[0], 0);
-        assert_eq!(u32::from_be_bytes(framed[1..5].try_into().unwrap()) as usize, body.len());
-        assert_eq!(&framed[5..], &body[..]);
+        assert_eq!(u32::from_be_bytes(framed[1..5].try_into().unwrap()) as usize, framed.len() - 5);
     }
 }
