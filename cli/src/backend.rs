@@ -5,6 +5,8 @@
 //! Paths: `/` answers with the backend's name (also in the `x-weir-backend` header);
 //! `/headers` answers with the request's method, version, authority and headers as JSON;
 //! `/bytes?n=N` streams N bytes; `/sse?n=N&every=1s` sends N server-sent events, one per interval; `/upload` reads the whole body and answers with its length;
+//! a gRPC call (`content-type: application/grpc...`, any path) is echoed: its messages come back
+//! as they were sent, then the trailers `grpc-status: 0`;
 //! `/_control` changes or shows the behaviour.
 
 use std::convert::Infallible;
@@ -124,6 +126,8 @@ async fn handle(b: Arc<Behaviour>, req: Request<Incoming>) -> Result<Response<Bo
         *r.status_mut() =
             StatusCode::from_u16(b.fail_status.load(Ordering::Relaxed)).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         r
+    } else if is_grpc(&req) {
+        grpc_echo(req).await
     } else {
         match path.as_str() {
             "/headers" => {
@@ -173,6 +177,44 @@ async fn handle(b: Arc<Behaviour>, req: Request<Incoming>) -> Result<Response<Bo
     rsp.headers_mut()
         .insert("x-weir-backend", http::HeaderValue::from_str(&b.name).unwrap_or(http::HeaderValue::from_static("?")));
     Ok(rsp)
+}
+
+fn is_grpc(req: &Request<Incoming>) -> bool {
+    req.headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+/// The largest gRPC request echoed (gRPC's own default message limit).
+const GRPC_MAX_REQUEST: usize = 4 * 1024 * 1024;
+
+/// Echoes a gRPC call: the request's frames (already length-prefixed) come back as the response
+/// body, followed by `grpc-status: 0`; a request over [`GRPC_MAX_REQUEST`] or a broken body ends
+/// with a gRPC error status instead.
+async fn grpc_echo(req: Request<Incoming>) -> Response<Body> {
+    let grpc_error = |code: &'static str, message: &str| {
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", http::HeaderValue::from_static(code));
+        if let Ok(m) = http::HeaderValue::from_str(message)
+            && !message.is_empty()
+        {
+            trailers.insert("grpc-message", m);
+        }
+        trailers
+    };
+    let body = http_body_util::Limited::new(req.into_body(), GRPC_MAX_REQUEST);
+    let (data, trailers) = match body.collect().await {
+        Ok(c) => (c.to_bytes(), grpc_error("0", "")),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            (Bytes::new(), grpc_error("8", "request larger than 4 MiB"))
+        }
+        Err(e) => (Bytes::new(), grpc_error("13", &format!("reading the request: {e}"))),
+    };
+    let frames = [Ok(Frame::data(data)), Ok(Frame::trailers(trailers))];
+    let mut rsp = Response::new(StreamBody::new(tokio_stream::iter(frames)).boxed());
+    rsp.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/grpc"));
+    rsp
 }
 
 /// `n` server-sent events, the first at once and then one every `every`.
