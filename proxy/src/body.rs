@@ -99,6 +99,23 @@ pub static WEIR_ERROR: HeaderName = HeaderName::from_static("weir-error");
 
 /// Removes connection-scoped headers (RFC 9110 §7.6.1) before a message crosses a hop.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none of these: one pass over the names (no hashing) says so.
+    let hop_by_hop = |name: &HeaderName| {
+        matches!(
+            name.as_str(),
+            "connection"
+                | "transfer-encoding"
+                | "upgrade"
+                | "proxy-authenticate"
+                | "keep-alive"
+                | "proxy-connection"
+                | "http2-settings"
+                | "te"
+        )
+    };
+    if !headers.keys().any(hop_by_hop) {
+        return;
+    }
     let listed: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -156,5 +173,21 @@ mod tests {
         assert!(h.get("x-private").is_none() && h.get("keep-alive").is_none() && h.get(header::CONNECTION).is_none());
         assert_eq!(h.get(header::TE).unwrap(), "trailers");
         assert!(h.get("x-keep").is_some());
+
+        // Each standard one alone is found by the quick scan too; `te` other than trailers goes.
+        for (name, value) in [
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "h2c"),
+            ("proxy-connection", "x"),
+            ("http2-settings", "AAA"),
+            ("te", "gzip"),
+            ("proxy-authenticate", "Basic"),
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert(HeaderName::from_static(name), value.parse().unwrap());
+            h.insert("x-keep", "1".parse().unwrap());
+            strip_hop_by_hop(&mut h);
+            assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-keep"], "{name}");
+        }
     }
 }

@@ -288,7 +288,9 @@ impl H2Pool {
         {
             return Ok(s.clone());
         }
-        let s = self.connect(addr, connect, tls).await?;
+        // Boxed: connecting (TCP, TLS and HTTP/2 handshakes) is rare, and its state would
+        // otherwise make every request's future larger.
+        let s = Box::pin(self.connect(addr, connect, tls)).await?;
         *guard = Some(s.clone());
         Ok(s)
     }

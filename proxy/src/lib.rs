@@ -109,6 +109,11 @@ pub struct Args {
     /// Trust domain of the mesh's SPIFFE IDs.
     #[arg(long, env = "WEIR_TRUST_DOMAIN", default_value = "cluster.local")]
     pub trust_domain: String,
+    /// Threads that carry traffic; 0 means one per CPU this process may run on (its CPU
+    /// affinity, cgroup quota permitting). With one, the whole sidecar runs on a single-threaded
+    /// runtime: no work-stealing and no wake-ups across threads.
+    #[arg(long, env = "WEIR_WORKER_THREADS", default_value_t = 0)]
+    pub worker_threads: usize,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -134,7 +139,16 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
 /// Entry point shared by `weir-proxy` and `weir proxy`.
 pub fn main_with(args: Args) -> anyhow::Result<()> {
     rt::init_logging(&args.log_level, args.log_format == "json");
-    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(args))
+    let threads = match args.worker_threads {
+        0 => std::thread::available_parallelism().map_or(1, usize::from),
+        n => n,
+    };
+    let runtime = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(threads).enable_all().build()?
+    };
+    runtime.block_on(run(args))
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
@@ -217,7 +231,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         }
     });
 
-    let out = outbound::Outbound {
+    // Shared by every request (one reference count each), not cloned per request.
+    let out = Arc::new(outbound::Outbound {
         config: config_rx.clone(),
         clients: clients.clone(),
         balancer,
@@ -228,7 +243,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         trust_domain: args.trust_domain.clone().into(),
         tunnels: outbound::tunnel::Tunnels::new(drain.clone(), args.shutdown_grace),
         access_log: args.access_log,
-    };
+    });
     let mut inb = inbound::Inbound::new(
         args.app_addr,
         clients,
@@ -239,6 +254,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         args.trust_domain.clone().into(),
     );
     inb.access_log = args.access_log;
+    let inb = Arc::new(inb);
     let grace = args.shutdown_grace;
     let opaque = server::Opaque {
         connect_timeout: args.connect_timeout,

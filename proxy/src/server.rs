@@ -196,7 +196,9 @@ pub async fn serve<F, Fut>(
             };
             let peer = Peer { addr: peer, identity, original_dst: redirected };
             let svc = hyper::service::service_fn(move |req| {
-                let fut = handler(req, peer.clone());
+                // Boxed: the handler's state machine is ~10 KB, and hyper moves the future it
+                // is given several times per request (into its stream task, the task cell...).
+                let fut = Box::pin(handler(req, peer.clone()));
                 async move { Ok::<_, Infallible>(fut.await) }
             });
             let conn = watcher.watch(builder.serve_connection_with_upgrades(TokioIo::new(io), svc).into_owned());

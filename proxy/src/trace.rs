@@ -8,42 +8,69 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 
-/// The correlation of one request at one hop.
+/// The correlation of one request at one hop: the headers as this hop sends them on (cheap
+/// to keep: a header value shares its bytes).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Context {
-    pub request_id: String,
-    pub trace_id: String,
+    request_id: HeaderValue,
+    /// A valid version-00 `traceparent`: `00-{trace id}-{span id}-{flags}`.
+    traceparent: HeaderValue,
+}
+
+impl Context {
+    pub fn request_id(&self) -> &str {
+        self.request_id.to_str().unwrap_or_default()
+    }
+
+    pub fn trace_id(&self) -> &str {
+        self.traceparent.to_str().map(|t| &t[3..35]).unwrap_or_default()
+    }
+
     /// The span this hop created (the parent of the next).
-    pub span_id: String,
+    pub fn span_id(&self) -> &str {
+        self.traceparent.to_str().map(|t| &t[36..52]).unwrap_or_default()
+    }
 }
 
 /// Makes this hop a child span: keeps (or creates) the request id and trace, and sets a new
 /// span id as the `traceparent` parent. An invalid `traceparent` starts a new trace (and drops
-/// `tracestate`, which belongs to the invalid one), as the W3C spec asks.
+/// `tracestate`, which belongs to the invalid one), as the W3C spec asks. On every request, so
+/// written without formatting machinery: hex digits go straight into stack buffers.
 pub fn hop(headers: &mut HeaderMap) -> Context {
-    let request_id = match headers.get(&REQUEST_ID).and_then(|v| v.to_str().ok()).filter(|v| valid_request_id(v)) {
-        Some(id) => id.to_string(),
+    let request_id = match headers.get(&REQUEST_ID).filter(|v| v.to_str().is_ok_and(valid_request_id)) {
+        Some(id) => id.clone(),
         None => {
             let id = new_request_id();
-            if let Ok(v) = HeaderValue::from_str(&id) {
-                headers.insert(REQUEST_ID.clone(), v);
-            }
+            headers.insert(REQUEST_ID.clone(), id.clone());
             id
         }
     };
-    let span_id = format!("{:016x}", rand::random::<u64>());
-    let (trace_id, flags) = match headers.get(&TRACEPARENT).and_then(|v| v.to_str().ok()).and_then(parse) {
-        Some((trace, flags)) => (trace.to_string(), flags.to_string()),
+    // "00-" trace "-" span "-" flags
+    let mut tp = *b"00-00000000000000000000000000000000-0000000000000000-00";
+    match headers.get(&TRACEPARENT).and_then(|v| v.to_str().ok()).and_then(parse) {
+        Some((trace, flags)) => {
+            tp[3..35].copy_from_slice(trace.as_bytes());
+            tp[53..55].copy_from_slice(flags.as_bytes());
+        }
         None => {
             headers.remove("tracestate");
-            // Not sampled: a tracer upstream decides sampling; we only correlate.
-            (format!("{:032x}", rand::random::<u128>()), "00".to_string())
+            // Not sampled ("00"): a tracer upstream decides sampling; we only correlate.
+            hex(&rand::random::<[u8; 16]>(), &mut tp[3..35]);
         }
-    };
-    if let Ok(v) = HeaderValue::from_str(&format!("00-{trace_id}-{span_id}-{flags}")) {
-        headers.insert(TRACEPARENT.clone(), v);
     }
-    Context { request_id, trace_id, span_id }
+    hex(&rand::random::<[u8; 8]>(), &mut tp[36..52]);
+    let traceparent = HeaderValue::from_bytes(&tp).expect("hex digits and dashes are a valid header value");
+    headers.insert(TRACEPARENT.clone(), traceparent.clone());
+    Context { request_id, traceparent }
+}
+
+/// Lower-case hex of `bytes` into `out` (twice as long).
+fn hex(bytes: &[u8], out: &mut [u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for (b, o) in bytes.iter().zip(out.chunks_exact_mut(2)) {
+        o[0] = DIGITS[usize::from(b >> 4)];
+        o[1] = DIGITS[usize::from(b & 0xf)];
+    }
 }
 
 /// `(trace id, flags)` of a valid version-00 `traceparent`.
@@ -72,12 +99,15 @@ fn valid_request_id(v: &str) -> bool {
 }
 
 /// A random UUID (version 4) in its usual text form.
-fn new_request_id() -> String {
+fn new_request_id() -> HeaderValue {
     let mut b: [u8; 16] = rand::random();
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
-    let h = format!("{:032x}", u128::from_be_bytes(b));
-    format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..])
+    let mut text = *b"00000000-0000-0000-0000-000000000000";
+    for (range, out) in [(0..4, 0..8), (4..6, 9..13), (6..8, 14..18), (8..10, 19..23), (10..16, 24..36)] {
+        hex(&b[range], &mut text[out]);
+    }
+    HeaderValue::from_bytes(&text).expect("hex digits and dashes are a valid header value")
 }
 
 #[cfg(test)]
@@ -91,25 +121,30 @@ mod tests {
         h.insert("tracestate", "vendor=x".parse().unwrap());
         h.insert(&REQUEST_ID, "req-1".parse().unwrap());
         let c = hop(&mut h);
-        assert_eq!(c.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
-        assert_eq!(c.request_id, "req-1");
+        assert_eq!(c.trace_id(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(c.request_id(), "req-1");
         let tp = h[&TRACEPARENT].to_str().unwrap().to_string();
-        assert_eq!(tp, format!("00-4bf92f3577b34da6a3ce929d0e0e4736-{}-01", c.span_id));
-        assert_ne!(c.span_id, "00f067aa0ba902b7");
+        assert_eq!(tp, format!("00-4bf92f3577b34da6a3ce929d0e0e4736-{}-01", c.span_id()));
+        assert_ne!(c.span_id(), "00f067aa0ba902b7");
         assert_eq!(h["tracestate"], "vendor=x");
         // The next hop makes yet another span in the same trace.
         let c2 = hop(&mut h);
-        assert_eq!(c2.trace_id, c.trace_id);
-        assert_ne!(c2.span_id, c.span_id);
+        assert_eq!(c2.trace_id(), c.trace_id());
+        assert_ne!(c2.span_id(), c.span_id());
     }
 
     #[test]
     fn missing_or_invalid_context_starts_a_new_one() {
         let mut h = HeaderMap::new();
         let c = hop(&mut h);
-        assert_eq!(c.request_id.len(), 36);
-        assert_eq!(h[&REQUEST_ID].to_str().unwrap(), c.request_id);
-        assert_eq!(h[&TRACEPARENT].to_str().unwrap(), format!("00-{}-{}-00", c.trace_id, c.span_id));
+        assert_eq!(c.request_id().len(), 36);
+        let id = c.request_id().as_bytes();
+        assert!([8, 13, 18, 23].iter().all(|&i| id[i] == b'-'), "{}", c.request_id());
+        assert_eq!(id[14], b'4', "version 4: {}", c.request_id());
+        assert!(b"89ab".contains(&id[19]), "RFC 4122 variant: {}", c.request_id());
+        assert!(c.trace_id().bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+        assert_eq!(h[&REQUEST_ID].to_str().unwrap(), c.request_id());
+        assert_eq!(h[&TRACEPARENT].to_str().unwrap(), format!("00-{}-{}-00", c.trace_id(), c.span_id()));
         for bad in [
             "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
             "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
@@ -122,7 +157,7 @@ mod tests {
             h.insert(&TRACEPARENT, bad.parse().unwrap());
             h.insert("tracestate", "vendor=x".parse().unwrap());
             let c = hop(&mut h);
-            assert_ne!(c.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736", "{bad}");
+            assert_ne!(c.trace_id(), "4bf92f3577b34da6a3ce929d0e0e4736", "{bad}");
             assert!(h.get("tracestate").is_none(), "{bad}");
         }
     }

@@ -67,7 +67,7 @@ impl Inbound {
         }
     }
 
-    pub async fn handle(self, mut req: Request<Incoming>, peer: crate::server::Peer) -> Response<Body> {
+    pub async fn handle(self: Arc<Self>, mut req: Request<Incoming>, peer: crate::server::Peer) -> Response<Body> {
         let started = Instant::now();
         let ctx = crate::trace::hop(req.headers_mut());
         let logged = self.access_log.then(|| (req.method().clone(), req.uri().path().to_string()));
@@ -82,15 +82,15 @@ impl Inbound {
                 status = rsp.status().as_u16(),
                 duration_ms = started.elapsed().as_secs_f64() * 1000.0,
                 client_identity = who.as_deref().unwrap_or(""),
-                request_id = %ctx.request_id,
-                trace_id = %ctx.trace_id,
-                span_id = %ctx.span_id,
+                request_id = %ctx.request_id(),
+                trace_id = %ctx.trace_id(),
+                span_id = %ctx.span_id(),
             );
         }
         rsp
     }
 
-    async fn serve(self, mut req: Request<Incoming>, peer: crate::server::Peer, started: Instant) -> Response<Body> {
+    async fn serve(&self, mut req: Request<Incoming>, peer: crate::server::Peer, started: Instant) -> Response<Body> {
         let client = peer.addr;
         let labels = Labels { tls: peer.identity.is_some(), ..self.labels.clone() };
         self.metrics.request_started(&labels);

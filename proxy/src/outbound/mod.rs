@@ -84,7 +84,7 @@ impl RequestBody {
 struct Upstream(Arc<str>);
 
 impl Outbound {
-    pub async fn handle(self, mut req: Request<Incoming>, peer: crate::server::Peer) -> Response<Body> {
+    pub async fn handle(self: Arc<Self>, mut req: Request<Incoming>, peer: crate::server::Peer) -> Response<Body> {
         if req.method() == http::Method::CONNECT {
             let config = self.config.borrow().clone();
             return self.tunnels.connect(req, config.as_deref(), self.clients.connect_timeout(), &self.metrics).await;
@@ -114,9 +114,9 @@ impl Outbound {
             duration_ms = started.elapsed().as_secs_f64() * 1000.0,
             %upstream,
             %attempts,
-            request_id = %ctx.request_id,
-            trace_id = %ctx.trace_id,
-            span_id = %ctx.span_id,
+            request_id = %ctx.request_id(),
+            trace_id = %ctx.trace_id(),
+            span_id = %ctx.span_id(),
         );
         rsp
     }
@@ -184,7 +184,7 @@ impl Outbound {
         }
     }
 
-    async fn route(self, req: Request<Incoming>, peer: crate::server::Peer) -> Response<Body> {
+    async fn route(&self, req: Request<Incoming>, peer: crate::server::Peer) -> Response<Body> {
         let client = peer.addr;
         let started = Instant::now();
         let version = req.version();
