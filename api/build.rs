@@ -12,6 +12,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         .build_transport(false)
         .type_attribute(".weir.v1", "#[derive(serde::Serialize)]")
+        // Map fields encode in key order: the same Service always gives the same bytes, which
+        // incremental snapshots compare to find what changed.
+        .btree_map(".")
         .compile_fds(fds)?;
     Ok(())
 }

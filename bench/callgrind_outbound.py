@@ -2,6 +2,10 @@
 """Instructions per request on the sidecar's outbound path, counted by callgrind: stable on a
 noisy machine, so small changes to the hot path can be compared.
 
+With --pair, both sidecars of bench/vs_envoy.py's mTLS pair run under callgrind instead
+(client → outbound sidecar → mTLS, HTTP/2 → inbound sidecar → upstream), and --load picks what
+the client sends: http1 (scenario 2), h2c or grpc (scenario 3); the counts are per sidecar.
+
 Starts a release controller and backend, then the given `weir-proxy` binary under
 `valgrind --tool=callgrind`, sends N1 and then N2 more requests (oha, one connection) through
 its outbound listener, and reads the instruction counts after each batch through callgrind's
@@ -10,6 +14,7 @@ start-up and warm-up; the next two batches of N2 each give the per-request count
 printed: they agree to a fraction of a percent). Stops everything it started, by PID.
 
     python3 bench/callgrind_outbound.py [--proxy target/release/weir-proxy] [--n1 500] [--n2 2000]
+    python3 bench/callgrind_outbound.py --pair [--load http1|h2c|grpc] [--keep DIR]
 Needs valgrind (Debian package) and oha (`cargo install oha`).
 """
 import argparse, glob, json, os, re, shutil, subprocess, sys, tempfile, time
@@ -37,7 +42,11 @@ def main():
     ap.add_argument("--n2", type=int, default=2000)
     ap.add_argument("--oha", default=shutil.which("oha") or "oha")
     ap.add_argument("--keep", help="copy the last batch's callgrind dump here (for callgrind_annotate)")
+    ap.add_argument("--pair", action="store_true", help="both sidecars of the mTLS pair (bench/vs_envoy.py)")
+    ap.add_argument("--load", default="http1", choices=["http1", "h2c", "grpc"], help="with --pair")
     opts = ap.parse_args()
+    if opts.pair:
+        return pair(opts)
     for tool in ["valgrind", "callgrind_control", opts.oha]:
         if not shutil.which(tool):
             raise SystemExit(f"{tool} not found")
@@ -67,21 +76,64 @@ def main():
         for n in [opts.n1, opts.n2, opts.n2]:
             subprocess.run([opts.oha, "-n", str(n), "-c", "1", "--no-tui", "-H", "Host: web.bench", url],
                            capture_output=True, check=True, timeout=600)
-            for f in glob.glob(os.path.join(tmp, f"callgrind.out.{px.pid}*")):
-                os.remove(f)
-            subprocess.run(["callgrind_control", "--dump", str(px.pid)], capture_output=True, check=True, timeout=120)
-            deadline = time.time() + 60
-            while not (total := total_instructions(tmp, px.pid)):
-                if time.time() > deadline:
-                    raise SystemExit("no callgrind dump")
-                time.sleep(0.2)
-            counts.append(total)
+            counts.append(dump(px.pid, tmp))
             if opts.keep:
                 for f in glob.glob(os.path.join(tmp, f"callgrind.out.{px.pid}*")):
                     shutil.copy(f, opts.keep)
         per_request = counts[2] / opts.n2
         print(f"  batches: {counts[1] / opts.n2:,.0f} and {counts[2] / opts.n2:,.0f} instructions per request")
         print(f"{opts.proxy}: {per_request:,.0f} instructions per request (outbound, HTTP/1.1, {opts.n2} requests)")
+    finally:
+        stop(procs)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def dump(pid, tmp):
+    """Dumps (and zeroes) `pid`'s counters; returns the instructions since the last dump."""
+    for f in glob.glob(os.path.join(tmp, f"callgrind.out.{pid}*")):
+        os.remove(f)
+    subprocess.run(["callgrind_control", "--dump", str(pid)], capture_output=True, check=True, timeout=120)
+    deadline = time.time() + 60
+    while not (total := total_instructions(tmp, pid)):
+        if time.time() > deadline:
+            raise SystemExit("no callgrind dump")
+        time.sleep(0.2)
+    return total
+
+
+def pair(opts):
+    import vs_envoy
+    tmp = tempfile.mkdtemp(prefix="weir-callgrind-")
+    procs = []
+
+    def sidecar(controller_grpc, workload, log, app=None, extra=(), prefix=()):
+        return start(["valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/callgrind.out.%p", opts.proxy,
+                      "--controller", controller_grpc, "--workload", workload, "--service-account",
+                      workload.split("/")[-1], "--outbound-addr", "127.0.0.1:0", "--inbound-addr", "127.0.0.1:0",
+                      "--admin-addr", "127.0.0.1:0", "--print-listen-addrs", "--report-interval", "1h",
+                      "--log-level", "warn", *(["--app-addr", app] if app else []), *extra], log)
+    vs_envoy.start_sidecar = sidecar  # the pair as vs_envoy.py starts it, each sidecar under callgrind
+    wait = vs_envoy.wait_for
+    vs_envoy.wait_for = lambda check, what, limit=20.0, every=0.02: wait(check, what, limit=120, every=0.2)
+    try:
+        be, ba = start_backend(os.path.join(tmp, "backend.log"))
+        procs.append(be)
+        measured, url, _ = vs_envoy.start_weir_pair(tmp, ba["listen"], procs, 3 if opts.load != "http1" else 2)
+        load = dict(vs_envoy.loads(3, tmp))[opts.load] if opts.load != "http1" else []
+        target = url.split("//", 1)[1].rstrip("/")
+        for batch, n in enumerate([opts.n1, opts.n2, opts.n2]):
+            subprocess.run([opts.oha, "-n", str(n), "-c", "1", "--no-tui", "--connect-to", f"web.bench:80:{target}",
+                            *load, "http://web.bench/"], capture_output=True, check=True, timeout=900)
+            counts = [dump(p.pid, tmp) for p in measured]
+            if batch:
+                print(f"  batch {batch}: outbound sidecar {counts[0] / n:,.0f}, inbound sidecar {counts[1] / n:,.0f} "
+                      "instructions per request", flush=True)
+            if opts.keep and batch == 2:
+                for p, name in zip(measured, ["outbound", "inbound"]):
+                    for f in glob.glob(os.path.join(tmp, f"callgrind.out.{p.pid}*")):
+                        shutil.copy(f, os.path.join(opts.keep, f"callgrind.{name}"))
+        print(f"{opts.proxy}: {counts[0] / opts.n2:,.0f} (outbound) and {counts[1] / opts.n2:,.0f} (inbound) instructions "
+              f"per request, mTLS pair, {opts.load}, {opts.n2} requests")
     finally:
         stop(procs)
         shutil.rmtree(tmp, ignore_errors=True)

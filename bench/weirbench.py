@@ -61,10 +61,15 @@ def start_sidecar(controller_grpc, workload, log, app=None, extra=(), prefix=())
 TICK = os.sysconf("SC_CLK_TCK")
 
 
+def cpu_split(pid):
+    """(user, system) CPU seconds of a process, from /proc."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return int(fields[11]) / TICK, int(fields[12]) / TICK
+
+
 def cpu_seconds(pid):
     """User + system CPU time of a process, from /proc."""
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
+    return sum(cpu_split(pid))
 
 
 def _to_ms(v):

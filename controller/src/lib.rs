@@ -434,7 +434,17 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             .http2_keepalive_timeout(Some(Duration::from_secs(5)))
             .add_service(grpc::wire::DiscoveryServer::new(discovery))
             .add_optional_service(identity.map(weir_api::proto::identity_server::IdentityServer::new))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), grpc_drain.signaled()),
+            .serve_with_incoming_shutdown(
+                // No Nagle: a small (incremental) snapshot must not wait for the ack of the
+                // previous segment (delayed ACKs held every one ~40 ms).
+                tokio_stream::StreamExt::map(TcpListenerStream::new(grpc_listener), |s| {
+                    if let Ok(s) = &s {
+                        let _ = s.set_nodelay(true);
+                    }
+                    s
+                }),
+                grpc_drain.signaled(),
+            ),
     );
     let mut webhook_addr = None;
     if let Some(addr) = args.webhook_addr {

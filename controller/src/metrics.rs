@@ -8,6 +8,8 @@ pub struct Metrics {
     /// Sidecars with an open Discovery stream, by the version they reported.
     pub connected_proxies: prometheus::IntGaugeVec,
     pub snapshots_pushed: IntCounter,
+    /// Of those, the ones sent as changes against the previous one.
+    pub snapshots_incremental: IntCounter,
     pub push_latency: Histogram,
     /// Snapshots sidecars refused, by reason class (`service`, `duplicate`, `authorization`,
     /// `other`).
@@ -43,6 +45,11 @@ impl Metrics {
         .unwrap();
         let snapshots_pushed =
             IntCounter::new("weir_controller_snapshots_pushed_total", "Snapshots sent to sidecars").unwrap();
+        let snapshots_incremental = IntCounter::new(
+            "weir_controller_snapshots_incremental_total",
+            "Snapshots sent as the changes since the previous one (also in snapshots_pushed_total)",
+        )
+        .unwrap();
         let push_latency = Histogram::with_opts(
             HistogramOpts::new(
                 "weir_controller_push_latency_seconds",
@@ -69,7 +76,9 @@ impl Metrics {
         )
         .unwrap();
         registry.register(Box::new(nacks.clone())).unwrap();
-        for c in [&snapshots_pushed, &config_reloads, &reports_received, &reports_dropped_series] {
+        for c in
+            [&snapshots_pushed, &snapshots_incremental, &config_reloads, &reports_received, &reports_dropped_series]
+        {
             registry.register(Box::new(c.clone())).unwrap();
         }
         registry.register(Box::new(connected_proxies.clone())).unwrap();
@@ -129,6 +138,7 @@ impl Metrics {
             registry,
             connected_proxies,
             snapshots_pushed,
+            snapshots_incremental,
             push_latency,
             nacks,
             rejected_resources,

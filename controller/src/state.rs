@@ -1,5 +1,7 @@
 //! The published view of the mesh: what the translator made of the index, shared through a
 //! `watch` channel so every sidecar session (and the admin server) sees the newest one.
+//! Its Services are encoded for the wire once ([`MeshState::services_wire`]), and so are the
+//! changes from an earlier state ([`MeshState::delta_from`]) for incremental snapshots.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -7,7 +9,23 @@ use std::time::Instant;
 
 use weir_api::proto;
 
+use crate::grpc::wire::{Delta, Entry};
 use crate::index::{Index, Rejection, ResourceKey};
+
+/// How many bases a state keeps computed deltas for.
+const DELTAS_KEPT: usize = 4;
+
+/// A delta to a state's Services, and the earlier Services it is from.
+type DeltaFrom = (Arc<Vec<Entry>>, Arc<Delta>);
+
+/// The Services of a state on the wire.
+#[derive(Debug, Clone)]
+pub struct Encoded {
+    /// Every Service, as `Snapshot.services` entries.
+    pub whole: bytes::Bytes,
+    /// Each Service's entry (slices of `whole`), sorted by namespace and name.
+    pub entries: Arc<Vec<Entry>>,
+}
 
 #[derive(Debug)]
 pub struct MeshState {
@@ -16,9 +34,12 @@ pub struct MeshState {
     /// When the change that led to this state was first observed.
     pub changed_at: Instant,
     pub services: Arc<Vec<proto::Service>>,
-    /// `services` encoded for the wire, made on first use and shared with the next state
-    /// while the services stay the same.
-    services_wire: Arc<std::sync::OnceLock<bytes::Bytes>>,
+    /// `services` encoded for the wire (whole, and each Service's entry within it), made on
+    /// first use and shared with the next state while the services stay the same.
+    services_wire: Arc<std::sync::OnceLock<Encoded>>,
+    /// Incremental snapshots from earlier states' Services to these, by base (at most
+    /// [`DELTAS_KEPT`]; sessions sent the same base mostly share one).
+    deltas: std::sync::Mutex<Vec<DeltaFrom>>,
     pub authorizations: Arc<Vec<crate::translator::SelectedAuthorization>>,
     /// Canaries in force (the reconciler reads them from here).
     pub canaries: Arc<Vec<crate::canary::CanaryDef>>,
@@ -27,6 +48,8 @@ pub struct MeshState {
     pub rejections: Arc<Vec<Rejection>>,
     /// [`Self::resource_versions`], made once and shared by every session.
     resource_versions: std::sync::OnceLock<Arc<BTreeMap<ResourceKey, u64>>>,
+    /// [`Self::inbound_limits`], made once and shared by every session.
+    inbound_limits: std::sync::OnceLock<crate::translator::InboundLimits>,
 }
 
 impl MeshState {
@@ -71,12 +94,39 @@ impl MeshState {
             ),
             rejections: Arc::new(index.rejections().to_vec()),
             resource_versions: std::sync::OnceLock::new(),
+            inbound_limits: std::sync::OnceLock::new(),
+            deltas: std::sync::Mutex::default(),
         }
     }
 
     /// The services as `Snapshot.services` entries on the wire (encoded once, then shared).
-    pub fn services_wire(&self) -> bytes::Bytes {
-        self.services_wire.get_or_init(|| crate::grpc::wire::encode_services(&self.services)).clone()
+    pub fn services_wire(&self) -> Encoded {
+        self.services_wire
+            .get_or_init(|| {
+                let (whole, entries) = crate::grpc::wire::encode_entries(&self.services);
+                Encoded { whole, entries: Arc::new(entries) }
+            })
+            .clone()
+    }
+
+    /// What changed from `base` (an earlier state's entries) to this state's Services,
+    /// computed once per base and shared by the sessions that sent that base.
+    pub fn delta_from(&self, base: &Arc<Vec<Entry>>) -> Arc<Delta> {
+        let mut deltas = self.deltas.lock().unwrap();
+        if let Some((_, d)) = deltas.iter().find(|(b, _)| Arc::ptr_eq(b, base)) {
+            return d.clone();
+        }
+        let d = Arc::new(Delta::between(base, &self.services_wire().entries));
+        if deltas.len() >= DELTAS_KEPT {
+            deltas.remove(0);
+        }
+        deltas.push((base.clone(), d.clone()));
+        d
+    }
+
+    /// Inbound rate limits by the workload that serves them.
+    pub fn inbound_limits(&self) -> &crate::translator::InboundLimits {
+        self.inbound_limits.get_or_init(|| crate::translator::inbound_limits(&self.services))
     }
 
     /// Version of each resource in force (what a sidecar that acks this state has applied).

@@ -343,30 +343,53 @@ fn authorization(ns: &str, name: &str, spec: &MeshAuthorizationSpec) -> proto::A
     }
 }
 
+/// Inbound rate limits by the workload that serves them, `(namespace, workload)` → the
+/// limits of the Services whose endpoints it serves, in Service order. Made once per published
+/// state rather than once per sidecar.
+pub type InboundLimits = std::collections::HashMap<(String, String), Vec<proto::InboundRateLimit>>;
+
+pub fn inbound_limits(services: &[proto::Service]) -> InboundLimits {
+    let mut out = InboundLimits::new();
+    for svc in services {
+        let limits: Vec<_> = svc
+            .policies
+            .iter()
+            .filter_map(|p| {
+                p.rate_limit.as_ref().filter(|l| l.inbound).map(|limit| proto::InboundRateLimit {
+                    policy: p.name.clone(),
+                    service: format!("{}/{}", svc.namespace, svc.name),
+                    limit: Some(limit.clone()),
+                })
+            })
+            .collect();
+        if limits.is_empty() {
+            continue;
+        }
+        let mut workloads: Vec<&str> =
+            svc.endpoints.iter().map(|e| e.workload.as_str()).filter(|w| !w.is_empty()).collect();
+        workloads.sort_unstable();
+        workloads.dedup();
+        for w in workloads {
+            out.entry((svc.namespace.clone(), w.to_string())).or_default().extend(limits.iter().cloned());
+        }
+    }
+    out
+}
+
 /// The inbound policy of workload `namespace/name` with `labels`: inbound rate limits of the
-/// Services whose endpoints it serves, and the MeshAuthorizations that select it.
+/// Services whose endpoints it serves (from [`inbound_limits`]), and the MeshAuthorizations
+/// that select it.
 pub fn inbound_for(
-    services: &[proto::Service],
+    limits: &InboundLimits,
     authorizations: &[SelectedAuthorization],
     namespace: &str,
     name: &str,
     labels: &BTreeMap<String, String>,
 ) -> proto::InboundPolicy {
-    let mut out = proto::InboundPolicy::default();
-    for svc in services.iter().filter(|s| s.namespace == namespace) {
-        if !svc.endpoints.iter().any(|e| e.workload == name) {
-            continue;
-        }
-        for p in &svc.policies {
-            if let Some(limit) = p.rate_limit.as_ref().filter(|l| l.inbound) {
-                out.rate_limits.push(proto::InboundRateLimit {
-                    policy: p.name.clone(),
-                    service: format!("{}/{}", svc.namespace, svc.name),
-                    limit: Some(limit.clone()),
-                });
-            }
-        }
-    }
+    let mut out = proto::InboundPolicy {
+        rate_limits: limits.get(&(namespace.to_string(), name.to_string())).cloned().unwrap_or_default(),
+        ..Default::default()
+    };
     for a in authorizations.iter().filter(|a| a.namespace == namespace) {
         if a.target.as_ref().is_none_or(|t| t.selects(name, labels)) {
             out.authorizations.push(a.policy.clone());

@@ -17,6 +17,7 @@ impl InvalidSnapshot {
             InvalidSnapshot::Service { .. } => "service",
             InvalidSnapshot::Duplicate { .. } => "duplicate",
             InvalidSnapshot::Authorization(_) => "authorization",
+            InvalidSnapshot::Base { .. } => "base",
         }
     }
 }
@@ -30,6 +31,9 @@ pub enum InvalidSnapshot {
     Duplicate { service: String },
     #[error("{0}")]
     Authorization(String),
+    /// An incremental snapshot that does not apply to what this sidecar runs.
+    #[error("incremental snapshot on top of version {base:?}, but this sidecar runs {running:?}")]
+    Base { base: String, running: String },
 }
 
 /// `namespace/name` of a Service.
@@ -134,6 +138,41 @@ pub(crate) fn path_prefix_matches(prefix: &str, path: &str) -> bool {
         return true;
     }
     path.starts_with(prefix) && matches!(path.as_bytes().get(prefix.len()), None | Some(b'/'))
+}
+
+/// The whole snapshot an incremental one stands for: the Services of `running` (what this
+/// sidecar applied last) with the incremental one's added, changed and removed Services,
+/// sorted by namespace and name as the controller sends them. A whole snapshot is returned
+/// as it is. When the base is not what runs, or the changes do not fit it, the answer is
+/// [`InvalidSnapshot::Base`]: the controller then sends the next snapshot whole.
+pub fn resolve(snapshot: proto::Snapshot, running: Option<&Config>) -> Result<proto::Snapshot, InvalidSnapshot> {
+    if snapshot.base_version.is_empty() {
+        return Ok(snapshot);
+    }
+    let proto::Snapshot { version, services: changed, inbound, base_version, removed_services } = snapshot;
+    let base_error = || InvalidSnapshot::Base {
+        base: base_version.clone(),
+        running: running.map_or_else(|| "nothing yet".to_string(), |r| r.version.clone()),
+    };
+    let running = running.filter(|r| r.version == base_version).ok_or_else(base_error)?;
+    let mut services: std::collections::BTreeMap<(String, String), proto::Service> =
+        running.source.services.iter().map(|s| ((s.namespace.clone(), s.name.clone()), s.clone())).collect();
+    for gone in &removed_services {
+        let key = gone.split_once('/').map(|(ns, name)| (ns.to_string(), name.to_string()));
+        if key.and_then(|k| services.remove(&k)).is_none() {
+            // Not a Service of the base: this sidecar's view is not what the controller thinks.
+            return Err(base_error());
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    for s in changed {
+        let key = (s.namespace.clone(), s.name.clone());
+        if !seen.insert(key.clone()) {
+            return Err(InvalidSnapshot::Duplicate { service: format!("{}/{}", key.0, key.1) });
+        }
+        services.insert(key, s);
+    }
+    Ok(proto::Snapshot { version, services: services.into_values().collect(), inbound, ..Default::default() })
 }
 
 impl Config {
@@ -717,7 +756,53 @@ mod tests {
                 cluster_ips: vec![],
             }],
             inbound: None,
+            ..Default::default()
         }
+    }
+
+    fn service(ns: &str, name: &str, port: u32) -> proto::Service {
+        proto::Service { namespace: ns.into(), name: name.into(), ports: vec![port], ..Default::default() }
+    }
+
+    /// An incremental snapshot on top of the running one gives exactly the whole snapshot
+    /// the controller would have sent; one on another base, or removing what is not there,
+    /// asks for a whole one.
+    #[test]
+    fn incremental_snapshots_resolve_against_the_running_one() {
+        let whole = |version: &str, services: Vec<proto::Service>| proto::Snapshot {
+            version: version.into(),
+            services,
+            ..Default::default()
+        };
+        let v1 = whole("1", vec![service("a", "keep", 80), service("a", "old", 80), service("b", "change", 80)]);
+        let running = Config::from_snapshot(v1.clone(), "a", "cluster.local").unwrap();
+        assert_eq!(resolve(v1.clone(), Some(&running)).unwrap(), v1, "whole snapshots pass through");
+
+        let delta = proto::Snapshot {
+            version: "2".into(),
+            services: vec![service("b", "change", 81), service("a", "new", 80)],
+            base_version: "1".into(),
+            removed_services: vec!["a/old".into()],
+            inbound: Some(proto::InboundPolicy::default()),
+        };
+        let expected = proto::Snapshot {
+            version: "2".into(),
+            services: vec![service("a", "keep", 80), service("a", "new", 80), service("b", "change", 81)],
+            inbound: Some(proto::InboundPolicy::default()),
+            ..Default::default()
+        };
+        assert_eq!(resolve(delta.clone(), Some(&running)).unwrap(), expected);
+        let applied = Config::from_snapshot(resolve(delta.clone(), Some(&running)).unwrap(), "a", "cluster.local");
+        assert_eq!(applied.unwrap().source, expected, "/config shows the whole snapshot");
+
+        for (base, running) in [("0", Some(&running)), ("1", None)] {
+            let err = resolve(proto::Snapshot { base_version: base.into(), ..delta.clone() }, running).unwrap_err();
+            assert_eq!(err.class(), "base", "{err}");
+        }
+        let gone_twice = proto::Snapshot { removed_services: vec!["a/nope".into()], ..delta.clone() };
+        assert_eq!(resolve(gone_twice, Some(&running)).unwrap_err().class(), "base");
+        let twice = proto::Snapshot { services: vec![service("a", "new", 80), service("a", "new", 81)], ..delta };
+        assert_eq!(resolve(twice, Some(&running)).unwrap_err().class(), "duplicate");
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The Discovery client: one background task that keeps a stream to the controller open and
 //! turns snapshots into a `watch` of [`Config`]. Bad snapshots are Nacked and the last good one
 //! keeps serving; while the controller is away the proxy serves what it has and reconnects
-//! with capped, jittered back-off.
+//! with capped, jittered back-off. Snapshots may be incremental (the Hello says this sidecar
+//! applies them): the changed Services on top of the version it runs.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -100,10 +101,15 @@ async fn session(
                 *attempt = 0;
                 let version = snapshot.version.clone();
                 let started = std::time::Instant::now();
-                let reply = match Config::from_snapshot(snapshot, &cfg.hello.namespace, &cfg.cluster_domain) {
+                let incremental = !snapshot.base_version.is_empty();
+                // An incremental snapshot becomes the whole one it stands for, then both are
+                // checked and applied alike.
+                let whole = crate::config::resolve(snapshot, tx.borrow().as_deref());
+                let applied = whole.and_then(|s| Config::from_snapshot(s, &cfg.hello.namespace, &cfg.cluster_domain));
+                let reply = match applied {
                     Ok(config) => {
                         let build_ms = started.elapsed().as_secs_f64() * 1e3;
-                        tracing::info!(%version, services = config.services.len(), build_ms, "applied snapshot");
+                        tracing::info!(%version, incremental, services = config.services.len(), build_ms, "applied snapshot");
                         tx.send_replace(Some(Arc::new(config)));
                         metrics.snapshots_applied.inc();
                         proxy_message::Msg::Ack(proto::Ack { version })

@@ -184,6 +184,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             labels: args.labels.iter().cloned().collect::<BTreeMap<_, _>>().into_iter().collect(),
             proxy_version: env!("CARGO_PKG_VERSION").to_string(),
             admin_port: u32::from(admin_l.local_addr()?.port()),
+            incremental: true,
         },
         cluster_domain: args.cluster_domain.clone(),
         report_interval: args.report_interval,

@@ -8,6 +8,9 @@
 //! ```sh
 //! WEIR_SIDECARS=1000 cargo test --release -p weir-tests --test control_plane_scale -- --ignored --nocapture
 //! ```
+//!
+//! The simulated sidecars take incremental snapshots, as real ones do; with `WEIR_WHOLE=1`
+//! they ask for whole ones instead.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -47,6 +50,8 @@ async fn simulated_sidecar(grpc: std::net::SocketAddr, i: usize, acks: Acks) -> 
         name: format!("client-{i}"),
         service_account: "client".into(),
         proxy_version: "sim".into(),
+        // As real sidecars do, unless WEIR_WHOLE asks for whole snapshots (for comparison).
+        incremental: std::env::var_os("WEIR_WHOLE").is_none(),
         ..Default::default()
     };
     tx.send(proto::ProxyMessage { msg: Some(proxy_message::Msg::Hello(hello)) }).await?;
@@ -171,6 +176,14 @@ async fn sidecars_acking_config_changes() {
         cpu / (rounds * sidecars) as f64 * 1e6,
         rounds * sidecars,
         sum_count("sum") / sum_count("count").max(1.0) * 1000.0
+    );
+    let counter = |name: &str| {
+        push_latency.lines().find_map(|l| l.strip_prefix(&format!("{name} "))).map(str::trim).unwrap_or("?").to_string()
+    };
+    println!(
+        "snapshots pushed: {}, of which incremental: {}",
+        counter("weir_controller_snapshots_pushed_total"),
+        counter("weir_controller_snapshots_incremental_total")
     );
     println!(
         "controller RSS: {:.1} MiB connected, {:.1} MiB after the changes, peak {:.1} MiB",

@@ -74,6 +74,7 @@ fn snapshot(version: &str, backend: std::net::SocketAddr, match_kind: i32) -> pr
             cluster_ips: vec![],
         }],
         inbound: None,
+        ..Default::default()
     }
 }
 
@@ -124,6 +125,157 @@ async fn sidecar_nacks_what_it_cannot_apply_and_keeps_the_previous_snapshot() {
     snap_tx.send(snapshot("3", backend.addr, proto::MatchKind::Exact as i32)).await.unwrap();
     assert!(matches!(next_verdict(&mut replies).await, proxy_message::Msg::Ack(a) if a.version == "3"));
     server.abort();
+}
+
+/// A real sidecar applies incremental snapshots on top of the one it runs, and asks for a
+/// whole one (Nack, class "base") when one names another base, keeping what it runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecar_applies_incremental_snapshots_on_their_base_only() {
+    let (v1, v2) = (Backend::start("v1").await, Backend::start("v2").await);
+    let (snap_tx, snap_rx) = mpsc::channel(4);
+    let (reply_tx, mut replies) = mpsc::channel(16);
+    let fake = ScriptedController { snapshots: Arc::new(Mutex::new(Some(snap_rx))), replies: reply_tx };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(proto::discovery_server::DiscoveryServer::new(fake))
+            .serve_with_incoming(TcpListenerStream::new(listener)),
+    );
+    let scratch = Scratch::new();
+    let proxy = scratch.proxy(addr, "test/client", None).await;
+    let plain = |name: &str, backend: std::net::SocketAddr| proto::Service {
+        namespace: "test".into(),
+        name: name.into(),
+        endpoints: vec![proto::Endpoint { address: backend.to_string(), ..Default::default() }],
+        ..Default::default()
+    };
+
+    let whole = proto::Snapshot { version: "1".into(), services: vec![plain("web", v1.addr)], ..Default::default() };
+    snap_tx.send(whole).await.unwrap();
+    assert!(matches!(next_verdict(&mut replies).await, proxy_message::Msg::Ack(a) if a.version == "1"));
+    // Adds api, moves web to v2.
+    let delta = proto::Snapshot {
+        version: "2".into(),
+        services: vec![plain("api", v1.addr), plain("web", v2.addr)],
+        base_version: "1".into(),
+        ..Default::default()
+    };
+    snap_tx.send(delta).await.unwrap();
+    assert!(matches!(next_verdict(&mut replies).await, proxy_message::Msg::Ack(a) if a.version == "2"));
+    let via = proxy.addr("outbound");
+    let r = send(&http1(), via, "GET", "web.test", "/", &[]).await.unwrap();
+    assert_eq!((r.status, r.backend()), (200, "v2"));
+    assert_eq!(send(&http1(), via, "GET", "api.test", "/", &[]).await.unwrap().backend(), "v1");
+    let config = admin_json(proxy.addr("admin"), "/config").await;
+    let names: Vec<_> = config["snapshot"]["services"].as_array().unwrap().iter().map(|s| s["name"].clone()).collect();
+    assert_eq!(names, ["api", "web"], "/config shows the whole snapshot: {config}");
+
+    // Removes api.
+    let delta = proto::Snapshot {
+        version: "3".into(),
+        base_version: "2".into(),
+        removed_services: vec!["test/api".into()],
+        ..Default::default()
+    };
+    snap_tx.send(delta).await.unwrap();
+    assert!(matches!(next_verdict(&mut replies).await, proxy_message::Msg::Ack(a) if a.version == "3"));
+    assert_eq!(send(&http1(), via, "GET", "api.test", "/", &[]).await.unwrap().status, 404);
+
+    // On another base: refused for that reason, and version 3 stays.
+    let wrong = proto::Snapshot {
+        version: "5".into(),
+        services: vec![plain("web", v1.addr)],
+        base_version: "4".into(),
+        ..Default::default()
+    };
+    snap_tx.send(wrong).await.unwrap();
+    match next_verdict(&mut replies).await {
+        proxy_message::Msg::Nack(n) => {
+            assert_eq!((n.version.as_str(), n.reason_class.as_str()), ("5", "base"), "{}", n.reason);
+        }
+        other => panic!("expected a Nack, got {other:?}"),
+    }
+    assert_eq!(admin_json(proxy.addr("admin"), "/config").await["version"], "3");
+    assert_eq!(send(&http1(), via, "GET", "web.test", "/", &[]).await.unwrap().backend(), "v2");
+    server.abort();
+}
+
+/// The controller sends a sidecar that says it can apply them only the Services that changed
+/// since the previous snapshot, and everything again after a Nack of class "base".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controller_sends_incremental_snapshots_to_sidecars_that_apply_them() {
+    let scratch = Scratch::new();
+    let both = |web_eps: &[String]| format!("{}{}", service("test", "web", web_eps), service("test", "db", &[]));
+    let ep = || meshed("127.0.0.1:9".parse().unwrap());
+    scratch.write("services.yaml", &both(&[]));
+    let controller = scratch.controller(None).await;
+    let mut client = discovery_client(controller.addr("grpc")).await;
+    let (tx, rx) = mpsc::channel(4);
+    let hello = proto::Hello {
+        namespace: "test".into(),
+        name: "fake".into(),
+        service_account: "fake".into(),
+        incremental: true,
+        ..Default::default()
+    };
+    tx.send(proto::ProxyMessage { msg: Some(proxy_message::Msg::Hello(hello)) }).await.unwrap();
+    let mut inbound = client.stream(ReceiverStream::new(rx)).await.unwrap().into_inner();
+    let mut next = async || match tokio::time::timeout(Duration::from_secs(10), inbound.message())
+        .await
+        .expect("a snapshot within 10 s")
+        .unwrap()
+        .unwrap()
+        .msg
+    {
+        Some(controller_message::Msg::Snapshot(s)) => s,
+        None => panic!("no snapshot"),
+    };
+    let ack = |version: &str| proto::ProxyMessage {
+        msg: Some(proxy_message::Msg::Ack(proto::Ack { version: version.into() })),
+    };
+    let names = |s: &proto::Snapshot| s.services.iter().map(|s| s.name.clone()).collect::<Vec<_>>();
+
+    let first = next().await;
+    assert_eq!((first.base_version.as_str(), names(&first)), ("", vec!["db".to_string(), "web".to_string()]));
+    tx.send(ack(&first.version)).await.unwrap();
+
+    // One Service changes: only it is sent, on top of the first snapshot.
+    scratch.write("services.yaml", &both(&[ep()]));
+    let second = next().await;
+    assert_eq!(second.base_version, first.version);
+    assert_eq!(names(&second), ["web"]);
+    assert_eq!(second.services[0].endpoints.len(), 1);
+    assert!(second.removed_services.is_empty());
+    tx.send(ack(&second.version)).await.unwrap();
+
+    // One goes away.
+    scratch.write("services.yaml", &service("test", "web", &[ep()]));
+    let third = next().await;
+    assert_eq!(
+        (third.base_version.as_str(), third.removed_services.as_slice()),
+        (second.version.as_str(), &["test/db".to_string()][..])
+    );
+    assert!(third.services.is_empty());
+
+    // The sidecar runs something else: the controller sends it all again, at once.
+    let nack = proto::Nack {
+        version: third.version.clone(),
+        reason: "incremental snapshot on top of another version".into(),
+        reason_class: "base".into(),
+    };
+    tx.send(proto::ProxyMessage { msg: Some(proxy_message::Msg::Nack(nack)) }).await.unwrap();
+    let again = next().await;
+    assert_eq!((again.base_version.as_str(), names(&again)), ("", vec!["web".to_string()]));
+    tx.send(ack(&again.version)).await.unwrap();
+    let admin = controller.addr("admin");
+    let metrics = admin_text(admin, "/metrics").await;
+    assert!(metrics.contains("weir_controller_snapshots_incremental_total 2\n"), "{metrics}");
+    assert!(metrics.contains("weir_controller_snapshots_pushed_total 4\n"), "{metrics}");
+    assert!(metrics.contains("weir_controller_nacks_total{reason=\"base\"} 1"), "{metrics}");
+    // A base Nack is not a problem with the configuration: nothing shows as rejected.
+    let v = admin_json(admin, "/resources").await;
+    assert!(v["proxies"][0]["nack"].is_null(), "{v}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

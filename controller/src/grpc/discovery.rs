@@ -1,7 +1,9 @@
 //! `weir.v1.Discovery/Stream`: one session per sidecar. The session watches the published
 //! [`MeshState`], computes the sidecar's view, and pushes it when it differs from what the
 //! sidecar last received; a slow sidecar only ever gets the newest view (the outgoing channel
-//! holds one message).
+//! holds one message). A sidecar that says `Hello.incremental` gets the first snapshot whole
+//! and then only the Services that changed since the previous one it was sent
+//! (`Snapshot.base_version`); after a Nack the next one goes whole.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -13,7 +15,7 @@ use tonic::{Request, Response, Status, Streaming};
 use weir_api::proto::{self, proxy_message};
 use weir_api::rt::{Drain, unix_ms};
 
-use super::wire::ControllerWire;
+use super::wire::{ControllerWire, Entry};
 use crate::index::ResourceKey;
 use crate::metrics::Metrics;
 use crate::proxies::{NackInfo, Proxies, ProxyInfo};
@@ -114,13 +116,20 @@ impl Session {
         tokio::pin!(drain);
         let labels: BTreeMap<String, String> = hello.labels.clone().into_iter().collect();
         let mut last_sent: Option<View> = None;
+        // The version and Services of the last snapshot sent: what the sidecar runs once it
+        // has applied everything sent (the base of the next incremental snapshot). Ordered
+        // stream, so it applies them in turn; after any Nack the next snapshot goes whole.
+        let mut sent: Option<(String, Arc<Vec<Entry>>)> = None;
         let mut pending: Option<Pending> = None;
         loop {
             let state = state_rx.borrow_and_update().clone();
             let view = view_for(&hello, &labels, &state);
-            let unchanged = last_sent.as_ref().is_some_and(|l| {
-                (Arc::ptr_eq(&l.services, &view.services) || l.services == view.services) && l.inbound == view.inbound
-            });
+            // A state keeps the previous one's Services Arc when they are equal, so another
+            // Arc means a change (at worst an equal one, sent as an empty increment): no deep
+            // comparison of a thousand Services per sidecar.
+            let unchanged = last_sent
+                .as_ref()
+                .is_some_and(|l| Arc::ptr_eq(&l.services, &view.services) && l.inbound == view.inbound);
             if !unchanged {
                 // A newer snapshot supersedes the unanswered one: its place goes back first.
                 if let Some(p) = pending.as_mut() {
@@ -137,17 +146,34 @@ impl Session {
                 let state = state_rx.borrow_and_update().clone();
                 let view = view_for(&hello, &labels, &state);
                 let version = state.generation.to_string();
-                // The Services part is encoded once per state and shared by every session.
-                let msg = ControllerWire {
+                // The Services part is encoded once per state and shared by every session;
+                // to a sidecar that applies them, only the changes since the last snapshot
+                // sent (computed once per base and shared too).
+                let encoded = state.services_wire();
+                let mut msg = ControllerWire {
                     version: version.clone(),
-                    services: state.services_wire(),
+                    services: encoded.whole.clone(),
                     inbound: view.inbound.clone(),
+                    ..Default::default()
                 };
+                if let Some((base_version, base)) = sent.as_ref().filter(|_| hello.incremental) {
+                    let delta = state.delta_from(base);
+                    if delta.len() < encoded.whole.len() {
+                        msg.services = delta.services.clone();
+                        msg.removed = delta.removed.clone();
+                        msg.base_version = base_version.clone();
+                    }
+                }
+                let incremental = !msg.base_version.is_empty();
                 tokio::select! {
                     sent = tx.send(Ok(msg)) => if sent.is_err() { break },
                     _ = &mut drain => break,
                 }
                 svc.metrics.snapshots_pushed.inc();
+                if incremental {
+                    svc.metrics.snapshots_incremental.inc();
+                }
+                sent = Some((version.clone(), encoded.entries));
                 svc.proxies.update(id, |p| p.sent_version = Some(version.clone()));
                 let hold_until = tokio::time::Instant::now() + IN_FLIGHT_HOLD;
                 pending = Some(Pending {
@@ -178,7 +204,16 @@ impl Session {
                     continue;
                 }
                 msg = inbound.message() => match msg {
-                    Ok(Some(m)) => handle(&svc, id, &workload, m, &mut pending),
+                    Ok(Some(m)) => match handle(&svc, id, &workload, m, &mut pending) {
+                        Answer::Nack { base } => {
+                            sent = None;
+                            if base {
+                                // It runs another version than the base: send it all now.
+                                last_sent = None;
+                            }
+                        }
+                        Answer::Other => {}
+                    },
                     Ok(None) => break,
                     Err(status) => {
                         tracing::debug!(%workload, %status, "stream ended");
@@ -194,7 +229,22 @@ impl Session {
     }
 }
 
-fn handle(svc: &DiscoveryService, id: u64, workload: &str, m: proto::ProxyMessage, pending: &mut Option<Pending>) {
+/// What a sidecar's message means for the next snapshot.
+enum Answer {
+    /// It refused a snapshot (`base`: an incremental one, for running another version).
+    Nack {
+        base: bool,
+    },
+    Other,
+}
+
+fn handle(
+    svc: &DiscoveryService,
+    id: u64,
+    workload: &str,
+    m: proto::ProxyMessage,
+    pending: &mut Option<Pending>,
+) -> Answer {
     match m.msg {
         Some(proxy_message::Msg::Ack(ack)) => {
             if let Some(p) = pending.take_if(|p| p.version == ack.version) {
@@ -209,13 +259,19 @@ fn handle(svc: &DiscoveryService, id: u64, workload: &str, m: proto::ProxyMessag
         Some(proxy_message::Msg::Nack(nack)) => {
             // Only known classes become label values; anything else a sidecar sends is "other".
             let class = match nack.reason_class.as_str() {
-                c @ ("service" | "duplicate" | "authorization") => c,
+                c @ ("service" | "duplicate" | "authorization" | "base") => c,
                 _ => "other",
             };
             svc.metrics.nacks.with_label_values(&[class]).inc();
-            tracing::warn!(%workload, version = %nack.version, reason = %nack.reason, "sidecar rejected snapshot");
             pending.take_if(|p| p.version == nack.version);
+            if class == "base" {
+                // Not a problem with the configuration: it gets the whole snapshot next.
+                tracing::info!(%workload, version = %nack.version, reason = %nack.reason, "sidecar asked for a whole snapshot");
+                return Answer::Nack { base: true };
+            }
+            tracing::warn!(%workload, version = %nack.version, reason = %nack.reason, "sidecar rejected snapshot");
             svc.proxies.update(id, |info| info.nack = Some(NackInfo { version: nack.version, reason: nack.reason }));
+            return Answer::Nack { base: false };
         }
         Some(proxy_message::Msg::Report(report)) => {
             svc.metrics.reports_received.inc();
@@ -226,6 +282,7 @@ fn handle(svc: &DiscoveryService, id: u64, workload: &str, m: proto::ProxyMessag
             tracing::debug!(%workload, "ignoring unexpected message");
         }
     }
+    Answer::Other
 }
 
 /// What one sidecar receives: every Service it may call (all of them today; per-namespace
@@ -241,7 +298,7 @@ fn view_for(hello: &proto::Hello, labels: &BTreeMap<String, String>, state: &Mes
     View {
         services: state.services.clone(),
         inbound: crate::translator::inbound_for(
-            &state.services,
+            state.inbound_limits(),
             &state.authorizations,
             &hello.namespace,
             &hello.name,

@@ -471,6 +471,12 @@ where
                         }
                     }
                 }
+                Some(Err(watcher::Error::WatchError(status))) if status.code == 410 => {
+                    // The history to resume from was compacted away (routine after a broken
+                    // watch): the watcher relists at once. Not a failure of the watch.
+                    restarts.inc();
+                    tracing::info!(watch = %label, reason = %status.message, "watch history expired; relisting");
+                }
                 Some(Err(e)) => {
                     restarts.inc();
                     let missing = matches!(&e, watcher::Error::InitialListFailed(kube::Error::Api(s)) if s.code == 404);
