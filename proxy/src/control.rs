@@ -90,6 +90,7 @@ async fn session(
     metrics.control_connected.set(1);
     tracing::info!(controller = %cfg.controller, "control stream established");
 
+    let mut applied_on_this_stream = false;
     let mut reports = tokio::time::interval(cfg.report_interval);
     reports.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     reports.tick().await;
@@ -103,14 +104,18 @@ async fn session(
                 let started = std::time::Instant::now();
                 let incremental = !snapshot.base_version.is_empty();
                 // An incremental snapshot becomes the whole one it stands for, then both are
-                // checked and applied alike.
-                let whole = crate::config::resolve(snapshot, tx.borrow().as_deref());
+                // checked and applied alike. Its base must be a snapshot applied on this
+                // stream: versions are a controller's own counter, and the one running may
+                // have come from another controller (or an earlier run) with the same number.
+                let running = tx.borrow().clone().filter(|_| applied_on_this_stream);
+                let whole = crate::config::resolve(snapshot, running.as_deref());
                 let applied = whole.and_then(|s| Config::from_snapshot(s, &cfg.hello.namespace, &cfg.cluster_domain));
                 let reply = match applied {
                     Ok(config) => {
                         let build_ms = started.elapsed().as_secs_f64() * 1e3;
                         tracing::info!(%version, incremental, services = config.services.len(), build_ms, "applied snapshot");
                         tx.send_replace(Some(Arc::new(config)));
+                        applied_on_this_stream = true;
                         metrics.snapshots_applied.inc();
                         proxy_message::Msg::Ack(proto::Ack { version })
                     }

@@ -78,6 +78,35 @@ fn snapshot(version: &str, backend: std::net::SocketAddr, match_kind: i32) -> pr
     }
 }
 
+/// Where to send snapshots, the sidecar's replies, the address, and the server task.
+type Served = (
+    mpsc::Sender<proto::Snapshot>,
+    mpsc::Receiver<proxy_message::Msg>,
+    std::net::SocketAddr,
+    tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+);
+
+impl ScriptedController {
+    /// Serves one on loopback.
+    async fn serve() -> Served {
+        Self::serve_on("127.0.0.1:0".parse().unwrap()).await
+    }
+
+    async fn serve_on(addr: std::net::SocketAddr) -> Served {
+        let (snap_tx, snap_rx) = mpsc::channel(4);
+        let (reply_tx, replies) = mpsc::channel(16);
+        let fake = ScriptedController { snapshots: Arc::new(Mutex::new(Some(snap_rx))), replies: reply_tx };
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(proto::discovery_server::DiscoveryServer::new(fake))
+                .serve_with_incoming(TcpListenerStream::new(listener)),
+        );
+        (snap_tx, replies, addr, server)
+    }
+}
+
 /// Waits for the next Ack/Nack (skipping Hello and Reports).
 async fn next_verdict(replies: &mut mpsc::Receiver<proxy_message::Msg>) -> proxy_message::Msg {
     loop {
@@ -92,16 +121,7 @@ async fn next_verdict(replies: &mut mpsc::Receiver<proxy_message::Msg>) -> proxy
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sidecar_nacks_what_it_cannot_apply_and_keeps_the_previous_snapshot() {
     let backend = Backend::start("v1").await;
-    let (snap_tx, snap_rx) = mpsc::channel(4);
-    let (reply_tx, mut replies) = mpsc::channel(16);
-    let fake = ScriptedController { snapshots: Arc::new(Mutex::new(Some(snap_rx))), replies: reply_tx };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(proto::discovery_server::DiscoveryServer::new(fake))
-            .serve_with_incoming(TcpListenerStream::new(listener)),
-    );
+    let (snap_tx, mut replies, addr, server) = ScriptedController::serve().await;
     let scratch = Scratch::new();
     let proxy = scratch.proxy(addr, "test/client", None).await;
 
@@ -132,16 +152,7 @@ async fn sidecar_nacks_what_it_cannot_apply_and_keeps_the_previous_snapshot() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sidecar_applies_incremental_snapshots_on_their_base_only() {
     let (v1, v2) = (Backend::start("v1").await, Backend::start("v2").await);
-    let (snap_tx, snap_rx) = mpsc::channel(4);
-    let (reply_tx, mut replies) = mpsc::channel(16);
-    let fake = ScriptedController { snapshots: Arc::new(Mutex::new(Some(snap_rx))), replies: reply_tx };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(proto::discovery_server::DiscoveryServer::new(fake))
-            .serve_with_incoming(TcpListenerStream::new(listener)),
-    );
+    let (snap_tx, mut replies, addr, server) = ScriptedController::serve().await;
     let scratch = Scratch::new();
     let proxy = scratch.proxy(addr, "test/client", None).await;
     let plain = |name: &str, backend: std::net::SocketAddr| proto::Service {
@@ -198,6 +209,30 @@ async fn sidecar_applies_incremental_snapshots_on_their_base_only() {
     }
     assert_eq!(admin_json(proxy.addr("admin"), "/config").await["version"], "3");
     assert_eq!(send(&http1(), via, "GET", "web.test", "/", &[]).await.unwrap().backend(), "v2");
+
+    // Another controller (or this one restarted) on the same address: its versions are its own
+    // counter, so even a base equal to the running version ("3") is not trusted until a
+    // snapshot has been applied on the new stream.
+    // Closing the snapshots ends the stream (the sidecar reconnects); the listener goes too.
+    drop(snap_tx);
+    server.abort();
+    let _ = server.await;
+    let (snap_tx, mut replies, _, server) = ScriptedController::serve_on(addr).await;
+    let delta = proto::Snapshot {
+        version: "4".into(),
+        base_version: "3".into(),
+        removed_services: vec!["test/web".into()],
+        ..Default::default()
+    };
+    snap_tx.send(delta).await.unwrap();
+    match next_verdict(&mut replies).await {
+        proxy_message::Msg::Nack(n) => assert_eq!((n.version.as_str(), n.reason_class.as_str()), ("4", "base")),
+        other => panic!("expected a Nack, got {other:?}"),
+    }
+    let whole = proto::Snapshot { version: "4".into(), services: vec![plain("web", v1.addr)], ..Default::default() };
+    snap_tx.send(whole).await.unwrap();
+    assert!(matches!(next_verdict(&mut replies).await, proxy_message::Msg::Ack(a) if a.version == "4"));
+    assert_eq!(send(&http1(), via, "GET", "web.test", "/", &[]).await.unwrap().backend(), "v1");
     server.abort();
 }
 
@@ -268,11 +303,21 @@ async fn controller_sends_incremental_snapshots_to_sidecars_that_apply_them() {
     let again = next().await;
     assert_eq!((again.base_version.as_str(), names(&again)), ("", vec!["web".to_string()]));
     tx.send(ack(&again.version)).await.unwrap();
+    // A late base Nack of an older increment (not the newest snapshot) sends nothing again.
+    let stale = proto::Nack { version: second.version.clone(), reason: "late".into(), reason_class: "base".into() };
+    tx.send(proto::ProxyMessage { msg: Some(proxy_message::Msg::Nack(stale)) }).await.unwrap();
     let admin = controller.addr("admin");
+    wait_until("the late Nack to be counted", Duration::from_secs(10), || async move {
+        admin_text(admin, "/metrics").await.contains("weir_controller_nacks_total{reason=\"base\"} 2")
+    })
+    .await;
+    // The next change comes as an increment on the whole one: nothing was resent in between.
+    scratch.write("services.yaml", &both(&[ep()]));
+    let after = next().await;
+    assert_eq!((after.base_version.as_str(), names(&after)), (again.version.as_str(), vec!["db".to_string()]));
     let metrics = admin_text(admin, "/metrics").await;
-    assert!(metrics.contains("weir_controller_snapshots_incremental_total 2\n"), "{metrics}");
-    assert!(metrics.contains("weir_controller_snapshots_pushed_total 4\n"), "{metrics}");
-    assert!(metrics.contains("weir_controller_nacks_total{reason=\"base\"} 1"), "{metrics}");
+    assert!(metrics.contains("weir_controller_snapshots_incremental_total 3\n"), "{metrics}");
+    assert!(metrics.contains("weir_controller_snapshots_pushed_total 5\n"), "{metrics}");
     // A base Nack is not a problem with the configuration: nothing shows as rejected.
     let v = admin_json(admin, "/resources").await;
     assert!(v["proxies"][0]["nack"].is_null(), "{v}");

@@ -83,6 +83,8 @@ struct Session {
 /// A snapshot sent and not yet answered.
 struct Pending {
     version: String,
+    /// Sent as changes against the previous one.
+    incremental: bool,
     changed_at: Instant,
     resources: Arc<BTreeMap<ResourceKey, u64>>,
     /// Its place among the snapshots in flight, given back on the answer or after
@@ -178,6 +180,7 @@ impl Session {
                 let hold_until = tokio::time::Instant::now() + IN_FLIGHT_HOLD;
                 pending = Some(Pending {
                     version,
+                    incremental,
                     changed_at: state.changed_at,
                     resources: state.resource_versions(),
                     permit: Some((permit, hold_until)),
@@ -263,12 +266,18 @@ fn handle(
                 _ => "other",
             };
             svc.metrics.nacks.with_label_values(&[class]).inc();
-            pending.take_if(|p| p.version == nack.version);
             if class == "base" {
-                // Not a problem with the configuration: it gets the whole snapshot next.
+                // Not a problem with the configuration. Only the answer to the newest
+                // snapshot, if incremental, calls for a whole one: an older increment's Nack
+                // is followed by the newest one's anyway, and acting on it too would send
+                // everything twice.
+                if pending.take_if(|p| p.version == nack.version && p.incremental).is_none() {
+                    return Answer::Other;
+                }
                 tracing::info!(%workload, version = %nack.version, reason = %nack.reason, "sidecar asked for a whole snapshot");
                 return Answer::Nack { base: true };
             }
+            pending.take_if(|p| p.version == nack.version);
             tracing::warn!(%workload, version = %nack.version, reason = %nack.reason, "sidecar rejected snapshot");
             svc.proxies.update(id, |info| info.nack = Some(NackInfo { version: nack.version, reason: nack.reason }));
             return Answer::Nack { base: false };
