@@ -297,7 +297,6 @@ fn handle(
 /// What one sidecar receives: every Service it may call (all of them today; per-namespace
 /// scoping plugs in here) and only its own workload's inbound policy (rate limits and the
 /// MeshAuthorizations that select it).
-#[derive(PartialEq)]
 struct View {
     services: Arc<Vec<proto::Service>>,
     inbound: proto::InboundPolicy,

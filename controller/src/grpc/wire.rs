@@ -1,5 +1,5 @@
 //! Snapshots on the wire without a copy per sidecar: the Services part of a snapshot is the
-//! same for every sidecar, so it is encoded once per published state ([`encode_services`]) and
+//! same for every sidecar, so it is encoded once per published state ([`encode_entries`]) and
 //! each session sends a [`ControllerWire`] that writes its own version and inbound policy around
 //! those shared bytes. Protobuf allows it: a message is the concatenation of its fields, and a
 //! repeated field is one entry per element, so the bytes are exactly what encoding a
@@ -22,11 +22,6 @@ use prost::encoding::{self, WireType};
 use tonic::codegen::{Body, BoxFuture, Service, StdError, http};
 use weir_api::proto;
 
-/// The Services of a snapshot as `Snapshot.services` (field 2) entries.
-pub fn encode_services(services: &[proto::Service]) -> Bytes {
-    encode_entries(services).0
-}
-
 /// One Service's `Snapshot.services` entry, as a slice of the state's shared encoding.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Entry {
@@ -35,7 +30,8 @@ pub struct Entry {
     pub bytes: Bytes,
 }
 
-/// [`encode_services`], and each Service's entry within it (slices of the same bytes).
+/// The Services of a snapshot as `Snapshot.services` (field 2) entries, and each Service's
+/// entry within them (slices of the same bytes).
 pub fn encode_entries(services: &[proto::Service]) -> (Bytes, Vec<Entry>) {
     let len: usize = services.iter().map(|s| encoding::message::encoded_len(2, s)).sum();
     let mut buf = Vec::with_capacity(len);
@@ -115,7 +111,7 @@ impl Delta {
 #[derive(Debug, Clone, Default)]
 pub struct ControllerWire {
     pub version: String,
-    /// From [`encode_services`] (whole), or [`Delta::services`] (incremental).
+    /// From [`encode_entries`] (whole), or [`Delta::services`] (incremental).
     pub services: Bytes,
     pub inbound: proto::InboundPolicy,
     /// Set when incremental: the version the services apply on top of.
@@ -276,6 +272,10 @@ mod tests {
     use prost::Message;
 
     use super::*;
+
+    fn encode_services(services: &[proto::Service]) -> Bytes {
+        encode_entries(services).0
+    }
 
     /// The frame's payload: what follows the 5-byte gRPC prefix.
     fn payload(wire: &ControllerWire) -> Vec<u8> {
