@@ -8,7 +8,8 @@ if ! cargo fmt --version >/dev/null 2>&1; then rustup component add rustfmt; fi
 if ! cargo clippy --version >/dev/null 2>&1; then rustup component add clippy; fi
 
 # Debian packages the end-to-end tests drive: openssl (s_client against a sidecar's inbound);
-# iproute2, iptables, curl and setpriv (util-linux) for transparent interception in network
+# iproute2, iptables, curl, setpriv (util-linux) and python3 (a TCP echo server) for transparent
+# interception in network
 # namespaces.
 missing=()
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
@@ -16,6 +17,7 @@ command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 command -v iptables >/dev/null 2>&1 || missing+=(iptables)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
 command -v setpriv >/dev/null 2>&1 || missing+=(util-linux)
+command -v python3 >/dev/null 2>&1 || missing+=(python3)
 if ((${#missing[@]})); then
   sudo=""
   if [ "$(id -u)" != 0 ]; then sudo="sudo"; fi

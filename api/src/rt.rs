@@ -10,8 +10,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Request, Response};
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::graceful::GracefulShutdown;
+use std::net::SocketAddr;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -62,9 +61,15 @@ static LOG_LEVEL: std::sync::OnceLock<LogLevel> = std::sync::OnceLock::new();
 
 /// `GET /log-level` shows the filter; `POST /log-level?level=DIRECTIVES` replaces it (e.g.
 /// `debug` or `info,weir_proxy=trace`). `None` for other paths.
-pub fn log_level_endpoint<B>(req: &http::Request<B>) -> Option<Response<Full<Bytes>>> {
+/// Writes answer only loopback clients (`peer`).
+pub fn log_level_endpoint<B>(req: &http::Request<B>, peer: SocketAddr) -> Option<Response<Full<Bytes>>> {
     if req.uri().path() != "/log-level" {
         return None;
+    }
+    if req.method() != http::Method::GET
+        && let Some(refused) = loopback_only(peer, "changing the log level")
+    {
+        return Some(refused);
     }
     let Some(log) = LOG_LEVEL.get() else {
         return Some(text(http::StatusCode::SERVICE_UNAVAILABLE, "logging is not initialised\n"));
@@ -149,37 +154,48 @@ pub fn json(value: &serde_json::Value) -> Response<Full<Bytes>> {
     rsp
 }
 
-/// Serves small HTTP/1.1 admin requests on `listener` until `drain` fires, then gives open
-/// connections up to `grace` to finish.
+/// Serves small admin requests on `listener` (with the [`crate::server::Limits::admin`]
+/// limits) until `drain` fires, then gives open connections up to `grace` to finish. The
+/// handler learns the client's address: endpoints that change anything or reveal
+/// configuration answer only loopback clients (see [`loopback_only`]).
 pub async fn serve_admin<F, Fut>(listener: TcpListener, handler: F, drain: Drain, grace: Duration)
 where
-    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    F: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
 {
-    let graceful = GracefulShutdown::new();
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    let stop = drain.signaled();
-    tokio::pin!(stop);
-    loop {
-        tokio::select! {
-            _ = &mut stop => break,
-            accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else { continue };
+    let limits = crate::server::Limits::admin();
+    crate::server::serve(listener, &limits, drain, grace, "admin", move |stream, conn| {
+        let handler = handler.clone();
+        async move {
+            let peer = conn.peer;
+            let svc = hyper::service::service_fn(move |req| {
                 let handler = handler.clone();
-                let svc = hyper::service::service_fn(move |req| {
-                    let handler = handler.clone();
-                    async move { Ok::<_, Infallible>(handler(req).await) }
-                });
-                let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
-                let conn = graceful.watch(conn);
-                tokio::spawn(async move {
-                    let _ = conn.await;
-                });
+                async move { Ok::<_, Infallible>(handler(req, peer).await) }
+            });
+            if let Err(e) = conn.serve_http(stream, svc).await {
+                tracing::debug!(%peer, error = %e, "admin connection ended with an error");
             }
         }
-    }
-    drop(listener);
-    let _ = tokio::time::timeout(grace, graceful.shutdown()).await;
+    })
+    .await;
+}
+
+/// `403` unless `peer` is on loopback: what an admin endpoint that changes anything or reveals
+/// configuration answers to another host or pod. Local tools reach it on `127.0.0.1`; in
+/// Kubernetes, through `kubectl port-forward` (which connects from inside the pod).
+pub fn loopback_only(peer: SocketAddr, what: &str) -> Option<Response<Full<Bytes>>> {
+    let loopback = match peer.ip() {
+        std::net::IpAddr::V4(ip) => ip.is_loopback(),
+        std::net::IpAddr::V6(ip) => ip.is_loopback() || ip.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()),
+    };
+    (!loopback).then(|| {
+        text(
+            http::StatusCode::FORBIDDEN,
+            format!(
+                "{what} answers only loopback clients (use kubectl port-forward, or call it from inside the pod)\n"
+            ),
+        )
+    })
 }
 
 /// Renders a Prometheus registry in the text exposition format.

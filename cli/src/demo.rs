@@ -154,7 +154,14 @@ async fn drive(args: &DemoArgs, exe: &Path, mesh: &mut Mesh) -> anyhow::Result<(
         }
         if mtls {
             let name = workload.rsplit('/').next().unwrap_or(workload);
-            a.extend(["--token-file".to_string(), logs.join(format!("{name}.token")).display().to_string()]);
+            // The trust anchors out of band (the file the controller generated), never from
+            // the network: the sidecars verify the controller before sending their tokens.
+            a.extend([
+                "--token-file".to_string(),
+                logs.join(format!("{name}.token")).display().to_string(),
+                "--trust-anchors".to_string(),
+                logs.join("identity").join("root.crt").display().to_string(),
+            ]);
         }
         a
     };

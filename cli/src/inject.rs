@@ -27,6 +27,14 @@ pub struct InjectArgs {
     /// A Secret for pulling the proxy image (repeat, or separate with commas).
     #[arg(long = "proxy-image-pull-secret", value_delimiter = ',')]
     pub proxy_image_pull_secrets: Vec<String>,
+    /// The mesh's trust anchors (PEM bundle) the sidecars verify the controller with: the
+    /// chart's ConfigMap, `kubectl -n weir-system get configmap weir-trust-anchors -o
+    /// jsonpath='{.data.ca-bundle\.crt}'`.
+    #[arg(long)]
+    pub trust_anchors: std::path::PathBuf,
+    /// The controller's identity, NAMESPACE/SERVICEACCOUNT.
+    #[arg(long, default_value_t = Settings::default().controller_identity)]
+    pub controller_identity: String,
 }
 
 /// The injected manifests as YAML, and one line per workload saying what happened.
@@ -63,6 +71,15 @@ pub fn inject_text(text: &str, settings: &Settings) -> anyhow::Result<(String, V
     Ok((out.join("---\n"), report))
 }
 
+/// The anchors file, checked to hold at least one PEM certificate.
+fn read_anchors(path: &std::path::Path) -> anyhow::Result<String> {
+    let pem = std::fs::read_to_string(path).with_context(|| format!("reading --trust-anchors {}", path.display()))?;
+    if !pem.contains("-----BEGIN CERTIFICATE-----") {
+        bail!("--trust-anchors {}: no PEM certificate in it", path.display());
+    }
+    Ok(pem)
+}
+
 pub fn run(args: InjectArgs) -> anyhow::Result<()> {
     let text = if args.file == "-" {
         let mut s = String::new();
@@ -76,6 +93,8 @@ pub fn run(args: InjectArgs) -> anyhow::Result<()> {
         controller_addr: args.controller_addr,
         token_audience: args.token_audience,
         image_pull_secrets: args.proxy_image_pull_secrets,
+        trust_anchors_pem: read_anchors(&args.trust_anchors)?,
+        controller_identity: args.controller_identity,
     };
     let (yaml, report) = inject_text(&text, &settings)?;
     print!("{yaml}");

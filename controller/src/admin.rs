@@ -1,5 +1,10 @@
 //! The controller's admin endpoints: `/live`, `/ready`, `/metrics`, `/resources`, `/stats`,
 //! `/canaries` (and `POST /canaries/NS/NAME/{promote,abort,pause,resume}`).
+//!
+//! Everything that changes something (canary controls, `POST /log-level`) answers only
+//! loopback clients: in local mode the `weir` command runs beside the controller; in
+//! Kubernetes, `weir canary promote|abort|pause|resume` goes through the Kubernetes API (an
+//! annotation on the Canary, so RBAC decides who may), and the admin port stays read-only.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -30,8 +35,8 @@ pub struct Admin {
 }
 
 impl Admin {
-    pub async fn handle(self, req: Request<Incoming>) -> Response<Full<Bytes>> {
-        if let Some(rsp) = weir_api::rt::log_level_endpoint(&req) {
+    pub async fn handle(self, req: Request<Incoming>, peer: std::net::SocketAddr) -> Response<Full<Bytes>> {
+        if let Some(rsp) = weir_api::rt::log_level_endpoint(&req, peer) {
             return rsp;
         }
         match req.uri().path() {
@@ -42,7 +47,7 @@ impl Admin {
             "/resources" => json(&self.resources()),
             "/stats" => json(&self.reports.lock().unwrap().to_json()),
             "/canaries" => json(&self.canaries()),
-            path if path.starts_with("/canaries/") => self.canary_action(&req),
+            path if path.starts_with("/canaries/") => self.canary_action(&req, peer),
             _ => text(
                 StatusCode::NOT_FOUND,
                 "not found: try /live /ready /metrics /resources /stats /canaries /log-level\n",
@@ -70,13 +75,16 @@ impl Admin {
     }
 
     /// `POST /canaries/NS/NAME/ACTION`.
-    fn canary_action(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    fn canary_action(&self, req: &Request<Incoming>, peer: std::net::SocketAddr) -> Response<Full<Bytes>> {
         let parts: Vec<&str> = req.uri().path().trim_start_matches("/canaries/").split('/').collect();
         let [ns, name, action] = parts.as_slice() else {
             return text(StatusCode::NOT_FOUND, "expected /canaries/NAMESPACE/NAME/{promote,abort,pause,resume}\n");
         };
         if req.method() != http::Method::POST {
             return text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n");
+        }
+        if let Some(refused) = weir_api::rt::loopback_only(peer, "canary controls on the admin port") {
+            return refused;
         }
         let action: crate::canary::Action = match action.parse() {
             Ok(a) => a,

@@ -40,6 +40,11 @@ pub struct Settings {
     pub token_audience: String,
     /// Secrets for pulling the proxy image, added to the pod's `imagePullSecrets`.
     pub image_pull_secrets: Vec<String>,
+    /// The mesh's trust anchors (PEM bundle), given to every sidecar out of band: it verifies
+    /// the controller, and its peers, against them.
+    pub trust_anchors_pem: String,
+    /// The controller's identity, `NAMESPACE/SERVICEACCOUNT`.
+    pub controller_identity: String,
 }
 
 impl Default for Settings {
@@ -49,6 +54,8 @@ impl Default for Settings {
             controller_addr: "weir-controller.weir-system.svc:8090".into(),
             token_audience: "weir".into(),
             image_pull_secrets: Vec::new(),
+            trust_anchors_pem: String::new(),
+            controller_identity: "weir-system/weir-controller".into(),
         }
     }
 }
@@ -201,6 +208,8 @@ pub fn inject_pod(pod: &mut Value, settings: &Settings) -> Result<Option<Skipped
             {"name": "WEIR_SERVICE_ACCOUNT", "valueFrom": field("spec.serviceAccountName")},
             {"name": "WEIR_CONTROLLER", "value": settings.controller_addr},
             {"name": "WEIR_TOKEN_FILE", "value": format!("{TOKEN_DIR}/token")},
+            {"name": "WEIR_TRUST_ANCHORS_PEM", "value": settings.trust_anchors_pem},
+            {"name": "WEIR_CONTROLLER_IDENTITY", "value": settings.controller_identity},
             {"name": "WEIR_LABELS", "value": labels.join(",")},
             {"name": "WEIR_OUTBOUND_ADDR", "value": format!("127.0.0.1:{OUTBOUND_PORT}")},
             {"name": "WEIR_INBOUND_ADDR", "value": format!("0.0.0.0:{INBOUND_PORT}")},

@@ -44,7 +44,6 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::TcpListenerStream;
 use weir_api::rt;
 
 use crate::index::Index;
@@ -99,6 +98,11 @@ pub struct Args {
     /// Trust domain of the SPIFFE IDs issued.
     #[arg(long, env = "WEIR_TRUST_DOMAIN", default_value = "cluster.local")]
     pub trust_domain: String,
+    /// The controller's own identity, NAMESPACE/SERVICEACCOUNT: with --identity-dir, the gRPC
+    /// port serves TLS with a certificate for this SPIFFE ID, which sidecars expect (the
+    /// injector tells them).
+    #[arg(long, env = "WEIR_CONTROLLER_IDENTITY", default_value = "weir-system/weir-controller", value_parser = weir_api::spiffe::parse_account)]
+    pub controller_identity: (String, String),
     /// Where canary progress is kept across restarts; default `<config-dir>/.weir/canaries.json`.
     #[arg(long, env = "WEIR_CANARY_STATE")]
     pub canary_state: Option<PathBuf>,
@@ -419,6 +423,23 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             })
         }
     };
+    // With identities, the control plane is TLS only: the controller's certificate comes from
+    // the mesh CA for its own SPIFFE ID, and Discovery requires a workload certificate.
+    let control_tls = match &identity {
+        Some(id) => {
+            let (ns, sa) = &args.controller_identity;
+            let tls = grpc::tls::ServerTls::new(id.ca.clone(), id.ca.spiffe_id(ns, sa))
+                .context("issuing the controller's own certificate")?;
+            tracing::info!(identity = %tls.identity(), "control plane served over TLS");
+            background.push(tokio::spawn(tls.clone().renew(drain.clone())));
+            Some(tls)
+        }
+        None => {
+            tracing::warn!("no --identity-dir: the control plane is plaintext and the mesh has no identities");
+            None
+        }
+    };
+    let identity_ca = identity.as_ref().map(|i| i.ca.clone());
     let discovery = grpc::discovery::DiscoveryService {
         state: state_rx.clone(),
         proxies: proxies.clone(),
@@ -426,6 +447,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         reports: reports.clone(),
         drain: drain.clone(),
         in_flight: Arc::new(tokio::sync::Semaphore::new(grpc::discovery::MAX_IN_FLIGHT)),
+        authenticate: control_tls.as_ref().map(|_| Arc::from(args.trust_domain.as_str())),
     };
     let grpc_drain = drain.clone();
     let grpc = tokio::spawn(
@@ -435,14 +457,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             .add_service(grpc::wire::DiscoveryServer::new(discovery))
             .add_optional_service(identity.map(weir_api::proto::identity_server::IdentityServer::new))
             .serve_with_incoming_shutdown(
-                // No Nagle: a small (incremental) snapshot must not wait for the ack of the
-                // previous segment (delayed ACKs held every one ~40 ms).
-                tokio_stream::StreamExt::map(TcpListenerStream::new(grpc_listener), |s| {
-                    if let Ok(s) = &s {
-                        let _ = s.set_nodelay(true);
-                    }
-                    s
-                }),
+                grpc::tls::incoming(grpc_listener, control_tls, metrics.control_refused.clone(), drain.clone()),
                 grpc_drain.signaled(),
             ),
     );
@@ -452,11 +467,16 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         let tls = webhook::load_tls(dir).context("--webhook-tls-dir")?;
         let listener = TcpListener::bind(addr).await.with_context(|| format!("binding the webhook on {addr}"))?;
         webhook_addr = Some(listener.local_addr()?);
+        let Some(id) = &identity_ca else {
+            anyhow::bail!("--webhook-addr needs --identity-dir: injected sidecars get workload identities");
+        };
         let settings = inject::Settings {
             proxy_image: args.proxy_image.clone(),
             controller_addr: args.inject_controller_addr.clone(),
             token_audience: args.token_audience.clone(),
             image_pull_secrets: args.proxy_image_pull_secrets.clone(),
+            trust_anchors_pem: id.roots_pem(),
+            controller_identity: format!("{}/{}", args.controller_identity.0, args.controller_identity.1),
         };
         background.push(tokio::spawn(webhook::serve(listener, tls, settings, drain.clone(), args.shutdown_grace)));
     }
@@ -464,7 +484,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let admin = admin::Admin { state: state_rx, proxies, metrics, reports, ready: ready.clone(), canaries, leading };
     let admin_task = tokio::spawn(rt::serve_admin(
         admin_listener,
-        move |req| admin.clone().handle(req),
+        move |req, peer| admin.clone().handle(req, peer),
         drain.clone(),
         args.shutdown_grace,
     ));

@@ -19,6 +19,9 @@ pub struct Metrics {
     pub reports_received: IntCounter,
     pub reports_dropped_series: IntCounter,
     pub certify_results: prometheus::IntCounterVec,
+    /// Control-plane connections refused before gRPC (`handshake`, `timeout`), and Discovery
+    /// streams refused for their identity (`no_certificate`, `identity_mismatch`).
+    pub control_refused: prometheus::IntCounterVec,
     /// Expiry of the trust anchor and the issuer (`cert` = `trust-anchor` | `issuer`), Unix seconds.
     pub ca_expiration: prometheus::IntGaugeVec,
     /// Canary weight (percent) by canary.
@@ -90,6 +93,15 @@ impl Metrics {
         )
         .unwrap();
         registry.register(Box::new(certify_results.clone())).unwrap();
+        let control_refused = prometheus::IntCounterVec::new(
+            prometheus::Opts::new(
+                "weir_controller_refused_total",
+                "Control-plane connections and streams refused (TLS handshake failed or timed out, no client certificate, Hello not matching the certificate)",
+            ),
+            &["reason"],
+        )
+        .unwrap();
+        registry.register(Box::new(control_refused.clone())).unwrap();
         let ca_expiration = prometheus::IntGaugeVec::new(
             prometheus::Opts::new(
                 "weir_controller_ca_expiration_timestamp_seconds",
@@ -146,6 +158,7 @@ impl Metrics {
             reports_received,
             reports_dropped_series,
             certify_results,
+            control_refused,
             ca_expiration,
             canary_weight,
             canary_phase,

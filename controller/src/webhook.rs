@@ -20,8 +20,6 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::graceful::GracefulShutdown;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde_json::{Value, json};
@@ -161,25 +159,10 @@ pub async fn serve(
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let settings = Arc::new(settings);
-    let graceful = GracefulShutdown::new();
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    let stop = drain.signaled();
-    tokio::pin!(stop);
-    loop {
-        let stream = tokio::select! {
-            _ = &mut stop => break,
-            accepted = listener.accept() => match accepted {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "webhook accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let (acceptor, settings, builder, watcher) =
-            (acceptor.clone(), settings.clone(), builder.clone(), graceful.watcher());
-        tokio::spawn(async move {
+    let limits = weir_api::server::Limits::admin();
+    weir_api::server::serve(listener, &limits, drain, grace, "webhook", move |stream, conn| {
+        let (acceptor, settings) = (acceptor.clone(), settings.clone());
+        async move {
             let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
                 Ok(Ok(t)) => t,
                 Ok(Err(e)) => return tracing::debug!(error = %e, "webhook TLS handshake failed"),
@@ -189,11 +172,12 @@ pub async fn serve(
                 let settings = settings.clone();
                 async move { Ok::<_, Infallible>(handle(req, settings).await) }
             });
-            let _ = watcher.watch(builder.serve_connection(TokioIo::new(tls), svc).into_owned()).await;
-        });
-    }
-    drop(listener);
-    let _ = tokio::time::timeout(grace, graceful.shutdown()).await;
+            if let Err(e) = conn.serve_http(tls, svc).await {
+                tracing::debug!(error = %e, "webhook connection ended with an error");
+            }
+        }
+    })
+    .await;
 }
 
 #[cfg(test)]

@@ -1,4 +1,8 @@
 //! The sidecar's admin endpoints: `/live`, `/ready`, `/metrics`, `/config`, `/log-level`.
+//!
+//! The admin port is reachable from outside the pod (the kubelet probes `/live` and `/ready`,
+//! Prometheus scrapes `/metrics`), so what reveals configuration (`/config`: the whole mesh
+//! snapshot) or changes anything (`POST /log-level`) answers only loopback clients.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,9 +28,14 @@ pub struct Admin {
 }
 
 impl Admin {
-    pub async fn handle(self, req: Request<Incoming>) -> Response<Full<Bytes>> {
-        if let Some(rsp) = weir_api::rt::log_level_endpoint(&req) {
+    pub async fn handle(self, req: Request<Incoming>, peer: std::net::SocketAddr) -> Response<Full<Bytes>> {
+        if let Some(rsp) = weir_api::rt::log_level_endpoint(&req, peer) {
             return rsp;
+        }
+        if req.uri().path() == "/config"
+            && let Some(refused) = weir_api::rt::loopback_only(peer, "/config")
+        {
+            return refused;
         }
         let config = self.config.borrow().clone();
         match req.uri().path() {

@@ -223,6 +223,35 @@ pub struct TlsTarget {
     pub expected: Arc<str>,
 }
 
+/// A TCP connection to `addr` within `timeout` (no Nagle delay); the error says why not.
+pub async fn connect_tcp(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, String> {
+    let tcp = tokio::time::timeout(timeout, TcpStream::connect(addr))
+        .await
+        .map_err(|_| format!("timed out after {timeout:?}"))?
+        .map_err(|e| e.to_string())?;
+    let _ = tcp.set_nodelay(true);
+    Ok(tcp)
+}
+
+/// Mesh mTLS to the peer sidecar at `addr` (its certificate must name `target.expected`),
+/// offering `alpn`; connect and handshake each within `timeout`.
+pub async fn connect_mesh(
+    addr: SocketAddr,
+    timeout: Duration,
+    target: &TlsTarget,
+    alpn: &[u8],
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
+    let tcp = connect_tcp(addr, timeout).await?;
+    let cfg = crate::tls::client_config(&target.creds, &target.expected, alpn)
+        .ok_or_else(|| "this sidecar has no workload certificate".to_string())?;
+    let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+    let handshake = tokio_rustls::TlsConnector::from(cfg).connect(name, tcp);
+    tokio::time::timeout(timeout, handshake)
+        .await
+        .map_err(|_| format!("TLS handshake timed out after {timeout:?}"))?
+        .map_err(|e| format!("TLS handshake failed: {e}"))
+}
+
 #[derive(Clone)]
 pub struct H2Pool {
     conns: Arc<Mutex<HashMap<PoolAddr, Slot>>>,
@@ -302,23 +331,10 @@ impl H2Pool {
         tls: Option<&TlsTarget>,
     ) -> Result<http2::SendRequest<Body>, ProxyError> {
         let connect_err = |reason: String| ProxyError::Connect { addr, reason };
-        let tcp = tokio::time::timeout(timeout, TcpStream::connect(addr))
-            .await
-            .map_err(|_| connect_err(format!("timed out after {timeout:?}")))?
-            .map_err(|e| connect_err(e.to_string()))?;
-        let _ = tcp.set_nodelay(true);
         let stream: Box<dyn crate::server::Io> = match tls {
-            None => Box::new(tcp),
+            None => Box::new(connect_tcp(addr, timeout).await.map_err(connect_err)?),
             Some(target) => {
-                let cfg = crate::tls::client_config(&target.creds, &target.expected)
-                    .ok_or_else(|| connect_err("this sidecar has no workload certificate".into()))?;
-                let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
-                let handshake = tokio_rustls::TlsConnector::from(cfg).connect(name, tcp);
-                let tls = tokio::time::timeout(timeout, handshake)
-                    .await
-                    .map_err(|_| connect_err(format!("TLS handshake timed out after {timeout:?}")))?
-                    .map_err(|e| connect_err(format!("TLS handshake failed: {e}")))?;
-                Box::new(tls)
+                Box::new(connect_mesh(addr, timeout, target, crate::tls::ALPN_H2).await.map_err(connect_err)?)
             }
         };
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())

@@ -66,6 +66,11 @@ pub struct Service {
 }
 
 impl Service {
+    /// The namespace part of the Service's `namespace/name` key.
+    pub fn namespace(&self) -> &str {
+        self.key.split_once('/').map_or("", |(ns, _)| ns)
+    }
+
     /// The most specific policy for a request matched by `rule` on `port`: rule and port,
     /// then rule, then port, then the whole Service.
     pub fn policy_for(&self, rule: &str, port: u16) -> Option<&Arc<Policy>> {
@@ -190,6 +195,22 @@ impl Config {
     /// The endpoint at `addr` and its Service, if any (the first, when several list it).
     pub fn endpoint_at(&self, addr: SocketAddr) -> Option<(&Arc<Service>, &Endpoint)> {
         self.services.values().find_map(|s| Some((s, s.endpoints.iter().find(|e| e.addr == addr)?)))
+    }
+
+    /// The meshed endpoint a connection to `addr` reaches, with its Service: the endpoint at
+    /// `addr`, or for another port of a pod's address, a meshed endpoint at that address (a
+    /// pod has one identity). Never by address alone on loopback, where local mode puts every
+    /// workload.
+    pub fn meshed_at(&self, addr: SocketAddr) -> Option<(&Arc<Service>, &Endpoint)> {
+        if let Some(found) = self.endpoint_at(addr) {
+            return found.1.meshed.then_some(found);
+        }
+        if addr.ip().is_loopback() {
+            return None;
+        }
+        self.services
+            .values()
+            .find_map(|s| Some((s, s.endpoints.iter().find(|e| e.meshed && e.addr.ip() == addr.ip())?)))
     }
 
     pub fn service(&self, key: &str) -> Option<&Arc<Service>> {

@@ -17,9 +17,13 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 
 /// What the control task needs to know.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ControlConfig {
-    pub controller: String,
+    /// The controller; over TLS when the mesh has identities.
+    pub endpoint: crate::channel::ControlEndpoint,
+    /// This sidecar's workload certificate, which a TLS control plane requires for Discovery:
+    /// the stream opens once there is one.
+    pub credentials: Option<crate::tls::CredsRx>,
     pub hello: proto::Hello,
     pub cluster_domain: String,
     pub report_interval: Duration,
@@ -49,10 +53,10 @@ pub async fn run(cfg: ControlConfig, tx: watch::Sender<Option<Arc<Config>>>, met
         };
         match result {
             Ok(()) => {
-                tracing::warn!(controller = %cfg.controller, "control stream ended; reconnecting")
+                tracing::warn!(controller = %cfg.endpoint.addr, "control stream ended; reconnecting")
             }
             Err(status) => {
-                tracing::warn!(controller = %cfg.controller, code = ?status.code(), message = status.message(), how, ?delay, "control stream failed; serving last config")
+                tracing::warn!(controller = %cfg.endpoint.addr, code = ?status.code(), message = status.message(), how, ?delay, "control stream failed; serving last config")
             }
         }
         attempt = attempt.saturating_add(1);
@@ -75,20 +79,33 @@ async fn session(
     metrics: &Metrics,
     attempt: &mut u32,
 ) -> Result<(), tonic::Status> {
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", cfg.controller))
-        .map_err(|e| tonic::Status::invalid_argument(format!("bad controller address {:?}: {e}", cfg.controller)))?
-        .connect_timeout(Duration::from_secs(3))
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(5));
-    let channel = endpoint.connect().await.map_err(|e| tonic::Status::unavailable(crate::errors::chain(&e)))?;
+    let client = match (&cfg.endpoint.tls, &cfg.credentials) {
+        (Some(_), Some(creds)) => {
+            let mut creds = creds.clone();
+            creds
+                .wait_for(Option::is_some)
+                .await
+                .map_err(|_| tonic::Status::unavailable("the identity task ended"))?
+                .clone()
+        }
+        (Some(_), None) => {
+            return Err(tonic::Status::failed_precondition(
+                "a TLS control plane needs a workload certificate (--token-file)",
+            ));
+        }
+        (None, _) => None,
+    };
+    let channel = cfg.endpoint.channel(client, None).await.map_err(|e| match e {
+        crate::channel::ChannelError::Address { .. } => tonic::Status::invalid_argument(e.to_string()),
+        _ => tonic::Status::unavailable(e.to_string()),
+    })?;
     let mut client = proto::discovery_client::DiscoveryClient::new(channel);
     let (out_tx, out_rx) = mpsc::channel(16);
     let hello = proto::ProxyMessage { msg: Some(proxy_message::Msg::Hello(cfg.hello.clone())) };
     out_tx.send(hello).await.map_err(|_| tonic::Status::internal("stream closed"))?;
     let mut inbound = client.stream(ReceiverStream::new(out_rx)).await?.into_inner();
     metrics.control_connected.set(1);
-    tracing::info!(controller = %cfg.controller, "control stream established");
+    tracing::info!(controller = %cfg.endpoint.addr, "control stream established");
 
     let mut applied_on_this_stream = false;
     let mut reports = tokio::time::interval(cfg.report_interval);

@@ -1,7 +1,9 @@
 //! The sidecar's workload identity. At start it generates a key pair in memory (never written
-//! anywhere), asks the controller's `Identity/Certify` for a certificate with the token from
-//! `--token-file`, and renews at 70 % of the certificate's lifetime, retrying failures with
-//! jittered back-off. Credentials are published through a `watch` so TLS can hot-swap them.
+//! anywhere), asks the controller's `Identity/Certify` (over TLS, the controller verified
+//! against the trust anchors) for a certificate with the token from `--token-file`, and renews
+//! at 70 % of the certificate's lifetime, retrying failures with jittered back-off. Peers are
+//! verified against the anchors given out of band, re-read at each renewal, never against
+//! what Certify returns. Credentials are published through a `watch` so TLS can hot-swap them.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -38,7 +40,8 @@ impl std::fmt::Debug for Credentials {
 
 #[derive(Clone, Debug)]
 pub struct IdentityConfig {
-    pub controller: String,
+    /// The controller, over server-authenticated TLS (the token never travels in the clear).
+    pub endpoint: crate::channel::ControlEndpoint,
     pub token_file: PathBuf,
     /// spiffe://<trust-domain>/ns/<ns>/sa/<sa>
     pub identity: String,
@@ -120,11 +123,12 @@ async fn certify(cfg: &IdentityConfig, key: &KeyPair) -> anyhow::Result<Credenti
     let mut params = CertificateParams::default();
     params.subject_alt_names = vec![SanType::URI(cfg.identity.as_str().try_into()?)];
     let csr = params.serialize_request(key)?;
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", cfg.controller))?
-        .connect_timeout(Duration::from_secs(3))
-        .timeout(Duration::from_secs(10))
-        .connect()
-        .await?;
+    // The peers' trust anchors are the ones given out of band, never what the network says.
+    let tls = cfg.endpoint.tls.as_ref().ok_or_else(|| {
+        anyhow::anyhow!("a workload identity needs trust anchors (--trust-anchors): tokens never go in plaintext")
+    })?;
+    let roots = tls.anchors.load().map_err(anyhow::Error::msg)?;
+    let channel = cfg.endpoint.channel(None, Some(Duration::from_secs(10))).await?;
     let rsp = proto::identity_client::IdentityClient::new(channel)
         .certify(proto::CertifyRequest { token: token.trim().to_string(), csr_der: csr.der().to_vec() })
         .await
@@ -139,7 +143,7 @@ async fn certify(cfg: &IdentityConfig, key: &KeyPair) -> anyhow::Result<Credenti
         identity: rsp.identity,
         chain,
         key_pkcs8: key.serialize_der(),
-        roots: rsp.trust_anchors_der,
+        roots,
         not_after_unix: rsp.not_after_unix,
     })
 }

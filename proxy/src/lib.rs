@@ -2,6 +2,7 @@
 //!
 //! # Layout
 //! - [`control`]: the Discovery client feeding a `watch` of [`config::Config`].
+//! - [`channel`]: the channel to the controller (TLS verified against out-of-band anchors).
 //! - [`config`]: snapshots as validated domain types (the Nack boundary).
 //! - [`outbound`]: the application's calls: route, split, balance, forward.
 //! - [`identity`]: the workload certificate (in-memory key, Certify, renewal).
@@ -9,6 +10,7 @@
 //! - [`client`]: upstream connections (multiplexed HTTP/2 per peer, pooled HTTP/1.1).
 //! - [`tls`]: mutual TLS with SPIFFE identities between sidecars.
 //! - [`server`]: the accept loop with protocol detection and draining.
+//! - [`tunnel`]: opaque byte streams (CONNECT, and redirected TCP in both directions).
 //! - [`errors`]: proxy-made responses, mapped to HTTP in one place.
 //! - [`body`]: body types and hop-by-hop header handling.
 //! - [`metrics`]: Prometheus series and the Reports sent to the controller.
@@ -18,6 +20,7 @@
 
 pub mod admin;
 pub mod body;
+pub mod channel;
 pub mod client;
 pub mod config;
 pub mod control;
@@ -30,6 +33,7 @@ pub mod outbound;
 pub mod server;
 pub mod tls;
 pub mod trace;
+pub mod tunnel;
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
@@ -109,6 +113,17 @@ pub struct Args {
     /// Trust domain of the mesh's SPIFFE IDs.
     #[arg(long, env = "WEIR_TRUST_DOMAIN", default_value = "cluster.local")]
     pub trust_domain: String,
+    /// The mesh's trust anchors (a PEM bundle, several roots during a rotation): the
+    /// controller and every peer are verified against them. Given out of band, never taken
+    /// from the network; with them the control plane is TLS. Read anew at each use.
+    #[arg(long, env = "WEIR_TRUST_ANCHORS", conflicts_with = "trust_anchors_pem")]
+    pub trust_anchors: Option<std::path::PathBuf>,
+    /// The trust anchors inline, as PEM (what the injector sets).
+    #[arg(long, env = "WEIR_TRUST_ANCHORS_PEM", hide_env_values = true)]
+    pub trust_anchors_pem: Option<String>,
+    /// The controller's identity, NAMESPACE/SERVICEACCOUNT: its certificate must name this.
+    #[arg(long, env = "WEIR_CONTROLLER_IDENTITY", default_value = "weir-system/weir-controller", value_parser = weir_api::spiffe::parse_account)]
+    pub controller_identity: (String, String),
     /// Threads that carry traffic; 0 means one per CPU this process may run on (its CPU
     /// affinity, cgroup quota permitting). With one, the whole sidecar runs on a single-threaded
     /// runtime: no work-stealing and no wake-ups across threads.
@@ -172,11 +187,41 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         "outbound": outbound_l.local_addr()?, "inbound": inbound_l.local_addr()?, "admin": admin_l.local_addr()?,
     });
 
+    let anchors = match (&args.trust_anchors, &args.trust_anchors_pem) {
+        (Some(path), _) => Some(channel::AnchorSource::File(path.clone())),
+        (None, Some(pem)) => Some(channel::AnchorSource::Pem(pem.as_str().into())),
+        (None, None) => None,
+    };
+    match (&anchors, &args.token_file) {
+        (Some(a), Some(_)) => {
+            a.load().map_err(anyhow::Error::msg)?;
+        }
+        (None, Some(_)) => anyhow::bail!(
+            "--token-file needs --trust-anchors (or WEIR_TRUST_ANCHORS_PEM): the sidecar verifies the controller before sending its token, and never takes trust anchors from the network"
+        ),
+        (Some(_), None) => {
+            anyhow::bail!("--trust-anchors needs --token-file: Discovery over TLS requires a workload certificate")
+        }
+        (None, None) => {}
+    }
+    let endpoint = channel::ControlEndpoint {
+        addr: args.controller.clone(),
+        tls: anchors.map(|anchors| channel::ControlTls {
+            anchors,
+            controller_identity: weir_api::spiffe::id(
+                &args.trust_domain,
+                &args.controller_identity.0,
+                &args.controller_identity.1,
+            ),
+        }),
+    };
     let (trigger, drain) = rt::drain();
     let (control_trigger, control_drain) = rt::drain();
     let control_drain_identity = control_drain.clone();
+    let (creds_tx, creds_rx) = watch::channel(None);
     let control_cfg = control::ControlConfig {
-        controller: args.controller.clone(),
+        endpoint: endpoint.clone(),
+        credentials: args.token_file.is_some().then(|| creds_rx.clone()),
         hello: proto::Hello {
             namespace: ns,
             name,
@@ -192,12 +237,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         backoff_max: Duration::from_secs(5),
     };
     let control = tokio::spawn(control::run(control_cfg, config_tx, metrics.clone(), control_drain));
-    let (creds_tx, creds_rx) = watch::channel(None);
     let identity_task = args.token_file.clone().map(|token_file| {
         let cfg = identity::IdentityConfig {
-            controller: args.controller.clone(),
+            endpoint: endpoint.clone(),
             token_file,
-            identity: format!("spiffe://{}/ns/{}/sa/{}", args.trust_domain, args.workload.0, args.service_account),
+            identity: weir_api::spiffe::id(&args.trust_domain, &args.workload.0, &args.service_account),
         };
         tokio::spawn(identity::run(cfg, creds_tx, metrics.identity.clone(), control_drain_identity.clone()))
     });
@@ -242,44 +286,54 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         credentials: args.token_file.is_some().then(|| creds_rx.clone()),
         trust_domain: args.trust_domain.clone().into(),
-        tunnels: outbound::tunnel::Tunnels::new(drain.clone(), args.shutdown_grace),
+        tunnels: tunnel::Tunnels::new(drain.clone(), args.shutdown_grace),
         access_log: args.access_log,
     });
     let mut inb = inbound::Inbound::new(
         args.app_addr,
-        clients,
-        metrics.clone(),
         &workload,
         config_rx.clone(),
-        resilience,
         args.trust_domain.clone().into(),
+        inbound::Shared {
+            clients,
+            metrics: metrics.clone(),
+            resilience,
+            tunnels: tunnel::Tunnels::new(drain.clone(), args.shutdown_grace),
+        },
     );
     inb.access_log = args.access_log;
     let inb = Arc::new(inb);
     let grace = args.shutdown_grace;
-    let opaque = server::Opaque {
-        connect_timeout: args.connect_timeout,
-        tunnels: outbound::tunnel::Tunnels::new(drain.clone(), grace),
-    };
+    // A redirected connection bound for one of these (another pod calling `podIP:4140`) is
+    // refused: the sidecar's listeners are never reachable through interception.
+    let own_ports: Vec<u16> =
+        [&outbound_l, &inbound_l, &admin_l].iter().filter_map(|l| l.local_addr().ok().map(|a| a.port())).collect();
+    let (out_tcp, inb_tcp) = (out.clone(), inb.clone());
     let outbound_task = tokio::spawn(server::serve(
         outbound_l,
-        Direction::Outbound,
-        metrics.clone(),
-        move |req, peer| out.clone().handle(req, peer),
-        drain.clone(),
-        grace,
-        None,
-        Some(opaque.clone()),
+        server::Listener {
+            direction: Direction::Outbound,
+            metrics: metrics.clone(),
+            handler: move |req, peer| out.clone().handle(req, peer),
+            drain: drain.clone(),
+            grace,
+            tls: None,
+            opaque: Some(Arc::new(move |conn| Box::pin(out_tcp.clone().carry_tcp(conn)))),
+            own_ports: own_ports.clone(),
+        },
     ));
     let inbound_task = tokio::spawn(server::serve(
         inbound_l,
-        Direction::Inbound,
-        metrics.clone(),
-        move |req, peer| inb.clone().handle(req, peer),
-        drain.clone(),
-        grace,
-        args.token_file.is_some().then(|| creds_rx.clone()),
-        Some(opaque),
+        server::Listener {
+            direction: Direction::Inbound,
+            metrics: metrics.clone(),
+            handler: move |req, peer| inb.clone().handle(req, peer),
+            drain: drain.clone(),
+            grace,
+            tls: args.token_file.is_some().then(|| creds_rx.clone()),
+            opaque: Some(Arc::new(move |conn| Box::pin(inb_tcp.clone().carry_tcp(conn)))),
+            own_ports,
+        },
     ));
     let admin = admin::Admin {
         config: config_rx,
@@ -288,7 +342,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         draining: draining.clone(),
     };
     let (admin_trigger, admin_drain) = rt::drain();
-    let admin_task = tokio::spawn(rt::serve_admin(admin_l, move |req| admin.clone().handle(req), admin_drain, grace));
+    let admin_task =
+        tokio::spawn(rt::serve_admin(admin_l, move |req, peer| admin.clone().handle(req, peer), admin_drain, grace));
     tracing::info!(%workload, listening = %addrs, controller = %args.controller, "proxy started");
     if args.print_listen_addrs {
         println!("{addrs}");

@@ -66,6 +66,10 @@ pub struct Metrics {
     pub control_connected: IntGauge,
     /// Inbound connections refused before HTTP, by reason (see `server::failure_reason`).
     pub tls_handshake_failures: IntCounterVec,
+    /// Connections refused before reaching an application, by direction and reason.
+    pub refused: IntCounterVec,
+    /// Opaque TCP connections carried, by direction, mesh mTLS and client identity.
+    pub tcp_connections: IntCounterVec,
     pub inbound_by_identity: IntCounterVec,
     /// Inbound authorization decisions by server port, policy, rule and client identity.
     pub authorization: IntCounterVec,
@@ -153,8 +157,29 @@ impl Metrics {
         )
         .unwrap();
         registry.register(Box::new(authorization.clone())).unwrap();
+        let refused = IntCounterVec::new(
+            Opts::new(
+                "weir_refused_connections_total",
+                "Connections closed before any byte reached an application, by listener and reason (sidecar_port: bound for the sidecar's own port; unauthorized: TCP that authorization refused)",
+            ),
+            &["direction", "reason"],
+        )
+        .unwrap();
+        registry.register(Box::new(refused.clone())).unwrap();
+        let tcp_connections = IntCounterVec::new(
+            Opts::new(
+                "weir_tcp_connections_total",
+                "Opaque TCP connections carried, by direction, whether the mesh hop was mTLS, and (inbound) the client identity",
+            ),
+            &["direction", "tls", "client_identity"],
+        )
+        .unwrap();
+        registry.register(Box::new(tcp_connections.clone())).unwrap();
         let tunnels = IntCounterVec::new(
-            Opts::new("weir_tunnels_total", "CONNECT tunnels to destinations outside the mesh, by result"),
+            Opts::new(
+                "weir_tunnels_total",
+                "Opaque tunnels (CONNECT, and redirected connections that are not HTTP), by result",
+            ),
             &["result"],
         )
         .unwrap();
@@ -169,6 +194,8 @@ impl Metrics {
         registry.register(Box::new(tunnel_bytes.clone())).unwrap();
         let identity = crate::identity::IdentityMetrics::register(&registry);
         Self {
+            refused,
+            tcp_connections,
             tls_handshake_failures,
             inbound_by_identity,
             authorization,

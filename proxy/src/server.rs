@@ -1,17 +1,16 @@
-//! The accept loop both traffic listeners share: protocol detection (HTTP/1.1 or HTTP/2 prior
-//! knowledge), connection metrics, and draining on shutdown.
+//! The accept loop both traffic listeners share: protocol detection (HTTP/1.1, HTTP/2 prior
+//! knowledge, mesh mTLS, anything else as opaque TCP), refusal of connections bound for the
+//! sidecar's own ports, connection metrics, and draining on shutdown.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::body::Incoming;
 use hyper::{Request, Response};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
 use weir_api::rt::Drain;
 
@@ -50,13 +49,16 @@ const TLS_HANDSHAKE: u8 = 0x16;
 /// the server speaks first (and carried as opaque TCP).
 pub const DETECT_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// Redirected connections that are not HTTP (nor, inbound, mesh TLS) are carried as opaque
-/// TCP: outbound to where they were bound, inbound to that port on localhost.
-#[derive(Clone)]
-pub struct Opaque {
-    pub connect_timeout: Duration,
-    pub tunnels: crate::outbound::tunnel::Tunnels,
+/// A connection that is not HTTP, handed to the listener's [`OpaqueHandler`]: a redirected
+/// connection whose first bytes are not HTTP (nor, inbound, TLS), or a mesh mTLS connection
+/// that negotiated [`crate::tls::ALPN_TCP`] (then `peer.identity` is the client's).
+pub struct OpaqueConn {
+    pub io: Box<dyn Io>,
+    pub peer: Peer,
 }
+
+/// What a listener does with [`OpaqueConn`]s (the inbound and outbound paths each have theirs).
+pub type OpaqueHandler = Arc<dyn Fn(OpaqueConn) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
 
 /// What the first bytes of a connection say.
 #[derive(Debug, PartialEq, Eq)]
@@ -106,112 +108,106 @@ async fn peek_protocol(stream: &TcpStream) -> Sniffed {
     }
 }
 
+/// One traffic listener: what it serves and how.
+pub struct Listener<F> {
+    pub direction: Direction,
+    pub metrics: Metrics,
+    /// Serves each HTTP request.
+    pub handler: F,
+    pub drain: Drain,
+    /// How long open connections get to finish once draining starts.
+    pub grace: Duration,
+    /// Mesh mTLS: with credentials, a connection opening a TLS handshake is accepted with the
+    /// mesh's server configuration (client certificate required).
+    pub tls: Option<CredsRx>,
+    /// Connections that are not HTTP (see [`OpaqueConn`]); without one they are served as HTTP
+    /// and fail there.
+    pub opaque: Option<OpaqueHandler>,
+    /// The sidecar's own ports: a redirected connection bound for one of them (another pod
+    /// calling `podIP:4140`) is refused and counted, never relayed to the sidecar itself.
+    pub own_ports: Vec<u16>,
+}
+
 /// Accepts connections until `drain` fires, then gives open ones `grace` to finish their
-/// requests (HTTP/1.1 closes after the current response, HTTP/2 sends GOAWAY). With `tls`,
-/// connections whose first byte opens a TLS handshake are served over mesh mTLS; others in
-/// plaintext.
-#[allow(clippy::too_many_arguments)]
-pub async fn serve<F, Fut>(
-    listener: TcpListener,
-    direction: Direction,
-    metrics: Metrics,
-    handler: F,
-    drain: Drain,
-    grace: Duration,
-    tls: Option<CredsRx>,
-    opaque: Option<Opaque>,
-) where
+/// requests (HTTP/1.1 closes after the current response, HTTP/2 sends GOAWAY).
+pub async fn serve<F, Fut>(listener: TcpListener, cfg: Listener<F>)
+where
     F: Fn(Request<Incoming>, Peer) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<Body>> + Send + 'static,
 {
-    let graceful = GracefulShutdown::new();
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(30)).keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .initial_stream_window_size(1 << 20)
-        .initial_connection_window_size(4 << 20)
-        .max_concurrent_streams(2048)
-        .keep_alive_interval(Duration::from_secs(20))
-        .keep_alive_timeout(Duration::from_secs(10));
+    let Listener { direction, metrics, handler, drain, grace, tls, opaque, own_ports } = cfg;
+    let own_ports: Arc<[u16]> = own_ports.into();
     let active = metrics.active_connections.with_label_values(&[direction.as_str()]);
     let total = metrics.connections.with_label_values(&[direction.as_str()]);
-    let stop = drain.signaled();
-    tokio::pin!(stop);
     let listening = listener.local_addr().ok();
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = &mut stop => break,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, direction = direction.as_str(), "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let _ = stream.set_nodelay(true);
-        let redirected = listening.and_then(|l| original_dst(&stream, l));
-        total.inc();
-        active.inc();
-        let (handler, builder, watcher, active, tls) =
-            (handler.clone(), builder.clone(), graceful.watcher(), active.clone(), tls.clone());
-        let tls_failures = metrics.tls_handshake_failures.clone();
-        let (opaque, metrics) = (opaque.clone(), metrics.clone());
-        tokio::spawn(async move {
-            if let (Some(orig), Some(opaque)) = (redirected, opaque) {
+    let limits = weir_api::server::Limits::traffic();
+    weir_api::server::serve(listener, &limits, drain, grace, direction.as_str(), move |stream, conn| {
+        let (handler, tls, opaque, own_ports, metrics) =
+            (handler.clone(), tls.clone(), opaque.clone(), own_ports.clone(), metrics.clone());
+        let (active, total) = (active.clone(), total.clone());
+        async move {
+            total.inc();
+            let redirected = listening.and_then(|l| original_dst(&stream, l));
+            let mut peer = Peer { addr: conn.peer, identity: None, original_dst: redirected };
+            if let Some(orig) = redirected
+                && own_ports.contains(&orig.port())
+            {
+                metrics.refused.with_label_values(&[direction.as_str(), "sidecar_port"]).inc();
+                tracing::debug!(peer = %peer.addr, %orig, "connection bound for a sidecar port refused");
+                return;
+            }
+            active.inc();
+            let _active = scopeguard(active);
+            if let (Some(_), Some(opaque)) = (redirected, &opaque) {
                 let protocol = peek_protocol(&stream).await;
                 let carried = match direction {
                     Direction::Outbound => protocol != Sniffed::Http,
                     Direction::Inbound => protocol == Sniffed::Other,
                 };
                 if carried {
-                    let target = match direction {
-                        Direction::Outbound => orig,
-                        Direction::Inbound => SocketAddr::new(
-                            if orig.is_ipv4() {
-                                std::net::Ipv4Addr::LOCALHOST.into()
-                            } else {
-                                std::net::Ipv6Addr::LOCALHOST.into()
-                            },
-                            orig.port(),
-                        ),
-                    };
-                    opaque.tunnels.carry(stream, target, opaque.connect_timeout, &metrics).await;
-                    active.dec();
+                    opaque(OpaqueConn { io: Box::new(stream), peer }).await;
                     return;
                 }
             }
-            let (io, identity) = match detect(stream, tls.as_ref()).await {
+            let (io, identity, alpn_tcp) = match detect(stream, tls.as_ref()).await {
                 Ok(x) => x,
                 Err(e) => {
-                    tls_failures.with_label_values(&[failure_reason(&e)]).inc();
-                    tracing::debug!(%peer, error = %e, "connection refused before HTTP");
-                    active.dec();
+                    metrics.tls_handshake_failures.with_label_values(&[failure_reason(&e)]).inc();
+                    tracing::debug!(peer = %peer.addr, error = %e, "connection refused before HTTP");
                     return;
                 }
             };
-            let peer = Peer { addr: peer, identity, original_dst: redirected };
+            peer.identity = identity;
+            if alpn_tcp {
+                match &opaque {
+                    Some(opaque) => opaque(OpaqueConn { io, peer }).await,
+                    None => tracing::debug!(peer = %peer.addr, "mesh TCP connection on a listener without TCP"),
+                }
+                return;
+            }
             let svc = hyper::service::service_fn(move |req| {
                 // Boxed: the handler's state machine is ~10 KB, and hyper moves the future it
                 // is given several times per request (into its stream task, the task cell...).
                 let fut = Box::pin(handler(req, peer.clone()));
                 async move { Ok::<_, Infallible>(fut.await) }
             });
-            let conn = watcher.watch(builder.serve_connection_with_upgrades(TokioIo::new(io), svc).into_owned());
-            if let Err(e) = conn.await {
+            if let Err(e) = conn.serve_http(io, svc).await {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
-            active.dec();
-        });
+        }
+    })
+    .await;
+}
+
+/// Decrements the open-connections gauge when the connection's task ends, however it ends.
+fn scopeguard(gauge: prometheus::IntGauge) -> impl Drop {
+    struct Dec(prometheus::IntGauge);
+    impl Drop for Dec {
+        fn drop(&mut self) {
+            self.0.dec();
+        }
     }
-    drop(listener);
-    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
-        tracing::warn!(direction = direction.as_str(), ?grace, "grace period over; closing remaining connections");
-    }
+    Dec(gauge)
 }
 
 /// A bounded label for why a connection failed before HTTP: `timeout`, `no_certificate` (this
@@ -245,31 +241,35 @@ pub fn failure_reason(e: &std::io::Error) -> &'static str {
     }
 }
 
+/// A connection ready to serve: the stream, the client's SPIFFE ID (over mesh mTLS), and
+/// whether the client asked for an opaque TCP hop ([`crate::tls::ALPN_TCP`]).
+type Detected = (Box<dyn Io>, Option<Arc<str>>, bool);
+
 /// Peeks at the first byte: a TLS handshake is accepted with the mesh's server configuration
 /// (client certificate required) and yields the client's SPIFFE ID; anything else is served
 /// as plaintext.
-async fn detect(stream: TcpStream, tls: Option<&CredsRx>) -> std::io::Result<(Box<dyn Io>, Option<Arc<str>>)> {
-    let Some(creds) = tls else { return Ok((Box::new(stream), None)) };
+async fn detect(stream: TcpStream, tls: Option<&CredsRx>) -> std::io::Result<Detected> {
+    let Some(creds) = tls else { return Ok((Box::new(stream), None, false)) };
     let mut first = [0u8; 1];
     let n = tokio::time::timeout(Duration::from_secs(30), stream.peek(&mut first))
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no first byte within 30s"))??;
     if n == 0 || first[0] != TLS_HANDSHAKE {
-        return Ok((Box::new(stream), None));
+        return Ok((Box::new(stream), None, false));
     }
     let config = crate::tls::server_config(creds)
         .ok_or_else(|| std::io::Error::other("TLS offered but this sidecar has no certificate yet"))?;
     let tls = tokio::time::timeout(Duration::from_secs(10), tokio_rustls::TlsAcceptor::from(config).accept(stream))
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out"))??;
-    let identity = tls
-        .get_ref()
-        .1
+    let session = tls.get_ref().1;
+    let identity = session
         .peer_certificates()
         .and_then(|c| c.first())
         .and_then(|c| crate::tls::spiffe_ids(c).into_iter().next())
         .map(Arc::from);
-    Ok((Box::new(tls), identity))
+    let alpn_tcp = session.alpn_protocol() == Some(crate::tls::ALPN_TCP);
+    Ok((Box::new(tls), identity, alpn_tcp))
 }
 
 #[cfg(test)]

@@ -16,7 +16,13 @@ use crate::identity::Credentials;
 
 pub type CredsRx = watch::Receiver<Option<Arc<Credentials>>>;
 
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+/// ALPN of the mesh hop that carries HTTP (multiplexed HTTP/2).
+pub const ALPN_H2: &[u8] = b"h2";
+/// ALPN of the mesh hop that carries one opaque TCP connection: after the handshake, the bytes
+/// are the application's, for the port the client was bound for.
+pub const ALPN_TCP: &[u8] = b"weir.tcp/1";
+
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
@@ -35,17 +41,24 @@ pub fn spiffe_ids(cert: &[u8]) -> Vec<String> {
         .collect()
 }
 
-fn chain_and_key(c: &Credentials) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+pub fn chain_and_key(c: &Credentials) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
     let chain = c.chain.iter().map(|d| CertificateDer::from(d.clone())).collect();
     (chain, PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(c.key_pkcs8.clone())))
 }
 
-/// Verifies a server chain against the mesh anchors and its SPIFFE ID against `expected`.
+/// Verifies a server chain against the mesh anchors and its SPIFFE ID against `expected`
+/// (peer sidecars, and the controller).
 #[derive(Debug)]
-struct SpiffeServerVerifier {
+pub struct SpiffeServerVerifier {
     anchors: Vec<CertificateDer<'static>>,
     expected: String,
     provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl SpiffeServerVerifier {
+    pub fn new(anchors: Vec<Vec<u8>>, expected: String) -> Self {
+        Self { anchors: anchors.into_iter().map(CertificateDer::from).collect(), expected, provider: provider() }
+    }
 }
 
 impl ServerCertVerifier for SpiffeServerVerifier {
@@ -107,16 +120,12 @@ impl ServerCertVerifier for SpiffeServerVerifier {
     }
 }
 
-/// A client configuration presenting our certificate and expecting `expected` from the peer;
-/// `None` while this sidecar has no certificate.
-pub fn client_config(creds: &CredsRx, expected: &str) -> Option<Arc<rustls::ClientConfig>> {
+/// A client configuration presenting our certificate and expecting `expected` from the peer,
+/// offering `alpn` ([`ALPN_H2`] or [`ALPN_TCP`]); `None` while this sidecar has no certificate.
+pub fn client_config(creds: &CredsRx, expected: &str, alpn: &[u8]) -> Option<Arc<rustls::ClientConfig>> {
     let c = creds.borrow().clone()?;
     let provider = provider();
-    let verifier = SpiffeServerVerifier {
-        anchors: c.roots.iter().map(|r| CertificateDer::from(r.clone())).collect(),
-        expected: expected.to_string(),
-        provider: provider.clone(),
-    };
+    let verifier = SpiffeServerVerifier::new(c.roots.clone(), expected.to_string());
     let (chain, key) = chain_and_key(&c);
     let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -125,7 +134,7 @@ pub fn client_config(creds: &CredsRx, expected: &str) -> Option<Arc<rustls::Clie
         .with_custom_certificate_verifier(Arc::new(verifier))
         .with_client_auth_cert(chain, key)
         .ok()?;
-    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    cfg.alpn_protocols = vec![alpn.to_vec()];
     Some(Arc::new(cfg))
 }
 
@@ -146,6 +155,6 @@ pub fn server_config(creds: &CredsRx) -> Option<Arc<rustls::ServerConfig>> {
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)
         .ok()?;
-    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    cfg.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_TCP.to_vec()];
     Some(Arc::new(cfg))
 }

@@ -94,11 +94,38 @@ impl Scratch {
         flags
     }
 
-    /// Sidecar flags pointing `--token-file` at a file holding `token`.
+    /// Sidecar flags pointing `--token-file` at a file holding `token`, and `--trust-anchors`
+    /// at the anchors of the controller's identity directory (the sidecar verifies the
+    /// controller before it sends the token).
     pub fn token_flags(&self, token: &str) -> Vec<String> {
         let path = self.dir.path().join(format!("{token}.token"));
         std::fs::write(&path, token).unwrap();
-        vec!["--token-file".to_string(), path.display().to_string()]
+        vec![
+            "--token-file".to_string(),
+            path.display().to_string(),
+            "--trust-anchors".to_string(),
+            self.anchors().display().to_string(),
+        ]
+    }
+
+    /// The trust-anchor bundle in the controller's identity directory (`root.crt`, or `ca.crt`
+    /// when it holds a TLS Secret's keys).
+    pub fn anchors(&self) -> PathBuf {
+        let dir = self.dir.path().join("identity");
+        let ours = dir.join("root.crt");
+        if ours.exists() || !dir.join("ca.crt").exists() { ours } else { dir.join("ca.crt") }
+    }
+
+    /// The controller at `grpc` as a sidecar reaches it: TLS, verified against
+    /// [`anchors`](Self::anchors), expecting the default controller identity in `trust_domain`.
+    pub fn control(&self, grpc: SocketAddr, trust_domain: &str) -> weir_proxy::channel::ControlEndpoint {
+        weir_proxy::channel::ControlEndpoint {
+            addr: grpc.to_string(),
+            tls: Some(weir_proxy::channel::ControlTls {
+                anchors: weir_proxy::channel::AnchorSource::File(self.anchors()),
+                controller_identity: weir_api::spiffe::id(trust_domain, "weir-system", "weir-controller"),
+            }),
+        }
     }
 
     /// Starts a sidecar for `workload` (NS/NAME) forwarding inbound traffic to `app`.
@@ -298,6 +325,15 @@ where
     }
 }
 
+/// Waits until the sidecar at `admin` is ready: a workload certificate (when it has an
+/// identity) and a configuration from the controller.
+pub async fn wait_ready(admin: SocketAddr) -> Duration {
+    wait_until("a ready sidecar (certificate and configuration)", Duration::from_secs(20), || async move {
+        admin_text(admin, "/ready").await.starts_with("ready")
+    })
+    .await
+}
+
 /// Waits until the sidecar's admin `/config` satisfies `ok`.
 pub async fn wait_config(admin: SocketAddr, what: &str, ok: impl Fn(&serde_json::Value) -> bool) -> Duration {
     wait_until(what, Duration::from_secs(20), || {
@@ -413,13 +449,13 @@ pub fn csr(uri: &str) -> Vec<u8> {
     keyed_csr(uri).1
 }
 
-/// Calls `weir.v1.Identity/Certify` on the controller at `grpc`.
+/// Calls `weir.v1.Identity/Certify` on the controller at `control`, as a sidecar does.
 pub async fn certify(
-    grpc: SocketAddr,
+    control: &weir_proxy::channel::ControlEndpoint,
     token: &str,
     csr_der: Vec<u8>,
 ) -> Result<weir_api::proto::CertifyResponse, tonic::Status> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{grpc}")).unwrap().connect().await.unwrap();
+    let channel = control.channel(None, None).await.unwrap();
     let mut client = weir_api::proto::identity_client::IdentityClient::new(channel);
     client.certify(weir_api::proto::CertifyRequest { token: token.into(), csr_der }).await.map(|r| r.into_inner())
 }

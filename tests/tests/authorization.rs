@@ -37,7 +37,7 @@ async fn only_allowed_identities_reach_the_app() {
     let frontend = scratch.proxy_with(grpc, "test/frontend", None, &scratch.token_flags("t-frontend")).await;
     let intruder = scratch.proxy_with(grpc, "test/intruder", None, &scratch.token_flags("t-intruder")).await;
     for admin in [server.addr("admin"), frontend.addr("admin"), intruder.addr("admin")] {
-        wait_until("a certificate", Duration::from_secs(20), || async move { renewals(admin, "ok").await >= 1 }).await;
+        wait_ready(admin).await;
     }
     let inbound = server.addr("inbound");
     let endpoint = format!("{{ address: \"{inbound}\", meshed: true, serviceAccount: web }}");
@@ -174,7 +174,7 @@ async fn inbound_rate_limits_keyed_by_client_identity_give_each_caller_its_own_b
     let a = scratch.proxy_with(grpc, "test/a", None, &scratch.token_flags("t-a")).await;
     let b = scratch.proxy_with(grpc, "test/b", None, &scratch.token_flags("t-b")).await;
     for admin in [server.addr("admin"), a.addr("admin"), b.addr("admin")] {
-        wait_until("a certificate", Duration::from_secs(20), || async move { renewals(admin, "ok").await >= 1 }).await;
+        wait_ready(admin).await;
     }
     let inbound = server.addr("inbound");
     let endpoint = format!("{{ address: \"{inbound}\", meshed: true, serviceAccount: web, workload: web }}");

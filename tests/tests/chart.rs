@@ -9,7 +9,6 @@
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
-use std::time::Duration;
 
 use base64::Engine;
 use clap::Parser;
@@ -264,7 +263,7 @@ async fn the_controller_runs_with_the_charts_flags_and_certificates() {
     let client =
         scratch.proxy_with(controller.addr("grpc"), "test/client", None, &scratch.token_flags("t-client")).await;
     for admin in [server.addr("admin"), client.addr("admin")] {
-        wait_until("a certificate", Duration::from_secs(20), || async move { renewals(admin, "ok").await >= 1 }).await;
+        wait_ready(admin).await;
     }
     let endpoint = format!("{{ address: \"{}\", meshed: true, serviceAccount: web }}", server.addr("inbound"));
     scratch.write("services.yaml", &service("test", "web", &[endpoint]));

@@ -27,7 +27,7 @@ async fn certify_issues_only_what_the_token_proves() {
     let mut controller = scratch.controller_with(None, &flags).await;
     let id = "spiffe://weir.test/ns/shop/sa/reviews";
 
-    let issued = certify(controller.addr("grpc"), "s3cret", csr(id)).await.unwrap();
+    let issued = certify(&scratch.control(controller.addr("grpc"), "weir.test"), "s3cret", csr(id)).await.unwrap();
     assert_eq!(issued.identity, id);
     let (_, leaf) = X509Certificate::from_der(&issued.leaf_der).unwrap();
     let (_, issuer) = X509Certificate::from_der(&issued.intermediates_der[0]).unwrap();
@@ -42,12 +42,20 @@ async fn certify_issues_only_what_the_token_proves() {
     assert!(!leaf.is_ca());
 
     // A forged token, a CSR for someone else, garbage: refused with a reason.
-    let e = certify(controller.addr("grpc"), "guess", csr(id)).await.unwrap_err();
+    let e = certify(&scratch.control(controller.addr("grpc"), "weir.test"), "guess", csr(id)).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
-    let e = certify(controller.addr("grpc"), "s3cret", csr("spiffe://weir.test/ns/shop/sa/admin")).await.unwrap_err();
+    let e = certify(
+        &scratch.control(controller.addr("grpc"), "weir.test"),
+        "s3cret",
+        csr("spiffe://weir.test/ns/shop/sa/admin"),
+    )
+    .await
+    .unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
     assert!(e.message().contains("sa/admin") && e.message().contains("sa/reviews"), "{}", e.message());
-    let e = certify(controller.addr("grpc"), "s3cret", b"not a csr".to_vec()).await.unwrap_err();
+    let e = certify(&scratch.control(controller.addr("grpc"), "weir.test"), "s3cret", b"not a csr".to_vec())
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
     let metrics = admin_text(controller.addr("admin"), "/metrics").await;
     for result in ["issued", "unauthenticated", "wrong-identity", "malformed"] {
@@ -57,7 +65,7 @@ async fn certify_issues_only_what_the_token_proves() {
     // The trust anchor survives a restart.
     controller.stop(std::time::Duration::from_secs(10)).await;
     let controller = scratch.controller_with(None, &flags).await;
-    let again = certify(controller.addr("grpc"), "s3cret", csr(id)).await.unwrap();
+    let again = certify(&scratch.control(controller.addr("grpc"), "weir.test"), "s3cret", csr(id)).await.unwrap();
     assert_eq!(again.trust_anchors_der, issued.trust_anchors_der);
     let key_file = std::fs::read_to_string(identity_dir.join("issuer.key")).unwrap();
     let log = std::fs::read_to_string(scratch.log("controller")).unwrap();
@@ -126,13 +134,14 @@ async fn openssl_sees_the_chain_and_needs_a_mesh_certificate() {
         .proxy_with(controller.addr("grpc"), "shop/web", Some(backend.addr), &scratch.token_flags("t-web"))
         .await;
     let admin = server.addr("admin");
-    wait_until("a certificate", Duration::from_secs(20), || async move { renewals(admin, "ok").await >= 1 }).await;
+    wait_ready(admin).await;
     let root = scratch.dir.path().join("identity/root.crt");
 
     // A client with a mesh certificate: the handshake completes, the chain verifies against
     // the trust anchor, and the server's leaf names its SPIFFE ID.
     let (key, csr_der) = keyed_csr("spiffe://cluster.local/ns/shop/sa/client");
-    let issued = certify(controller.addr("grpc"), "t-client", csr_der).await.unwrap();
+    let issued =
+        certify(&scratch.control(controller.addr("grpc"), "cluster.local"), "t-client", csr_der).await.unwrap();
     let intermediates: String = issued.intermediates_der.iter().map(|d| pem("CERTIFICATE", d)).collect();
     let files = ["client.crt", "chain.crt", "client.key"].map(|f| scratch.dir.path().join(f));
     std::fs::write(&files[0], pem("CERTIFICATE", &issued.leaf_der)).unwrap();

@@ -24,7 +24,7 @@ async fn sidecars_talk_mtls_and_know_each_other() {
     let client =
         scratch.proxy_with(controller.addr("grpc"), "test/client", None, &scratch.token_flags("t-client")).await;
     for admin in [server.addr("admin"), client.addr("admin")] {
-        wait_until("a certificate", Duration::from_secs(20), || async move { renewals(admin, "ok").await >= 1 }).await;
+        wait_ready(admin).await;
     }
     let inbound = server.addr("inbound");
     scratch.write("services.yaml", &svc("web-v1", inbound));
@@ -91,7 +91,7 @@ async fn rotation_and_a_controller_outage_fail_no_request() {
     let client = scratch.proxy_with(grpc, "test/client", None, &scratch.token_flags("t-client")).await;
     let (sa, ca) = (server.addr("admin"), client.addr("admin"));
     for admin in [sa, ca] {
-        wait_until("a certificate", Duration::from_secs(20), || async move { renewals(admin, "ok").await >= 1 }).await;
+        wait_ready(admin).await;
     }
     scratch.write("services.yaml", &svc("web-v1", server.addr("inbound")));
     wait_config(ca, "the endpoint", |c| endpoint_count(c, "test", "web") == 1).await;
@@ -241,7 +241,7 @@ async fn foreign_and_expired_client_certificates_are_refused() {
         .proxy_with(controller.addr("grpc"), "test/web-v1", Some(backend.addr), &scratch.token_flags("t-web"))
         .await;
     let admin = server.addr("admin");
-    wait_until("a certificate", Duration::from_secs(20), || async move { renewals(admin, "ok").await >= 1 }).await;
+    wait_ready(admin).await;
     let inbound = server.addr("inbound");
     let id = "spiffe://cluster.local/ns/test/sa/client";
 

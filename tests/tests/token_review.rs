@@ -86,9 +86,15 @@ async fn token_reviews_prove_service_accounts() {
     let reviews_id = "spiffe://cluster.local/ns/shop/sa/reviews";
 
     // The ServiceAccount's token gets its own identity, and only that.
-    let issued = certify(grpc, "reviews-token", csr(reviews_id)).await.unwrap();
+    let issued = certify(&scratch.control(grpc, "cluster.local"), "reviews-token", csr(reviews_id)).await.unwrap();
     assert_eq!(issued.identity, reviews_id);
-    let e = certify(grpc, "reviews-token", csr("spiffe://cluster.local/ns/shop/sa/payments")).await.unwrap_err();
+    let e = certify(
+        &scratch.control(grpc, "cluster.local"),
+        "reviews-token",
+        csr("spiffe://cluster.local/ns/shop/sa/payments"),
+    )
+    .await
+    .unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
 
     // Tokens the API server does not vouch for, or vouches for as something else.
@@ -99,13 +105,13 @@ async fn token_reviews_prove_service_accounts() {
         ("implicit-token", tonic::Code::Unauthenticated, "audiences [], not \"weir\""),
         ("", tonic::Code::Unauthenticated, "empty token"),
     ] {
-        let e = certify(grpc, token, csr(reviews_id)).await.unwrap_err();
+        let e = certify(&scratch.control(grpc, "cluster.local"), token, csr(reviews_id)).await.unwrap_err();
         assert_eq!(e.code(), code, "{token}: {e:?}");
         assert!(e.message().contains(reason), "{token}: {:?}", e.message());
     }
     assert_eq!(reviews.load(Ordering::Relaxed), 6, "one review per non-empty token");
     // A malformed CSR costs no review.
-    let e = certify(grpc, "reviews-token", b"not a csr".to_vec()).await.unwrap_err();
+    let e = certify(&scratch.control(grpc, "cluster.local"), "reviews-token", b"not a csr".to_vec()).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
     assert_eq!(reviews.load(Ordering::Relaxed), 6);
 
@@ -121,7 +127,7 @@ async fn token_reviews_prove_service_accounts() {
     // refuses nothing for good.
     api_task.abort();
     let _ = api_task.await;
-    let e = certify(grpc, "reviews-token", csr(reviews_id)).await.unwrap_err();
+    let e = certify(&scratch.control(grpc, "cluster.local"), "reviews-token", csr(reviews_id)).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
     assert!(e.message().contains("TokenReview failed"), "{:?}", e.message());
 }

@@ -38,7 +38,9 @@ async fn admission_reviews_get_the_sidecar_where_asked() {
         "registry.example/weir-proxy:test",
     ]
     .map(String::from)
-    .to_vec();
+    .into_iter()
+    .chain(scratch.identity_flags(&[], &[]))
+    .collect();
     let controller = scratch.controller_with(None, &flags).await;
     let mut roots = rustls::RootCertStore::empty();
     roots.add(issued.cert.der().clone()).unwrap();
@@ -52,6 +54,16 @@ async fn admission_reviews_get_the_sidecar_where_asked() {
     assert_eq!(patched["spec"]["initContainers"][1]["image"], "registry.example/weir-proxy:test");
     assert_eq!(patched["spec"]["initContainers"][1]["restartPolicy"], "Always");
     assert_eq!(patched["metadata"]["annotations"]["weir.io/injected"], "true");
+    // The sidecar gets the mesh's trust anchors out of band (it verifies the controller with
+    // them) and the controller's identity.
+    let env = patched["spec"]["initContainers"][1]["env"].as_array().unwrap().clone();
+    let var = |name: &str| env.iter().find(|e| e["name"] == name).map(|e| e["value"].clone()).unwrap_or_default();
+    let anchors = std::fs::read_to_string(scratch.anchors()).unwrap();
+    assert_eq!(
+        var("WEIR_TRUST_ANCHORS_PEM").as_str().map(|p| p.replace(char::is_whitespace, "")),
+        Some(anchors.replace(char::is_whitespace, ""))
+    );
+    assert_eq!(var("WEIR_CONTROLLER_IDENTITY"), "weir-system/weir-controller");
     // Injecting the result again changes nothing.
     let (rsp, again) = hook.admit("/inject/namespace", patched.clone()).await;
     assert!(rsp["patch"].is_null());

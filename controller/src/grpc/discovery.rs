@@ -41,6 +41,10 @@ pub struct DiscoveryService {
     pub drain: Drain,
     /// Permits for snapshots in flight ([`MAX_IN_FLIGHT`]).
     pub in_flight: Arc<tokio::sync::Semaphore>,
+    /// With identities (the control plane over TLS): the trust domain, and every stream must
+    /// come with a workload certificate whose SPIFFE ID is the Hello's namespace and service
+    /// account. `None`: a plaintext mesh without identities.
+    pub authenticate: Option<Arc<str>>,
 }
 
 pub type Outbound = ReceiverStream<Result<ControllerWire, Status>>;
@@ -48,7 +52,17 @@ pub type Outbound = ReceiverStream<Result<ControllerWire, Status>>;
 impl DiscoveryService {
     /// `weir.v1.Discovery/Stream` (served by [`super::wire::DiscoveryServer`]).
     pub async fn stream(&self, request: Request<Streaming<proto::ProxyMessage>>) -> Result<Response<Outbound>, Status> {
-        let peer = request.remote_addr();
+        let info = request.extensions().get::<super::tls::PeerInfo>().cloned().unwrap_or_default();
+        let peer = info.addr.or_else(|| request.remote_addr());
+        if let Some(trust_domain) = &self.authenticate
+            && info.identity.is_none()
+        {
+            self.metrics.control_refused.with_label_values(&["no_certificate"]).inc();
+            tracing::warn!(?peer, %trust_domain, "Discovery stream refused: no workload certificate");
+            return Err(Status::unauthenticated(
+                "Discovery needs mutual TLS with a workload certificate (get one from Identity/Certify first)",
+            ));
+        }
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
             .await
@@ -61,6 +75,18 @@ impl DiscoveryService {
         };
         if hello.namespace.is_empty() || hello.name.is_empty() {
             return Err(Status::invalid_argument("Hello.namespace and Hello.name are required"));
+        }
+        if let (Some(trust_domain), Some(id)) = (&self.authenticate, &info.identity) {
+            let proven = weir_api::spiffe::parse(id, trust_domain);
+            if proven != Some((hello.namespace.as_str(), hello.service_account.as_str())) {
+                self.metrics.control_refused.with_label_values(&["identity_mismatch"]).inc();
+                let claimed = weir_api::spiffe::id(trust_domain, &hello.namespace, &hello.service_account);
+                tracing::warn!(?peer, certificate = %id, %claimed, workload = %hello.name, "Discovery stream refused: Hello does not match the certificate");
+                return Err(Status::permission_denied(format!(
+                    "Hello claims {claimed} (workload {}/{}) but the client certificate is {id}",
+                    hello.namespace, hello.name
+                )));
+            }
         }
         let (tx, rx) = mpsc::channel(1);
         let admin = match (peer, u16::try_from(hello.admin_port)) {

@@ -49,18 +49,29 @@ pub enum CsrError {
 pub struct Ca {
     pub trust_domain: String,
     pub lifetime: Duration,
-    root_der: Vec<u8>,
+    /// The trust-anchor bundle: every root sidecars trust (several during a rotation).
+    roots_der: Vec<Vec<u8>>,
     issuer_der: Vec<u8>,
     issuer: Issuer<'static, KeyPair>,
+    /// The issuer's expiry: no leaf outlives it.
+    issuer_not_after: time::OffsetDateTime,
 }
 
 impl Ca {
-    /// Expiry (Unix seconds) of the trust anchor and of the issuer.
+    /// Expiry (Unix seconds) of the trust anchor that expires first, and of the issuer.
     pub fn expiries(&self) -> (i64, i64) {
-        let not_after = |der: &[u8]| {
-            x509_parser::parse_x509_certificate(der).map(|(_, c)| c.validity().not_after.timestamp()).unwrap_or(0)
-        };
-        (not_after(&self.root_der), not_after(&self.issuer_der))
+        let root = self.roots_der.iter().map(|r| not_after(r)).min().unwrap_or(0);
+        (root, not_after(&self.issuer_der))
+    }
+
+    /// The trust-anchor bundle (DER), in the order of the file.
+    pub fn roots(&self) -> &[Vec<u8>] {
+        &self.roots_der
+    }
+
+    /// The trust-anchor bundle as PEM (what sidecars are given out of band).
+    pub fn roots_pem(&self) -> String {
+        self.roots_der.iter().map(|d| cert_pem(d)).collect()
     }
 }
 
@@ -113,6 +124,38 @@ fn pem_to_der(path: PathBuf, pem_str: &str) -> Result<Vec<u8>, CaError> {
     CertificateDer::from_pem_slice(pem_str.as_bytes())
         .map(|c| c.to_vec())
         .map_err(|e| CaError::File { path, message: format!("not a PEM certificate: {e}") })
+}
+
+/// Every certificate of a PEM bundle (at least one).
+pub fn pem_bundle(path: PathBuf, pem_str: &str) -> Result<Vec<Vec<u8>>, CaError> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let certs = CertificateDer::pem_slice_iter(pem_str.as_bytes())
+        .map(|c| c.map(|c| c.to_vec()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| CaError::File { path: path.clone(), message: format!("not a PEM certificate bundle: {e}") })?;
+    if certs.is_empty() {
+        return Err(CaError::File { path, message: "no certificate in the bundle".into() });
+    }
+    Ok(certs)
+}
+
+/// One certificate (DER) as PEM.
+pub fn cert_pem(der: &[u8]) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut out = String::from("-----BEGIN CERTIFICATE-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        out.push_str(std::str::from_utf8(line).unwrap_or_default());
+        out.push('\n');
+    }
+    out.push_str("-----END CERTIFICATE-----\n");
+    out
+}
+
+/// A certificate's expiry (Unix seconds; 0 when unreadable).
+fn not_after(der: &[u8]) -> i64 {
+    x509_parser::parse_x509_certificate(der).map(|(_, c)| c.validity().not_after.timestamp()).unwrap_or(0)
 }
 
 /// The issuer's key from PEM: PKCS#8 (`PRIVATE KEY`), or what Helm's `genPrivateKey`,
@@ -197,18 +240,31 @@ impl Ca {
         let issuer_pem = get(issuer_file)?;
         let issuer = Issuer::from_ca_cert_pem(&issuer_pem, key)
             .map_err(|e| CaError::File { path: dir.join(issuer_file), message: e.to_string() })?;
-        Ok(Ca {
-            trust_domain: trust_domain.to_string(),
-            lifetime,
-            root_der: pem_to_der(dir.join(root_file), &get(root_file)?)?,
-            issuer_der: pem_to_der(dir.join(issuer_file), &issuer_pem)?,
-            issuer,
-        })
+        let issuer_der = pem_to_der(dir.join(issuer_file), &issuer_pem)?;
+        let issuer_not_after = time::OffsetDateTime::from_unix_timestamp(not_after(&issuer_der))
+            .map_err(|e| CaError::File { path: dir.join(issuer_file), message: format!("expiry: {e}") })?;
+        let roots_der = pem_bundle(dir.join(root_file), &get(root_file)?)?;
+        // The issuer must chain to an anchor of the bundle, or every leaf would be refused.
+        let chains = roots_der.iter().any(|root| {
+            let (Ok((_, r)), Ok((_, i))) =
+                (x509_parser::parse_x509_certificate(root), x509_parser::parse_x509_certificate(&issuer_der))
+            else {
+                return false;
+            };
+            i.issuer() == r.subject() && i.verify_signature(Some(r.public_key())).is_ok()
+        });
+        if !chains {
+            return Err(CaError::File {
+                path: dir.join(issuer_file),
+                message: format!("the issuer is not signed by any trust anchor of {root_file}"),
+            });
+        }
+        Ok(Ca { trust_domain: trust_domain.to_string(), lifetime, roots_der, issuer_der, issuer, issuer_not_after })
     }
 
     /// The SPIFFE ID of a service account.
     pub fn spiffe_id(&self, namespace: &str, service_account: &str) -> String {
-        format!("spiffe://{}/ns/{namespace}/sa/{service_account}", self.trust_domain)
+        weir_api::spiffe::id(&self.trust_domain, namespace, service_account)
     }
 
     /// Issues a leaf for `identity` from a CSR (DER) whose only SAN must be that SPIFFE ID.
@@ -226,12 +282,32 @@ impl Ca {
         if asked != [identity] {
             return Err(CsrError::WrongIdentity { asked, proven: identity.to_string() });
         }
+        let (params, not_after) = self.leaf_params(identity)?;
+        let leaf = CertificateSigningRequestParams { params, public_key: csr.public_key }
+            .signed_by(&self.issuer)
+            .map_err(|e| CsrError::Malformed(e.to_string()))?;
+        Ok(self.issued(identity, leaf.der().to_vec(), not_after))
+    }
+
+    /// A certificate for `identity` with a key made here: the controller's own, for serving
+    /// the control plane over TLS. Returns the issued chain and the PKCS#8 key (DER).
+    pub fn issue_own(&self, identity: &str) -> Result<(Issued, Vec<u8>), CsrError> {
+        let key =
+            KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| CsrError::Malformed(e.to_string()))?;
+        let (params, not_after) = self.leaf_params(identity)?;
+        let leaf = params.signed_by(&key, &self.issuer).map_err(|e| CsrError::Malformed(e.to_string()))?;
+        Ok((self.issued(identity, leaf.der().to_vec(), not_after), key.serialize_der()))
+    }
+
+    /// What a leaf for `identity` says, and when it expires: after `lifetime`, never after
+    /// the issuer.
+    fn leaf_params(&self, identity: &str) -> Result<(CertificateParams, time::OffsetDateTime), CsrError> {
         let mut params = CertificateParams::default();
         // The SAN is the identity; the subject only says so to humans (`openssl s_client`):
         // CN = <sa>.<ns> when it fits a CN's 64 characters.
         params.distinguished_name = rcgen::DistinguishedName::new();
         params.distinguished_name.push(DnType::OrganizationName, "Weir");
-        if let Some((ns, sa)) = identity.split_once("/ns/").and_then(|(_, rest)| rest.split_once("/sa/")) {
+        if let Some((ns, sa)) = weir_api::spiffe::parse(identity, &self.trust_domain) {
             let cn = format!("{sa}.{ns}");
             if cn.len() <= 64 {
                 params.distinguished_name.push(DnType::CommonName, cn);
@@ -245,18 +321,20 @@ impl Ca {
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         params.use_authority_key_identifier_extension = true;
         let now = time::OffsetDateTime::now_utc();
+        let not_after = (now + self.lifetime).min(self.issuer_not_after);
         params.not_before = now - BACKDATE;
-        params.not_after = now + self.lifetime;
-        let leaf = CertificateSigningRequestParams { params, public_key: csr.public_key }
-            .signed_by(&self.issuer)
-            .map_err(|e| CsrError::Malformed(e.to_string()))?;
-        Ok(Issued {
+        params.not_after = not_after;
+        Ok((params, not_after))
+    }
+
+    fn issued(&self, identity: &str, leaf_der: Vec<u8>, not_after: time::OffsetDateTime) -> Issued {
+        Issued {
             identity: identity.to_string(),
-            leaf_der: leaf.der().to_vec(),
+            leaf_der,
             intermediates_der: vec![self.issuer_der.clone()],
-            trust_anchors_der: vec![self.root_der.clone()],
-            not_after_unix: (now + self.lifetime).unix_timestamp(),
-        })
+            trust_anchors_der: self.roots_der.clone(),
+            not_after_unix: not_after.unix_timestamp(),
+        }
     }
 }
 
@@ -301,7 +379,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let ca = Ca::load_or_create(dir.path(), "cluster.local", Duration::from_secs(3600)).unwrap();
         let again = Ca::load_or_create(dir.path(), "cluster.local", Duration::from_secs(3600)).unwrap();
-        assert_eq!(ca.root_der, again.root_der);
+        assert_eq!(ca.roots_der, again.roots_der);
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(dir.path().join("issuer.key")).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
@@ -320,7 +398,7 @@ mod tests {
             std::fs::copy(made.path().join(from), mounted.path().join(to)).unwrap();
         }
         let loaded = Ca::load_or_create(mounted.path(), "cluster.local", Duration::from_secs(3600)).unwrap();
-        assert_eq!((&loaded.root_der, &loaded.issuer_der), (&ca.root_der, &ca.issuer_der));
+        assert_eq!((&loaded.roots_der, &loaded.issuer_der), (&ca.roots_der, &ca.issuer_der));
         let id = loaded.spiffe_id("shop", "web");
         loaded.certify(&csr_for(&id).0, &id).unwrap();
         // Nothing was generated beside them.

@@ -49,13 +49,7 @@ impl<'a> Client<'a> {
     /// Reads a verified SPIFFE ID (`None` for plaintext clients).
     pub fn from_spiffe(id: Option<&'a str>, trust_domain: &str) -> Self {
         let Some(id) = id else { return Client::Unauthenticated };
-        let parsed = id
-            .strip_prefix("spiffe://")
-            .and_then(|rest| rest.strip_prefix(trust_domain))
-            .and_then(|rest| rest.strip_prefix("/ns/"))
-            .and_then(|rest| rest.split_once("/sa/"))
-            .filter(|(ns, sa)| !ns.is_empty() && !sa.is_empty() && !ns.contains('/') && !sa.contains('/'));
-        match parsed {
+        match weir_api::spiffe::parse(id, trust_domain) {
             Some((namespace, service_account)) => Client::Mesh { namespace, service_account },
             None => Client::Unrecognised,
         }
@@ -180,6 +174,36 @@ pub fn decide(
     Decision::Deny { policy: applicable[0].name.clone(), reason }
 }
 
+/// Judges an opaque TCP connection to `port` from `client`. A connection is not a request:
+/// only rules that name no paths and no methods cover it (as with Linkerd's server
+/// authorizations, HTTP-level rules never admit raw TCP). Strict policies refuse plaintext.
+pub fn decide_tcp(policies: &[Authorization], port: u16, client: Client<'_>) -> Decision {
+    let applicable: Vec<&Authorization> = policies.iter().filter(|a| a.port.is_none_or(|p| p == port)).collect();
+    if applicable.is_empty() {
+        return Decision::Default;
+    }
+    if matches!(client, Client::Unauthenticated)
+        && let Some(strict) = applicable.iter().find(|a| a.strict)
+    {
+        return Decision::Deny {
+            policy: strict.name.clone(),
+            reason: format!("plaintext TCP refused: {} requires mesh mTLS", strict.name),
+        };
+    }
+    for a in &applicable {
+        if let Some(rule) =
+            a.rules.iter().find(|r| r.admits(client) && r.methods.is_empty() && r.path_prefixes.is_empty())
+        {
+            return Decision::Allow { policy: a.name.clone(), rule: rule.name.clone() };
+        }
+    }
+    let names: Vec<&str> = applicable.iter().map(|a| &*a.name).collect();
+    Decision::Deny {
+        policy: applicable[0].name.clone(),
+        reason: format!("{} has no rule without paths or methods admitting this TCP client", names.join(", ")),
+    }
+}
+
 /// RFC 3986 dot-segment removal plus merged slashes, after decoding `%2E` (a dot); `None` when
 /// the path hides a separator (`%2F`, `%5C`, a backslash) or carries segment parameters (`;`,
 /// `%3B`: servers that strip them would see `/a/..;/b` as `/b`), which cannot be judged safely.
@@ -253,6 +277,34 @@ mod tests {
 
     const FRONTEND: Client<'static> = Client::Mesh { namespace: "shop", service_account: "frontend" };
     const OTHER: Client<'static> = Client::Mesh { namespace: "other", service_account: "frontend" };
+
+    #[test]
+    fn tcp_is_judged_by_rules_without_paths_or_methods() {
+        assert_eq!(decide_tcp(&[], 5432, Client::Unauthenticated), Decision::Default);
+        let mut open = rule(&[], &[], &[]);
+        open.unauthenticated = true;
+        let permissive = policy(false, vec![open.clone()]);
+        assert!(matches!(decide_tcp(&[permissive], 5432, Client::Unauthenticated), Decision::Allow { .. }));
+        // Strict: plaintext never, whatever the rules.
+        let strict = policy(true, vec![open, rule(&[("shop", "frontend")], &[], &[])]);
+        let Decision::Deny { reason, .. } = decide_tcp(std::slice::from_ref(&strict), 5432, Client::Unauthenticated)
+        else {
+            panic!("plaintext TCP admitted by a strict policy")
+        };
+        assert!(reason.contains("plaintext TCP refused"), "{reason}");
+        assert!(matches!(decide_tcp(std::slice::from_ref(&strict), 5432, FRONTEND), Decision::Allow { .. }));
+        assert!(matches!(decide_tcp(&[strict], 5432, OTHER), Decision::Deny { .. }));
+        // A rule about paths or methods admits requests, not connections.
+        let http_only = policy(
+            true,
+            vec![rule(&[("shop", "frontend")], &["/api"], &[]), rule(&[("shop", "frontend")], &[], &[Method::GET])],
+        );
+        assert!(matches!(decide_tcp(&[http_only], 5432, FRONTEND), Decision::Deny { .. }));
+        // Another port's policy does not apply.
+        let mut elsewhere = policy(true, vec![]);
+        elsewhere.port = Some(80);
+        assert_eq!(decide_tcp(&[elsewhere], 5432, Client::Unauthenticated), Decision::Default);
+    }
 
     #[test]
     fn no_policy_allows_everyone() {

@@ -1,6 +1,12 @@
 //! The inbound path: requests from peer sidecars (HTTP/2 carrying the client's original
 //! protocol in `weir-orig-proto`) and from plain clients, forwarded to the application in
-//! the protocol the client spoke.
+//! the protocol the client spoke; and opaque TCP connections (over mesh mTLS or plaintext),
+//! authorized by client identity and port before a byte reaches the application.
+//!
+//! A connection iptables redirected here goes to the address it was bound for, the pod's own
+//! address, never to loopback: a port the application binds only on `127.0.0.1` stays
+//! private to the pod, as it would be without the mesh. Until the first configuration
+//! arrives, nothing is forwarded (the policy in force is not known yet).
 
 pub mod authz;
 
@@ -21,6 +27,15 @@ use crate::metrics::{Direction, Labels, Metrics};
 use crate::outbound::request_authority;
 use crate::outbound::resilience::Resilience;
 
+/// What the inbound path shares with the rest of the sidecar.
+pub struct Shared {
+    pub clients: Clients,
+    pub metrics: Metrics,
+    pub resilience: Resilience,
+    /// This listener's own tunnel slots.
+    pub tunnels: crate::tunnel::Tunnels,
+}
+
 #[derive(Clone)]
 pub struct Inbound {
     pub app: Option<SocketAddr>,
@@ -37,18 +52,19 @@ pub struct Inbound {
     warned_version: Arc<std::sync::Mutex<Option<String>>>,
     /// Log a line per request (target `weir::access`).
     pub access_log: bool,
+    /// Opaque TCP to the application (this listener's own slots).
+    pub tunnels: crate::tunnel::Tunnels,
 }
 
 impl Inbound {
     pub fn new(
         app: Option<SocketAddr>,
-        clients: Clients,
-        metrics: Metrics,
         workload: &str,
         config: watch::Receiver<Option<Arc<Config>>>,
-        resilience: Resilience,
         trust_domain: Arc<str>,
+        shared: Shared,
     ) -> Self {
+        let Shared { clients, metrics, resilience, tunnels } = shared;
         let me: Arc<str> = workload.into();
         let labels =
             Labels { direction: Direction::Inbound, service: me.clone(), route: "".into(), backend: me, tls: false };
@@ -64,6 +80,53 @@ impl Inbound {
             server,
             warned_version: Arc::default(),
             access_log: false,
+            tunnels,
+        }
+    }
+
+    /// Where a connection goes in the application: the address it was bound for when iptables
+    /// redirected it (the pod's own address), otherwise `--app-addr`.
+    fn app_for(&self, peer: &crate::server::Peer) -> Option<SocketAddr> {
+        peer.original_dst.or(self.app)
+    }
+
+    /// An opaque TCP connection: authorized by client identity and port (see
+    /// [`authz::decide_tcp`]), then carried to the application untouched.
+    pub async fn carry_tcp(self: Arc<Self>, conn: crate::server::OpaqueConn) {
+        let crate::server::OpaqueConn { io, peer } = conn;
+        let refuse = |reason: &str| self.metrics.refused.with_label_values(&["inbound", reason]).inc();
+        let Some(target) = self.app_for(&peer) else {
+            refuse("no_app");
+            return;
+        };
+        let Some(config) = self.config.borrow().clone() else {
+            refuse("not_ready");
+            tracing::debug!(client = %peer.addr, "TCP connection refused: no configuration yet");
+            return;
+        };
+        let who = peer.identity.as_deref().unwrap_or("");
+        let client = authz::Client::from_spiffe(peer.identity.as_deref(), &self.trust_domain);
+        let server = target.port().to_string();
+        match authz::decide_tcp(&config.authorizations, target.port(), client) {
+            authz::Decision::Default => {}
+            authz::Decision::Allow { policy, rule } => {
+                self.metrics.authorization.with_label_values(&[&server, &*policy, &*rule, who, "allow"]).inc();
+            }
+            authz::Decision::Deny { policy, reason } => {
+                self.metrics.authorization.with_label_values(&[&server, &*policy, "", who, "deny"]).inc();
+                refuse("unauthorized");
+                tracing::debug!(client = %peer.addr, identity = who, %reason, "TCP connection denied");
+                return;
+            }
+        }
+        let Some(slot) = self.tunnels.slot(&self.metrics, &target) else { return };
+        match crate::client::connect_tcp(target, self.clients.connect_timeout()).await {
+            Ok(upstream) => {
+                let tls = if peer.identity.is_some() { "true" } else { "false" };
+                self.metrics.tcp_connections.with_label_values(&["inbound", tls, who]).inc();
+                self.tunnels.carry(slot, io, upstream, &target, &self.metrics).await;
+            }
+            Err(e) => self.tunnels.failed(&self.metrics, &target, &e),
         }
     }
 
@@ -99,19 +162,13 @@ impl Inbound {
             None => ("", "false"),
         };
         self.metrics.inbound_by_identity.with_label_values(&[who, tls]).inc();
-        // A connection iptables redirected here goes to the port it was bound for, on this
-        // host; otherwise to --app-addr.
-        let app = match peer.original_dst {
-            Some(orig) if orig.is_ipv4() => Some(SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, orig.port()))),
-            Some(orig) => Some(SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, orig.port()))),
-            None => self.app,
-        };
+        let app = self.app_for(&peer);
         let config = self.config.borrow().clone();
         let refused = match config.as_deref() {
             Some(config) => self
                 .authorize(config, &mut req, peer.identity.as_deref(), app)
                 .or_else(|| self.rate_limited(config, &req, client, peer.identity.as_deref())),
-            None => None,
+            None => Some(ProxyError::NotReady),
         };
         if let Some(e) = refused {
             let grpc =

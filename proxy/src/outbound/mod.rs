@@ -8,7 +8,6 @@ pub mod balance;
 pub mod health;
 pub mod resilience;
 pub mod route;
-pub mod tunnel;
 
 use resilience::BreakerPass;
 
@@ -42,8 +41,8 @@ pub struct Outbound {
     /// This sidecar's credentials (when it has a workload identity) and the trust domain.
     pub credentials: Option<crate::tls::CredsRx>,
     pub trust_domain: Arc<str>,
-    /// CONNECT tunnels to destinations outside the mesh.
-    pub tunnels: tunnel::Tunnels,
+    /// CONNECT tunnels to destinations outside the mesh, and redirected opaque TCP.
+    pub tunnels: crate::tunnel::Tunnels,
     /// Log a line per request (target `weir::access`).
     pub access_log: bool,
 }
@@ -127,10 +126,62 @@ impl Outbound {
     fn tls_target(&self, ns: &str, endpoint: &Endpoint) -> Option<TlsTarget> {
         match &self.credentials {
             Some(creds) if endpoint.meshed && !endpoint.identity.is_empty() => {
-                let expected = format!("spiffe://{}/ns/{ns}/sa/{}", self.trust_domain, endpoint.identity);
+                let expected = weir_api::spiffe::id(&self.trust_domain, ns, &endpoint.identity);
                 Some(TlsTarget { creds: creds.clone(), expected: expected.into() })
             }
             _ => None,
+        }
+    }
+
+    /// A redirected connection that is not HTTP: to a Service's virtual address, through one
+    /// of its endpoints; to a meshed pod, over mesh mTLS with its identity (the peer sidecar
+    /// authorizes it by identity and port); anywhere else, to where the application sent it.
+    pub async fn carry_tcp(self: Arc<Self>, conn: crate::server::OpaqueConn) {
+        let crate::server::OpaqueConn { io, peer } = conn;
+        let Some(orig) = peer.original_dst else { return };
+        let config = self.config.borrow().clone();
+        let (target, tls) = match config.as_deref() {
+            Some(config) => self.tcp_destination(config, orig),
+            None => (orig, None),
+        };
+        let Some(slot) = self.tunnels.slot(&self.metrics, &target) else { return };
+        let timeout = self.clients.connect_timeout();
+        let tls_label = if tls.is_some() { "true" } else { "false" };
+        match tls {
+            Some(tls) => match crate::client::connect_mesh(target, timeout, &tls, crate::tls::ALPN_TCP).await {
+                Ok(upstream) => {
+                    self.metrics.tcp_connections.with_label_values(&["outbound", tls_label, ""]).inc();
+                    self.tunnels.carry(slot, io, upstream, &target, &self.metrics).await;
+                }
+                Err(e) => self.tunnels.failed(&self.metrics, &target, &e),
+            },
+            None => match crate::client::connect_tcp(target, timeout).await {
+                Ok(upstream) => {
+                    self.metrics.tcp_connections.with_label_values(&["outbound", tls_label, ""]).inc();
+                    self.tunnels.carry(slot, io, upstream, &target, &self.metrics).await;
+                }
+                Err(e) => self.tunnels.failed(&self.metrics, &target, &e),
+            },
+        }
+    }
+
+    /// Where an opaque connection bound for `orig` goes, and whether over mesh mTLS.
+    fn tcp_destination(&self, config: &Config, orig: SocketAddr) -> (SocketAddr, Option<TlsTarget>) {
+        let host = match orig.ip() {
+            std::net::IpAddr::V4(ip) => ip.to_string(),
+            std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+        };
+        if let Some(svc) = config.lookup(&host) {
+            let serving: Vec<&Endpoint> =
+                svc.endpoints.iter().filter(|e| e.service_port.is_none_or(|p| p == orig.port())).collect();
+            if !serving.is_empty() {
+                let e = serving[rand::random_range(0..serving.len())];
+                return (e.addr, self.tls_target(svc.namespace(), e));
+            }
+        }
+        match config.meshed_at(orig) {
+            Some((svc, e)) => (orig, self.tls_target(svc.namespace(), e)),
+            None => (orig, None),
         }
     }
 
@@ -146,7 +197,7 @@ impl Outbound {
         authority: &http::uri::Authority,
     ) -> Response<Body> {
         strip_hop_by_hop(&mut parts.headers);
-        let meshed = config.endpoint_at(orig).filter(|(_, e)| e.meshed);
+        let meshed = config.meshed_at(orig);
         let result = if let Some((svc, endpoint)) = meshed {
             parts.headers.insert(ORIG_PROTO.clone(), HeaderValue::from_static(proto_name(parts.version)));
             parts.headers.remove(header::HOST);
@@ -156,7 +207,7 @@ impl Outbound {
                 Err(_) => return ProxyError::NoAuthority.into_response(),
             }
             parts.version = Version::HTTP_2;
-            let tls = self.tls_target(svc.key.split('/').next().unwrap_or_default(), endpoint);
+            let tls = self.tls_target(svc.namespace(), endpoint);
             self.clients
                 .h2
                 .send_tls(orig, Request::from_parts(parts, boxed(body)), Default::default(), tls.as_ref())

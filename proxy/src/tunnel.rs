@@ -1,11 +1,15 @@
-//! `CONNECT host:port` on the outbound listener: an opaque TCP tunnel to a destination outside
-//! the mesh, so TLS that the application originates itself (HTTPS to an external site through
-//! `HTTPS_PROXY`) passes through untouched — the sidecar never sees inside it.
+//! Opaque byte streams the sidecar carries without reading them, in both directions: `CONNECT
+//! host:port` on the outbound listener (a tunnel to a destination outside the mesh, so TLS the
+//! application originates passes through untouched), and redirected connections that are not
+//! HTTP (outbound to where they were bound, over mesh mTLS when that is a meshed pod; inbound
+//! to the application, once authorization admitted them).
 //!
-//! Mesh destinations are not tunnelled: their traffic must go through routing, policies and
-//! mesh mTLS, so a CONNECT to a Service name or to an endpoint address is refused with a hint to
-//! send plain HTTP. Tunnels are bounded in number, close after an idle period, and on shutdown
-//! get the drain grace period to finish.
+//! Mesh destinations are not CONNECT-tunnelled: their traffic must go through routing,
+//! policies and mesh mTLS, so a CONNECT to a Service name or to an endpoint address is refused
+//! with a hint to send plain HTTP. Each listener has its own [`Tunnels`] (so one direction
+//! cannot take the other's slots); tunnels are bounded in number, close after an idle period
+//! or when a write makes no progress for [`WRITE_TIMEOUT`] (a peer that stopped reading), and
+//! on shutdown get the drain grace period to finish.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,17 +20,21 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use weir_api::rt::Drain;
 
 use crate::body::{Body, WEIR_ERROR, full};
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::server::Io;
 
 /// Most tunnels open at once.
 pub const MAX_TUNNELS: usize = 4096;
 /// A tunnel with no bytes either way for this long is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+/// A tunnel whose write has made no progress for this long (the receiver stopped reading) is
+/// closed, so it cannot hold its slot forever.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// What tunnels share: the slots, the drain signal and how long draining may take.
 #[derive(Clone)]
@@ -35,11 +43,12 @@ pub struct Tunnels {
     drain: Drain,
     grace: Duration,
     idle: Duration,
+    write: Duration,
 }
 
 impl Tunnels {
     pub fn new(drain: Drain, grace: Duration) -> Self {
-        Self { slots: Arc::new(Semaphore::new(MAX_TUNNELS)), drain, grace, idle: IDLE_TIMEOUT }
+        Self { slots: Arc::new(Semaphore::new(MAX_TUNNELS)), drain, grace, idle: IDLE_TIMEOUT, write: WRITE_TIMEOUT }
     }
 
     /// Answers a CONNECT: 200 once the destination accepted the connection, then bytes flow
@@ -105,7 +114,7 @@ impl Tunnels {
                 tokio::time::sleep(grace).await;
             };
             tokio::select! {
-                r = pump(TokioIo::new(upgraded), stream, tunnels.idle, &metrics) => {
+                r = pump(TokioIo::new(upgraded), stream, tunnels.idle, tunnels.write, &metrics) => {
                     if let Err(e) = r {
                         tracing::debug!(%authority, error = %e, "tunnel ended with an error");
                     }
@@ -119,28 +128,27 @@ impl Tunnels {
 }
 
 impl Tunnels {
-    /// Carries a redirected connection that is not HTTP as opaque TCP to `target` (counted as
-    /// a tunnel), until either side closes, it idles out, or draining ends it.
-    pub async fn carry(&self, client: TcpStream, target: SocketAddr, connect_timeout: Duration, metrics: &Metrics) {
-        let Ok(_slot) = self.slots.clone().try_acquire_owned() else {
+    /// A slot for one more tunnel; `None` (counted, logged) when all are taken.
+    pub fn slot(&self, metrics: &Metrics, what: &(dyn std::fmt::Display + Sync)) -> Option<OwnedSemaphorePermit> {
+        let slot = self.slots.clone().try_acquire_owned().ok();
+        if slot.is_none() {
             metrics.tunnels.with_label_values(&["error"]).inc();
-            tracing::warn!(%target, "too many opaque connections; refusing one");
-            return;
-        };
-        let upstream = match tokio::time::timeout(connect_timeout, TcpStream::connect(target)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                metrics.tunnels.with_label_values(&["error"]).inc();
-                tracing::debug!(%target, error = %e, "opaque connection refused upstream");
-                return;
-            }
-            Err(_) => {
-                metrics.tunnels.with_label_values(&["error"]).inc();
-                tracing::debug!(%target, "opaque connection timed out connecting");
-                return;
-            }
-        };
-        let _ = upstream.set_nodelay(true);
+            tracing::warn!(%what, "too many opaque connections (at most {MAX_TUNNELS}); refusing one");
+        }
+        slot
+    }
+
+    /// Carries bytes between `client` and `upstream` (counted as a tunnel) until either side
+    /// closes, it idles out, a write stalls, or draining ends it. `slot` is held throughout.
+    pub async fn carry<C: Io, U: Io>(
+        &self,
+        slot: OwnedSemaphorePermit,
+        client: C,
+        upstream: U,
+        what: &(dyn std::fmt::Display + Sync),
+        metrics: &Metrics,
+    ) {
+        let _slot = slot;
         metrics.tunnels.with_label_values(&["ok"]).inc();
         metrics.tunnels_active.inc();
         let (drain, grace) = (self.drain.clone(), self.grace);
@@ -149,20 +157,33 @@ impl Tunnels {
             tokio::time::sleep(grace).await;
         };
         tokio::select! {
-            r = pump(client, upstream, self.idle, metrics) => {
+            r = pump(client, upstream, self.idle, self.write, metrics) => {
                 if let Err(e) = r {
-                    tracing::debug!(%target, error = %e, "opaque connection ended with an error");
+                    tracing::debug!(%what, error = %e, "opaque connection ended with an error");
                 }
             }
-            _ = drained => tracing::debug!(%target, "opaque connection closed at the end of the drain grace period"),
+            _ = drained => tracing::debug!(%what, "opaque connection closed at the end of the drain grace period"),
         }
         metrics.tunnels_active.dec();
     }
+
+    /// Counts an opaque connection that could not reach its destination.
+    pub fn failed(&self, metrics: &Metrics, what: &(dyn std::fmt::Display + Sync), reason: &str) {
+        metrics.tunnels.with_label_values(&["error"]).inc();
+        tracing::debug!(%what, %reason, "opaque connection failed upstream");
+    }
+}
+
+/// Writes all of `buf`, failing when no progress is made for `limit`.
+async fn write_within<W: AsyncWrite + Unpin>(w: &mut W, buf: &[u8], limit: Duration) -> std::io::Result<()> {
+    tokio::time::timeout(limit, w.write_all(buf)).await.map_err(|_| {
+        std::io::Error::new(std::io::ErrorKind::TimedOut, format!("the receiver took no bytes for {limit:?}"))
+    })?
 }
 
 /// Copies bytes both ways, counting them as they go, until both sides have closed; an error
-/// after `idle` without a byte either way.
-async fn pump<C, U>(client: C, upstream: U, idle: Duration, metrics: &Metrics) -> std::io::Result<()>
+/// after `idle` without a byte either way, or when a write stalls for `write`.
+async fn pump<C, U>(client: C, upstream: U, idle: Duration, write: Duration, metrics: &Metrics) -> std::io::Result<()>
 where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
@@ -182,7 +203,7 @@ where
                     client_open = false;
                     uw.shutdown().await?;
                 } else {
-                    uw.write_all(&cbuf[..n]).await?;
+                    write_within(&mut uw, &cbuf[..n], write).await?;
                     sent.inc_by(n as u64);
                 }
             }
@@ -192,7 +213,7 @@ where
                     upstream_open = false;
                     cw.shutdown().await?;
                 } else {
-                    cw.write_all(&ubuf[..n]).await?;
+                    write_within(&mut cw, &ubuf[..n], write).await?;
                     received.inc_by(n as u64);
                 }
             }
@@ -230,7 +251,7 @@ mod tests {
         let (upstream_side, mut server) = tokio::io::duplex(64);
         let task = tokio::spawn({
             let metrics = metrics.clone();
-            async move { pump(client_side, upstream_side, Duration::from_secs(5), &metrics).await }
+            async move { pump(client_side, upstream_side, Duration::from_secs(5), Duration::from_secs(5), &metrics).await }
         });
         app.write_all(b"ping").await.unwrap();
         let mut buf = [0u8; 4];
@@ -247,7 +268,29 @@ mod tests {
 
         let (_app, client_side) = tokio::io::duplex(64);
         let (upstream_side, _server) = tokio::io::duplex(64);
-        let e = pump(client_side, upstream_side, Duration::from_millis(20), &metrics).await.unwrap_err();
+        let e = pump(client_side, upstream_side, Duration::from_millis(20), Duration::from_secs(5), &metrics)
+            .await
+            .unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_receiver_that_stops_reading_ends_the_tunnel() {
+        let metrics = Metrics::new();
+        let (mut app, client_side) = tokio::io::duplex(1 << 20);
+        // The upstream's buffer holds 64 bytes and nobody reads them.
+        let (upstream_side, _server) = tokio::io::duplex(64);
+        let task = tokio::spawn({
+            let metrics = metrics.clone();
+            async move {
+                pump(client_side, upstream_side, Duration::from_secs(3600), Duration::from_secs(60), &metrics).await
+            }
+        });
+        app.write_all(&[7u8; 4096]).await.unwrap();
+        let e = task.await.unwrap().unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+        assert!(e.to_string().contains("took no bytes"), "{e}");
+        // Paused clock: the write timed out at 60 s, long before the idle hour.
+        assert_eq!(metrics.tunnel_bytes.with_label_values(&["sent"]).get(), 0);
     }
 }
