@@ -646,7 +646,7 @@ mod tests {
             latency_bounds_seconds: vec![0.01],
             stats: vec![stats("ns/web-v2", failed), stats("ns/web-v1", 0)],
         };
-        reports.lock().unwrap().record(&r);
+        reports.lock().unwrap().record(&r, |_| true);
     }
 
     fn setup() -> (Arc<Canaries>, Arc<Mutex<Reports>>, Instant) {

@@ -75,7 +75,7 @@ impl Metrics {
                 .unwrap();
         let reports_dropped_series = IntCounter::new(
             "weir_controller_report_series_dropped_total",
-            "Report series dropped because the aggregation table was full",
+            "Report series dropped: not the reporting sidecar's own traffic (an unknown Service, another workload's inbound), or evicted from a full table",
         )
         .unwrap();
         registry.register(Box::new(nacks.clone())).unwrap();

@@ -66,15 +66,15 @@ impl Totals {
     /// Adds `other`'s counts; a histogram of another shape is left out of the latencies (the
     /// first shape seen wins).
     pub fn add(&mut self, other: &Totals) {
-        self.requests += other.requests;
-        self.failures += other.failures;
+        self.requests = self.requests.saturating_add(other.requests);
+        self.failures = self.failures.saturating_add(other.failures);
         if self.bounds.is_empty() && self.counts.is_empty() {
             self.bounds = other.bounds.clone();
             self.counts = vec![0; other.counts.len()];
         }
         if self.bounds == other.bounds && self.counts.len() == other.counts.len() {
             for (a, b) in self.counts.iter_mut().zip(&other.counts) {
-                *a += b;
+                *a = a.saturating_add(*b);
             }
         }
     }
@@ -112,10 +112,17 @@ pub struct Reports {
 }
 
 impl Reports {
-    /// Adds one sidecar's report. Returns how many series were dropped because the table is full.
-    pub fn record(&mut self, report: &proto::Report) -> u64 {
+    /// Adds one sidecar's report, keeping only the series `own` says are about the reporter's
+    /// own traffic (the rest are dropped). When the table is full, a new series evicts the
+    /// one reported least recently. Counts saturate instead of wrapping. Returns how many
+    /// series were dropped or evicted.
+    pub fn record(&mut self, report: &proto::Report, own: impl Fn(&proto::TrafficStats) -> bool) -> u64 {
         let mut dropped = 0;
         for s in &report.stats {
+            if !own(s) {
+                dropped += 1;
+                continue;
+            }
             let key = SeriesKey {
                 direction: s.direction.clone(),
                 service: s.service.clone(),
@@ -123,23 +130,30 @@ impl Reports {
                 backend: s.backend.clone(),
             };
             if !self.series.contains_key(&key) && self.series.len() >= MAX_SERIES {
-                dropped += 1;
-                continue;
+                let stalest = self.series.iter().min_by_key(|(_, v)| v.last_report_unix_ms).map(|(k, _)| k.clone());
+                if let Some(k) = stalest {
+                    self.series.remove(&k);
+                    dropped += 1;
+                }
             }
             let e = self.series.entry(key).or_default();
-            e.requests += s.requests;
-            e.failures += s.failures;
-            e.latency_sum_seconds += s.latency_sum_seconds;
+            e.requests = e.requests.saturating_add(s.requests);
+            e.failures = e.failures.saturating_add(s.failures.min(s.requests));
+            if s.latency_sum_seconds.is_finite() && s.latency_sum_seconds >= 0.0 {
+                e.latency_sum_seconds += s.latency_sum_seconds;
+            }
             e.last_report_unix_ms = e.last_report_unix_ms.max(report.window_end_ms);
             let shape_ok = s.latency_counts.len() == report.latency_bounds_seconds.len() + 1;
             if shape_ok {
-                if e.latency_bounds_seconds != report.latency_bounds_seconds {
+                if e.latency_bounds_seconds != report.latency_bounds_seconds
+                    || e.latency_counts.len() != s.latency_counts.len()
+                {
                     // A sidecar with other buckets: restart the histogram in its shape.
                     e.latency_bounds_seconds = report.latency_bounds_seconds.clone();
                     e.latency_counts = vec![0; s.latency_counts.len()];
                 }
                 for (a, b) in e.latency_counts.iter_mut().zip(&s.latency_counts) {
-                    *a += b;
+                    *a = a.saturating_add(*b);
                 }
             }
         }
@@ -205,12 +219,55 @@ mod tests {
             latency_bounds_seconds: vec![0.01, 0.1],
             stats: vec![stats],
         };
-        assert_eq!(r.record(&report), 0);
-        assert_eq!(r.record(&report), 0);
+        assert_eq!(r.record(&report, |_| true), 0);
+        assert_eq!(r.record(&report, |_| true), 0);
         let s = r.series.values().next().unwrap();
         assert_eq!((s.requests, s.failures), (200, 10));
         assert_eq!(s.quantile(0.5), Some(0.01));
         assert_eq!(s.quantile(0.95), Some(0.1));
         assert_eq!(s.quantile(1.0), Some(f64::INFINITY));
+    }
+
+    fn stats(service: &str, requests: u64, failures: u64) -> proto::TrafficStats {
+        proto::TrafficStats {
+            direction: "outbound".into(),
+            service: service.into(),
+            backend: service.into(),
+            requests,
+            failures,
+            latency_counts: vec![requests],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn foreign_series_are_dropped_counts_saturate_and_a_full_table_evicts_the_stalest() {
+        let mut r = Reports::default();
+        let report = |end: u64, stats: Vec<proto::TrafficStats>| proto::Report {
+            window_end_ms: end,
+            stats,
+            ..Default::default()
+        };
+        // Only what the reporter may speak of is kept.
+        let dropped = r.record(&report(1, vec![stats("shop/web", 10, 1), stats("shop/ghost", 10, 10)]), |s| {
+            s.service == "shop/web"
+        });
+        assert_eq!(dropped, 1);
+        assert_eq!(r.series.len(), 1);
+        // Counts saturate; failures never exceed requests.
+        r.record(&report(2, vec![stats("shop/web", u64::MAX, u64::MAX)]), |_| true);
+        let t = r.outbound_totals("shop/web", "shop/web");
+        assert_eq!((t.requests, t.failures), (u64::MAX, u64::MAX));
+        assert_eq!(t.counts, vec![u64::MAX]);
+        // Full: the series reported least recently goes, the newest stays.
+        let mut r = Reports::default();
+        for i in 0..MAX_SERIES {
+            r.record(&report(i as u64 + 10, vec![stats(&format!("ns/s{i}"), 1, 0)]), |_| true);
+        }
+        assert_eq!(r.record(&report(1_000_000, vec![stats("ns/new", 1, 0)]), |_| true), 1);
+        assert_eq!(r.series.len(), MAX_SERIES);
+        assert_eq!(r.outbound_totals("ns/s0", "ns/s0").requests, 0, "the stalest series was kept");
+        assert_eq!(r.outbound_totals("ns/new", "ns/new").requests, 1);
+        assert_eq!(r.outbound_totals("ns/s1", "ns/s1").requests, 1);
     }
 }

@@ -310,7 +310,19 @@ fn handle(
         }
         Some(proxy_message::Msg::Report(report)) => {
             svc.metrics.reports_received.inc();
-            let dropped = svc.reports.lock().unwrap().record(&report);
+            // Only the reporter's own traffic: outbound calls to Services that exist, or its
+            // own inbound requests. (The stream is authenticated when the mesh has identities.)
+            let state = svc.state.borrow().clone();
+            let known = |name: &str| {
+                name.split_once('/')
+                    .is_some_and(|(ns, n)| state.services.iter().any(|s| s.namespace == ns && s.name == n))
+            };
+            let own = |s: &proto::TrafficStats| match s.direction.as_str() {
+                "outbound" => known(&s.service) && known(&s.backend),
+                "inbound" => s.service == workload,
+                _ => false,
+            };
+            let dropped = svc.reports.lock().unwrap().record(&report, own);
             svc.metrics.reports_dropped_series.inc_by(dropped);
         }
         Some(proxy_message::Msg::Hello(_)) | None => {
