@@ -140,24 +140,10 @@ pub fn decide(
     method: &Method,
     path: Option<&str>,
 ) -> Decision {
-    let mut applicable = policies.iter().filter(|a| a.port.is_none_or(|p| p == port)).peekable();
-    if applicable.peek().is_none() {
-        return Decision::Default;
-    }
-    let applicable: Vec<&Authorization> = applicable.collect();
-    if matches!(client, Client::Unauthenticated)
-        && let Some(strict) = applicable.iter().find(|a| a.strict)
-    {
-        return Decision::Deny {
-            policy: strict.name.clone(),
-            reason: format!("plaintext refused: {} requires mesh mTLS", strict.name),
-        };
-    }
-    for a in &applicable {
-        if let Some(rule) = a.rules.iter().find(|r| r.admits(client) && r.covers(method, path)) {
-            return Decision::Allow { policy: a.name.clone(), rule: rule.name.clone() };
-        }
-    }
+    let applicable = match judge(policies, port, client, "plaintext", |r| r.covers(method, path)) {
+        Ok(decision) => return decision,
+        Err(applicable) => applicable,
+    };
     let who = match client {
         Client::Unauthenticated => "an unauthenticated client".to_string(),
         Client::Mesh { namespace, service_account } => format!("{namespace}/{service_account}"),
@@ -174,29 +160,46 @@ pub fn decide(
     Decision::Deny { policy: applicable[0].name.clone(), reason }
 }
 
-/// Judges an opaque TCP connection to `port` from `client`. A connection is not a request:
-/// only rules that name no paths and no methods cover it (as with Linkerd's server
-/// authorizations, HTTP-level rules never admit raw TCP). Strict policies refuse plaintext.
-pub fn decide_tcp(policies: &[Authorization], port: u16, client: Client<'_>) -> Decision {
+/// What requests and connections are judged alike by: the policies for `port` (none: the
+/// default), the strict refusal of plaintext (`what` names it in the reason), and the first
+/// rule that admits `client` and `covers` it. `Err` with the policies that applied when none
+/// allowed it.
+fn judge<'p>(
+    policies: &'p [Authorization],
+    port: u16,
+    client: Client<'_>,
+    what: &str,
+    covers: impl Fn(&Rule) -> bool,
+) -> Result<Decision, Vec<&'p Authorization>> {
     let applicable: Vec<&Authorization> = policies.iter().filter(|a| a.port.is_none_or(|p| p == port)).collect();
     if applicable.is_empty() {
-        return Decision::Default;
+        return Ok(Decision::Default);
     }
     if matches!(client, Client::Unauthenticated)
         && let Some(strict) = applicable.iter().find(|a| a.strict)
     {
-        return Decision::Deny {
+        return Ok(Decision::Deny {
             policy: strict.name.clone(),
-            reason: format!("plaintext TCP refused: {} requires mesh mTLS", strict.name),
-        };
+            reason: format!("{what} refused: {} requires mesh mTLS", strict.name),
+        });
     }
     for a in &applicable {
-        if let Some(rule) =
-            a.rules.iter().find(|r| r.admits(client) && r.methods.is_empty() && r.path_prefixes.is_empty())
-        {
-            return Decision::Allow { policy: a.name.clone(), rule: rule.name.clone() };
+        if let Some(rule) = a.rules.iter().find(|r| r.admits(client) && covers(r)) {
+            return Ok(Decision::Allow { policy: a.name.clone(), rule: rule.name.clone() });
         }
     }
+    Err(applicable)
+}
+
+/// Judges an opaque TCP connection to `port` from `client`. A connection is not a request:
+/// only rules that name no paths and no methods cover it (as with Linkerd's server
+/// authorizations, HTTP-level rules never admit raw TCP). Strict policies refuse plaintext.
+pub fn decide_tcp(policies: &[Authorization], port: u16, client: Client<'_>) -> Decision {
+    let covers = |r: &Rule| r.methods.is_empty() && r.path_prefixes.is_empty();
+    let applicable = match judge(policies, port, client, "plaintext TCP", covers) {
+        Ok(decision) => return decision,
+        Err(applicable) => applicable,
+    };
     let names: Vec<&str> = applicable.iter().map(|a| &*a.name).collect();
     Decision::Deny {
         policy: applicable[0].name.clone(),
