@@ -420,6 +420,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 ca: Arc::new(ca),
                 authenticator,
                 results: metrics.certify_results.clone(),
+                limiter: Arc::default(),
             })
         }
     };

@@ -92,6 +92,19 @@ async fn discovery_needs_a_certificate_matching_the_hello() {
     assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
     assert_eq!(metric(admin, "weir_controller_refused_total{reason=\"identity_mismatch\"}").await, 1.0);
     assert_eq!(metric(admin, "weir_controller_refused_total{reason=\"no_certificate\"}").await, 1.0);
+    // Certify is limited per caller (each call may cost a TokenReview): a burst of guesses
+    // runs into the limit, and says so.
+    let mut limited = 0;
+    for _ in 0..40 {
+        let e = certify(&control, "guess", csr("spiffe://cluster.local/ns/test/sa/a")).await.unwrap_err();
+        match e.code() {
+            tonic::Code::ResourceExhausted => limited += 1,
+            tonic::Code::Unauthenticated => {}
+            other => panic!("unexpected {other:?}: {}", e.message()),
+        }
+    }
+    assert!(limited >= 10, "only {limited} of 40 rapid Certify calls were limited");
+    assert_eq!(metric(admin, "weir_controller_certify_total{result=\"rate-limited\"}").await, limited as f64);
     // Plaintext gRPC: the port speaks only TLS.
     let plain = ControlEndpoint { addr: grpc.to_string(), tls: None };
     assert!(hello(&plain, None, "b-pod", "b").await.is_err(), "a plaintext client got an answer");
