@@ -16,6 +16,22 @@ pub fn parse<'a>(id: &'a str, trust_domain: &str) -> Option<(&'a str, &'a str)> 
         .filter(|(ns, sa)| !ns.is_empty() && !sa.is_empty() && !ns.contains('/') && !sa.contains('/'))
 }
 
+/// The URI SANs of a DER certificate (a mesh certificate has exactly one, its SPIFFE ID);
+/// empty when the certificate cannot be read.
+pub fn ids_in_cert(cert: &[u8]) -> Vec<String> {
+    use x509_parser::prelude::*;
+    let Ok((_, x)) = X509Certificate::from_der(cert) else { return vec![] };
+    let Ok(Some(san)) = x.subject_alternative_name() else { return vec![] };
+    san.value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            GeneralName::URI(u) => Some(u.to_string()),
+            _ => None,
+        })
+        .collect()
+}
+
 /// Reads `NAMESPACE/SERVICEACCOUNT` (a flag's value) into its two parts.
 pub fn parse_account(s: &str) -> Result<(String, String), String> {
     let (ns, sa) = s.split_once('/').ok_or_else(|| format!("{s:?}: expected NAMESPACE/SERVICEACCOUNT"))?;

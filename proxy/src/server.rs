@@ -266,7 +266,7 @@ async fn detect(stream: TcpStream, tls: Option<&CredsRx>) -> std::io::Result<Det
     let identity = session
         .peer_certificates()
         .and_then(|c| c.first())
-        .and_then(|c| crate::tls::spiffe_ids(c).into_iter().next())
+        .and_then(|c| weir_api::spiffe::ids_in_cert(c).into_iter().next())
         .map(Arc::from);
     let alpn_tcp = session.alpn_protocol() == Some(crate::tls::ALPN_TCP);
     Ok((Box::new(tls), identity, alpn_tcp))

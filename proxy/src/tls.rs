@@ -26,21 +26,6 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// The URI SANs of a certificate.
-pub fn spiffe_ids(cert: &[u8]) -> Vec<String> {
-    use x509_parser::prelude::*;
-    let Ok((_, x)) = X509Certificate::from_der(cert) else { return vec![] };
-    let Ok(Some(san)) = x.subject_alternative_name() else { return vec![] };
-    san.value
-        .general_names
-        .iter()
-        .filter_map(|n| match n {
-            GeneralName::URI(u) => Some(u.to_string()),
-            _ => None,
-        })
-        .collect()
-}
-
 pub fn chain_and_key(c: &Credentials) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
     let chain = c.chain.iter().map(|d| CertificateDer::from(d.clone())).collect();
     (chain, PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(c.key_pkcs8.clone())))
@@ -87,7 +72,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
             None,
         )
         .map_err(|e| rustls::Error::General(format!("peer certificate not trusted: {e}")))?;
-        let ids = spiffe_ids(end_entity);
+        let ids = weir_api::spiffe::ids_in_cert(end_entity);
         if ids != [self.expected.as_str()] {
             return Err(rustls::Error::General(format!(
                 "peer identity mismatch: expected {}, the peer presented {ids:?}",

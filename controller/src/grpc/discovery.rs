@@ -313,9 +313,11 @@ fn handle(
             // Only the reporter's own traffic: outbound calls to Services that exist, or its
             // own inbound requests. (The stream is authenticated when the mesh has identities.)
             let state = svc.state.borrow().clone();
+            // `services` is sorted by namespace/name (the translator's order).
             let known = |name: &str| {
-                name.split_once('/')
-                    .is_some_and(|(ns, n)| state.services.iter().any(|s| s.namespace == ns && s.name == n))
+                name.split_once('/').is_some_and(|(ns, n)| {
+                    state.services.binary_search_by(|s| (s.namespace.as_str(), s.name.as_str()).cmp(&(ns, n))).is_ok()
+                })
             };
             let own = |s: &proto::TrafficStats| match s.direction.as_str() {
                 "outbound" => known(&s.service) && known(&s.backend),

@@ -168,17 +168,6 @@ fn server_config(ca: &Ca, identity: &str) -> anyhow::Result<Arc<rustls::ServerCo
     Ok(Arc::new(cfg))
 }
 
-/// The first URI SAN of a DER certificate.
-fn spiffe_id(cert: &[u8]) -> Option<String> {
-    use x509_parser::prelude::*;
-    let (_, x) = X509Certificate::from_der(cert).ok()?;
-    let san = x.subject_alternative_name().ok()??;
-    san.value.general_names.iter().find_map(|n| match n {
-        GeneralName::URI(u) => Some(u.to_string()),
-        _ => None,
-    })
-}
-
 /// The connections tonic serves: accepted on `listener`, TLS-terminated with `tls` when given
 /// (a client that fails the handshake never reaches gRPC), until `drain` fires.
 pub fn incoming(
@@ -236,7 +225,7 @@ pub fn incoming(
                             .1
                             .peer_certificates()
                             .and_then(|c| c.first())
-                            .and_then(|c| spiffe_id(c))
+                            .and_then(|c| weir_api::spiffe::ids_in_cert(c).into_iter().next())
                             .map(Arc::from);
                         ControlConn {
                             io: Io::Tls(Box::new(stream)),

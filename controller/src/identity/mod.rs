@@ -118,14 +118,6 @@ fn write(dir: &Path, name: &str, contents: &str, secret: bool) -> Result<(), CaE
     f.write_all(contents.as_bytes()).map_err(err)
 }
 
-fn pem_to_der(path: PathBuf, pem_str: &str) -> Result<Vec<u8>, CaError> {
-    use rustls_pki_types::CertificateDer;
-    use rustls_pki_types::pem::PemObject;
-    CertificateDer::from_pem_slice(pem_str.as_bytes())
-        .map(|c| c.to_vec())
-        .map_err(|e| CaError::File { path, message: format!("not a PEM certificate: {e}") })
-}
-
 /// Every certificate of a PEM bundle (at least one).
 pub fn pem_bundle(path: PathBuf, pem_str: &str) -> Result<Vec<Vec<u8>>, CaError> {
     use rustls_pki_types::CertificateDer;
@@ -240,7 +232,7 @@ impl Ca {
         let issuer_pem = get(issuer_file)?;
         let issuer = Issuer::from_ca_cert_pem(&issuer_pem, key)
             .map_err(|e| CaError::File { path: dir.join(issuer_file), message: e.to_string() })?;
-        let issuer_der = pem_to_der(dir.join(issuer_file), &issuer_pem)?;
+        let issuer_der = pem_bundle(dir.join(issuer_file), &issuer_pem)?.swap_remove(0);
         let issuer_not_after = time::OffsetDateTime::from_unix_timestamp(not_after(&issuer_der))
             .map_err(|e| CaError::File { path: dir.join(issuer_file), message: format!("expiry: {e}") })?;
         let roots_der = pem_bundle(dir.join(root_file), &get(root_file)?)?;
