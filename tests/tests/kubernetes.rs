@@ -239,7 +239,10 @@ async fn cluster_changes_reach_sidecars_and_status_says_why() {
     assert_eq!(metric(cadmin, "weir_controller_leader ").await, 1.0);
     let lease = fake.get(LEASES, "weir-system", "weir-controller").expect("the lease");
     assert_eq!(lease["spec"]["holderIdentity"], "controller");
-    assert!(metric(cadmin, "weir_controller_status_writes_total{result=\"ok\"} ").await >= 3.0);
+    wait_until("three status writes counted", Duration::from_secs(20), || async {
+        metric(cadmin, "weir_controller_status_writes_total{result=\"ok\"} ").await >= 3.0
+    })
+    .await;
     let made = chart_rbac_allows_every_request(&fake);
     assert!(made.iter().any(|r| r.resource == "routes/status" && r.verb == "patch"), "{made:?}");
     assert!(made.iter().any(|r| r.resource == "leases" && r.verb == "create"), "{made:?}");
@@ -344,7 +347,11 @@ async fn leader_election_hands_over() {
     // Only the leader writes status.
     fake.create(ROUTES, route("shop", "r1", "ghost", &[("web", 1)]));
     wait_condition(&fake, ROUTES, "shop", "r1", "Accepted", |c| c.1 == "BackendNotFound").await;
-    assert!(metric(ladmin, "weir_controller_status_writes_total{result=\"ok\"} ").await >= 1.0);
+    // The fake answers the write before the leader counts it: wait for the count, don't race it.
+    wait_until("the leader to count its status write", Duration::from_secs(20), || async {
+        metric(ladmin, "weir_controller_status_writes_total{result=\"ok\"} ").await >= 1.0
+    })
+    .await;
     assert_eq!(metric(fadmin, "weir_controller_status_writes_total{result=\"ok\"} ").await, 0.0);
 
     // The leader dies without releasing the lease: the follower takes over once it expires.
@@ -363,7 +370,10 @@ async fn leader_election_hands_over() {
     // The new leader writes status.
     fake.create(ROUTES, route("shop", "r2", "ghost", &[("web", 1)]));
     wait_condition(&fake, ROUTES, "shop", "r2", "Accepted", |c| c.1 == "BackendNotFound").await;
-    assert!(metric(fadmin, "weir_controller_status_writes_total{result=\"ok\"} ").await >= 1.0);
+    wait_until("the new leader to count its status write", Duration::from_secs(20), || async {
+        metric(fadmin, "weir_controller_status_writes_total{result=\"ok\"} ").await >= 1.0
+    })
+    .await;
 
     // A graceful stop releases the lease at once.
     let mut third = kube_controller(&scratch, &fake, "replica-c", &[]).await;
