@@ -404,8 +404,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 anyhow::bail!("--cert-lifetime must be at least 1s");
             }
             let authenticator = match &args.tokens {
-                Some(tokens) => identity::grpc::Authenticator::Tokens(tokens.clone()),
-                None => identity::grpc::Authenticator::Kubernetes(
+                Some(tokens) => grpc::certify::Authenticator::Tokens(tokens.clone()),
+                None => grpc::certify::Authenticator::Kubernetes(
                     identity::review::TokenReviewer::connect(args.kubeconfig.as_deref(), &args.token_audience)
                         .await
                         .context("--identity-dir without --tokens checks tokens with a Kubernetes TokenReview")?,
@@ -413,11 +413,19 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             };
             let ca = identity::Ca::load_or_create(dir, &args.trust_domain, args.cert_lifetime)
                 .with_context(|| format!("loading the CA from {}", dir.display()))?;
-            let (root, issuer) = ca.expiries();
-            metrics.ca_expiration.with_label_values(&["trust-anchor"]).set(root);
-            metrics.ca_expiration.with_label_values(&["issuer"]).set(issuer);
-            Some(identity::grpc::IdentityService {
-                ca: Arc::new(ca),
+            metrics.ca.record(&ca);
+            // A rotated bundle or issuer (Secret or directory rewritten) applies without restart.
+            let (ca_tx, ca_rx) = tokio::sync::watch::channel(Arc::new(ca));
+            background.push(tokio::spawn(identity::reload(
+                dir.clone(),
+                args.trust_domain.clone(),
+                args.cert_lifetime,
+                ca_tx,
+                metrics.ca.clone(),
+                drain.clone(),
+            )));
+            Some(grpc::certify::IdentityService {
+                ca: ca_rx,
                 authenticator,
                 results: metrics.certify_results.clone(),
                 limiter: Arc::default(),
@@ -429,8 +437,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let control_tls = match &identity {
         Some(id) => {
             let (ns, sa) = &args.controller_identity;
-            let tls = grpc::tls::ServerTls::new(id.ca.clone(), id.ca.spiffe_id(ns, sa))
-                .context("issuing the controller's own certificate")?;
+            let own = id.ca.borrow().spiffe_id(ns, sa);
+            let tls =
+                grpc::tls::ServerTls::new(id.ca.clone(), own).context("issuing the controller's own certificate")?;
             tracing::info!(identity = %tls.identity(), "control plane served over TLS");
             background.push(tokio::spawn(tls.clone().renew(drain.clone())));
             Some(tls)
@@ -476,10 +485,18 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             controller_addr: args.inject_controller_addr.clone(),
             token_audience: args.token_audience.clone(),
             image_pull_secrets: args.proxy_image_pull_secrets.clone(),
-            trust_anchors_pem: id.roots_pem(),
+            // Filled from the CA in force at each admission.
+            trust_anchors_pem: String::new(),
             controller_identity: format!("{}/{}", args.controller_identity.0, args.controller_identity.1),
         };
-        background.push(tokio::spawn(webhook::serve(listener, tls, settings, drain.clone(), args.shutdown_grace)));
+        background.push(tokio::spawn(webhook::serve(
+            listener,
+            tls,
+            settings,
+            id.clone(),
+            drain.clone(),
+            args.shutdown_grace,
+        )));
     }
     let reconciler = tokio::spawn(canary::run(canaries.clone(), state_rx.clone(), leading.clone(), drain.clone()));
     let admin = admin::Admin { state: state_rx, proxies, metrics, reports, ready: ready.clone(), canaries, leading };

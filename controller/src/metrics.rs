@@ -23,7 +23,7 @@ pub struct Metrics {
     /// streams refused for their identity (`no_certificate`, `identity_mismatch`).
     pub control_refused: prometheus::IntCounterVec,
     /// Expiry of the trust anchor and the issuer (`cert` = `trust-anchor` | `issuer`), Unix seconds.
-    pub ca_expiration: prometheus::IntGaugeVec,
+    pub ca: crate::identity::CaMetrics,
     /// Canary weight (percent) by canary.
     pub canary_weight: prometheus::IntGaugeVec,
     /// 1 for each canary's current phase.
@@ -111,6 +111,15 @@ impl Metrics {
         )
         .unwrap();
         registry.register(Box::new(ca_expiration.clone())).unwrap();
+        let ca_reloads = prometheus::IntCounterVec::new(
+            prometheus::Opts::new(
+                "weir_controller_ca_reloads_total",
+                "Changes of the identity directory by result (error: the CA in force stayed)",
+            ),
+            &["result"],
+        )
+        .unwrap();
+        registry.register(Box::new(ca_reloads.clone())).unwrap();
         let canary_weight = prometheus::IntGaugeVec::new(
             prometheus::Opts::new("weir_canary_weight", "Percent of traffic the canary receives"),
             &["canary"],
@@ -159,7 +168,7 @@ impl Metrics {
             reports_dropped_series,
             certify_results,
             control_refused,
-            ca_expiration,
+            ca: crate::identity::CaMetrics { expiration: ca_expiration, reloads: ca_reloads },
             canary_weight,
             canary_phase,
             canary_analyses,

@@ -26,6 +26,7 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use weir_api::rt::Drain;
 
+use crate::identity::CaRx;
 use crate::inject::{INJECT, Settings, inject_pod};
 
 /// Largest AdmissionReview accepted.
@@ -115,7 +116,7 @@ fn json_patch(before: &Value, after: &Value) -> Value {
     Value::Array(ops)
 }
 
-async fn handle(req: Request<Incoming>, settings: Arc<Settings>) -> Response<Full<Bytes>> {
+async fn handle(req: Request<Incoming>, settings: Arc<Settings>, ca: CaRx) -> Response<Full<Bytes>> {
     let reply = |status: StatusCode, body: String| {
         let mut r = Response::new(Full::new(Bytes::from(body)));
         *r.status_mut() = status;
@@ -139,6 +140,8 @@ async fn handle(req: Request<Incoming>, settings: Arc<Settings>) -> Response<Ful
         Ok(v) => v,
         Err(e) => return reply(StatusCode::BAD_REQUEST, format!("not JSON: {e}\n")),
     };
+    // The trust bundle in force now: a pod created after a rotation gets the new anchors.
+    let settings = Settings { trust_anchors_pem: ca.borrow().roots_pem(), ..Settings::clone(&settings) };
     match review(scope, &parsed, &settings) {
         Ok(answer) => {
             let mut r = reply(StatusCode::OK, answer.to_string());
@@ -154,6 +157,7 @@ pub async fn serve(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     settings: Settings,
+    ca: CaRx,
     drain: Drain,
     grace: Duration,
 ) {
@@ -161,7 +165,7 @@ pub async fn serve(
     let settings = Arc::new(settings);
     let limits = weir_api::server::Limits::admin();
     weir_api::server::serve(listener, &limits, drain, grace, "webhook", move |stream, conn| {
-        let (acceptor, settings) = (acceptor.clone(), settings.clone());
+        let (acceptor, settings, ca) = (acceptor.clone(), settings.clone(), ca.clone());
         async move {
             let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
                 Ok(Ok(t)) => t,
@@ -169,8 +173,8 @@ pub async fn serve(
                 Err(_) => return tracing::debug!("webhook TLS handshake timed out"),
             };
             let svc = hyper::service::service_fn(move |req| {
-                let settings = settings.clone();
-                async move { Ok::<_, Infallible>(handle(req, settings).await) }
+                let (settings, ca) = (settings.clone(), ca.clone());
+                async move { Ok::<_, Infallible>(handle(req, settings, ca).await) }
             });
             if let Err(e) = conn.serve_http(tls, svc).await {
                 tracing::debug!(error = %e, "webhook connection ended with an error");

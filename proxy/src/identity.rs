@@ -2,8 +2,8 @@
 //! anywhere), asks the controller's `Identity/Certify` (over TLS, the controller verified
 //! against the trust anchors) for a certificate with the token from `--token-file`, and renews
 //! at 70 % of the certificate's lifetime, retrying failures with jittered back-off. Peers are
-//! verified against the anchors given out of band, re-read at each renewal, never against
-//! what Certify returns. Credentials are published through a `watch` so TLS can hot-swap them.
+//! verified against the anchors given out of band, never against what Certify returns; a
+//! changed anchor file re-certifies at once, so a rotated bundle applies without restart. Credentials are published through a `watch` so TLS can hot-swap them.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -51,6 +51,8 @@ pub struct IdentityConfig {
 pub struct IdentityMetrics {
     pub expiration: IntGauge,
     pub renewals: IntCounterVec,
+    /// Roots in the bundle peers are verified against (two during a rotation).
+    pub anchors: IntGauge,
 }
 
 impl IdentityMetrics {
@@ -65,9 +67,15 @@ impl IdentityMetrics {
             &["result"],
         )
         .unwrap();
+        let anchors = IntGauge::new(
+            "weir_identity_trust_anchors",
+            "Roots in the trust-anchor bundle in force (peers and the controller are verified against them)",
+        )
+        .unwrap();
         registry.register(Box::new(expiration.clone())).unwrap();
         registry.register(Box::new(renewals.clone())).unwrap();
-        Self { expiration, renewals }
+        registry.register(Box::new(anchors.clone())).unwrap();
+        Self { expiration, renewals, anchors }
     }
 }
 
@@ -88,12 +96,18 @@ pub async fn run(
     let stop = drain.signaled();
     tokio::pin!(stop);
     let mut failures: u32 = 0;
+    // The anchors the current certificate was checked against: a changed bundle (a rotation
+    // adding or removing a root) re-certifies at once, so peers are judged by the new bundle
+    // and this sidecar's own leaf comes from the issuer in force.
+    let mut anchors_in_force: Option<Vec<Vec<u8>>> = None;
     loop {
         let wait = match certify(&cfg, &key).await {
             Ok(creds) => {
+                anchors_in_force = Some(creds.roots.clone());
                 failures = 0;
                 metrics.renewals.with_label_values(&["ok"]).inc();
                 metrics.expiration.set(creds.not_after_unix);
+                metrics.anchors.set(creds.roots.len() as i64);
                 let now = unix_now();
                 let lifetime = (creds.not_after_unix - now).max(1) as f64;
                 tracing::info!(identity = %creds.identity, expires_in_s = lifetime, "workload certificate issued");
@@ -110,10 +124,40 @@ pub async fn run(
                 wait
             }
         };
-        tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
-            _ = &mut stop => return,
+        let due = tokio::time::Instant::now() + wait;
+        loop {
+            let check = (tokio::time::Instant::now() + ANCHOR_CHECK).min(due);
+            tokio::select! {
+                _ = tokio::time::sleep_until(check) => {}
+                _ = &mut stop => return,
+            }
+            if check >= due || anchors_changed(&cfg, anchors_in_force.as_deref()) {
+                break;
+            }
         }
+    }
+}
+
+/// How often a trust-anchor file is compared with the bundle in force.
+const ANCHOR_CHECK: Duration = Duration::from_secs(2);
+
+/// Whether the out-of-band anchors now differ from `in_force` (an unreadable or malformed file
+/// is not a change: the bundle in force stays until a good one replaces it).
+fn anchors_changed(cfg: &IdentityConfig, in_force: Option<&[Vec<u8>]>) -> bool {
+    let (Some(tls), Some(in_force)) = (&cfg.endpoint.tls, in_force) else { return false };
+    match &tls.anchors {
+        crate::channel::AnchorSource::Pem(_) => false,
+        source => match source.load() {
+            Ok(now) if now != in_force => {
+                tracing::info!(anchors = now.len(), "the trust-anchor bundle changed; re-certifying");
+                true
+            }
+            Ok(_) => false,
+            Err(e) => {
+                tracing::warn!(error = %e, "the trust-anchor bundle does not load; the one in force stays");
+                false
+            }
+        },
     }
 }
 

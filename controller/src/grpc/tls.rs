@@ -20,7 +20,7 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use weir_api::rt::Drain;
 
-use crate::identity::Ca;
+use crate::identity::{Ca, CaRx};
 
 /// Handshakes in progress at once; more wait in the kernel's accept queue.
 const MAX_HANDSHAKES: usize = 256;
@@ -102,17 +102,18 @@ impl AsyncWrite for ControlConn {
     }
 }
 
-/// The controller's serving credentials, renewed in place.
+/// The controller's serving credentials, renewed in place: at half their lifetime, and at
+/// once when the CA changes (a new issuer or trust bundle).
 pub struct ServerTls {
-    ca: Arc<Ca>,
+    ca: CaRx,
     identity: String,
     config: RwLock<Arc<rustls::ServerConfig>>,
 }
 
 impl ServerTls {
     /// Issues the controller's certificate for `identity` (a SPIFFE ID) from `ca`.
-    pub fn new(ca: Arc<Ca>, identity: String) -> anyhow::Result<Arc<Self>> {
-        let config = server_config(&ca, &identity)?;
+    pub fn new(ca: CaRx, identity: String) -> anyhow::Result<Arc<Self>> {
+        let config = server_config(&ca.borrow(), &identity)?;
         Ok(Arc::new(Self { ca, identity, config: RwLock::new(config) }))
     }
 
@@ -125,20 +126,28 @@ impl ServerTls {
         self.config.read().unwrap().clone()
     }
 
-    /// Re-issues the serving certificate at half its lifetime until `drain` fires.
+    /// Re-issues the serving certificate at half its lifetime, or when the CA changes, until
+    /// `drain` fires.
     pub async fn renew(self: Arc<Self>, drain: Drain) {
         let stop = drain.signaled();
         tokio::pin!(stop);
+        let mut ca = self.ca.clone();
+        ca.mark_unchanged();
         loop {
-            let every = (self.ca.lifetime / 2).max(Duration::from_secs(1));
-            tokio::select! {
-                _ = tokio::time::sleep(every) => {}
+            let every = (ca.borrow().lifetime / 2).max(Duration::from_secs(1));
+            let why = tokio::select! {
+                _ = tokio::time::sleep(every) => "renewed",
+                changed = ca.changed() => match changed {
+                    Ok(()) => "re-issued by the new CA",
+                    Err(_) => return,
+                },
                 _ = &mut stop => return,
-            }
-            match server_config(&self.ca, &self.identity) {
+            };
+            let issued = server_config(&ca.borrow_and_update(), &self.identity);
+            match issued {
                 Ok(c) => {
                     *self.config.write().unwrap() = c;
-                    tracing::info!(identity = %self.identity, "control-plane certificate renewed");
+                    tracing::info!(identity = %self.identity, "control-plane certificate {why}");
                 }
                 Err(e) => tracing::error!(error = %e, "renewing the control-plane certificate failed"),
             }

@@ -3,14 +3,15 @@
 //!
 //! - [`tokens`]: the local-mode token table proving workload identities.
 //! - [`review`]: Kubernetes' proof, a `TokenReview` of a projected ServiceAccount token.
-//! - [`grpc`]: the `weir.v1.Identity/Certify` service.
+//!
+//! The `weir.v1.Identity/Certify` service that hands leaves out is `crate::grpc::certify`.
 
-pub mod grpc;
 pub mod review;
 pub mod tokens;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rcgen::{
@@ -190,6 +191,92 @@ fn issuer_key(pem: &str) -> Result<KeyPair, String> {
     }
 }
 
+/// Which file set `dir` holds (ours, or a `kubernetes.io/tls` Secret's when ours are all
+/// absent and theirs all present) and the contents of its root, issuer and key files.
+fn files_in(dir: &Path) -> Result<([&'static str; 3], [Option<String>; 3]), CaError> {
+    const OURS: [&str; 3] = ["root.crt", "issuer.crt", "issuer.key"];
+    const TLS: [&str; 3] = ["ca.crt", "tls.crt", "tls.key"];
+    let read_all = |names: &[&str; 3]| -> Result<[Option<String>; 3], CaError> {
+        Ok([read(dir, names[0])?, read(dir, names[1])?, read(dir, names[2])?])
+    };
+    let ours = read_all(&OURS)?;
+    if ours.iter().all(Option::is_none) {
+        let as_tls = read_all(&TLS)?;
+        if as_tls.iter().all(Option::is_some) {
+            return Ok((TLS, as_tls));
+        }
+    }
+    Ok((OURS, ours))
+}
+
+/// The current CA; replaced whole when the identity directory changes.
+pub type CaRx = tokio::sync::watch::Receiver<Arc<Ca>>;
+
+/// How often the identity directory is checked for a rotated trust bundle or issuer.
+pub const RELOAD_EVERY: Duration = Duration::from_secs(2);
+
+/// Reloads the CA from `dir` whenever its files change (a Kubernetes Secret mount swaps them
+/// atomically; a local directory may be rewritten in place), until `drain` fires. A set that
+/// does not load (a partial write, an issuer no anchor signed, a bad key) is logged and counted
+/// and the CA in force stays: nothing already working is lost, and the next change is tried.
+pub async fn reload(
+    dir: PathBuf,
+    trust_domain: String,
+    lifetime: Duration,
+    tx: tokio::sync::watch::Sender<Arc<Ca>>,
+    metrics: CaMetrics,
+    drain: weir_api::rt::Drain,
+) {
+    let stop = drain.signaled();
+    tokio::pin!(stop);
+    let mut seen = files_in(&dir).ok();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(RELOAD_EVERY) => {}
+            _ = &mut stop => return,
+        }
+        let now = match files_in(&dir) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the identity directory");
+                continue;
+            }
+        };
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        match Ca::load(&dir, &trust_domain, lifetime) {
+            Ok(ca) => {
+                metrics.record(&ca);
+                tracing::info!(dir = %dir.display(), anchors = ca.roots_der.len(), "identity material reloaded");
+                tx.send_replace(Arc::new(ca));
+                // Counted once in force: a Certify after the count is served by the new CA.
+                metrics.reloads.with_label_values(&["ok"]).inc();
+            }
+            Err(e) => {
+                metrics.reloads.with_label_values(&["error"]).inc();
+                tracing::error!(error = %e, "the identity directory changed but does not load; the CA in force stays");
+            }
+        }
+    }
+}
+
+/// The CA's metrics: expiries and reloads.
+#[derive(Clone)]
+pub struct CaMetrics {
+    pub expiration: prometheus::IntGaugeVec,
+    pub reloads: prometheus::IntCounterVec,
+}
+
+impl CaMetrics {
+    pub fn record(&self, ca: &Ca) {
+        let (root, issuer) = ca.expiries();
+        self.expiration.with_label_values(&["trust-anchor"]).set(root);
+        self.expiration.with_label_values(&["issuer"]).set(issuer);
+    }
+}
+
 impl Ca {
     /// Loads the trust anchor and issuer from `dir` (`root.crt`, `issuer.crt`, `issuer.key`,
     /// or a `kubernetes.io/tls` Secret's `ca.crt`, `tls.crt`, `tls.key` as cert-manager writes
@@ -197,17 +284,7 @@ impl Ca {
     /// there.
     pub fn load_or_create(dir: &Path, trust_domain: &str, lifetime: Duration) -> Result<Self, CaError> {
         std::fs::create_dir_all(dir).map_err(|e| CaError::File { path: dir.into(), message: e.to_string() })?;
-        let ours = ["root.crt", "issuer.crt", "issuer.key"];
-        let tls = ["ca.crt", "tls.crt", "tls.key"];
-        let read_all = |names: &[&str; 3]| names.iter().map(|f| read(dir, f)).collect::<Result<Vec<_>, _>>();
-        let mut files = ours;
-        let mut present = read_all(&ours)?;
-        if present.iter().all(Option::is_none) {
-            let as_tls = read_all(&tls)?;
-            if as_tls.iter().all(Option::is_some) {
-                (files, present) = (tls, as_tls);
-            }
-        }
+        let (_, present) = files_in(dir)?;
         if present.iter().all(Option::is_none) {
             let root_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
             let root_params = ca_params("Weir trust anchor", ROOT_LIFETIME);
@@ -220,22 +297,39 @@ impl Ca {
             write(dir, "issuer.crt", &issuer_cert.pem(), false)?;
             write(dir, "root.crt", &root.pem(), false)?;
             tracing::info!(dir = %dir.display(), "generated a new trust anchor and issuer");
-        } else if let Some(missing) = files.iter().zip(&present).find(|(_, p)| p.is_none()) {
+        }
+        Self::load(dir, trust_domain, lifetime)
+    }
+
+    /// Loads the trust anchor and issuer from `dir` (see [`Ca::load_or_create`]); generates
+    /// nothing: a missing or partial set is an error naming the file.
+    pub fn load(dir: &Path, trust_domain: &str, lifetime: Duration) -> Result<Self, CaError> {
+        let (files, present) = files_in(dir)?;
+        if let Some(missing) = files.iter().zip(&present).find(|(_, p)| p.is_none()) {
             return Err(CaError::File {
                 path: dir.join(missing.0),
                 message: "missing (the directory holds a partial CA)".into(),
             });
         }
         let [root_file, issuer_file, key_file] = files;
-        let get = |f: &str| read(dir, f).map(|s| s.unwrap_or_default());
-        let key = issuer_key(&get(key_file)?).map_err(|message| CaError::File { path: dir.join(key_file), message })?;
-        let issuer_pem = get(issuer_file)?;
+        let [root_pem, issuer_pem, key_pem] = present.map(Option::unwrap_or_default);
+        let key = issuer_key(&key_pem).map_err(|message| CaError::File { path: dir.join(key_file), message })?;
         let issuer = Issuer::from_ca_cert_pem(&issuer_pem, key)
             .map_err(|e| CaError::File { path: dir.join(issuer_file), message: e.to_string() })?;
         let issuer_der = pem_bundle(dir.join(issuer_file), &issuer_pem)?.swap_remove(0);
+        // A certificate and key from different pairs (a rotation caught half-written, a wrong
+        // Secret) would sign leaves no one can verify: refuse the set instead.
+        let matches = x509_parser::parse_x509_certificate(&issuer_der)
+            .is_ok_and(|(_, c)| *c.public_key().subject_public_key.data == *issuer.key().public_key_raw());
+        if !matches {
+            return Err(CaError::File {
+                path: dir.join(key_file),
+                message: format!("this key does not belong to the certificate in {issuer_file}"),
+            });
+        }
         let issuer_not_after = time::OffsetDateTime::from_unix_timestamp(not_after(&issuer_der))
             .map_err(|e| CaError::File { path: dir.join(issuer_file), message: format!("expiry: {e}") })?;
-        let roots_der = pem_bundle(dir.join(root_file), &get(root_file)?)?;
+        let roots_der = pem_bundle(dir.join(root_file), &root_pem)?;
         // The issuer must chain to an anchor of the bundle, or every leaf would be refused.
         let chains = roots_der.iter().any(|root| {
             let (Ok((_, r)), Ok((_, i))) =
@@ -395,6 +489,33 @@ mod tests {
         loaded.certify(&csr_for(&id).0, &id).unwrap();
         // Nothing was generated beside them.
         assert!(!mounted.path().join("root.crt").exists());
+    }
+
+    /// What a rotation writes: a bundle of two roots, then an issuer from the new one; a key
+    /// from another pair is refused with the file named.
+    #[test]
+    fn loads_a_bundle_and_refuses_a_key_of_another_certificate() {
+        let old = tempfile::tempdir().unwrap();
+        let ca = Ca::load_or_create(old.path(), "cluster.local", Duration::from_secs(3600)).unwrap();
+        let new = tempfile::tempdir().unwrap();
+        let next = Ca::load_or_create(new.path(), "cluster.local", Duration::from_secs(3600)).unwrap();
+        let bundle = format!("{}{}", ca.roots_pem(), next.roots_pem());
+        std::fs::write(old.path().join("root.crt"), &bundle).unwrap();
+        let both = Ca::load(old.path(), "cluster.local", Duration::from_secs(3600)).unwrap();
+        assert_eq!(both.roots().len(), 2);
+        // The new issuer's certificate with the old issuer's key: refused.
+        std::fs::copy(new.path().join("issuer.crt"), old.path().join("issuer.crt")).unwrap();
+        let err = Ca::load(old.path(), "cluster.local", Duration::from_secs(3600)).err().unwrap().to_string();
+        assert!(err.contains("issuer.key") && err.contains("does not belong"), "{err}");
+        std::fs::copy(new.path().join("issuer.key"), old.path().join("issuer.key")).unwrap();
+        let rotated = Ca::load(old.path(), "cluster.local", Duration::from_secs(3600)).unwrap();
+        let id = rotated.spiffe_id("shop", "web");
+        let issued = rotated.certify(&csr_for(&id).0, &id).unwrap();
+        assert_eq!(issued.intermediates_der, std::slice::from_ref(&next.issuer_der));
+        // Only the old root left: the new issuer chains to none.
+        std::fs::write(old.path().join("root.crt"), ca.roots_pem()).unwrap();
+        let err = Ca::load(old.path(), "cluster.local", Duration::from_secs(3600)).err().unwrap().to_string();
+        assert!(err.contains("not signed by any trust anchor"), "{err}");
     }
 
     #[test]

@@ -3,15 +3,15 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use super::review::{ReviewError, TokenReviewer};
-use super::tokens::Proven;
+use crate::identity::review::{ReviewError, TokenReviewer};
+use crate::identity::tokens::Proven;
 
 use prometheus::IntCounterVec;
 use tonic::{Request, Response, Status};
 use weir_api::proto;
 
-use super::tokens::{self, TokenError};
-use super::{Ca, CsrError};
+use crate::identity::tokens::{self, TokenError};
+use crate::identity::{CaRx, CsrError};
 
 /// What proves a workload's identity.
 #[derive(Clone)]
@@ -39,7 +39,8 @@ impl Authenticator {
 
 #[derive(Clone)]
 pub struct IdentityService {
-    pub ca: Arc<Ca>,
+    /// The CA in force (replaced when the identity directory changes).
+    pub ca: CaRx,
     pub authenticator: Authenticator,
     /// Results by outcome (`issued`, `unauthenticated`, `wrong-identity`, `malformed`,
     /// `rate-limited`, `error`).
@@ -123,10 +124,11 @@ impl proto::identity_server::Identity for IdentityService {
 impl IdentityService {
     async fn issue(&self, req: &proto::CertifyRequest) -> Result<proto::CertifyResponse, Status> {
         // A request that cannot succeed costs no token review.
-        super::parse_csr(&req.csr_der).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        crate::identity::parse_csr(&req.csr_der).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let proven = self.authenticator.verify(&req.token).await?;
-        let identity = self.ca.spiffe_id(&proven.namespace, &proven.service_account);
-        let issued = self.ca.certify(&req.csr_der, &identity).map_err(|e| match e {
+        let ca = self.ca.borrow().clone();
+        let identity = ca.spiffe_id(&proven.namespace, &proven.service_account);
+        let issued = ca.certify(&req.csr_der, &identity).map_err(|e| match e {
             CsrError::WrongIdentity { .. } => Status::permission_denied(e.to_string()),
             CsrError::Malformed(_) => Status::invalid_argument(e.to_string()),
         })?;
