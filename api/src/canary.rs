@@ -181,9 +181,21 @@ pub struct CanaryStatus {
     pub paused_from: Option<Phase>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub paused_by_spec: bool,
+    /// The last manual control handled (Kubernetes mode: the value of the Canary's
+    /// `weir.io/request` annotation, `ACTION:ID`), and what became of it (`applied`, or
+    /// `refused: why`). A request is handled once, by the leading replica.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub handled_request: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub request_result: String,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
 }
+
+/// The annotation through which `weir canary promote|abort|pause|resume` asks the leading
+/// controller for a manual control in Kubernetes mode: `ACTION:ID` (a new ID per request), so
+/// who may ask is whoever Kubernetes RBAC lets patch the Canary.
+pub const REQUEST_ANNOTATION: &str = "weir.io/request";
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
 pub enum Phase {

@@ -48,10 +48,20 @@ pub enum CanaryCmd {
 }
 
 pub async fn run(args: CanaryArgs) -> anyhow::Result<()> {
+    let qualify = |name: &str| crate::inspect::qualify(name, &args.namespace);
+    let control = match &args.command {
+        CanaryCmd::Status { .. } => None,
+        CanaryCmd::Promote { name } => Some(("promote", qualify(name))),
+        CanaryCmd::Abort { name } => Some(("abort", qualify(name))),
+        CanaryCmd::Pause { name } => Some(("pause", qualify(name))),
+        CanaryCmd::Resume { name } => Some(("resume", qualify(name))),
+    };
+    if let (true, Some((action, name))) = (args.target.is_kube(), &control) {
+        return request_through_the_api(&args.target, action, name).await;
+    }
     let admin = args.target.connect().await?;
     // Only the leader drives canaries (the others answer controls with 409).
     let leader = admin.leader().await?;
-    let qualify = |name: &str| crate::inspect::qualify(name, &args.namespace);
     let (action, name) = match &args.command {
         CanaryCmd::Status { name, watch, output } => {
             let filter = name.as_deref().map(qualify);
@@ -86,10 +96,7 @@ pub async fn run(args: CanaryArgs) -> anyhow::Result<()> {
                 }
             }
         }
-        CanaryCmd::Promote { name } => ("promote", qualify(name)),
-        CanaryCmd::Abort { name } => ("abort", qualify(name)),
-        CanaryCmd::Pause { name } => ("pause", qualify(name)),
-        CanaryCmd::Resume { name } => ("resume", qualify(name)),
+        _ => control.expect("a control"),
     };
     let rsp = admin.call(&leader, http::Method::POST, &format!("/canaries/{name}/{action}")).await?;
     let body = String::from_utf8_lossy(&rsp.body).into_owned();
@@ -104,6 +111,46 @@ pub async fn run(args: CanaryArgs) -> anyhow::Result<()> {
         s["message"].as_str().unwrap_or("")
     );
     Ok(())
+}
+
+/// How long `weir canary ACTION --kube` waits for the leader to handle the request.
+const REQUEST_WAIT: Duration = Duration::from_secs(30);
+
+/// Kubernetes mode: asks the leading controller for `action` by setting the Canary's
+/// `weir.io/request` annotation (a merge patch, so Kubernetes RBAC decides who may: `patch` on
+/// `canaries.weir.io`), then waits for the status to say the request was handled.
+async fn request_through_the_api(target: &crate::admin::Target, action: &str, name: &str) -> anyhow::Result<()> {
+    use weir_api::canary::{Canary, REQUEST_ANNOTATION};
+    let (ns, short) = name.split_once('/').unwrap_or(("default", name));
+    let client = crate::admin::kube_client(target.kubeconfig.as_ref()).await?;
+    let api: kube::Api<Canary> = kube::Api::namespaced(client, ns);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+    let request = format!("{action}:{nanos:x}");
+    let patch = serde_json::json!({ "metadata": { "annotations": { REQUEST_ANNOTATION: request } } });
+    api.patch(short, &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch)).await.map_err(
+        |e| match e {
+            kube::Error::Api(s) => anyhow::anyhow!("{action} {name}: {} ({}): {}", s.reason, s.code, s.message),
+            other => anyhow::anyhow!("{action} {name}: {other}"),
+        },
+    )?;
+    let deadline = tokio::time::Instant::now() + REQUEST_WAIT;
+    loop {
+        let canary = api.get(short).await?;
+        if let Some(s) = canary.status.as_ref().filter(|s| s.handled_request == request) {
+            if let Some(why) = s.request_result.strip_prefix("refused: ") {
+                bail!("{action} {name}: refused: {why}");
+            }
+            println!("{name}: {} at {}% — {}", s.phase.as_str(), s.weight, s.message);
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!(
+                "{action} {name}: asked ({REQUEST_ANNOTATION}={request}) but no controller handled it within {}s: is a weir-controller replica leading?",
+                REQUEST_WAIT.as_secs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 fn key(c: &serde_json::Value) -> String {

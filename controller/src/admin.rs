@@ -1,5 +1,5 @@
 //! The controller's admin endpoints: `/live`, `/ready`, `/metrics`, `/resources`, `/stats`,
-//! `/canaries` (and `POST /canaries/NS/NAME/{promote,abort,pause,resume}`).
+//! `/canaries` (and, in local mode, `POST /canaries/NS/NAME/{promote,abort,pause,resume}`).
 //!
 //! Everything that changes something (canary controls, `POST /log-level`) answers only
 //! loopback clients: in local mode the `weir` command runs beside the controller; in
@@ -32,6 +32,8 @@ pub struct Admin {
     pub canaries: Arc<crate::canary::Canaries>,
     /// Whether this replica drives canaries (always in local mode).
     pub leading: tokio::sync::watch::Receiver<bool>,
+    /// Kubernetes mode: canary controls go through the API server (RBAC), never this port.
+    pub controls_via_api: bool,
 }
 
 impl Admin {
@@ -82,6 +84,15 @@ impl Admin {
         };
         if req.method() != http::Method::POST {
             return text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n");
+        }
+        if self.controls_via_api {
+            return text(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "in Kubernetes mode canary controls go through the API server, so RBAC decides who may: weir canary {action} {ns}/{name} --kube (it sets the Canary's {} annotation)\n",
+                    weir_api::canary::REQUEST_ANNOTATION
+                ),
+            );
         }
         if let Some(refused) = weir_api::rt::loopback_only(peer, "canary controls on the admin port") {
             return refused;

@@ -134,6 +134,8 @@ pub struct Canaries {
     state_file: Option<PathBuf>,
     reports: Arc<Mutex<Reports>>,
     metrics: Metrics,
+    /// Manual controls asked through the Kubernetes API, keyed `namespace/name`.
+    requests: Mutex<BTreeMap<String, String>>,
 }
 
 impl Canaries {
@@ -162,6 +164,7 @@ impl Canaries {
             state_file,
             reports,
             metrics,
+            requests: Mutex::default(),
         });
         Ok((me, rx))
     }
@@ -210,6 +213,7 @@ impl Canaries {
     pub fn tick(&self, defs: &[CanaryDef], now: Instant) {
         let mut entries = self.entries.lock().unwrap();
         let mut changed = self.sync(&mut entries, defs, now);
+        changed |= self.handle_requests(&mut entries, defs);
         for def in defs {
             let key = (def.namespace.clone(), def.name.clone());
             let Some(entry) = entries.get_mut(&key) else { continue };
@@ -241,12 +245,63 @@ impl Canaries {
         name: &str,
         action: Action,
     ) -> Result<CanaryStatus, ActError> {
+        let mut entries = self.entries.lock().unwrap();
+        self.sync(&mut entries, defs, Instant::now());
+        let status = Self::act_on(&mut entries, defs, namespace, name, action)?;
+        self.publish(&entries, defs);
+        self.save(&entries);
+        Ok(status)
+    }
+
+    /// The manual controls asked through the Kubernetes API (`weir.io/request` values, keyed
+    /// `namespace/name`): the leader applies each new one at its next tick.
+    pub fn set_requests(&self, requests: BTreeMap<String, String>) {
+        *self.requests.lock().unwrap() = requests;
+    }
+
+    /// Applies every request not handled yet, recording in the status that it was handled and
+    /// how (so it is handled once, also across a change of leader). Returns whether any was.
+    fn handle_requests(&self, entries: &mut BTreeMap<(String, String), Entry>, defs: &[CanaryDef]) -> bool {
+        let requests = self.requests.lock().unwrap().clone();
+        let mut changed = false;
+        for (key, request) in requests {
+            let Some((ns, name)) = key.split_once('/') else { continue };
+            let id = (ns.to_string(), name.to_string());
+            if entries.get(&id).is_none_or(|e| e.status.handled_request == request) {
+                continue;
+            }
+            let outcome = match request.split_once(':').map(|(a, _)| a.parse::<Action>()) {
+                Some(Ok(action)) => Self::act_on(entries, defs, ns, name, action).map_err(|e| e.to_string()),
+                Some(Err(e)) => Err(e),
+                None => Err(format!("{request:?} is not ACTION:ID")),
+            };
+            let entry = entries.get_mut(&id).expect("checked above");
+            entry.status.handled_request = request.clone();
+            entry.status.request_result = match &outcome {
+                Ok(_) => "applied".into(),
+                Err(e) => format!("refused: {e}"),
+            };
+            match outcome {
+                Ok(_) => tracing::info!(canary = %key, %request, "manual control applied"),
+                Err(e) => tracing::warn!(canary = %key, %request, reason = %e, "manual control refused"),
+            }
+            changed = true;
+        }
+        changed
+    }
+
+    /// A manual control on synced `entries` (the caller publishes and saves).
+    fn act_on(
+        entries: &mut BTreeMap<(String, String), Entry>,
+        defs: &[CanaryDef],
+        namespace: &str,
+        name: &str,
+        action: Action,
+    ) -> Result<CanaryStatus, ActError> {
         let def = defs
             .iter()
             .find(|d| d.namespace == namespace && d.name == name)
             .ok_or_else(|| ActError::NotFound(format!("{namespace}/{name}")))?;
-        let mut entries = self.entries.lock().unwrap();
-        self.sync(&mut entries, defs, Instant::now());
         let entry = entries.get_mut(&(namespace.to_string(), name.to_string())).expect("synced");
         let phase = entry.status.phase;
         if phase.is_final() {
@@ -271,10 +326,7 @@ impl Canaries {
             }
             Action::Resume => resume(entry, "resumed by hand".into()),
         }
-        let status = entry.status.clone();
-        self.publish(&entries, defs);
-        self.save(&entries);
-        Ok(status)
+        Ok(entry.status.clone())
     }
 
     /// Creates entries for new (or changed) Canaries, forgets removed ones, applies
@@ -290,12 +342,16 @@ impl Canaries {
             let stale = entries.get(&key).is_none_or(|e| e.status.spec_hash != hash);
             if stale {
                 let saved = self.loaded.lock().unwrap().remove(&format!("{}/{}", def.namespace, def.name));
+                // A new rollout of the same Canary does not replay the request the last one
+                // handled (the annotation stays on the object).
+                let handled = entries.get(&key).map(|e| e.status.handled_request.clone()).unwrap_or_default();
                 let status = match saved {
                     Some(s) if s.spec_hash == hash => s,
                     _ => CanaryStatus {
                         phase: Phase::Initializing,
                         steps: def.spec.expanded_steps(),
                         spec_hash: hash,
+                        handled_request: handled,
                         ..Default::default()
                     },
                 };
@@ -694,6 +750,40 @@ mod tests {
         let st = status(&c);
         assert_eq!((st.phase, st.weight), (Phase::Failed, 0));
         assert!(st.message.contains("success rate 70.0% below minSuccessRate 99%"), "{}", st.message);
+    }
+
+    #[test]
+    fn requests_through_the_annotation_apply_once_and_say_why_not() {
+        let (c, _reports, t0) = setup();
+        let d = def("");
+        c.tick(std::slice::from_ref(&d), t0);
+        let ask = |r: &str| c.set_requests([("ns/web".to_string(), r.to_string())].into());
+        ask("pause:1");
+        c.tick(std::slice::from_ref(&d), t0 + Duration::from_millis(10));
+        let s = status(&c);
+        assert_eq!(
+            (s.phase, s.handled_request.as_str(), s.request_result.as_str()),
+            (Phase::Paused, "pause:1", "applied")
+        );
+        // The same request is not applied twice (a resume by hand in between stays).
+        c.act(std::slice::from_ref(&d), "ns", "web", Action::Resume).unwrap();
+        c.tick(std::slice::from_ref(&d), t0 + Duration::from_millis(20));
+        assert_ne!(status(&c).phase, Phase::Paused);
+        // A refused one says why; a malformed one too.
+        ask("resume:2");
+        c.tick(std::slice::from_ref(&d), t0 + Duration::from_millis(30));
+        assert_eq!(status(&c).request_result, "refused: not paused (phase Progressing)");
+        ask("launch:3");
+        c.tick(std::slice::from_ref(&d), t0 + Duration::from_millis(40));
+        assert!(status(&c).request_result.contains("unknown action \"launch\""), "{}", status(&c).request_result);
+        ask("promote:4");
+        c.tick(std::slice::from_ref(&d), t0 + Duration::from_millis(50));
+        assert_eq!((status(&c).phase, status(&c).weight), (Phase::Succeeded, 100));
+        // A new rollout (another canary Service) does not replay the last request.
+        let next = CanaryDef { spec: CanarySpec { canary: "web-v3".into(), ..d.spec.clone() }, ..d.clone() };
+        c.tick(std::slice::from_ref(&next), t0 + Duration::from_millis(60));
+        assert_eq!((status(&c).phase, status(&c).weight), (Phase::Progressing, 20), "started over, not promoted");
+        assert_eq!(status(&c).handled_request, "promote:4");
     }
 
     #[test]

@@ -197,18 +197,32 @@ struct Read {
     generations: Option<std::collections::HashMap<index::ResourceKey, Option<i64>>>,
     /// Kubernetes: the rollout status the leading replica wrote to each Canary.
     canary_statuses: Option<std::collections::BTreeMap<String, weir_api::canary::CanaryStatus>>,
+    /// Kubernetes: the manual controls asked on each Canary (`weir.io/request`).
+    canary_requests: std::collections::BTreeMap<String, String>,
 }
 
 impl Source {
     fn read(&mut self) -> Result<Read, String> {
         match self {
             Source::Local { dir, cache, .. } => source::local::read_dir_cached(dir, cache)
-                .map(|(defs, unreadable)| Read { defs, unreadable, generations: None, canary_statuses: None })
+                .map(|(defs, unreadable)| Read {
+                    defs,
+                    unreadable,
+                    generations: None,
+                    canary_statuses: None,
+                    canary_requests: Default::default(),
+                })
                 .map_err(|e| format!("cannot read config directory {}: {e}", dir.display())),
             Source::Kubernetes(k) => {
                 let (defs, generations) = k.definitions();
                 let canary_statuses = Some(k.canary_statuses());
-                Ok(Read { defs, unreadable: Vec::new(), generations: Some(generations), canary_statuses })
+                Ok(Read {
+                    defs,
+                    unreadable: Vec::new(),
+                    generations: Some(generations),
+                    canary_statuses,
+                    canary_requests: k.canary_requests(),
+                })
             }
         }
     }
@@ -278,6 +292,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(written) = &first.canary_statuses {
         canaries.follow(&canary::definitions(&index), written);
     }
+    canaries.set_requests(first.canary_requests);
     let routing = routing_rx.borrow_and_update().clone();
     let (state_tx, state_rx) = watch::channel(Arc::new(MeshState::build(&index, &routing, 1, Instant::now(), None)));
 
@@ -365,6 +380,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                     {
                         reload_canaries.follow(&canary::definitions(&index), written);
                     }
+                    // The leader applies new ones at its next tick.
+                    reload_canaries.set_requests(read.canary_requests);
                     if let Some(g) = &read.generations {
                         let verdicts = status::verdicts(&index, g);
                         verdict_tx.send_if_modified(|v| {
@@ -499,7 +516,16 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         )));
     }
     let reconciler = tokio::spawn(canary::run(canaries.clone(), state_rx.clone(), leading.clone(), drain.clone()));
-    let admin = admin::Admin { state: state_rx, proxies, metrics, reports, ready: ready.clone(), canaries, leading };
+    let admin = admin::Admin {
+        state: state_rx,
+        proxies,
+        metrics,
+        reports,
+        ready: ready.clone(),
+        canaries,
+        leading,
+        controls_via_api: args.config_dir.is_none(),
+    };
     let admin_task = tokio::spawn(rt::serve_admin(
         admin_listener,
         move |req, peer| admin.clone().handle(req, peer),

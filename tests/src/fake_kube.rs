@@ -118,6 +118,8 @@ struct State {
     history_limit: usize,
     watchers: Vec<Watcher>,
     forbidden: HashSet<String>,
+    /// (user, collection, verb) refused to that user only.
+    denied: HashSet<(String, String, String)>,
     /// Collections the server does not serve at all (a CRD not installed): 404 on every request.
     unserved: HashSet<String>,
     /// Paged lists in progress: (id, resourceVersion, the items of that moment), newest last.
@@ -182,6 +184,7 @@ impl FakeKube {
                 history_limit: DEFAULT_HISTORY,
                 watchers: Vec::new(),
                 forbidden: HashSet::new(),
+                denied: HashSet::new(),
                 unserved: HashSet::new(),
                 list_snapshots: VecDeque::new(),
                 next_snapshot: 0,
@@ -209,7 +212,22 @@ impl FakeKube {
     /// Writes `dir/kubeconfig` pointing at this server (a bearer-token user, namespace
     /// `default`) and returns its path.
     pub fn kubeconfig(&self, dir: &Path) -> PathBuf {
-        let path = dir.join("kubeconfig");
+        self.write_kubeconfig(dir.join("kubeconfig"), "fake-token")
+    }
+
+    /// Writes `dir/kubeconfig-USER` for the user `user` (its bearer token is its name), whom
+    /// [`FakeKube::deny`] can refuse verbs the other users may use.
+    pub fn kubeconfig_as(&self, dir: &Path, user: &str) -> PathBuf {
+        self.write_kubeconfig(dir.join(format!("kubeconfig-{user}")), user)
+    }
+
+    /// RBAC for one user: `verb` on `collection` is forbidden to `user` (the default user and
+    /// every other keep it).
+    pub fn deny(&self, user: &str, collection: &str, verb: &str) {
+        self.shared.state().denied.insert((user.to_string(), collection.to_string(), verb.to_string()));
+    }
+
+    fn write_kubeconfig(&self, path: PathBuf, token: &str) -> PathBuf {
         let yaml = format!(
             r#"apiVersion: v1
 kind: Config
@@ -227,7 +245,7 @@ current-context: fake
 users:
 - name: fake
   user:
-    token: fake-token
+    token: {token}
 preferences: {{}}
 "#,
             url = self.url()
@@ -604,13 +622,15 @@ impl State {
         self.kinds.get(collection).cloned().unwrap_or_else(|| guess_kind(plural_of(collection)))
     }
 
-    fn check_forbidden(&self, collection: &str, verb: &str, ns: Option<&str>) -> Result<(), ApiError> {
+    fn check_forbidden(&self, collection: &str, verb: &str, ns: Option<&str>, user: &str) -> Result<(), ApiError> {
         if self.unserved.contains(collection) {
             return Err(ApiError::new(404, "NotFound", "the server could not find the requested resource"));
         }
-        if !self.forbidden.contains(collection) {
+        let denied = self.denied.contains(&(user.to_string(), collection.to_string(), verb.to_string()));
+        if !self.forbidden.contains(collection) && !denied {
             return Ok(());
         }
+        let who = if denied { user.to_string() } else { "system:serviceaccount:default:fake".to_string() };
         let (api_version, plural) = api_version_and_plural(collection);
         let group = api_version.rsplit_once('/').map(|(g, _)| g).unwrap_or("");
         let scope = match ns {
@@ -621,7 +641,7 @@ impl State {
             403,
             "Forbidden",
             format!(
-                "{plural} is forbidden: User \"system:serviceaccount:default:fake\" cannot {verb} resource \"{plural}\" in API group \"{group}\" {scope}"
+                "{plural} is forbidden: User \"{who}\" cannot {verb} resource \"{plural}\" in API group \"{group}\" {scope}"
             ),
         ))
     }
@@ -1050,6 +1070,13 @@ async fn handle(shared: Arc<Shared>, req: http::Request<hyper::body::Incoming>) 
         };
     }
     let query = parse_query(req.uri().query());
+    let user = req
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("")
+        .to_string();
     let Some(target) = parse_path(req.uri().path()) else {
         return error_response(ApiError::new(404, "NotFound", "the server could not find the requested resource"));
     };
@@ -1067,7 +1094,7 @@ async fn handle(shared: Arc<Shared>, req: http::Request<hyper::body::Incoming>) 
         Ok(b) => b.to_bytes(),
         Err(e) => return error_response(ApiError::new(400, "BadRequest", format!("reading the body: {e}"))),
     };
-    match respond(&shared, &method, &target, &query, &content_type, &body) {
+    match respond(&shared, &method, &target, &query, &content_type, &body, &user) {
         Ok(Reply::Json(code, v)) => json_response(code, &v),
         Ok(Reply::Watch(w)) => start_watch(&shared, w),
         Err(e) => error_response(e),
@@ -1111,6 +1138,7 @@ fn respond(
     query: &HashMap<String, String>,
     content_type: &str,
     body: &[u8],
+    user: &str,
 ) -> Result<Reply, ApiError> {
     let watch = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
     let parse_body = || -> Result<Value, ApiError> {
@@ -1122,7 +1150,7 @@ fn respond(
         _ => None,
     };
     let mut st = shared.state();
-    st.check_forbidden(&target.collection, verb(method, target, watch), target.namespace.as_deref())?;
+    st.check_forbidden(&target.collection, verb(method, target, watch), target.namespace.as_deref(), user)?;
     let coll = target.collection.as_str();
     let ns = target.namespace.as_deref();
     match (method.clone(), &target.name) {

@@ -580,16 +580,76 @@ async fn the_leader_drives_canaries_and_followers_route_as_its_status_says() {
     let status = fake.get(CANARIES, "shop", "web").unwrap()["status"].clone();
     assert_eq!(status["phase"], "Succeeded", "{status}");
     assert_eq!(condition(&fake.get(CANARIES, "shop", "web").unwrap(), "Accepted").unwrap().0, "True");
-    // The follower mirrors the leader's status; manual controls must go to the leader.
+    // The follower mirrors the leader's status.
     let fadmin = follower.addr("admin");
     wait_until("the follower mirrors the final status", Duration::from_secs(20), || async {
         admin_json(fadmin, "/canaries").await["canaries"][0]["status"]["phase"] == "Succeeded"
     })
     .await;
-    let client = http1();
-    let reply = send(&client, fadmin, "POST", &fadmin.to_string(), "/canaries/shop/web/abort", &[]).await.unwrap();
-    assert_eq!(reply.status, 409, "{}", reply.body);
-    assert!(reply.body.contains("does not lead"), "{}", reply.body);
+}
+
+/// In Kubernetes mode `weir canary promote|abort|pause|resume` goes through the API server (an
+/// annotation on the Canary the leader acts on once), so RBAC decides who may; the
+/// controller's admin port refuses controls even from loopback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn canary_controls_go_through_the_api_server_and_rbac() {
+    const CANARIES: &str = "apis/weir.io/v1alpha1/canaries";
+    let fake = FakeKube::start().await;
+    let scratch = Scratch::new();
+    for (i, name) in ["web", "web-v1", "web-v2"].iter().enumerate() {
+        fake.create(SERVICES, service("shop", name, &format!("10.96.0.{}", 10 + i)));
+    }
+    let controller = kube_controller(&scratch, &fake, "controller", &[]).await;
+    let cadmin = controller.addr("admin");
+    wait_until("leading", Duration::from_secs(20), || async { metric(cadmin, "weir_controller_leader ").await == 1.0 })
+        .await;
+    fake.create(
+        CANARIES,
+        json!({"apiVersion": "weir.io/v1alpha1", "kind": "Canary",
+               "metadata": {"name": "web", "namespace": "shop"},
+               "spec": {"service": "web", "stable": "web-v1", "canary": "web-v2", "steps": [20, 60],
+                        "interval": "1h", "skipAnalysis": true}}),
+    );
+    let status = || fake.get(CANARIES, "shop", "web").map(|o| o["status"].clone()).unwrap_or_default();
+    wait_until("the first step", Duration::from_secs(30), || async { status()["weight"] == 20 }).await;
+    let kubeconfig = fake.kubeconfig(scratch.dir.path());
+    let k = kubeconfig.to_str().unwrap();
+
+    // Pause, then resume: each handled once by the leader, the status saying so.
+    let (code, out, err) = run_weir(&["canary", "pause", "shop/web", "--kubeconfig", k]).await;
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("shop/web: Paused at 20%"), "{out}");
+    let s = status();
+    assert_eq!((s["phase"].as_str(), s["requestResult"].as_str()), (Some("Paused"), Some("applied")), "{s}");
+    let annotation = fake.get(CANARIES, "shop", "web").unwrap()["metadata"]["annotations"]["weir.io/request"].clone();
+    assert_eq!(annotation, s["handledRequest"], "{s}");
+    let (code, out, err) = run_weir(&["canary", "resume", "web", "-n", "shop", "--kubeconfig", k]).await;
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert_eq!(status()["phase"], "Progressing");
+    // A control the rollout's state refuses: the reason, and a failed exit.
+    let (code, _, err) = run_weir(&["canary", "resume", "shop/web", "--kubeconfig", k]).await;
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("resume shop/web: refused: not paused (phase Progressing)"), "{err}");
+
+    // A user RBAC does not let patch canaries: Forbidden, and nothing changes.
+    fake.deny("alice", CANARIES, "patch");
+    let alice = fake.kubeconfig_as(scratch.dir.path(), "alice");
+    let (code, _, err) = run_weir(&["canary", "promote", "shop/web", "--kubeconfig", alice.to_str().unwrap()]).await;
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("Forbidden") && err.contains("User \"alice\" cannot patch"), "{err}");
+    assert_eq!((status()["phase"].as_str(), status()["weight"].as_u64()), (Some("Progressing"), Some(20)));
+
+    // The admin port takes no control in Kubernetes mode, even from loopback.
+    let reply = send(&http1(), cadmin, "POST", &cadmin.to_string(), "/canaries/shop/web/promote", &[]).await.unwrap();
+    assert_eq!(reply.status, 403, "{}", reply.body);
+    assert!(reply.body.contains("through the API server"), "{}", reply.body);
+    assert_eq!(status()["phase"], "Progressing");
+
+    // Someone RBAC lets: promoted.
+    let (code, out, err) = run_weir(&["canary", "promote", "shop/web", "--kubeconfig", k]).await;
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("shop/web: Succeeded at 100%"), "{out}");
+    assert_eq!(status()["weight"], 100);
 }
 
 const CRDS: &str = "apis/apiextensions.k8s.io/v1/customresourcedefinitions";

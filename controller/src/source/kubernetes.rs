@@ -194,6 +194,7 @@ impl KubeSource {
                 let spec = WatchSpec {
                     trim: |_| {},
                     // A Canary's status carries the rollout the leader drives; others follow it.
+                    // Its `weir.io/request` annotation asks the leader for a manual control.
                     fingerprint: if kind == Kind::Canary { fingerprint_with_status } else { fingerprint_custom },
                     label: label(&format!("{}.{}", ar.plural, ar.group), *scope),
                     kind: kind.as_str(),
@@ -306,6 +307,19 @@ impl KubeSource {
             .collect()
     }
 
+    /// The manual controls asked on each Canary (its `weir.io/request` annotation), keyed
+    /// `ns/name`.
+    pub fn canary_requests(&self) -> BTreeMap<String, String> {
+        let Some((_, stores)) = self.weir.iter().find(|(k, _)| *k == Kind::Canary) else { return BTreeMap::new() };
+        stores
+            .objects()
+            .filter_map(|o| {
+                let request = o.annotations().get(weir_api::canary::REQUEST_ANNOTATION)?.clone();
+                Some((format!("{}/{}", o.namespace().unwrap_or_default(), o.name_any()), request))
+            })
+            .collect()
+    }
+
     /// Everything in the stores, as definitions for the index, and the generation of each
     /// custom resource read (what its status conditions will refer to).
     pub fn definitions(&self) -> (Vec<Definition>, HashMap<ResourceKey, Option<i64>>) {
@@ -398,9 +412,10 @@ fn fingerprint_custom(o: &DynamicObject) -> u64 {
     hash_json(&serde_json::json!([o.data.get("spec"), o.metadata.generation]))
 }
 
-/// A custom resource's spec, generation and status.
+/// A custom resource's spec, generation, status and manual-control request (Canaries).
 fn fingerprint_with_status(o: &DynamicObject) -> u64 {
-    hash_json(&serde_json::json!([o.data.get("spec"), o.metadata.generation, o.data.get("status")]))
+    let request = o.annotations().get(weir_api::canary::REQUEST_ANNOTATION);
+    hash_json(&serde_json::json!([o.data.get("spec"), o.metadata.generation, o.data.get("status"), request]))
 }
 
 /// Runs one watcher into its store until drained, marking every change that matters.
