@@ -109,11 +109,16 @@ async fn token_reviews_prove_service_accounts() {
         assert_eq!(e.code(), code, "{token}: {e:?}");
         assert!(e.message().contains(reason), "{token}: {:?}", e.message());
     }
-    assert_eq!(reviews.load(Ordering::Relaxed), 6, "one review per non-empty token");
+    // One review per distinct non-empty token: the second call with reviews-token reused the
+    // answer of the first (answers are kept 30 s, rejections 10 s).
+    assert_eq!(reviews.load(Ordering::Relaxed), 5, "one review per distinct non-empty token");
+    let e = certify(&scratch.control(grpc, "cluster.local"), "forged", csr(reviews_id)).await.unwrap_err();
+    assert!(e.message().contains("invalid bearer token"), "{:?}", e.message());
+    assert_eq!(reviews.load(Ordering::Relaxed), 5, "a repeated bad token costs no review");
     // A malformed CSR costs no review.
     let e = certify(&scratch.control(grpc, "cluster.local"), "reviews-token", b"not a csr".to_vec()).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
-    assert_eq!(reviews.load(Ordering::Relaxed), 6);
+    assert_eq!(reviews.load(Ordering::Relaxed), 5);
 
     // A sidecar with the projected token file gets a certificate end to end.
     let sidecar = scratch.proxy_with(grpc, "shop/reviews", None, &scratch.token_flags("reviews-token")).await;
@@ -123,11 +128,11 @@ async fn token_reviews_prove_service_accounts() {
     })
     .await;
 
-    // The API server goes away: Certify says so as Unavailable (the sidecar retries), and
-    // refuses nothing for good.
+    // The API server goes away: a token it has not vouched for lately gets Unavailable (the
+    // sidecar retries), refused for nothing for good.
     api_task.abort();
     let _ = api_task.await;
-    let e = certify(&scratch.control(grpc, "cluster.local"), "reviews-token", csr(reviews_id)).await.unwrap_err();
+    let e = certify(&scratch.control(grpc, "cluster.local"), "new-token", csr(reviews_id)).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
     assert!(e.message().contains("TokenReview failed"), "{:?}", e.message());
 }
