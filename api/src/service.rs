@@ -40,6 +40,41 @@ pub struct ServicePort {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
     pub port: u16,
+    /// As Kubernetes' `appProtocol`: `tcp` declares the port opaque (connections skip protocol
+    /// detection, so protocols where the server speaks first start at once).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_protocol: Option<String>,
+}
+
+impl ServicePort {
+    /// Whether connections to this port are opaque TCP by declaration.
+    pub fn is_opaque(&self) -> bool {
+        self.app_protocol.as_deref().is_some_and(|p| p.eq_ignore_ascii_case("tcp"))
+    }
+}
+
+/// The ports of a `weir.io/opaque-ports` annotation: a comma-separated list of ports and
+/// ranges (`5432,6379-6380`), as Linkerd's `config.linkerd.io/opaque-ports`.
+pub fn parse_port_list(list: &str) -> Result<Vec<u16>, String> {
+    let mut out = Vec::new();
+    for part in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let port = |s: &str| -> Result<u16, String> {
+            s.trim().parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(|| format!("{s:?} is not a port (1-65535)"))
+        };
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b) = (port(a)?, port(b)?);
+                if a > b {
+                    return Err(format!("{part:?}: the range ends before it starts"));
+                }
+                out.extend(a..=b);
+            }
+            None => out.push(port(part)?),
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    Ok(out)
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -122,5 +157,23 @@ impl LocalServiceSpec {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod port_list_tests {
+    use super::*;
+
+    #[test]
+    fn port_lists_take_ports_and_ranges_and_name_what_is_wrong() {
+        assert_eq!(parse_port_list("5432, 6379-6381,5432").unwrap(), [5432, 6379, 6380, 6381]);
+        assert_eq!(parse_port_list("").unwrap(), Vec::<u16>::new());
+        assert!(parse_port_list("http").unwrap_err().contains("\"http\" is not a port"));
+        assert!(parse_port_list("0").is_err());
+        assert!(parse_port_list("70000").is_err());
+        assert!(parse_port_list("90-80").unwrap_err().contains("ends before it starts"));
+        let p = |app: Option<&str>| ServicePort { name: None, port: 1, app_protocol: app.map(String::from) };
+        assert!(p(Some("tcp")).is_opaque() && p(Some("TCP")).is_opaque());
+        assert!(!p(Some("http")).is_opaque() && !p(None).is_opaque());
     }
 }

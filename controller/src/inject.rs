@@ -12,6 +12,7 @@
 //!
 //! Annotations on the pod adjust it: `weir.io/inject: disabled` opts out;
 //! `weir.io/skip-inbound-ports`, `weir.io/skip-outbound-ports`, `weir.io/skip-outbound-cidrs`,
+//! `weir.io/opaque-ports` (inbound ports carried as TCP without protocol detection),
 //! `weir.io/proxy-cpu-request`, `weir.io/proxy-memory-request`, `weir.io/proxy-cpu-limit`,
 //! `weir.io/proxy-memory-limit`, `weir.io/proxy-log-level`. A pod that already has a
 //! `weir-proxy` container is left as it is.
@@ -119,12 +120,9 @@ pub fn inject_pod(pod: &mut Value, settings: &Settings) -> Result<Option<Skipped
         }
     };
     let port_check = |p: &str| -> Result<(), String> {
-        let ok = |x: &str| x.parse::<u16>().is_ok_and(|n| n > 0);
-        match p.split_once('-') {
-            Some((a, b)) if ok(a) && ok(b) => Ok(()),
-            None if ok(p) => Ok(()),
-            _ => Err(format!("{p:?} is not a port or FROM-TO range")),
-        }
+        weir_api::service::parse_port_list(p)
+            .map(|_| ())
+            .map_err(|e| format!("{p:?} is not a port or FROM-TO range: {e}"))
     };
     let cidr_check = |c: &str| -> Result<(), String> {
         let (ip, bits) = c.split_once('/').ok_or_else(|| format!("{c:?} is not ADDR/BITS"))?;
@@ -137,6 +135,8 @@ pub fn inject_pod(pod: &mut Value, settings: &Settings) -> Result<Option<Skipped
     skip_in.extend(list("weir.io/skip-inbound-ports", port_check)?);
     let skip_out = list("weir.io/skip-outbound-ports", port_check)?;
     let skip_cidrs = list("weir.io/skip-outbound-cidrs", cidr_check)?;
+    // Inbound ports the sidecar carries as opaque TCP, without protocol detection.
+    let opaque_ports = list("weir.io/opaque-ports", port_check)?.unwrap_or_default();
     let quantity = |key: &str, default: &str| -> Result<String, InjectError> {
         let v = annotation(key).unwrap_or_else(|| default.to_string());
         let digits = v.trim_end_matches(|c: char| c.is_ascii_alphabetic());
@@ -215,6 +215,7 @@ pub fn inject_pod(pod: &mut Value, settings: &Settings) -> Result<Option<Skipped
             {"name": "WEIR_INBOUND_ADDR", "value": format!("0.0.0.0:{INBOUND_PORT}")},
             {"name": "WEIR_ADMIN_ADDR", "value": format!("0.0.0.0:{ADMIN_PORT}")},
             {"name": "WEIR_LOG_LEVEL", "value": log_level},
+            {"name": "WEIR_OPAQUE_PORTS", "value": opaque_ports},
         ],
         "ports": [
             {"name": "weir-inbound", "containerPort": INBOUND_PORT},
@@ -323,8 +324,8 @@ mod tests {
 
     #[test]
     fn a_deployment_gets_the_init_rules_and_a_native_sidecar_once() {
-        let mut d =
-            deployment(json!({"weir.io/skip-outbound-ports": "5432, 6379", "weir.io/proxy-log-level": "debug"}));
+        let mut d = deployment(json!({"weir.io/skip-outbound-ports": "5432, 6379", "weir.io/proxy-log-level": "debug",
+                                      "weir.io/opaque-ports": "3306, 6000-6002"}));
         assert_eq!(inject_manifest(&mut d, &Settings::default()), Ok(Some(Ok(()))));
         let spec = &d["spec"]["template"]["spec"];
         let inits: Vec<&str> =
@@ -342,6 +343,7 @@ mod tests {
         assert_eq!(proxy["readinessProbe"]["httpGet"]["path"], "/ready");
         let env = |name: &str| proxy["env"].as_array().unwrap().iter().find(|e| e["name"] == name).unwrap().clone();
         assert_eq!(env("WEIR_LOG_LEVEL")["value"], "debug");
+        assert_eq!(env("WEIR_OPAQUE_PORTS")["value"], "3306,6000-6002");
         assert_eq!(env("WEIR_LABELS")["value"], "app=web");
         assert_eq!(env("WEIR_SERVICE_ACCOUNT")["valueFrom"]["fieldRef"]["fieldPath"], "spec.serviceAccountName");
         let vols = spec["volumes"].as_array().unwrap();
@@ -375,6 +377,7 @@ mod tests {
     fn bad_annotations_say_where() {
         for (annotations, field, message) in [
             (json!({"weir.io/skip-inbound-ports": "80,http"}), "weir.io/skip-inbound-ports", "\"http\" is not a port"),
+            (json!({"weir.io/opaque-ports": "5432-5000"}), "weir.io/opaque-ports", "ends before it starts"),
             (json!({"weir.io/skip-outbound-cidrs": "10.0.0.0"}), "weir.io/skip-outbound-cidrs", "is not ADDR/BITS"),
             (json!({"weir.io/proxy-memory-limit": "lots"}), "weir.io/proxy-memory-limit", "not a resource quantity"),
         ] {

@@ -39,6 +39,7 @@ pub fn services(index: &Index, canaries: &[crate::canary::CanaryRouting]) -> Vec
             namespace: key.namespace.clone(),
             name: key.name.clone(),
             ports: spec.ports.iter().map(|p| u32::from(p.port)).collect(),
+            opaque_ports: spec.ports.iter().filter(|p| p.is_opaque()).map(|p| u32::from(p.port)).collect(),
             endpoints: spec
                 .endpoints
                 .iter()

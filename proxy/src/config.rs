@@ -57,6 +57,8 @@ pub struct Config {
 pub struct Service {
     pub key: ServiceKey,
     pub ports: Vec<u16>,
+    /// Service ports declared opaque TCP: connections skip protocol detection.
+    pub opaque_ports: Vec<u16>,
     pub endpoints: Vec<Endpoint>,
     pub rules: Vec<Rule>,
     pub policies: Vec<Arc<Policy>>,
@@ -192,6 +194,15 @@ impl Config {
         self.endpoint_at(addr).map(|(s, _)| &s.key)
     }
 
+    /// Whether a connection to `orig` is opaque TCP by declaration: a Service's virtual address
+    /// on a port it declares opaque, or an endpoint serving such a port.
+    pub fn opaque_at(&self, orig: SocketAddr) -> bool {
+        if let Some(svc) = self.lookup(&ip_host(orig.ip())) {
+            return svc.opaque_ports.contains(&orig.port());
+        }
+        self.endpoint_at(orig).is_some_and(|(s, e)| s.opaque_ports.contains(&e.service_port.unwrap_or(orig.port())))
+    }
+
     /// The endpoint at `addr` and its Service, if any (the first, when several list it).
     pub fn endpoint_at(&self, addr: SocketAddr) -> Option<(&Arc<Service>, &Endpoint)> {
         self.services.values().find_map(|s| Some((s, s.endpoints.iter().find(|e| e.addr == addr)?)))
@@ -244,10 +255,7 @@ impl Config {
                     service: svc.key.to_string(),
                     message: format!("cluster IP {ip:?} is not an IP address"),
                 })?;
-                let host = match ip {
-                    std::net::IpAddr::V4(v4) => v4.to_string(),
-                    std::net::IpAddr::V6(v6) => format!("[{v6}]"),
-                };
+                let host = ip_host(ip);
                 if by_host.insert(host.clone(), svc.clone()).is_some_and(|other| other.key != svc.key) {
                     return Err(InvalidSnapshot::Service {
                         service: svc.key.to_string(),
@@ -273,6 +281,14 @@ impl Config {
             .map(|a| crate::inbound::authz::Authorization::try_from(a).map_err(InvalidSnapshot::Authorization))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Config { version: snapshot.version.clone(), services, by_host, inbound, authorizations, source: snapshot })
+    }
+}
+
+/// An address as a host in an authority (`10.96.0.10`, `[fd00::a]`): how ClusterIPs are looked up.
+pub fn ip_host(ip: std::net::IpAddr) -> String {
+    match ip {
+        std::net::IpAddr::V4(v4) => v4.to_string(),
+        std::net::IpAddr::V6(v6) => format!("[{v6}]"),
     }
 }
 
@@ -358,7 +374,8 @@ impl TryFrom<&proto::Service> for Service {
             .map(|p| Policy::try_from(p).map(Arc::new).map_err(|m| bad(format!("policy {}: {m}", p.name))))
             .collect::<Result<Vec<_>, _>>()?;
         let mtls = !endpoints.is_empty() && endpoints.iter().all(|e| e.meshed && !e.identity.is_empty());
-        Ok(Service { key, ports, endpoints, rules, policies, mtls })
+        let opaque_ports = s.opaque_ports.iter().map(|p| port(*p, "opaque port")).collect::<Result<Vec<_>, _>>()?;
+        Ok(Service { key, ports, opaque_ports, endpoints, rules, policies, mtls })
     }
 }
 
@@ -757,6 +774,7 @@ mod tests {
                 namespace: "shop".into(),
                 name: "web".into(),
                 ports: vec![80],
+                opaque_ports: vec![],
                 endpoints: vec![proto::Endpoint { address: "127.0.0.1:1".into(), ..Default::default() }],
                 rules: vec![proto::RouteRule {
                     route: "shop/r".into(),
@@ -836,6 +854,24 @@ mod tests {
             Config::from_snapshot(snapshot(proto::MatchKind::Prefix as i32), "elsewhere", "cluster.local").unwrap();
         assert!(other.lookup("web").is_none());
         assert!(other.lookup("web.shop").is_some());
+    }
+
+    #[test]
+    fn opaque_ports_are_known_by_virtual_address_and_by_endpoint() {
+        let mut snap = snapshot(proto::MatchKind::Prefix as i32);
+        snap.services[0].cluster_ips = vec!["10.96.0.10".into()];
+        snap.services[0].ports = vec![80, 5432];
+        snap.services[0].opaque_ports = vec![5432];
+        snap.services[0].endpoints =
+            vec![proto::Endpoint { address: "10.0.0.7:15432".into(), service_port: 5432, ..Default::default() }];
+        let cfg = Config::from_snapshot(snap.clone(), "shop", "cluster.local").unwrap();
+        assert!(cfg.opaque_at("10.96.0.10:5432".parse().unwrap()));
+        assert!(!cfg.opaque_at("10.96.0.10:80".parse().unwrap()));
+        assert!(cfg.opaque_at("10.0.0.7:15432".parse().unwrap()), "the endpoint serving the opaque port");
+        assert!(!cfg.opaque_at("10.0.0.8:5432".parse().unwrap()), "an address the mesh does not know");
+        snap.services[0].opaque_ports = vec![70000];
+        let err = Config::from_snapshot(snap, "shop", "cluster.local").unwrap_err();
+        assert!(err.to_string().contains("opaque port 70000 is not a port"), "{err}");
     }
 
     #[test]

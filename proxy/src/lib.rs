@@ -129,6 +129,19 @@ pub struct Args {
     /// runtime: no work-stealing and no wake-ups across threads.
     #[arg(long, env = "WEIR_WORKER_THREADS", default_value_t = 0)]
     pub worker_threads: usize,
+    /// Inbound ports that carry opaque TCP, e.g. `5432,6379-6380` (the injector copies the
+    /// pod's `weir.io/opaque-ports` annotation): no HTTP detection on them; a meshed client's
+    /// mTLS is still recognised. Outbound, Services declare theirs (appProtocol `tcp`).
+    #[arg(long, env = "WEIR_OPAQUE_PORTS", default_value = "", value_parser = parse_ports)]
+    pub opaque_ports: Ports,
+}
+
+/// A list of ports, given as `5432,6379-6380`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Ports(pub Vec<u16>);
+
+fn parse_ports(s: &str) -> Result<Ports, String> {
+    weir_api::service::parse_port_list(s).map(Ports)
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -309,6 +322,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let own_ports: Vec<u16> =
         [&outbound_l, &inbound_l, &admin_l].iter().filter_map(|l| l.local_addr().ok().map(|a| a.port())).collect();
     let (out_tcp, inb_tcp) = (out.clone(), inb.clone());
+    let opaque_config = config_rx.clone();
+    let inbound_opaque: Arc<[u16]> = args.opaque_ports.0.clone().into();
     let outbound_task = tokio::spawn(server::serve(
         outbound_l,
         server::Listener {
@@ -319,6 +334,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             grace,
             tls: None,
             opaque: Some(Arc::new(move |conn| Box::pin(out_tcp.clone().carry_tcp(conn)))),
+            // Ports the Services called declare opaque, as the configuration in force says.
+            declared_opaque: Some(Arc::new(move |orig| {
+                opaque_config.borrow().as_ref().is_some_and(|c: &Arc<config::Config>| c.opaque_at(orig))
+            })),
             own_ports: own_ports.clone(),
         },
     ));
@@ -332,6 +351,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             grace,
             tls: args.token_file.is_some().then(|| creds_rx.clone()),
             opaque: Some(Arc::new(move |conn| Box::pin(inb_tcp.clone().carry_tcp(conn)))),
+            declared_opaque: (!inbound_opaque.is_empty())
+                .then(|| -> server::DeclaredOpaque { Arc::new(move |orig| inbound_opaque.contains(&orig.port())) }),
             own_ports,
         },
     ));
@@ -363,4 +384,19 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     tracing::info!("proxy stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod args_tests {
+    use super::*;
+
+    #[test]
+    fn opaque_ports_parse_as_a_list_and_bad_ones_are_named() {
+        let base = ["weir-proxy", "--controller", "127.0.0.1:1", "--workload", "ns/a"];
+        let a = Args::try_parse_from(base.iter().copied().chain(["--opaque-ports", "5432,6379-6380"])).unwrap();
+        assert_eq!(a.opaque_ports, Ports(vec![5432, 6379, 6380]));
+        assert_eq!(Args::try_parse_from(base).unwrap().opaque_ports, Ports::default());
+        let err = Args::try_parse_from(base.iter().copied().chain(["--opaque-ports", "pg"])).unwrap_err().to_string();
+        assert!(err.contains("\"pg\" is not a port"), "{err}");
+    }
 }

@@ -57,6 +57,10 @@ pub struct OpaqueConn {
     pub peer: Peer,
 }
 
+/// Whether a redirected connection's original destination is declared opaque TCP (a Service
+/// port with appProtocol `tcp`, an inbound port in `--opaque-ports`).
+pub type DeclaredOpaque = Arc<dyn Fn(SocketAddr) -> bool + Send + Sync>;
+
 /// What a listener does with [`OpaqueConn`]s (the inbound and outbound paths each have theirs).
 pub type OpaqueHandler = Arc<dyn Fn(OpaqueConn) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
 
@@ -108,6 +112,16 @@ async fn peek_protocol(stream: &TcpStream) -> Sniffed {
     }
 }
 
+/// Whether a connection's first byte opens a TLS handshake (waiting at most the detect timeout
+/// for it).
+async fn opens_tls(stream: &TcpStream) -> bool {
+    let mut first = [0u8; 1];
+    matches!(
+        tokio::time::timeout(DETECT_TIMEOUT, stream.peek(&mut first)).await,
+        Ok(Ok(1)) if first[0] == TLS_HANDSHAKE
+    )
+}
+
 /// One traffic listener: what it serves and how.
 pub struct Listener<F> {
     pub direction: Direction,
@@ -123,6 +137,9 @@ pub struct Listener<F> {
     /// Connections that are not HTTP (see [`OpaqueConn`]); without one they are served as HTTP
     /// and fail there.
     pub opaque: Option<OpaqueHandler>,
+    /// Destinations declared opaque: no detection (no wait for a client that lets the server
+    /// speak first); inbound, a meshed client's mTLS is still recognised by its first byte.
+    pub declared_opaque: Option<DeclaredOpaque>,
     /// The sidecar's own ports: a redirected connection bound for one of them (another pod
     /// calling `podIP:4140`) is refused and counted, never relayed to the sidecar itself.
     pub own_ports: Vec<u16>,
@@ -135,7 +152,7 @@ where
     F: Fn(Request<Incoming>, Peer) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<Body>> + Send + 'static,
 {
-    let Listener { direction, metrics, handler, drain, grace, tls, opaque, own_ports } = cfg;
+    let Listener { direction, metrics, handler, drain, grace, tls, opaque, declared_opaque, own_ports } = cfg;
     let own_ports: Arc<[u16]> = own_ports.into();
     let active = metrics.active_connections.with_label_values(&[direction.as_str()]);
     let total = metrics.connections.with_label_values(&[direction.as_str()]);
@@ -144,6 +161,7 @@ where
     weir_api::server::serve(listener, &limits, drain, grace, direction.as_str(), move |stream, conn| {
         let (handler, tls, opaque, own_ports, metrics) =
             (handler.clone(), tls.clone(), opaque.clone(), own_ports.clone(), metrics.clone());
+        let declared_opaque = declared_opaque.clone();
         let (active, total) = (active.clone(), total.clone());
         async move {
             total.inc();
@@ -158,11 +176,13 @@ where
             }
             active.inc();
             let _active = scopeguard(active);
-            if let (Some(_), Some(opaque)) = (redirected, &opaque) {
-                let protocol = peek_protocol(&stream).await;
-                let carried = match direction {
-                    Direction::Outbound => protocol != Sniffed::Http,
-                    Direction::Inbound => protocol == Sniffed::Other,
+            if let (Some(orig), Some(opaque)) = (redirected, &opaque) {
+                let declared = declared_opaque.as_ref().is_some_and(|d| d(orig));
+                let carried = match (direction, declared) {
+                    (Direction::Outbound, true) => true,
+                    (Direction::Inbound, true) => !opens_tls(&stream).await,
+                    (Direction::Outbound, false) => peek_protocol(&stream).await != Sniffed::Http,
+                    (Direction::Inbound, false) => peek_protocol(&stream).await == Sniffed::Other,
                 };
                 if carried {
                     opaque(OpaqueConn { io: Box::new(stream), peer }).await;

@@ -10,7 +10,10 @@
 //! ```
 //!
 //! The simulated sidecars take incremental snapshots, as real ones do; with `WEIR_WHOLE=1`
-//! they ask for whole ones instead.
+//! they ask for whole ones instead. With `WEIR_TLS=1` the controller serves identities and the
+//! control plane is mutual TLS, as in production: each simulated sidecar opens its own TLS
+//! connection with a workload certificate (one certificate, certified once, shared by all:
+//! Certify is rate-limited per address and every simulated sidecar is on 127.0.0.1).
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -40,8 +43,18 @@ struct LightSnapshot {
 /// Per sidecar: the newest version acked and when.
 type Acks = Arc<Mutex<Vec<(u64, Instant)>>>;
 
-async fn simulated_sidecar(grpc: std::net::SocketAddr, i: usize, acks: Acks) -> anyhow::Result<()> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{grpc}"))?.connect().await?;
+/// How simulated sidecars reach the controller: plaintext, or TLS with a certificate.
+#[derive(Clone)]
+enum Control {
+    Plain(std::net::SocketAddr),
+    Tls(weir_proxy::channel::ControlEndpoint, Arc<weir_proxy::identity::Credentials>),
+}
+
+async fn simulated_sidecar(control: Control, i: usize, acks: Acks) -> anyhow::Result<()> {
+    let channel = match control {
+        Control::Plain(grpc) => tonic::transport::Endpoint::from_shared(format!("http://{grpc}"))?.connect().await?,
+        Control::Tls(endpoint, creds) => endpoint.channel(Some(creds), None).await?,
+    };
     let mut client = tonic::client::Grpc::new(channel);
     client.ready().await?;
     let (tx, rx) = mpsc::channel(4);
@@ -104,18 +117,40 @@ async fn sidecars_acking_config_changes() {
     let all: String = (1..SERVICES).map(|s| service("scale", &format!("svc-{s}"), &endpoints(s, 0))).collect();
     scratch.write("services.yaml", &all);
     scratch.write("svc-0.yaml", &service("scale", "svc-0", &endpoints(0, 0)));
-    let args = loopback_controller_args(&scratch.config_dir(), None, "warn");
+    let tls = std::env::var_os("WEIR_TLS").is_some();
+    let mut args = loopback_controller_args(&scratch.config_dir(), None, "warn");
+    if tls {
+        args.extend(scratch.identity_flags(&[("t-client", "scale/client")], &[]));
+    }
     let controller =
         ChildProc::spawn("controller", &bin("weir-controller"), &args, scratch.log("controller")).await.unwrap();
     let (grpc, pid) = (controller.addr("grpc"), controller.pid());
+    let control = if tls {
+        let endpoint = scratch.control(grpc, "cluster.local");
+        let id = "spiffe://cluster.local/ns/scale/sa/client";
+        let (key, csr_der) = keyed_csr(id);
+        let issued = certify(&endpoint, "t-client", csr_der).await.unwrap();
+        let mut chain = vec![issued.leaf_der];
+        chain.extend(issued.intermediates_der);
+        let creds = weir_proxy::identity::Credentials {
+            identity: issued.identity,
+            chain,
+            key_pkcs8: key.serialize_der(),
+            roots: issued.trust_anchors_der,
+            not_after_unix: issued.not_after_unix,
+        };
+        Control::Tls(endpoint, Arc::new(creds))
+    } else {
+        Control::Plain(grpc)
+    };
 
     let acks: Acks = Arc::new(Mutex::new(vec![(0, Instant::now()); sidecars]));
     let start = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..sidecars {
-        let acks = acks.clone();
+        let (acks, control) = (acks.clone(), control.clone());
         tasks.spawn(async move {
-            if let Err(e) = simulated_sidecar(grpc, i, acks).await {
+            if let Err(e) = simulated_sidecar(control, i, acks).await {
                 eprintln!("sidecar {i}: {e:#}");
             }
         });
@@ -161,7 +196,8 @@ async fn sidecars_acking_config_changes() {
             .unwrap_or(0.0)
     };
     println!(
-        "{sidecars} sidecars, {SERVICES} Services, {} endpoints: all connected and acked in {:.2} s",
+        "{sidecars} sidecars ({}), {SERVICES} Services, {} endpoints: all connected and acked in {:.2} s",
+        if tls { "mutual TLS" } else { "plaintext" },
         SERVICES * ENDPOINTS_PER_SERVICE,
         connected.as_secs_f64()
     );

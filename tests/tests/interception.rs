@@ -210,6 +210,12 @@ async fn requests(admin: SocketAddr, direction: &str) -> f64 {
         .sum()
 }
 
+/// How long a sidecar waits for a redirected client's first bytes before it takes the
+/// connection for a protocol where the server speaks first.
+fn server_detect_window() -> Duration {
+    weir_proxy::server::DETECT_TIMEOUT
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn iptables_send_pod_traffic_through_the_sidecars() {
     if !can_make_namespaces() {
@@ -228,13 +234,23 @@ async fn iptables_send_pod_traffic_through_the_sidecars() {
     let a = pod(&bridge, &subnet, 2, "a");
     let b = pod(&bridge, &subnet, 3, "b");
 
-    // The controller (root namespace, on the bridge) knows a virtual address for `web`.
+    // The controller (root namespace, on the bridge) knows a virtual address for `web`, and
+    // two for b's server-first app on 7100: `db` declares the port opaque, `db-plain` does not.
     let cluster_ip = format!("10.{}.200.10", 100 + id % 100);
+    let (db_ip, db_plain_ip) = (format!("10.{}.200.11", 100 + id % 100), format!("10.{}.200.12", 100 + id % 100));
+    let db = |name: &str, ip: &str, port: &str| {
+        format!(
+            "---\nkind: Service\nmetadata: {{ name: {name}, namespace: test }}\nspec:\n  ports: [{port}]\n  clusterIPs: [\"{ip}\"]\n  endpoints:\n  - {{ address: \"{}:7100\", port: 7100, meshed: true, workload: b, serviceAccount: b }}\n",
+            b.ip
+        )
+    };
     scratch.write(
         "mesh.yaml",
         &format!(
-            "kind: Service\nmetadata: {{ name: web, namespace: test }}\nspec:\n  ports: [{{ port: 80 }}]\n  clusterIPs: [\"{cluster_ip}\"]\n  endpoints:\n  - {{ address: \"{}:8080\", port: 80, meshed: true, workload: b, serviceAccount: b }}\n",
-            b.ip
+            "kind: Service\nmetadata: {{ name: web, namespace: test }}\nspec:\n  ports: [{{ port: 80 }}]\n  clusterIPs: [\"{cluster_ip}\"]\n  endpoints:\n  - {{ address: \"{}:8080\", port: 80, meshed: true, workload: b, serviceAccount: b }}\n{}{}",
+            b.ip,
+            db("db", &db_ip, "{ port: 7100, appProtocol: tcp }"),
+            db("db-plain", &db_plain_ip, "{ port: 7100 }"),
         ),
     );
     let controller_args: Vec<String> = [
@@ -270,10 +286,12 @@ async fn iptables_send_pod_traffic_through_the_sidecars() {
     // The sidecars run as the proxy UID: let it read its token.
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(scratch.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let sidecar = |workload: &str, sa: &str| -> Vec<String> {
+    let sidecar = |workload: &str, sa: &str, opaque_ports: &str| -> Vec<String> {
         let token = scratch.token_flags(&format!("token-{sa}"));
         std::fs::set_permissions(&token[1], std::fs::Permissions::from_mode(0o644)).unwrap();
         [
+            "--opaque-ports",
+            opaque_ports,
             "--controller",
             &grpc,
             "--workload",
@@ -298,8 +316,8 @@ async fn iptables_send_pod_traffic_through_the_sidecars() {
         .to_vec()
     };
     let proxy = bin("weir-proxy").display().to_string();
-    let _a_proxy = spawn_in(&scratch, &a, "a-proxy", Some(PROXY_UID), &proxy, &sidecar("test/a", "a")).await;
-    let _b_proxy = spawn_in(&scratch, &b, "b-proxy", Some(PROXY_UID), &proxy, &sidecar("test/b", "b")).await;
+    let _a_proxy = spawn_in(&scratch, &a, "a-proxy", Some(PROXY_UID), &proxy, &sidecar("test/a", "a", "")).await;
+    let _b_proxy = spawn_in(&scratch, &b, "b-proxy", Some(PROXY_UID), &proxy, &sidecar("test/b", "b", "7100")).await;
     let a_admin: SocketAddr = format!("{}:4191", a.ip).parse().unwrap();
     let b_admin: SocketAddr = format!("{}:4191", b.ip).parse().unwrap();
     wait_config_in(&a.ns, "a's snapshot", |c| endpoint_count(c, "test", "web") == 1).await;
@@ -411,6 +429,56 @@ async fn iptables_send_pod_traffic_through_the_sidecars() {
     assert_eq!(&answer, b"HTTP/1.1 400", "{}", String::from_utf8_lossy(&answer));
     assert!(tunnels(b_admin).await >= 1.0, "b's sidecar did not carry the opaque connection");
 
+    // Declared opaque ports skip detection: a protocol where the server speaks first (b's
+    // greeter on 7100) greets a's client at once through `db` (appProtocol tcp; b's sidecar
+    // has --opaque-ports 7100), over mTLS; through `db-plain` the client's sidecar first waits
+    // out the detection window for bytes that never come.
+    let _greeter = spawn_in(
+        &scratch,
+        &b,
+        "b-greeter",
+        None,
+        "python3",
+        &[
+            "-c".to_string(),
+            "import socket, threading\n\
+             s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+             s.bind(('0.0.0.0', 7100)); s.listen(16); print('{\"greeter\": \"0.0.0.0:7100\"}', flush=True)\n\
+             def serve(c):\n\
+             \x20   c.sendall(b'220 weir\\r\\n'); c.recv(64); c.close()\n\
+             while True:\n\
+             \x20   c, _ = s.accept(); threading.Thread(target=serve, args=(c,), daemon=True).start()\n"
+                .to_string(),
+        ],
+    )
+    .await;
+    wait_config_in(&a.ns, "the db Services", |c| {
+        endpoint_count(c, "test", "db") == 1 && endpoint_count(c, "test", "db-plain") == 1
+    })
+    .await;
+    let greeting = |ip: String| {
+        let a_ns = a.ns.clone();
+        async move {
+            let script = format!("exec 3<>/dev/tcp/{ip}/7100; head -c 10 <&3");
+            let started = std::time::Instant::now();
+            let got = tokio::task::spawn_blocking(move || {
+                sh(&["ip", "netns", "exec", &a_ns, "timeout", "10", "bash", "-c", &script])
+            })
+            .await
+            .unwrap();
+            (got, started.elapsed())
+        }
+    };
+    let mtls_before = metric_sum(b_admin, "weir_tcp_connections_total", &["tls=\"true\"", "sa/a\""]).await;
+    let (got, took) = greeting(db_ip.clone()).await;
+    assert_eq!(got, "220 weir\r\n");
+    assert!(took < server_detect_window() - Duration::from_millis(500), "the declared opaque port waited {took:?}");
+    let mtls = metric_sum(b_admin, "weir_tcp_connections_total", &["tls=\"true\"", "sa/a\""]).await;
+    assert_eq!(mtls, mtls_before + 1.0, "the greeting did not ride mTLS from a's identity");
+    let (got, took) = greeting(db_plain_ip.clone()).await;
+    assert_eq!(got, "220 weir\r\n");
+    assert!(took >= server_detect_window() - Duration::from_millis(100), "undeclared, yet no detection wait: {took:?}");
+
     // The perimeter. The admin port answers other pods' probes and scrapes, but neither
     // shows the mesh's configuration nor changes anything for them.
     let client = http1();
@@ -497,6 +565,10 @@ async fn iptables_send_pod_traffic_through_the_sidecars() {
     // identity (b is a meshed pod: its address is an endpoint of `web`).
     let (status, backend_name) = curl(&a, &format!("http://{cluster_ip}/"));
     assert_eq!((status, backend_name.as_str()), (200, "b-app"));
+    let from_a = ["direction=\"inbound\"", "tls=\"true\"", "client_identity=\"spiffe://cluster.local/ns/test/sa/a\""];
+    let tcp_from_a_before = metric_sum(b_admin, "weir_tcp_connections_total", &from_a).await;
+    let tcp_out_before =
+        metric_sum(a_admin, "weir_tcp_connections_total", &["direction=\"outbound\"", "tls=\"true\""]).await;
     let a_ns = a.ns.clone();
     let script = format!("exec 3<>/dev/tcp/{}/7000; printf 'hello\\n' >&3; head -c 6 <&3", b.ip);
     let echoed = tokio::task::spawn_blocking(move || {
@@ -505,16 +577,11 @@ async fn iptables_send_pod_traffic_through_the_sidecars() {
     .await
     .unwrap();
     assert_eq!(echoed, "hello\n");
-    let tcp_from_a = metric_sum(
-        b_admin,
-        "weir_tcp_connections_total",
-        &["direction=\"inbound\"", "tls=\"true\"", "client_identity=\"spiffe://cluster.local/ns/test/sa/a\""],
-    )
-    .await;
-    assert_eq!(tcp_from_a, 1.0, "a's TCP did not arrive over mesh mTLS with a's identity");
+    let tcp_from_a = metric_sum(b_admin, "weir_tcp_connections_total", &from_a).await;
+    assert_eq!(tcp_from_a, tcp_from_a_before + 1.0, "a's TCP did not arrive over mesh mTLS with a's identity");
     assert_eq!(
         metric_sum(a_admin, "weir_tcp_connections_total", &["direction=\"outbound\"", "tls=\"true\""]).await,
-        1.0
+        tcp_out_before + 1.0
     );
     // From outside the mesh, the same port is closed.
     let echo_b = format!("{}:7000", b.ip);

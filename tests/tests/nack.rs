@@ -59,6 +59,7 @@ fn snapshot(version: &str, backend: std::net::SocketAddr, match_kind: i32) -> pr
             namespace: "test".into(),
             name: "web".into(),
             ports: vec![],
+            opaque_ports: vec![],
             endpoints: vec![proto::Endpoint { address: backend.to_string(), ..Default::default() }],
             rules: vec![proto::RouteRule {
                 route: "test/web".into(),

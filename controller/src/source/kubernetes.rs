@@ -235,7 +235,7 @@ impl KubeSource {
             &client,
             &scopes,
             |scope| WatchSpec {
-                trim: trim_meta,
+                trim: trim_service,
                 fingerprint: fingerprint_object::<KubeService>,
                 label: label("services", scope),
                 kind: "Service",
@@ -514,6 +514,20 @@ where
     })
 }
 
+/// The annotation declaring a Service's (or, on a pod, the sidecar's inbound) opaque ports.
+pub const OPAQUE_PORTS: &str = "weir.io/opaque-ports";
+
+/// Services keep only Weir's annotations (`weir.io/opaque-ports`).
+fn trim_service(svc: &mut KubeService) {
+    let meta = svc.meta_mut();
+    meta.annotations = meta
+        .annotations
+        .take()
+        .map(|a| a.into_iter().filter(|(k, _)| k.starts_with("weir.io/")).collect::<BTreeMap<_, _>>())
+        .filter(|a| !a.is_empty());
+    meta.owner_references = None;
+}
+
 fn trim_meta<K: Resource>(o: &mut K) {
     let meta = o.meta_mut();
     meta.annotations = None;
@@ -595,6 +609,14 @@ fn service_spec(svc: &KubeService, slices: &[&EndpointSlice], pods: &PodIndex) -
         .collect();
     let mut seen_ips = BTreeSet::new();
     cluster_ips.retain(|ip| seen_ips.insert(ip.parse::<IpAddr>().expect("filtered")));
+    // Ports the `weir.io/opaque-ports` annotation declares opaque, as appProtocol `tcp` does.
+    let opaque = match svc.annotations().get(OPAQUE_PORTS) {
+        None => Vec::new(),
+        Some(list) => weir_api::service::parse_port_list(list).unwrap_or_else(|e| {
+            tracing::warn!(service = %format!("{ns}/{}", svc.name_any()), annotation = OPAQUE_PORTS, error = %e, "annotation ignored");
+            Vec::new()
+        }),
+    };
 
     // A dual-stack Service lists each pod once per family: follow its primary family.
     let family = spec.ip_families.as_ref().and_then(|f| f.first()).cloned();
@@ -671,7 +693,18 @@ fn service_spec(svc: &KubeService, slices: &[&EndpointSlice], pods: &PodIndex) -
     let any_ready = found.values().any(|(r, _)| *r);
     let endpoints = found.into_values().filter(|(r, _)| *r == any_ready).map(|(_, e)| e).collect();
     Some(LocalServiceSpec {
-        ports: ports.iter().map(|p| ServicePort { name: p.name.clone(), port: p.port as u16 }).collect(),
+        ports: ports
+            .iter()
+            .map(|p| ServicePort {
+                name: p.name.clone(),
+                port: p.port as u16,
+                app_protocol: if opaque.contains(&(p.port as u16)) {
+                    Some("tcp".into())
+                } else {
+                    p.app_protocol.clone()
+                },
+            })
+            .collect(),
         endpoints,
         cluster_ips,
     })
@@ -719,6 +752,31 @@ mod tests {
         assert!(p.spec.as_ref().unwrap().containers[0].image.is_none());
         assert!(p.status.is_none());
         assert!(!is_meshed(&pod("web-2", "web", false)));
+    }
+
+    #[test]
+    fn opaque_ports_from_app_protocol_and_the_annotation() {
+        let svc = |annotations: serde_json::Value| {
+            let mut svc = service(serde_json::json!({
+                "metadata": {"name": "db", "namespace": "shop", "annotations": annotations},
+                "spec": {"clusterIP": "10.96.0.20",
+                         "ports": [{"name": "pg", "port": 5432, "appProtocol": "tcp"},
+                                   {"name": "redis", "port": 6379},
+                                   {"name": "http", "port": 80, "appProtocol": "http"}]}
+            }));
+            trim_service(&mut svc);
+            svc
+        };
+        let opaque = |svc: &KubeService| -> Vec<u16> {
+            let spec = service_spec(svc, &[], &HashMap::new()).unwrap();
+            spec.ports.iter().filter(|p| p.is_opaque()).map(|p| p.port).collect()
+        };
+        let plain = svc(serde_json::json!({"kubectl.kubernetes.io/last-applied-configuration": "{}"}));
+        assert_eq!(opaque(&plain), [5432]);
+        assert!(plain.metadata.annotations.is_none(), "only weir.io annotations are kept");
+        assert_eq!(opaque(&svc(serde_json::json!({OPAQUE_PORTS: "6379"}))), [5432, 6379]);
+        // A malformed list is ignored (logged), appProtocol still applies.
+        assert_eq!(opaque(&svc(serde_json::json!({OPAQUE_PORTS: "redis"}))), [5432]);
     }
 
     #[test]

@@ -167,11 +167,7 @@ impl Outbound {
 
     /// Where an opaque connection bound for `orig` goes, and whether over mesh mTLS.
     fn tcp_destination(&self, config: &Config, orig: SocketAddr) -> (SocketAddr, Option<TlsTarget>) {
-        let host = match orig.ip() {
-            std::net::IpAddr::V4(ip) => ip.to_string(),
-            std::net::IpAddr::V6(ip) => format!("[{ip}]"),
-        };
-        if let Some(svc) = config.lookup(&host) {
+        if let Some(svc) = config.lookup(&crate::config::ip_host(orig.ip())) {
             let serving: Vec<&Endpoint> =
                 svc.endpoints.iter().filter(|e| e.service_port.is_none_or(|p| p == orig.port())).collect();
             if !serving.is_empty() {
@@ -254,14 +250,7 @@ impl Outbound {
         // By name (or ClusterIP) in the authority; for a connection iptables redirected here,
         // also by the address it was bound for. Redirected traffic to anything else leaves
         // the mesh untouched.
-        let svc = config.lookup(authority.host()).or_else(|| {
-            let orig = redirected?;
-            let host = match orig.ip() {
-                std::net::IpAddr::V4(ip) => ip.to_string(),
-                std::net::IpAddr::V6(ip) => format!("[{ip}]"),
-            };
-            config.lookup(&host)
-        });
+        let svc = config.lookup(authority.host()).or_else(|| config.lookup(&crate::config::ip_host(redirected?.ip())));
         let Some(svc) = svc else {
             if let Some(orig) = redirected {
                 return self.passthrough(&config, parts, body, orig, &authority).await;

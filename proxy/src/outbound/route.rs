@@ -151,7 +151,15 @@ mod tests {
     }
 
     fn svc(rules: Vec<Rule>) -> Service {
-        Service { key: "ns/web".into(), ports: vec![], endpoints: vec![], rules, policies: vec![], mtls: false }
+        Service {
+            key: "ns/web".into(),
+            ports: vec![],
+            opaque_ports: vec![],
+            endpoints: vec![],
+            rules,
+            policies: vec![],
+            mtls: false,
+        }
     }
 
     fn rule(name: &str, m: Vec<Match>, backends: Vec<Backend>) -> Rule {
