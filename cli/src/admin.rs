@@ -31,7 +31,8 @@ pub struct Target {
     #[arg(long, global = true, env = "WEIR_CONTROLLER_ADMIN")]
     pub controller_admin: Option<SocketAddr>,
     /// Reach every controller replica through this cluster's API server (the pods' proxy
-    /// subresource: needs get on pods/proxy in the Weir namespace).
+    /// subresource: needs get on pods/proxy in the Weir namespace); sidecars' configuration
+    /// through a port-forward (create on pods/portforward in their namespace).
     #[arg(long, global = true)]
     pub kubeconfig: Option<PathBuf>,
     /// Like --kubeconfig, with kube's usual lookup (KUBECONFIG, ~/.kube/config, in-cluster).
@@ -169,9 +170,12 @@ impl Admin {
                 direct(http, admin, http::Method::GET, path, "the sidecar's admin port").await?.json(path)
             }
             Admin::Kube { client, .. } => {
-                // A sidecar's workload is its pod: NAMESPACE/POD.
+                // A sidecar's workload is its pod: NAMESPACE/POD. Its admin port shows the
+                // configuration only to loopback clients, so this goes the way `kubectl
+                // port-forward` does (the connection starts inside the pod), not through the
+                // API server's proxy (which a sidecar refuses, as any other pod).
                 let (ns, pod) = workload.split_once('/').with_context(|| format!("workload {workload:?}"))?;
-                pod_proxy(client, ns, pod, admin.port(), http::Method::GET, path)
+                port_forward_get(client, ns, pod, admin.port(), path)
                     .await?
                     .json(&format!("{workload}:{}{path}", admin.port()))
             }
@@ -192,6 +196,43 @@ async fn direct(http: &Http, addr: SocketAddr, method: http::Method, path: &str,
     let rsp = http.request(req).await.with_context(|| format!("reaching {what} at {addr}"))?;
     let status = rsp.status();
     Ok(Answer { status, body: rsp.into_body().collect().await?.to_bytes() })
+}
+
+/// Longest a request through a port-forward may take.
+const PORT_FORWARD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// `GET path` on `port` of a pod through a port-forward (`pods/portforward`, as `kubectl
+/// port-forward`: the request reaches the pod from its own loopback).
+async fn port_forward_get(
+    client: &kube::Client,
+    namespace: &str,
+    pod: &str,
+    port: u16,
+    path: &str,
+) -> anyhow::Result<Answer> {
+    let what = || format!("port-forwarding to {namespace}/{pod}:{port} (needs create on pods/portforward)");
+    let pods: kube::Api<Pod> = kube::Api::namespaced(client.clone(), namespace);
+    let attempt = async {
+        let mut forward = pods.portforward(pod, &[port]).await.with_context(what)?;
+        let stream = forward.take_stream(port).with_context(what)?;
+        let (mut send, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.with_context(what)?;
+        let conn = tokio::spawn(conn);
+        let req = http::Request::get(path)
+            .header(http::header::HOST, format!("127.0.0.1:{port}"))
+            .header(http::header::CONNECTION, "close")
+            .body(Empty::<Bytes>::new())?;
+        let rsp = send.send_request(req).await.with_context(what)?;
+        let status = rsp.status();
+        let body = rsp.into_body().collect().await.with_context(what)?.to_bytes();
+        drop(send);
+        conn.abort();
+        forward.abort();
+        Ok(Answer { status, body })
+    };
+    tokio::time::timeout(PORT_FORWARD_TIMEOUT, attempt)
+        .await
+        .with_context(|| format!("{}: no answer within {PORT_FORWARD_TIMEOUT:?}", what()))?
 }
 
 /// `method path` on `port` of a pod, through the API server's proxy subresource.

@@ -930,7 +930,7 @@ async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
                 async move { Ok::<_, Infallible>(handle(shared, req).await) }
             });
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), svc)
+                .serve_connection_with_upgrades(TokioIo::new(stream), svc)
                 .await;
         });
     }
@@ -945,6 +945,87 @@ fn json_response(status: u16, body: &Value) -> http::Response<Body> {
 
 fn error_response(e: ApiError) -> http::Response<Body> {
     json_response(e.code, &e.status())
+}
+
+/// `/api/v1/namespaces/NS/pods/NAME/portforward?ports=PORT`: (NS, NAME, PORT); one port only.
+fn port_forward_path(path: &str, query: Option<&str>) -> Option<(String, String, u16)> {
+    let rest = path.strip_prefix("/api/v1/namespaces/")?;
+    let (ns, rest) = rest.split_once("/pods/")?;
+    let pod = rest.strip_suffix("/portforward")?;
+    let port = parse_query(query).get("ports")?.parse().ok()?;
+    Some((ns.to_string(), pod.to_string(), port))
+}
+
+/// A port-forward as the API server and the kubelet serve it: a WebSocket upgrade speaking
+/// `v4.channel.k8s.io` (each message starts with its channel: 0 the port's data, 1 its errors;
+/// the first message on each carries the port, little-endian), relayed to a TCP connection the
+/// kubelet opens inside the pod, from the pod's own loopback (here, this process's).
+fn port_forward(req: http::Request<hyper::body::Incoming>, to: SocketAddr, port: u16) -> http::Response<Body> {
+    const PROTOCOL: &str = "v4.channel.k8s.io";
+    let header = |name: http::header::HeaderName| req.headers().get(name).and_then(|v| v.to_str().ok());
+    let offered = header(http::header::SEC_WEBSOCKET_PROTOCOL).unwrap_or("");
+    let (Some(key), true) = (header(http::header::SEC_WEBSOCKET_KEY), offered.split(',').any(|p| p.trim() == PROTOCOL))
+    else {
+        return error_response(ApiError::new(
+            400,
+            "BadRequest",
+            format!("a port-forward is a WebSocket upgrade speaking {PROTOCOL}"),
+        ));
+    };
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+    tokio::spawn(async move {
+        use futures_util::{SinkExt, StreamExt};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio_tungstenite::tungstenite::Message;
+        let Ok(upgraded) = hyper::upgrade::on(req).await else { return };
+        let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+            TokioIo::new(upgraded),
+            tokio_tungstenite::tungstenite::protocol::Role::Server,
+            None,
+        )
+        .await;
+        let [lo, hi] = port.to_le_bytes();
+        for channel in [0u8, 1] {
+            if ws.send(Message::binary(vec![channel, lo, hi])).await.is_err() {
+                return;
+            }
+        }
+        let mut tcp = match tokio::net::TcpStream::connect(to).await {
+            Ok(t) => t,
+            Err(e) => {
+                let _ = ws.send(Message::binary([&[1u8][..], format!("dialing {to}: {e}").as_bytes()].concat())).await;
+                let _ = ws.close(None).await;
+                return;
+            }
+        };
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            tokio::select! {
+                msg = ws.next() => match msg {
+                    Some(Ok(Message::Binary(b))) if b.first() == Some(&0) => {
+                        if tcp.write_all(&b[1..]).await.is_err() { break }
+                    }
+                    Some(Ok(Message::Binary(_) | Message::Ping(_) | Message::Pong(_) | Message::Text(_))) => {}
+                    _ => break,
+                },
+                n = tcp.read(&mut buf) => match n {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if ws.send(Message::binary([&[0u8][..], &buf[..n]].concat())).await.is_err() { break }
+                    }
+                },
+            }
+        }
+        let _ = ws.close(None).await;
+    });
+    http::Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(http::header::UPGRADE, "websocket")
+        .header(http::header::CONNECTION, "Upgrade")
+        .header(http::header::SEC_WEBSOCKET_ACCEPT, accept)
+        .header(http::header::SEC_WEBSOCKET_PROTOCOL, PROTOCOL)
+        .body(Full::new(Bytes::new()).boxed())
+        .unwrap()
 }
 
 /// `/api/v1/namespaces/NS/pods/NAME:PORT/proxy/REST`: (NS, NAME, PORT, /REST).
@@ -1058,6 +1139,13 @@ async fn handle(shared: Arc<Shared>, req: http::Request<hyper::body::Incoming>) 
     let method = req.method().clone();
     let path_and_query = req.uri().path_and_query().map(|p| p.as_str().to_string()).unwrap_or_default();
     shared.log.lock().unwrap().push((method.clone(), path_and_query));
+    if let Some((ns, pod, port)) = port_forward_path(req.uri().path(), req.uri().query()) {
+        let to = shared.pod_proxies.lock().unwrap().get(&(ns.clone(), pod.clone(), port)).copied();
+        return match to {
+            Some(to) => port_forward(req, to, port),
+            None => error_response(ApiError::new(404, "NotFound", format!("pods \"{pod}\" not found"))),
+        };
+    }
     if let Some((ns, pod, port, rest)) = pod_proxy_path(req.uri().path()) {
         let to = shared.pod_proxies.lock().unwrap().get(&(ns.clone(), pod.clone(), port)).copied();
         return match to {

@@ -729,6 +729,11 @@ async fn the_weir_command_asks_every_replica_through_the_api_server() {
     let (code, out, err) = run_weir(&["proxy-config", "shop/client-b", "endpoints", "--kubeconfig", k]).await;
     assert_eq!(code, Some(0), "{err}");
     assert!(out.contains("shop/web") && out.contains(&backend.addr.to_string()), "{out}");
+    // The sidecar's configuration came through a port-forward (a sidecar shows it only to its
+    // pod's loopback), never through the API server's proxy.
+    let log = fake.request_log();
+    assert!(log.iter().any(|(_, p)| p.contains("/pods/client-b/portforward?") && p.contains("ports=")), "{log:?}");
+    assert!(!log.iter().any(|(_, p)| p.contains("/proxy/config")), "{log:?}");
 
     let (code, out, err) = run_weir(&["canary", "status", "--kubeconfig", k, "-o", "json"]).await;
     assert_eq!((code, out.trim()), (Some(0), "[]"), "{err}");
