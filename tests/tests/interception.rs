@@ -100,6 +100,22 @@ async fn spawn_in(
     ChildProc::spawn(name, std::path::Path::new("ip"), &a, scratch.log(name)).await.unwrap()
 }
 
+/// A TCP server in `pod` on every address at `port` (Python, a thread per connection): `serve`
+/// is the body run with the accepted socket `c` (indented one level), which is closed after.
+async fn tcp_server_in(scratch: &Scratch, pod: &Pod, name: &str, port: u16, serve: &str) -> ChildProc {
+    let script = format!(
+        "import socket, threading\n\
+         s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         s.bind(('0.0.0.0', {port})); s.listen(16); print('{{\"{name}\": \"0.0.0.0:{port}\"}}', flush=True)\n\
+         def serve(c):\n\
+         \x20   {serve}\n\
+         \x20   c.close()\n\
+         while True:\n\
+         \x20   c, _ = s.accept(); threading.Thread(target=serve, args=(c,), daemon=True).start()\n"
+    );
+    spawn_in(scratch, pod, name, None, "python3", &["-c".to_string(), script]).await
+}
+
 fn init(pod: &Pod, extra: &[&str]) {
     let proxy = bin("weir-proxy");
     let mut a = vec!["ip", "netns", "exec", &pod.ns, proxy.to_str().unwrap(), "init", "--proxy-uid", PROXY_UID];
@@ -433,25 +449,7 @@ async fn iptables_send_pod_traffic_through_the_sidecars() {
     // greeter on 7100) greets a's client at once through `db` (appProtocol tcp; b's sidecar
     // has --opaque-ports 7100), over mTLS; through `db-plain` the client's sidecar first waits
     // out the detection window for bytes that never come.
-    let _greeter = spawn_in(
-        &scratch,
-        &b,
-        "b-greeter",
-        None,
-        "python3",
-        &[
-            "-c".to_string(),
-            "import socket, threading\n\
-             s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
-             s.bind(('0.0.0.0', 7100)); s.listen(16); print('{\"greeter\": \"0.0.0.0:7100\"}', flush=True)\n\
-             def serve(c):\n\
-             \x20   c.sendall(b'220 weir\\r\\n'); c.recv(64); c.close()\n\
-             while True:\n\
-             \x20   c, _ = s.accept(); threading.Thread(target=serve, args=(c,), daemon=True).start()\n"
-                .to_string(),
-        ],
-    )
-    .await;
+    let _greeter = tcp_server_in(&scratch, &b, "b-greeter", 7100, "c.sendall(b'220 weir\\r\\n'); c.recv(64)").await;
     wait_config_in(&a.ns, "the db Services", |c| {
         endpoint_count(c, "test", "db") == 1 && endpoint_count(c, "test", "db-plain") == 1
     })
@@ -511,27 +509,14 @@ async fn iptables_send_pod_traffic_through_the_sidecars() {
     assert!(status != 200 && backend_name != "b-local", "a loopback-only port answered a: {status} {backend_name}");
 
     // A TCP echo server in b, on every address.
-    let _echo_b = spawn_in(
+    let _echo_b = tcp_server_in(
         &scratch,
         &b,
         "b-echo",
-        None,
-        "python3",
-        &[
-            "-c".to_string(),
-            "import socket, threading\n\
-             s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
-             s.bind(('0.0.0.0', 7000)); s.listen(16); print('{\"echo\": \"0.0.0.0:7000\"}', flush=True)\n\
-             def serve(c):\n\
-             \x20   while True:\n\
-             \x20       d = c.recv(65536)\n\
-             \x20       if not d: break\n\
-             \x20       c.sendall(d)\n\
-             \x20   c.close()\n\
-             while True:\n\
-             \x20   c, _ = s.accept(); threading.Thread(target=serve, args=(c,), daemon=True).start()\n"
-                .to_string(),
-        ],
+        7000,
+        "d = c.recv(65536)\n\
+         \x20   while d:\n\
+         \x20       c.sendall(d); d = c.recv(65536)",
     )
     .await;
 

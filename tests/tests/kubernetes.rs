@@ -456,7 +456,6 @@ async fn every_weir_kind_and_pod_changes_reach_the_sidecar() {
     wait_config(admin, "authorization deleted", |c| authorization_names(c).is_empty()).await;
 
     // Canary: its rules lead the Service's.
-    const CANARIES: &str = "apis/weir.io/v1alpha1/canaries";
     fake.create(
         CANARIES,
         json!({"apiVersion": "weir.io/v1alpha1", "kind": "Canary",
@@ -500,7 +499,6 @@ async fn every_weir_kind_and_pod_changes_reach_the_sidecar() {
 async fn a_missing_crd_does_not_hold_the_mesh_back() {
     let fake = FakeKube::start().await;
     let scratch = Scratch::new();
-    const CANARIES: &str = "apis/weir.io/v1alpha1/canaries";
     fake.set_unserved(CANARIES, true);
     fake.create(SERVICES, service("shop", "web", "10.96.0.10"));
     let controller = kube_controller(&scratch, &fake, "controller", &[]).await;
@@ -520,6 +518,23 @@ async fn a_missing_crd_does_not_hold_the_mesh_back() {
     wait_condition(&fake, CANARIES, "shop", "web", "Accepted", |c| c.0 == "True").await;
 }
 
+const CANARIES: &str = "apis/weir.io/v1alpha1/canaries";
+
+/// Services `web`, `web-v1` and `web-v2` in `shop`, each with a ClusterIP.
+fn create_web_versions(fake: &FakeKube) {
+    for (i, name) in ["web", "web-v1", "web-v2"].iter().enumerate() {
+        fake.create(SERVICES, service("shop", name, &format!("10.96.0.{}", 10 + i)));
+    }
+}
+
+/// A Canary `shop/web` from `web-v1` to `web-v2` in steps of 20 and 60 %, unjudged.
+fn web_canary(interval: &str) -> Value {
+    json!({"apiVersion": "weir.io/v1alpha1", "kind": "Canary",
+           "metadata": {"name": "web", "namespace": "shop"},
+           "spec": {"service": "web", "stable": "web-v1", "canary": "web-v2", "steps": [20, 60],
+                    "interval": interval, "skipAnalysis": true}})
+}
+
 /// `[stable, canary]` weights of the canary's split rule in a sidecar's `/config`.
 fn canary_split(config: &Value) -> Option<Vec<u64>> {
     let rules =
@@ -535,9 +550,7 @@ fn canary_split(config: &Value) -> Option<Vec<u64>> {
 async fn the_leader_drives_canaries_and_followers_route_as_its_status_says() {
     let fake = FakeKube::start().await;
     let scratch = Scratch::new();
-    for (i, name) in ["web", "web-v1", "web-v2"].iter().enumerate() {
-        fake.create(SERVICES, service("shop", name, &format!("10.96.0.{}", 10 + i)));
-    }
+    create_web_versions(&fake);
     let mut a = kube_controller(&scratch, &fake, "replica-a", &[]).await;
     let mut b = kube_controller(&scratch, &fake, "replica-b", &[]).await;
     let holder = || {
@@ -550,14 +563,7 @@ async fn the_leader_drives_canaries_and_followers_route_as_its_status_says() {
     let on_leader = scratch.proxy(leader.addr("grpc"), "shop/client-a", None).await;
     let on_follower = scratch.proxy(follower.addr("grpc"), "shop/client-b", None).await;
 
-    const CANARIES: &str = "apis/weir.io/v1alpha1/canaries";
-    fake.create(
-        CANARIES,
-        json!({"apiVersion": "weir.io/v1alpha1", "kind": "Canary",
-               "metadata": {"name": "web", "namespace": "shop"},
-               "spec": {"service": "web", "stable": "web-v1", "canary": "web-v2", "steps": [20, 60],
-                        "interval": "3s", "skipAnalysis": true}}),
-    );
+    fake.create(CANARIES, web_canary("3s"));
     // The leader's rollout lands in the Canary's status, step by step, and the follower's
     // sidecar routes as that status says (each step holds for the 3 s interval).
     let fadmin_sidecar = on_follower.addr("admin");
@@ -593,23 +599,14 @@ async fn the_leader_drives_canaries_and_followers_route_as_its_status_says() {
 /// controller's admin port refuses controls even from loopback.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn canary_controls_go_through_the_api_server_and_rbac() {
-    const CANARIES: &str = "apis/weir.io/v1alpha1/canaries";
     let fake = FakeKube::start().await;
     let scratch = Scratch::new();
-    for (i, name) in ["web", "web-v1", "web-v2"].iter().enumerate() {
-        fake.create(SERVICES, service("shop", name, &format!("10.96.0.{}", 10 + i)));
-    }
+    create_web_versions(&fake);
     let controller = kube_controller(&scratch, &fake, "controller", &[]).await;
     let cadmin = controller.addr("admin");
     wait_until("leading", Duration::from_secs(20), || async { metric(cadmin, "weir_controller_leader ").await == 1.0 })
         .await;
-    fake.create(
-        CANARIES,
-        json!({"apiVersion": "weir.io/v1alpha1", "kind": "Canary",
-               "metadata": {"name": "web", "namespace": "shop"},
-               "spec": {"service": "web", "stable": "web-v1", "canary": "web-v2", "steps": [20, 60],
-                        "interval": "1h", "skipAnalysis": true}}),
-    );
+    fake.create(CANARIES, web_canary("1h"));
     let status = || fake.get(CANARIES, "shop", "web").map(|o| o["status"].clone()).unwrap_or_default();
     wait_until("the first step", Duration::from_secs(30), || async { status()["weight"] == 20 }).await;
     let kubeconfig = fake.kubeconfig(scratch.dir.path());
