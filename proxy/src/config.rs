@@ -186,7 +186,12 @@ impl Config {
     /// Finds the Service a client means by `host` (without port). Short names resolve in the
     /// sidecar's own namespace.
     pub fn lookup(&self, host: &str) -> Option<&Arc<Service>> {
-        self.by_host.get(host.trim_end_matches('.'))
+        let host = host.trim_end_matches('.');
+        // Host names are case-insensitive (RFC 9110); the table holds them in lower case.
+        if host.bytes().any(|b| b.is_ascii_uppercase()) {
+            return self.by_host.get(&host.to_ascii_lowercase());
+        }
+        self.by_host.get(host)
     }
 
     /// The Service that has `addr` as an endpoint, if any.
@@ -881,6 +886,8 @@ mod tests {
         let cfg = Config::from_snapshot(snap.clone(), "elsewhere", "cluster.local").unwrap();
         assert_eq!(&*cfg.lookup("10.96.0.10").unwrap().key, "shop/web");
         assert_eq!(&*cfg.lookup("[fd00::a]").unwrap().key, "shop/web");
+        assert_eq!(&*cfg.lookup("[FD00::A]").unwrap().key, "shop/web");
+        assert_eq!(&*cfg.lookup("Web.Shop.SVC.cluster.local.").unwrap().key, "shop/web", "host names ignore case");
         assert!(cfg.lookup("10.96.0.11").is_none());
         snap.services[0].cluster_ips = vec!["10.96.0".into()];
         let err = Config::from_snapshot(snap, "shop", "cluster.local").unwrap_err();

@@ -186,3 +186,25 @@ async fn max_connections_caps_http1_connections_to_a_backend() {
     // Pooled connections are reused afterwards.
     assert_eq!(pool.get(&[]).await, "b0");
 }
+
+/// An endpoint that fails fast looks cheapest on latency alone; failures count as slow answers,
+/// so peak EWMA sends it little without any outlier policy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peak_ewma_shuns_an_endpoint_that_fails_fast() {
+    let p = pool(&[1, 1, 1], "").await;
+    p.backends[0].behaviour.set_fail_rate(1.0);
+    let client = http1();
+    let mut failed = 0;
+    const REQUESTS: usize = 300;
+    for _ in 0..REQUESTS {
+        let r = send(&client, p.client.addr("outbound"), "GET", "pool.test", "/", &[]).await.unwrap();
+        if r.status >= 500 {
+            failed += 1;
+        } else {
+            assert_ne!(r.backend(), "b0");
+        }
+    }
+    let reached = p.backends[0].behaviour.served.load(std::sync::atomic::Ordering::Relaxed) as usize;
+    assert_eq!(reached, failed, "every failure came from the failing endpoint");
+    assert!(failed < REQUESTS / 10, "{failed} of {REQUESTS} requests went to the endpoint failing fast");
+}

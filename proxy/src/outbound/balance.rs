@@ -1,7 +1,8 @@
 //! Endpoint selection: power of two choices over peak-EWMA latency (Linkerd's and Finagle's
 //! default). Each endpoint's cost is its peak-sensitive moving average of response time,
 //! multiplied by the requests it has in flight plus one; of two endpoints picked at random
-//! the cheaper wins. Statistics live across snapshot swaps, keyed by address.
+//! the cheaper wins. A failure counts as a slow answer, so an endpoint failing fast is not the
+//! cheapest. Statistics live across snapshot swaps, keyed by address.
 //!
 //! A policy may choose another algorithm ([`LbAlgorithm`]): smooth weighted round robin,
 //! least-request (P2C on in-flight requests), weighted random, or consistent hashing on a
@@ -22,6 +23,11 @@ use crate::config::{Endpoint, LbAlgorithm};
 const DECAY: Duration = Duration::from_secs(10);
 /// Assumed latency of an endpoint with no history, so new endpoints get tried.
 const DEFAULT_RTT: Duration = Duration::from_millis(1);
+/// The latency a failure (a 5xx, a reset, a timeout) counts as: an endpoint that fails fast
+/// must not look cheapest. Peak-sensitive, it applies at once; as the average decays the
+/// endpoint is tried again (within about a minute when idle, sooner under load), and a
+/// success brings its cost back down.
+const FAILURE_RTT: Duration = Duration::from_secs(1);
 
 #[derive(Debug)]
 pub struct EndpointStats {
@@ -160,8 +166,14 @@ pub struct InFlight {
 }
 
 impl InFlight {
+    /// The request succeeded: its latency feeds the endpoint's average.
     pub fn done(self) {
         self.stats.observe(self.started.elapsed());
+    }
+
+    /// The request failed: it counts as at least [`FAILURE_RTT`].
+    pub fn failed(self) {
+        self.stats.observe(self.started.elapsed().max(FAILURE_RTT));
     }
 }
 
@@ -321,6 +333,25 @@ mod tests {
             let (chosen, _guard) = b.pick(&list).unwrap();
             assert_eq!(chosen.addr, fast.addr);
         }
+    }
+
+    #[test]
+    fn a_fast_failure_costs_like_a_slow_answer() {
+        let b = Balancer::default();
+        let (good, bad) = (ep(1), ep(2));
+        b.stats(good.addr).observe(Duration::from_millis(20));
+        let list = [&good, &bad];
+        // The failing endpoint answers in microseconds, but each answer is a failure.
+        let (_, guard) = b.start(&bad);
+        guard.failed();
+        for _ in 0..50 {
+            let (chosen, guard) = b.pick(&list).unwrap();
+            assert_eq!(chosen.addr, good.addr);
+            guard.done();
+        }
+        // A success later brings it back into play.
+        b.stats(bad.addr).observe(Duration::from_micros(1));
+        assert!(b.stats(bad.addr).cost(Instant::now()) < 1.0);
     }
 
     #[test]

@@ -518,8 +518,10 @@ impl Outbound {
             if let Some(o) = &outliers {
                 o.record(endpoint.addr, healthy, endpoints.len());
             }
-            if outcome.is_ok() {
+            if healthy {
                 in_flight.done();
+            } else {
+                in_flight.failed();
             }
             let Some(r) = retry.as_ref().filter(|r| attempt <= r.retries && should_retry(&r.on, &outcome)) else {
                 return outcome.map(|rsp| (rsp, attempt)).map_err(|e| (e, attempt));
