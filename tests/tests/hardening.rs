@@ -59,6 +59,10 @@ async fn oversized_headers_get_431_and_garbage_gets_400() {
     // Host names ignore case (RFC 9110): a mixed-case Host reaches the same Service.
     let r = send(&http1(), mesh.outbound(), "GET", "Web.TEST", "/", &[]).await.unwrap();
     assert_eq!(r.status, 200, "{}", r.body);
+    // An absolute-form target with credentials is routed by its host; they go no further.
+    let req = b"GET http://user:secret@web.test/ HTTP/1.1\r\nHost: web.test\r\nConnection: close\r\n\r\n";
+    let got = exchange(mesh.outbound(), req, Duration::from_secs(10)).await.expect("answered and closed");
+    assert!(got.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&got[..got.len().min(200)]));
     // Headers under the limit still pass through both sidecars.
     let fine = "y".repeat(8 * 1024);
     let r = send(&http1(), mesh.outbound(), "GET", "web.test", "/", &[("x-fine", fine.as_str())]).await.unwrap();

@@ -245,6 +245,18 @@ impl Outbound {
             Some(a) => a,
             None => return ProxyError::NoAuthority.into_response(),
         };
+        // An absolute-form target with userinfo goes on in origin form (the Host header names
+        // the authority), so the credentials stop here.
+        if parts.uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+            let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+            match pq.parse() {
+                Ok(uri) => parts.uri = uri,
+                Err(_) => return ProxyError::NoAuthority.into_response(),
+            }
+            if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
+                parts.headers.insert(header::HOST, host);
+            }
+        }
         let redirected = peer.original_dst;
         let port = authority.port_u16().or(redirected.map(|o| o.port())).unwrap_or(80);
         // By name (or ClusterIP) in the authority; for a connection iptables redirected here,
@@ -662,11 +674,17 @@ fn should_retry(on: &RetryOn, outcome: &Result<Response<Incoming>, ProxyError>) 
 }
 
 /// The authority a request is for: absolute-form URI or `:authority`, else the Host header.
+/// The request's authority (absolute-form target, else Host), without userinfo: credentials
+/// in a URL (`http://user:pass@web/`) are never forwarded nor matched on.
 pub fn request_authority(parts: &http::request::Parts) -> Option<http::uri::Authority> {
-    if let Some(a) = parts.uri.authority() {
-        return Some(a.clone());
+    let a: http::uri::Authority = match parts.uri.authority() {
+        Some(a) => a.clone(),
+        None => parts.headers.get(header::HOST)?.to_str().ok()?.parse().ok()?,
+    };
+    match a.as_str().rsplit_once('@') {
+        Some((_, host)) => host.parse().ok(),
+        None => Some(a),
     }
-    parts.headers.get(header::HOST)?.to_str().ok()?.parse().ok()
 }
 
 pub fn proto_name(v: Version) -> &'static str {
@@ -674,5 +692,27 @@ pub fn proto_name(v: Version) -> &'static str {
         Version::HTTP_10 => "HTTP/1.0",
         Version::HTTP_2 => "HTTP/2",
         _ => "HTTP/1.1",
+    }
+}
+
+#[cfg(test)]
+mod authority_tests {
+    use super::*;
+
+    fn parts(uri: &str, host: Option<&str>) -> http::request::Parts {
+        let mut b = Request::builder().uri(uri);
+        if let Some(h) = host {
+            b = b.header(header::HOST, h);
+        }
+        b.body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn userinfo_is_never_part_of_the_authority() {
+        let a = |uri: &str, host: Option<&str>| request_authority(&parts(uri, host)).map(|a| a.to_string());
+        assert_eq!(a("http://user:secret@web.shop:8080/x", None).as_deref(), Some("web.shop:8080"));
+        assert_eq!(a("/x", Some("user@web.shop")).as_deref(), Some("web.shop"));
+        assert_eq!(a("/x", Some("web.shop")).as_deref(), Some("web.shop"));
+        assert_eq!(a("/x", None), None);
     }
 }
