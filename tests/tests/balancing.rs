@@ -135,6 +135,34 @@ async fn active_health_checks_take_a_failing_endpoint_out_and_bring_it_back() {
     .await;
     let counts = pool.shares(20).await;
     assert_eq!(counts.get("b1"), Some(&10), "round robin over both again: {counts:?}");
+    let panics = || async move {
+        admin_text(admin, "/metrics")
+            .await
+            .lines()
+            .find_map(|l| l.strip_prefix("weir_lb_healthy_panic_total{backend=\"test/pool\",service=\"test/pool\"} "))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    assert_eq!(panics().await, 0);
+
+    // Both fail: rather than failing every request, traffic goes to all of them, counted and
+    // logged (not silently).
+    for b in &pool.backends {
+        b.behaviour.set_fail_rate(1.0);
+    }
+    wait_until("both marked unhealthy", Duration::from_secs(10), || async move {
+        admin_text(admin, "/metrics")
+            .await
+            .contains("weir_health_transitions_total{service=\"test/pool\",state=\"unhealthy\"} 3")
+    })
+    .await;
+    for _ in 0..4 {
+        let r = send(&http1(), pool.client.addr("outbound"), "GET", "pool.test", "/", &[]).await.unwrap();
+        assert_eq!(r.status, 500, "the endpoints' own answer, not a 503 from the sidecar");
+    }
+    assert_eq!(panics().await, 4);
+    let log = std::fs::read_to_string(&pool.client.log).unwrap();
+    assert_eq!(log.matches("every endpoint fails its health check").count(), 1, "logged once, not per request");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -25,18 +25,38 @@ type PolicyEndpoint = (Arc<str>, SocketAddr);
 #[derive(Clone, Default)]
 pub struct Health {
     unhealthy: Arc<Mutex<HashSet<PolicyEndpoint>>>,
+    /// When each policy last logged that all its endpoints were unhealthy.
+    panic_logged: Arc<Mutex<HashMap<Arc<str>, std::time::Instant>>>,
 }
 
+/// At most one log line per policy this often while every endpoint is unhealthy.
+const PANIC_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
+
 impl Health {
-    /// The endpoints healthy under `policy` (all of them when none is: better to try than to
-    /// fail every request).
-    pub fn filter<'a>(&self, policy: &Arc<str>, endpoints: &[&'a Endpoint]) -> Vec<&'a Endpoint> {
+    /// The endpoints healthy under `policy`, and whether none was: then all of them (better to
+    /// try than to fail every request; Envoy's "healthy panic"), which the caller counts; it
+    /// is logged here, at most every 30 s per policy.
+    pub fn filter<'a>(&self, policy: &Arc<str>, endpoints: &[&'a Endpoint]) -> (Vec<&'a Endpoint>, bool) {
         let g = self.unhealthy.lock().unwrap();
         if g.is_empty() {
-            return endpoints.to_vec();
+            return (endpoints.to_vec(), false);
         }
         let ok: Vec<_> = endpoints.iter().copied().filter(|e| !g.contains(&(policy.clone(), e.addr))).collect();
-        if ok.is_empty() { endpoints.to_vec() } else { ok }
+        drop(g);
+        if !ok.is_empty() || endpoints.is_empty() {
+            return (ok, false);
+        }
+        let now = std::time::Instant::now();
+        let mut logged = self.panic_logged.lock().unwrap();
+        if logged.get(policy).is_none_or(|at| now.duration_since(*at) >= PANIC_LOG_EVERY) {
+            logged.insert(policy.clone(), now);
+            tracing::warn!(
+                policy = %policy,
+                endpoints = endpoints.len(),
+                "every endpoint fails its health check: sending to all of them (weir_lb_healthy_panic_total)"
+            );
+        }
+        (endpoints.to_vec(), true)
     }
 
     fn set(&self, policy: &Arc<str>, addr: SocketAddr, healthy: bool) {

@@ -497,7 +497,11 @@ impl Outbound {
                 None => endpoints.clone(),
             };
             if let Some(p) = policy.filter(|p| p.health.is_some()) {
-                healthy_now = self.health.filter(&p.name, &healthy_now);
+                let panic;
+                (healthy_now, panic) = self.health.filter(&p.name, &healthy_now);
+                if panic {
+                    rm.healthy_panic.with_label_values(&[service, &backend]).inc();
+                }
             }
             let fresh: Vec<_> = healthy_now.iter().copied().filter(|e| !tried.contains(&e.addr)).collect();
             let candidates = if fresh.is_empty() { &healthy_now } else { &fresh };

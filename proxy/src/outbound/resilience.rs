@@ -31,6 +31,7 @@ pub struct ResilienceMetrics {
     pub ejections: IntCounterVec,
     pub health_checks: IntCounterVec,
     pub health_transitions: IntCounterVec,
+    pub healthy_panic: IntCounterVec,
 }
 
 impl ResilienceMetrics {
@@ -89,6 +90,11 @@ impl ResilienceMetrics {
                 "weir_health_transitions_total",
                 "Endpoints marked healthy or unhealthy by active checks",
                 &["service", "state"],
+            ),
+            healthy_panic: counter(
+                "weir_lb_healthy_panic_total",
+                "Requests sent to any endpoint because every one failed its health check",
+                &["service", "backend"],
             ),
             ejections: counter(
                 "weir_endpoint_ejections_total",
