@@ -49,55 +49,21 @@ pub enum CanaryCmd {
 
 pub async fn run(args: CanaryArgs) -> anyhow::Result<()> {
     let qualify = |name: &str| crate::inspect::qualify(name, &args.namespace);
-    let control = match &args.command {
-        CanaryCmd::Status { .. } => None,
-        CanaryCmd::Promote { name } => Some(("promote", qualify(name))),
-        CanaryCmd::Abort { name } => Some(("abort", qualify(name))),
-        CanaryCmd::Pause { name } => Some(("pause", qualify(name))),
-        CanaryCmd::Resume { name } => Some(("resume", qualify(name))),
+    let (action, name) = match &args.command {
+        CanaryCmd::Status { name, watch, output } => {
+            return status(&args.target, name.as_deref().map(qualify), *watch, output).await;
+        }
+        CanaryCmd::Promote { name } => ("promote", qualify(name)),
+        CanaryCmd::Abort { name } => ("abort", qualify(name)),
+        CanaryCmd::Pause { name } => ("pause", qualify(name)),
+        CanaryCmd::Resume { name } => ("resume", qualify(name)),
     };
-    if let (true, Some((action, name))) = (args.target.is_kube(), &control) {
-        return request_through_the_api(&args.target, action, name).await;
+    if args.target.is_kube() {
+        return request_through_the_api(&args.target, action, &name).await;
     }
     let admin = args.target.connect().await?;
     // Only the leader drives canaries (the others answer controls with 409).
     let leader = admin.leader().await?;
-    let (action, name) = match &args.command {
-        CanaryCmd::Status { name, watch, output } => {
-            let filter = name.as_deref().map(qualify);
-            loop {
-                let all = admin.call(&leader, http::Method::GET, "/canaries").await?.json("/canaries")?;
-                let list: Vec<serde_json::Value> = all["canaries"]
-                    .as_array()
-                    .cloned()
-                    .unwrap_or_default()
-                    .into_iter()
-                    .filter(|c| filter.as_ref().is_none_or(|f| key(c) == *f))
-                    .collect();
-                if let Some(f) = &filter
-                    && list.is_empty()
-                {
-                    bail!("no Canary {f}");
-                }
-                if output == "json" {
-                    println!("{}", serde_json::to_string_pretty(&list)?);
-                } else {
-                    if *watch {
-                        print!("\x1b[2J\x1b[H");
-                    }
-                    print!("{}", table(&list));
-                }
-                if !*watch {
-                    return Ok(());
-                }
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    _ = tokio::signal::ctrl_c() => return Ok(()),
-                }
-            }
-        }
-        _ => control.expect("a control"),
-    };
     let rsp = admin.call(&leader, http::Method::POST, &format!("/canaries/{name}/{action}")).await?;
     let body = String::from_utf8_lossy(&rsp.body).into_owned();
     if !rsp.status.is_success() {
@@ -111,6 +77,47 @@ pub async fn run(args: CanaryArgs) -> anyhow::Result<()> {
         s["message"].as_str().unwrap_or("")
     );
     Ok(())
+}
+
+/// The status table (or JSON) of every canary, or of `filter`, redrawn each second with `watch`.
+async fn status(
+    target: &crate::admin::Target,
+    filter: Option<String>,
+    watch: bool,
+    output: &str,
+) -> anyhow::Result<()> {
+    let admin = target.connect().await?;
+    let leader = admin.leader().await?;
+    loop {
+        let all = admin.call(&leader, http::Method::GET, "/canaries").await?.json("/canaries")?;
+        let list: Vec<serde_json::Value> = all["canaries"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|c| filter.as_ref().is_none_or(|f| key(c) == *f))
+            .collect();
+        if let Some(f) = &filter
+            && list.is_empty()
+        {
+            bail!("no Canary {f}");
+        }
+        if output == "json" {
+            println!("{}", serde_json::to_string_pretty(&list)?);
+        } else {
+            if watch {
+                print!("\x1b[2J\x1b[H");
+            }
+            print!("{}", table(&list));
+        }
+        if !watch {
+            return Ok(());
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        }
+    }
 }
 
 /// How long `weir canary ACTION --kube` waits for the leader to handle the request.

@@ -107,29 +107,22 @@ pub fn inject_pod(pod: &mut Value, settings: &Settings) -> Result<Option<Skipped
         return Ok(Some(Skipped::HostNetwork));
     }
 
+    // A comma-separated annotation, checked whole by `check`, then normalised.
     let list = |key: &str, check: fn(&str) -> Result<(), String>| -> Result<Option<String>, InjectError> {
-        let field = format!("metadata.annotations[{key}]");
-        match annotation(key) {
-            None => Ok(None),
-            Some(v) => {
-                for item in v.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-                    check(item).map_err(|m| err(&field, m))?;
-                }
-                Ok(Some(v.split(',').map(str::trim).filter(|s| !s.is_empty()).collect::<Vec<_>>().join(",")))
+        let Some(v) = annotation(key) else { return Ok(None) };
+        check(&v).map_err(|m| err(format!("metadata.annotations[{key}]"), m))?;
+        Ok(Some(v.split(',').map(str::trim).filter(|s| !s.is_empty()).collect::<Vec<_>>().join(",")))
+    };
+    let port_check = |list: &str| weir_api::service::parse_port_list(list).map(|_| ());
+    let cidr_check = |list: &str| -> Result<(), String> {
+        for c in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let (ip, bits) = c.split_once('/').ok_or_else(|| format!("{c:?} is not ADDR/BITS"))?;
+            match (ip.parse::<std::net::Ipv4Addr>(), bits.parse::<u8>()) {
+                (Ok(_), Ok(b)) if b <= 32 => {}
+                _ => return Err(format!("{c:?} is not an IPv4 network")),
             }
         }
-    };
-    let port_check = |p: &str| -> Result<(), String> {
-        weir_api::service::parse_port_list(p)
-            .map(|_| ())
-            .map_err(|e| format!("{p:?} is not a port or FROM-TO range: {e}"))
-    };
-    let cidr_check = |c: &str| -> Result<(), String> {
-        let (ip, bits) = c.split_once('/').ok_or_else(|| format!("{c:?} is not ADDR/BITS"))?;
-        match (ip.parse::<std::net::Ipv4Addr>(), bits.parse::<u8>()) {
-            (Ok(_), Ok(b)) if b <= 32 => Ok(()),
-            _ => Err(format!("{c:?} is not an IPv4 network")),
-        }
+        Ok(())
     };
     let mut skip_in = vec![ADMIN_PORT.to_string()];
     skip_in.extend(list("weir.io/skip-inbound-ports", port_check)?);

@@ -490,13 +490,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     );
     let mut webhook_addr = None;
     if let Some(addr) = args.webhook_addr {
+        let Some(id) = &identity_ca else {
+            anyhow::bail!("--webhook-addr needs --identity-dir: injected sidecars get workload identities");
+        };
         let dir = args.webhook_tls_dir.as_deref().expect("clap requires it");
         let tls = webhook::load_tls(dir).context("--webhook-tls-dir")?;
         let listener = TcpListener::bind(addr).await.with_context(|| format!("binding the webhook on {addr}"))?;
         webhook_addr = Some(listener.local_addr()?);
-        let Some(id) = &identity_ca else {
-            anyhow::bail!("--webhook-addr needs --identity-dir: injected sidecars get workload identities");
-        };
         let settings = inject::Settings {
             proxy_image: args.proxy_image.clone(),
             controller_addr: args.inject_controller_addr.clone(),

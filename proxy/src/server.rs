@@ -112,16 +112,6 @@ async fn peek_protocol(stream: &TcpStream) -> Sniffed {
     }
 }
 
-/// Whether a connection's first byte opens a TLS handshake (waiting at most the detect timeout
-/// for it).
-async fn opens_tls(stream: &TcpStream) -> bool {
-    let mut first = [0u8; 1];
-    matches!(
-        tokio::time::timeout(DETECT_TIMEOUT, stream.peek(&mut first)).await,
-        Ok(Ok(1)) if first[0] == TLS_HANDSHAKE
-    )
-}
-
 /// One traffic listener: what it serves and how.
 pub struct Listener<F> {
     pub direction: Direction,
@@ -180,7 +170,7 @@ where
                 let declared = declared_opaque.as_ref().is_some_and(|d| d(orig));
                 let carried = match (direction, declared) {
                     (Direction::Outbound, true) => true,
-                    (Direction::Inbound, true) => !opens_tls(&stream).await,
+                    (Direction::Inbound, true) => peek_protocol(&stream).await != Sniffed::Tls,
                     (Direction::Outbound, false) => peek_protocol(&stream).await != Sniffed::Http,
                     (Direction::Inbound, false) => peek_protocol(&stream).await == Sniffed::Other,
                 };

@@ -178,6 +178,20 @@ async fn a_sidecar_with_anchors_refuses_a_plaintext_controller() {
     .await;
     assert!(admin_text(sidecar_admin, "/ready").await.starts_with("not ready"));
     assert_eq!(metric(admin, "weir_controller_connected_proxies").await, 0.0, "a stream over plaintext");
+    // What the sidecar puts on the wire to a listener that never answers: a TLS ClientHello,
+    // never an HTTP/2 preface nor the token.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let _listening =
+        scratch.proxy_with(silent.local_addr().unwrap(), "test/web", None, &scratch.token_flags("t-web")).await;
+    let (mut conn, _) = tokio::time::timeout(Duration::from_secs(20), silent.accept()).await.unwrap().unwrap();
+    let mut sent = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(10), tokio::io::AsyncReadExt::read(&mut conn, &mut sent))
+        .await
+        .unwrap()
+        .unwrap();
+    let sent = &sent[..n];
+    assert_eq!(sent.first(), Some(&0x16), "not a TLS handshake: {:?}", String::from_utf8_lossy(sent));
+    assert!(!sent.windows(5).any(|w| w == b"t-web") && !sent.starts_with(b"PRI"), "{sent:?}");
     // And without anchors a token is never sent at all: the sidecar refuses to start.
     let token = scratch.token_flags("t-web");
     let args: Vec<String> = [

@@ -226,12 +226,6 @@ async fn requests(admin: SocketAddr, direction: &str) -> f64 {
         .sum()
 }
 
-/// How long a sidecar waits for a redirected client's first bytes before it takes the
-/// connection for a protocol where the server speaks first.
-fn server_detect_window() -> Duration {
-    weir_proxy::server::DETECT_TIMEOUT
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn iptables_send_pod_traffic_through_the_sidecars() {
     if !can_make_namespaces() {
@@ -470,12 +464,18 @@ async fn iptables_send_pod_traffic_through_the_sidecars() {
     let mtls_before = metric_sum(b_admin, "weir_tcp_connections_total", &["tls=\"true\"", "sa/a\""]).await;
     let (got, took) = greeting(db_ip.clone()).await;
     assert_eq!(got, "220 weir\r\n");
-    assert!(took < server_detect_window() - Duration::from_millis(500), "the declared opaque port waited {took:?}");
+    assert!(
+        took < weir_proxy::server::DETECT_TIMEOUT - Duration::from_millis(500),
+        "the declared opaque port waited {took:?}"
+    );
     let mtls = metric_sum(b_admin, "weir_tcp_connections_total", &["tls=\"true\"", "sa/a\""]).await;
     assert_eq!(mtls, mtls_before + 1.0, "the greeting did not ride mTLS from a's identity");
     let (got, took) = greeting(db_plain_ip.clone()).await;
     assert_eq!(got, "220 weir\r\n");
-    assert!(took >= server_detect_window() - Duration::from_millis(100), "undeclared, yet no detection wait: {took:?}");
+    assert!(
+        took >= weir_proxy::server::DETECT_TIMEOUT - Duration::from_millis(100),
+        "undeclared, yet no detection wait: {took:?}"
+    );
 
     // The perimeter. The admin port answers other pods' probes and scrapes, but neither
     // shows the mesh's configuration nor changes anything for them.

@@ -53,7 +53,8 @@ impl DiscoveryService {
     /// `weir.v1.Discovery/Stream` (served by [`super::wire::DiscoveryServer`]).
     pub async fn stream(&self, request: Request<Streaming<proto::ProxyMessage>>) -> Result<Response<Outbound>, Status> {
         let info = request.extensions().get::<super::tls::PeerInfo>().cloned().unwrap_or_default();
-        let peer = info.addr.or_else(|| request.remote_addr());
+        // Every connection comes through `tls::incoming`, which records its address.
+        let peer = info.addr;
         if let Some(trust_domain) = &self.authenticate
             && info.identity.is_none()
         {

@@ -34,8 +34,6 @@ pub struct PeerInfo {
     /// The SPIFFE ID of a verified client certificate (mesh mTLS); `None` without one, and
     /// always `None` when the control plane is plaintext.
     pub identity: Option<Arc<str>>,
-    /// Whether the connection is TLS at all.
-    pub tls: bool,
 }
 
 /// One accepted connection, TLS or (without identities) plain TCP.
@@ -210,10 +208,7 @@ pub fn incoming(
             tokio::spawn(async move {
                 let _slot = slot;
                 let conn = match tls {
-                    None => ControlConn {
-                        io: Io::Plain(stream),
-                        info: PeerInfo { addr: Some(addr), identity: None, tls: false },
-                    },
+                    None => ControlConn { io: Io::Plain(stream), info: PeerInfo { addr: Some(addr), identity: None } },
                     Some(tls) => {
                         let accept = tokio_rustls::TlsAcceptor::from(tls.current()).accept(stream);
                         let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
@@ -236,10 +231,7 @@ pub fn incoming(
                             .and_then(|c| c.first())
                             .and_then(|c| weir_api::spiffe::ids_in_cert(c).into_iter().next())
                             .map(Arc::from);
-                        ControlConn {
-                            io: Io::Tls(Box::new(stream)),
-                            info: PeerInfo { addr: Some(addr), identity, tls: true },
-                        }
+                        ControlConn { io: Io::Tls(Box::new(stream)), info: PeerInfo { addr: Some(addr), identity } }
                     }
                 };
                 let _ = tx.send(Ok(conn)).await;

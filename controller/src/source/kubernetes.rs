@@ -235,7 +235,7 @@ impl KubeSource {
             &client,
             &scopes,
             |scope| WatchSpec {
-                trim: trim_service,
+                trim: trim_meta,
                 fingerprint: fingerprint_object::<KubeService>,
                 label: label("services", scope),
                 kind: "Service",
@@ -517,20 +517,15 @@ where
 /// The annotation declaring a Service's (or, on a pod, the sidecar's inbound) opaque ports.
 pub const OPAQUE_PORTS: &str = "weir.io/opaque-ports";
 
-/// Services keep only Weir's annotations (`weir.io/opaque-ports`).
-fn trim_service(svc: &mut KubeService) {
-    let meta = svc.meta_mut();
+/// Keeps only Weir's annotations (a Service's `weir.io/opaque-ports`) and drops owner
+/// references: what the mesh reads of Services and EndpointSlices.
+fn trim_meta<K: Resource>(o: &mut K) {
+    let meta = o.meta_mut();
     meta.annotations = meta
         .annotations
         .take()
         .map(|a| a.into_iter().filter(|(k, _)| k.starts_with("weir.io/")).collect::<BTreeMap<_, _>>())
         .filter(|a| !a.is_empty());
-    meta.owner_references = None;
-}
-
-fn trim_meta<K: Resource>(o: &mut K) {
-    let meta = o.meta_mut();
-    meta.annotations = None;
     meta.owner_references = None;
 }
 
@@ -764,7 +759,7 @@ mod tests {
                                    {"name": "redis", "port": 6379},
                                    {"name": "http", "port": 80, "appProtocol": "http"}]}
             }));
-            trim_service(&mut svc);
+            trim_meta(&mut svc);
             svc
         };
         let opaque = |svc: &KubeService| -> Vec<u16> {

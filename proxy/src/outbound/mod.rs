@@ -677,7 +677,6 @@ fn should_retry(on: &RetryOn, outcome: &Result<Response<Incoming>, ProxyError>) 
     }
 }
 
-/// The authority a request is for: absolute-form URI or `:authority`, else the Host header.
 /// The request's authority (absolute-form target, else Host), without userinfo: credentials
 /// in a URL (`http://user:pass@web/`) are never forwarded nor matched on.
 pub fn request_authority(parts: &http::request::Parts) -> Option<http::uri::Authority> {
