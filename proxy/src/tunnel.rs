@@ -84,8 +84,7 @@ impl Tunnels {
                 format!("CONNECT to {authority}, an endpoint of mesh service {svc}: send plain HTTP to the service"),
             );
         }
-        let Ok(slot) = self.slots.clone().try_acquire_owned() else {
-            metrics.tunnels.with_label_values(&["error"]).inc();
+        let Some(slot) = self.slot(metrics, &authority) else {
             return refuse(StatusCode::SERVICE_UNAVAILABLE, format!("too many tunnels open (at most {MAX_TUNNELS})"));
         };
         let stream = match tokio::time::timeout(connect_timeout, TcpStream::connect((host.as_str(), port))).await {
@@ -97,31 +96,13 @@ impl Tunnels {
         let upgrade = hyper::upgrade::on(&mut req);
         let (metrics, tunnels) = (metrics.clone(), self.clone());
         tokio::spawn(async move {
-            let _slot = slot;
-            let upgraded = match upgrade.await {
-                Ok(u) => u,
+            match upgrade.await {
+                Ok(upgraded) => tunnels.carry(slot, TokioIo::new(upgraded), stream, &authority, &metrics).await,
                 Err(e) => {
                     metrics.tunnels.with_label_values(&["error"]).inc();
                     tracing::debug!(%authority, error = %e, "CONNECT upgrade failed");
-                    return;
                 }
-            };
-            metrics.tunnels.with_label_values(&["ok"]).inc();
-            metrics.tunnels_active.inc();
-            let grace = tunnels.grace;
-            let drained = async move {
-                tunnels.drain.signaled().await;
-                tokio::time::sleep(grace).await;
-            };
-            tokio::select! {
-                r = pump(TokioIo::new(upgraded), stream, tunnels.idle, tunnels.write, &metrics) => {
-                    if let Err(e) = r {
-                        tracing::debug!(%authority, error = %e, "tunnel ended with an error");
-                    }
-                }
-                _ = drained => tracing::debug!(%authority, "tunnel closed at the end of the drain grace period"),
             }
-            metrics.tunnels_active.dec();
         });
         Response::new(crate::body::empty())
     }

@@ -235,18 +235,18 @@ pub async fn reload(
             _ = tokio::time::sleep(RELOAD_EVERY) => {}
             _ = &mut stop => return,
         }
-        let now = match files_in(&dir) {
-            Ok(f) => Some(f),
+        let (files, present) = match files_in(&dir) {
+            Ok(f) => f,
             Err(e) => {
                 tracing::warn!(error = %e, "reading the identity directory");
                 continue;
             }
         };
-        if now == seen {
+        if seen.as_ref().is_some_and(|(f, p)| *f == files && *p == present) {
             continue;
         }
-        seen = now;
-        match Ca::load(&dir, &trust_domain, lifetime) {
+        seen = Some((files, present.clone()));
+        match Ca::from_files(&dir, files, present, &trust_domain, lifetime) {
             Ok(ca) => {
                 metrics.record(&ca);
                 tracing::info!(dir = %dir.display(), anchors = ca.roots_der.len(), "identity material reloaded");
@@ -305,6 +305,17 @@ impl Ca {
     /// nothing: a missing or partial set is an error naming the file.
     pub fn load(dir: &Path, trust_domain: &str, lifetime: Duration) -> Result<Self, CaError> {
         let (files, present) = files_in(dir)?;
+        Self::from_files(dir, files, present, trust_domain, lifetime)
+    }
+
+    /// The CA from the contents [`files_in`] read from `dir` (named in errors).
+    fn from_files(
+        dir: &Path,
+        files: [&'static str; 3],
+        present: [Option<String>; 3],
+        trust_domain: &str,
+        lifetime: Duration,
+    ) -> Result<Self, CaError> {
         if let Some(missing) = files.iter().zip(&present).find(|(_, p)| p.is_none()) {
             return Err(CaError::File {
                 path: dir.join(missing.0),
