@@ -411,7 +411,9 @@ pub struct Retries {
     /// count as `5xx`, `gateway-error` and `reset`. Default `[gateway-error, connect-failure, reset]`.
     #[serde(default = "default_retry_on")]
     pub retry_on: Vec<String>,
-    /// Retry methods that are not idempotent (POST, PATCH, CONNECT) too. Default false.
+    /// Retry methods that are not idempotent (POST, PATCH, CONNECT) too. Default false. A gRPC
+    /// call (a POST) is retried on the gRPC codes listed in `retryOn` (and on failures the
+    /// application never saw) whatever this says, as gRPC's own retry policy does.
     #[serde(default)]
     pub retry_non_idempotent: bool,
     /// Exponential back-off with full jitter between attempts.

@@ -1,5 +1,6 @@
 //! `weir demo-backend`: a small HTTP/1.1 + h2c server standing in for an application, which
-//! can be told to fail a share of requests or add latency — at start or at run time via
+//! can be told to fail a share of requests (gRPC calls with `UNAVAILABLE`, others with an HTTP
+//! status) or add latency — at start or at run time via
 //! `/_control?fail=0.2&status=503&latency=50ms`.
 //!
 //! Paths: `/` answers with the backend's name (also in the `x-weir-backend` header);
@@ -121,7 +122,15 @@ async fn handle(b: Arc<Behaviour>, req: Request<Incoming>) -> Result<Response<Bo
         tokio::time::sleep(Duration::from_micros(latency)).await;
     }
     let fail = b.fail_ppm.load(Ordering::Relaxed);
-    let mut rsp = if fail > 0 && rand::random_range(0..1_000_000) < fail {
+    let failing = fail > 0 && rand::random_range(0..1_000_000) < fail;
+    let mut rsp = if failing && is_grpc(&req) {
+        // As a gRPC server fails a call: HTTP 200, trailers-only, `UNAVAILABLE`.
+        let mut r = Response::new(full(Bytes::new()));
+        r.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/grpc"));
+        r.headers_mut().insert("grpc-status", http::HeaderValue::from_static("14"));
+        r.headers_mut().insert("grpc-message", http::HeaderValue::from_static("failed on purpose"));
+        r
+    } else if failing {
         let mut r = Response::new(full(format!("{} failed on purpose\n", b.name)));
         *r.status_mut() =
             StatusCode::from_u16(b.fail_status.load(Ordering::Relaxed)).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);

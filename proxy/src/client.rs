@@ -22,8 +22,9 @@ use tokio::net::TcpStream;
 
 use crate::body::Body;
 use crate::errors::{ProxyError, chain, is_refused_stream};
+use crate::replay::ReplayBody;
 
-type Slot = Arc<tokio::sync::Mutex<Option<http2::SendRequest<Body>>>>;
+type Slot = Arc<tokio::sync::Mutex<SlotState>>;
 /// A pooled connection: (address, the peer identity it was verified for when over TLS).
 type PoolAddr = (SocketAddr, Option<Arc<str>>);
 
@@ -258,6 +259,17 @@ pub struct H2Pool {
     connect_timeout: Duration,
 }
 
+/// The connection to one address, and what became of the last attempt to make one.
+#[derive(Default)]
+struct SlotState {
+    sender: Option<http2::SendRequest<Body>>,
+    /// Counts connections made, so that a request can retire the one it used, not a newer one.
+    generation: u64,
+    /// The last connect failed at this instant, for this reason: requests that were already
+    /// waiting share the failure rather than each trying (and timing out) in turn.
+    failed: Option<(tokio::time::Instant, String)>,
+}
+
 impl H2Pool {
     fn new(connect_timeout: Duration) -> Self {
         Self { conns: Arc::default(), connect_timeout }
@@ -278,6 +290,10 @@ impl H2Pool {
     /// Like [`send`](Self::send), over mutual TLS when `tls` is given (the connection is
     /// then separate from any plaintext one to the same address, and from one verified for
     /// another identity). The TLS configuration is only built when a connection is made.
+    ///
+    /// When the peer says it never processed the request (REFUSED_STREAM, or a GOAWAY below
+    /// the request's stream), the connection is retired: the next request (or the caller's
+    /// replay, see [`replaying`]) opens a new one.
     pub async fn send_tls(
         &self,
         addr: SocketAddr,
@@ -286,21 +302,37 @@ impl H2Pool {
         tls: Option<&TlsTarget>,
     ) -> Result<Response<Incoming>, ProxyError> {
         let connect = opts.connect.unwrap_or(self.connect_timeout);
-        let mut sender = self.sender(addr, connect, tls).await?;
-        match sender.try_send_request(req).await {
-            Ok(rsp) => Ok(rsp),
+        let (mut sender, generation) = self.sender(addr, connect, tls).await?;
+        let result = match sender.try_send_request(req).await {
+            Ok(rsp) => return Ok(rsp),
             Err(mut e) => match e.take_message() {
-                Some(req) if !self.is_usable(&sender) => {
-                    let mut sender = self.sender(addr, connect, tls).await?;
-                    sender.send_request(req).await.map_err(|e| upstream(addr, &e))
+                Some(req) => {
+                    self.retire(addr, tls, generation);
+                    let (mut sender, generation) = self.sender(addr, connect, tls).await?;
+                    let result = sender.send_request(req).await;
+                    result.map_err(|e| (upstream(addr, &e), generation))
                 }
-                _ => Err(upstream(addr, e.error())),
+                None => Err((upstream(addr, e.error()), generation)),
             },
-        }
+        };
+        result.map_err(|(e, generation)| {
+            if e.unprocessed() {
+                self.retire(addr, tls, generation);
+            }
+            e
+        })
     }
 
-    fn is_usable(&self, s: &http2::SendRequest<Body>) -> bool {
-        !s.is_closed()
+    /// Forgets the connection of `generation` to `addr`, if it is still the pooled one.
+    fn retire(&self, addr: SocketAddr, tls: Option<&TlsTarget>, generation: u64) {
+        let key = (addr, tls.map(|t| t.expected.clone()));
+        let Some(slot) = self.conns.lock().unwrap().get(&key).cloned() else { return };
+        // A request holding the lock is connecting anew: nothing to retire then.
+        if let Ok(mut g) = slot.try_lock()
+            && g.generation == generation
+        {
+            g.sender = None;
+        }
     }
 
     async fn sender(
@@ -308,20 +340,37 @@ impl H2Pool {
         addr: SocketAddr,
         connect: Duration,
         tls: Option<&TlsTarget>,
-    ) -> Result<http2::SendRequest<Body>, ProxyError> {
+    ) -> Result<(http2::SendRequest<Body>, u64), ProxyError> {
         let key = (addr, tls.map(|t| t.expected.clone()));
         let slot = self.conns.lock().unwrap().entry(key).or_default().clone();
+        let waited_from = tokio::time::Instant::now();
         let mut guard = slot.lock().await;
-        if let Some(s) = guard.as_ref()
+        if let Some(s) = guard.sender.as_ref()
             && !s.is_closed()
         {
-            return Ok(s.clone());
+            return Ok((s.clone(), guard.generation));
+        }
+        if let Some((at, reason)) = &guard.failed
+            && *at >= waited_from
+        {
+            return Err(ProxyError::Connect { addr, reason: reason.clone() });
         }
         // Boxed: connecting (TCP, TLS and HTTP/2 handshakes) is rare, and its state would
         // otherwise make every request's future larger.
-        let s = Box::pin(self.connect(addr, connect, tls)).await?;
-        *guard = Some(s.clone());
-        Ok(s)
+        match Box::pin(self.connect(addr, connect, tls)).await {
+            Ok(s) => {
+                guard.generation += 1;
+                guard.sender = Some(s.clone());
+                guard.failed = None;
+                Ok((s, guard.generation))
+            }
+            Err(e) => {
+                if let ProxyError::Connect { reason, .. } = &e {
+                    guard.failed = Some((tokio::time::Instant::now(), reason.clone()));
+                }
+                Err(e)
+            }
+        }
     }
 
     async fn connect(
@@ -363,4 +412,35 @@ impl H2Pool {
 
 fn upstream(addr: SocketAddr, e: &hyper::Error) -> ProxyError {
     ProxyError::Upstream { addr, reason: chain(e), refused: is_refused_stream(e) }
+}
+
+/// Most times one attempt is sent again because the upstream never processed it.
+const MAX_UNPROCESSED_REPLAYS: u32 = 3;
+
+/// Sends a copy of `body` with `send`; while the upstream answers that it never processed
+/// the request (a refused stream, a GOAWAY below it, a connection that closed before taking
+/// it), sends it again on a new connection, as Envoy and Linkerd do: no retry policy, budget
+/// or back-off is involved, since the application never saw the request. Counted in
+/// `replays` under `direction`. Stops when the body has grown past what [`ReplayBody`] keeps.
+pub async fn replaying<F, Fut>(
+    body: &ReplayBody,
+    (replays, direction): (&prometheus::IntCounterVec, &str),
+    mut send: F,
+) -> Result<Response<Incoming>, ProxyError>
+where
+    F: FnMut(Body) -> Fut,
+    Fut: std::future::Future<Output = Result<Response<Incoming>, ProxyError>>,
+{
+    let mut replayed = 0;
+    loop {
+        let copy = body.replay().ok_or(ProxyError::ClientBody { reason: "request body not replayable".into() })?;
+        match send(crate::body::boxed(copy)).await {
+            Err(e) if e.unprocessed() && replayed < MAX_UNPROCESSED_REPLAYS && body.replayable() => {
+                tracing::debug!(error = %e, "upstream did not process the request: sending it again");
+                replays.with_label_values(&[direction]).inc();
+                replayed += 1;
+            }
+            result => return result,
+        }
+    }
 }

@@ -65,6 +65,11 @@ impl ProxyError {
         }
     }
 
+    /// The upstream never processed the request (see [`is_refused_stream`]).
+    pub fn unprocessed(&self) -> bool {
+        matches!(self, ProxyError::Upstream { refused: true, .. })
+    }
+
     /// The gRPC status a gRPC caller gets instead of the HTTP status.
     pub fn grpc_status(&self) -> u32 {
         match self {
@@ -120,13 +125,14 @@ pub fn grpc_error(code: u32, message: &str) -> Response<Body> {
     rsp
 }
 
-/// Whether an error (or one of its causes) is an HTTP/2 REFUSED_STREAM: the peer did not
-/// process the request, so it is always safe to retry.
+/// Whether an error (or one of its causes) says the HTTP/2 peer did not process the request,
+/// so it is always safe to send again: REFUSED_STREAM, or the peer's GOAWAY naming a last
+/// stream below this one (RFC 9113 §6.8).
 pub fn is_refused_stream(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut cur = Some(e);
     while let Some(c) = cur {
         if let Some(h2) = c.downcast_ref::<h2::Error>()
-            && h2.reason() == Some(h2::Reason::REFUSED_STREAM)
+            && (h2.reason() == Some(h2::Reason::REFUSED_STREAM) || (h2.is_go_away() && h2.is_remote()))
         {
             return true;
         }

@@ -12,7 +12,9 @@
 //! - [`server`]: the accept loop with protocol detection and draining.
 //! - [`tunnel`]: opaque byte streams (CONNECT, and redirected TCP in both directions).
 //! - [`errors`]: proxy-made responses, mapped to HTTP in one place.
+//! - [`grpc`]: a gRPC call's outcome from its trailers (metrics, breakers, retries).
 //! - [`body`]: body types and hop-by-hop header handling.
+//! - [`replay`]: request bodies kept (bounded) so an attempt can be sent again.
 //! - [`metrics`]: Prometheus series and the Reports sent to the controller.
 //! - [`admin`]: `/live`, `/ready`, `/metrics`, `/config`.
 //! - [`init`]: `weir-proxy init`, the iptables rules for transparent interception.
@@ -25,11 +27,13 @@ pub mod client;
 pub mod config;
 pub mod control;
 pub mod errors;
+pub mod grpc;
 pub mod identity;
 pub mod inbound;
 pub mod init;
 pub mod metrics;
 pub mod outbound;
+pub mod replay;
 pub mod server;
 pub mod tls;
 pub mod trace;

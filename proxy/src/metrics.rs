@@ -11,6 +11,11 @@ use weir_api::rt::unix_ms;
 use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 use weir_api::proto;
 
+use http::Response;
+
+use crate::body::Body;
+
+use crate::grpc::Outcome;
 use crate::outbound::resilience::ResilienceMetrics;
 
 /// Latency bucket upper bounds (seconds): sub-millisecond to tens of seconds.
@@ -57,8 +62,8 @@ impl Labels {
 pub struct Metrics {
     registry: Registry,
     requests: IntCounterVec,
-    responses: IntCounterVec,
-    duration: HistogramVec,
+    /// What a finished request updates; shared with responses whose outcome comes later.
+    finished: Arc<Finished>,
     pub active_connections: IntGaugeVec,
     pub connections: IntCounterVec,
     pub snapshots_applied: IntCounter,
@@ -77,9 +82,16 @@ pub struct Metrics {
     pub tunnels: IntCounterVec,
     pub tunnels_active: IntGauge,
     pub tunnel_bytes: IntCounterVec,
+    /// Requests sent again because the upstream never processed them, by direction.
+    pub replays: IntCounterVec,
     pub resilience: ResilienceMetrics,
     pub identity: crate::identity::IdentityMetrics,
-    report: Arc<Mutex<ReportAcc>>,
+}
+
+struct Finished {
+    responses: IntCounterVec,
+    duration: HistogramVec,
+    report: Mutex<ReportAcc>,
 }
 
 #[derive(Default)]
@@ -104,8 +116,11 @@ impl Metrics {
             IntCounterVec::new(Opts::new("weir_requests_total", "HTTP requests the proxy handled"), &req_labels)
                 .unwrap();
         let responses = IntCounterVec::new(
-            Opts::new("weir_responses_total", "HTTP responses by status code and class"),
-            &["direction", "service", "route", "backend", "tls", "status_code", "status_class"],
+            Opts::new(
+                "weir_responses_total",
+                "Responses by HTTP status code and class, gRPC status (empty when not gRPC) and classification (success, failure, cancelled: the verdict reports and canary analysis use)",
+            ),
+            &["direction", "service", "route", "backend", "tls", "status_code", "status_class", "grpc_status", "classification"],
         )
         .unwrap();
         let duration = HistogramVec::new(
@@ -192,8 +207,18 @@ impl Metrics {
         )
         .unwrap();
         registry.register(Box::new(tunnel_bytes.clone())).unwrap();
+        let replays = IntCounterVec::new(
+            Opts::new(
+                "weir_upstream_replays_total",
+                "Requests sent again on a new connection because the upstream never processed them (REFUSED_STREAM, above a GOAWAY's last stream, connection closed first)",
+            ),
+            &["direction"],
+        )
+        .unwrap();
+        registry.register(Box::new(replays.clone())).unwrap();
         let identity = crate::identity::IdentityMetrics::register(&registry);
         Self {
+            replays,
             refused,
             tcp_connections,
             tls_handshake_failures,
@@ -206,14 +231,16 @@ impl Metrics {
             resilience,
             registry,
             requests,
-            responses,
-            duration,
+            finished: Arc::new(Finished {
+                responses,
+                duration,
+                report: Mutex::new(ReportAcc { since_ms: unix_ms(), series: HashMap::new() }),
+            }),
             active_connections,
             connections,
             snapshots_applied,
             snapshots_rejected,
             control_connected,
-            report: Arc::new(Mutex::new(ReportAcc { since_ms: unix_ms(), series: HashMap::new() })),
         }
     }
 
@@ -221,13 +248,54 @@ impl Metrics {
         self.requests.with_label_values(&[l.direction.as_str(), &l.service, &l.route, &l.backend, l.tls_str()]).inc();
     }
 
-    /// Records a finished request; `status` is `None` when no response came at all.
-    pub fn request_finished(&self, l: &Labels, status: u16, elapsed: Duration) {
+    /// Records a finished request: the HTTP `status` it answered with, its [`Outcome`] (for
+    /// gRPC, known only once the trailers pass), and `elapsed` to the response headers.
+    pub fn request_finished(&self, l: &Labels, status: u16, outcome: Outcome, elapsed: Duration) {
+        self.finished.record(l, status, outcome, elapsed);
+    }
+
+    /// Records `rsp` as the answer to a request with `labels`, `elapsed` after it started: now,
+    /// or for a gRPC response with a body, once its trailers say how the call ended.
+    pub fn response(&self, labels: Labels, rsp: Response<Body>, elapsed: Duration) -> Response<Body> {
+        let status = rsp.status().as_u16();
+        let finished = self.finished.clone();
+        crate::grpc::watch(rsp, Box::new(move |outcome| finished.record(&labels, status, outcome, elapsed)))
+    }
+
+    /// Takes everything recorded since the last report.
+    pub fn take_report(&self) -> proto::Report {
+        self.finished.take_report()
+    }
+
+    /// Puts an unsent report back so its counts go out with the next one.
+    pub fn restore_report(&self, report: proto::Report) {
+        self.finished.restore_report(report)
+    }
+
+    pub fn render(&self) -> String {
+        weir_api::rt::render_metrics(&self.registry)
+    }
+}
+
+impl Finished {
+    fn record(&self, l: &Labels, status: u16, outcome: Outcome, elapsed: Duration) {
         let class = status_class(status);
         let code = status.to_string();
         let d = l.direction.as_str();
         let tls = l.tls_str();
-        self.responses.with_label_values(&[d, &l.service, &l.route, &l.backend, tls, &code, class]).inc();
+        self.responses
+            .with_label_values(&[
+                d,
+                &l.service,
+                &l.route,
+                &l.backend,
+                tls,
+                &code,
+                class,
+                outcome.grpc_label(),
+                outcome.class_label(),
+            ])
+            .inc();
         self.duration
             .with_label_values(&[d, &l.service, &l.route, &l.backend, tls, class])
             .observe(elapsed.as_secs_f64());
@@ -242,7 +310,7 @@ impl Metrics {
             .entry(key.into_owned())
             .or_insert_with(|| Stats { counts: vec![0; LATENCY_BOUNDS.len() + 1], ..Default::default() });
         s.requests += 1;
-        if status >= 500 {
+        if outcome.failed() {
             s.failures += 1;
         }
         let secs = elapsed.as_secs_f64();
@@ -251,8 +319,7 @@ impl Metrics {
         s.sum += secs;
     }
 
-    /// Takes everything recorded since the last report.
-    pub fn take_report(&self) -> proto::Report {
+    fn take_report(&self) -> proto::Report {
         let mut acc = self.report.lock().unwrap();
         let now = unix_ms();
         let series = std::mem::take(&mut acc.series);
@@ -277,8 +344,7 @@ impl Metrics {
         }
     }
 
-    /// Puts an unsent report back so its counts go out with the next one.
-    pub fn restore_report(&self, report: proto::Report) {
+    fn restore_report(&self, report: proto::Report) {
         let mut acc = self.report.lock().unwrap();
         acc.since_ms = acc.since_ms.min(report.window_start_ms);
         for t in report.stats {
@@ -301,10 +367,6 @@ impl Metrics {
                 *a += b;
             }
         }
-    }
-
-    pub fn render(&self) -> String {
-        weir_api::rt::render_metrics(&self.registry)
     }
 }
 
@@ -338,8 +400,8 @@ mod tests {
             backend: "ns/a".into(),
             tls: false,
         };
-        m.request_finished(&l, 200, Duration::from_micros(300));
-        m.request_finished(&l, 503, Duration::from_millis(3));
+        m.request_finished(&l, 200, Outcome::Http(200), Duration::from_micros(300));
+        m.request_finished(&l, 503, Outcome::Http(503), Duration::from_millis(3));
         let r = m.take_report();
         assert_eq!(r.stats.len(), 1);
         assert_eq!((r.stats[0].requests, r.stats[0].failures), (2, 1));
@@ -347,8 +409,15 @@ mod tests {
         assert_eq!(r.stats[0].latency_counts[3], 1);
         assert!(m.take_report().stats.is_empty());
         m.restore_report(r);
-        m.request_finished(&l, 200, Duration::from_micros(300));
+        m.request_finished(&l, 200, Outcome::Http(200), Duration::from_micros(300));
         assert_eq!(m.take_report().stats[0].requests, 3);
+        // A gRPC call answered 200 that failed counts as a failure; a cancelled one does not.
+        m.request_finished(&l, 200, Outcome::Grpc(14), Duration::from_micros(300));
+        m.request_finished(&l, 200, Outcome::Cancelled, Duration::from_micros(300));
+        m.request_finished(&l, 200, Outcome::Grpc(0), Duration::from_micros(300));
+        let r = m.take_report();
+        assert_eq!((r.stats[0].requests, r.stats[0].failures), (3, 1));
+        assert!(m.render().contains("grpc_status=\"14\""), "{}", m.render());
         assert!(m.render().contains("weir_responses_total{backend=\"ns/a\""));
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod chart;
 pub mod fake_kube;
+pub mod grpc_app;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -26,6 +26,7 @@ use crate::errors::ProxyError;
 use crate::metrics::{Direction, Labels, Metrics};
 use crate::outbound::request_authority;
 use crate::outbound::resilience::Resilience;
+use crate::replay::{MAX_REPLAY_BODY, ReplayBody};
 
 /// What the inbound path shares with the rest of the sidecar.
 pub struct Shared {
@@ -170,24 +171,19 @@ impl Inbound {
                 .or_else(|| self.rate_limited(config, &req, client, peer.identity.as_deref())),
             None => Some(ProxyError::NotReady),
         };
+        let grpc = crate::grpc::is_grpc(req.headers());
         if let Some(e) = refused {
-            let grpc =
-                req.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-            let status = e.status().as_u16();
-            let rsp = e.into_response_for(grpc);
-            self.metrics.request_finished(&labels, status, started.elapsed());
-            return rsp;
+            return self.metrics.response(labels, e.into_response_for(grpc), started.elapsed());
         }
         let result = self.forward(req, app).await;
         let rsp = match result {
             Ok(rsp) => rsp,
             Err(e) => {
                 tracing::debug!(error = %e, "inbound request failed");
-                e.into_response()
+                e.into_response_for(grpc)
             }
         };
-        self.metrics.request_finished(&labels, rsp.status().as_u16(), started.elapsed());
-        rsp
+        self.metrics.response(labels, rsp, started.elapsed())
     }
 
     /// Applies the MeshAuthorizations that select this workload. An allowed request with a
@@ -304,19 +300,28 @@ impl Inbound {
         strip_hop_by_hop(&mut parts.headers);
         let authority = request_authority(&parts).map(|a| a.to_string()).unwrap_or_else(|| app.to_string());
         let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
-        let rsp = if version == Version::HTTP_2 {
+        if version == Version::HTTP_2 {
             parts.uri = format!("http://{authority}{pq}").parse().map_err(|_| ProxyError::NoAuthority)?;
-            parts.version = Version::HTTP_2;
-            self.clients.h2.send(app, Request::from_parts(parts, boxed(body)), ConnectOpts::default()).await?
-        } else {
-            if parts.headers.get(header::HOST).is_none()
-                && let Ok(v) = HeaderValue::from_str(&authority)
-            {
-                parts.headers.insert(header::HOST, v);
+        } else if parts.headers.get(header::HOST).is_none()
+            && let Ok(v) = HeaderValue::from_str(&authority)
+        {
+            parts.headers.insert(header::HOST, v);
+        }
+        parts.version = version;
+        // An application that turns its connections over (GOAWAY after N requests) never
+        // fails a request it did not process: that one goes again on a new connection.
+        let body = ReplayBody::new(boxed(body), MAX_REPLAY_BODY);
+        let rsp = crate::client::replaying(&body, (&self.metrics.replays, "inbound"), |body| {
+            let req = Request::from_parts(crate::outbound::rebuild(&parts), body);
+            async move {
+                if version == Version::HTTP_2 {
+                    self.clients.h2.send(app, req, ConnectOpts::default()).await
+                } else {
+                    self.clients.send_h1(app, req, ConnectOpts::default()).await
+                }
             }
-            parts.version = version;
-            self.clients.send_h1(app, Request::from_parts(parts, boxed(body)), ConnectOpts::default()).await?
-        };
+        })
+        .await?;
         let (mut rparts, rbody) = rsp.into_parts();
         strip_hop_by_hop(&mut rparts.headers);
         rparts.version = client_version;

@@ -158,22 +158,29 @@ impl Table {
     }
 }
 
-/// Marks a request in flight on an endpoint; records its latency on [`InFlight::done`] and
-/// releases the slot when dropped.
+/// Marks a request in flight on an endpoint; records its latency on [`InFlight::answered`]
+/// and releases the slot then (or when dropped unanswered).
 pub struct InFlight {
     stats: Arc<EndpointStats>,
     started: Instant,
 }
 
 impl InFlight {
-    /// The request succeeded: its latency feeds the endpoint's average.
-    pub fn done(self) {
+    /// The endpoint answered (its response headers came, or the attempt failed): the latency
+    /// feeds its average. The returned [`Late`] marks the request failed once that is known.
+    pub fn answered(self) -> Late {
         self.stats.observe(self.started.elapsed());
+        Late(self.stats.clone())
     }
+}
 
-    /// The request failed: it counts as at least [`FAILURE_RTT`].
+/// An answered request whose outcome may still come (a gRPC status in the trailers).
+pub struct Late(Arc<EndpointStats>);
+
+impl Late {
+    /// The request failed: the endpoint's cost rises as if it had taken [`FAILURE_RTT`].
     pub fn failed(self) {
-        self.stats.observe(self.started.elapsed().max(FAILURE_RTT));
+        self.0.observe(FAILURE_RTT);
     }
 }
 
@@ -188,9 +195,30 @@ impl Balancer {
         self.stats.lock().unwrap().entry(addr).or_insert_with(|| Arc::new(EndpointStats::new())).clone()
     }
 
-    /// Picks one of `endpoints` (two random candidates, the cheaper wins).
+    /// Picks one of `endpoints`: two random candidates, the cheaper wins. When their weights
+    /// differ, each endpoint is chosen in proportion to its weight divided by its cost instead
+    /// (as Envoy's least-request balancer does with unequal weights): equal latencies give the
+    /// weights' shares, and a slow or failing endpoint still loses its traffic.
     pub fn pick<'a>(&self, endpoints: &[&'a Endpoint]) -> Option<(&'a Endpoint, InFlight)> {
-        let chosen = self.p2c(endpoints, |s, now| s.cost(now))?;
+        let first = endpoints.first()?;
+        let chosen = if endpoints.iter().all(|e| e.weight == first.weight) {
+            self.p2c(endpoints, |s, now| s.cost(now))?
+        } else {
+            let now = Instant::now();
+            let shares: Vec<f64> =
+                endpoints.iter().map(|e| f64::from(e.weight) / self.stats(e.addr).cost(now)).collect();
+            let total: f64 = shares.iter().sum();
+            let mut x = rand::random::<f64>() * total;
+            let mut chosen = endpoints[endpoints.len() - 1];
+            for (e, share) in endpoints.iter().zip(&shares) {
+                if x < *share {
+                    chosen = e;
+                    break;
+                }
+                x -= share;
+            }
+            chosen
+        };
         Some(self.start(chosen))
     }
 
@@ -343,11 +371,11 @@ mod tests {
         let list = [&good, &bad];
         // The failing endpoint answers in microseconds, but each answer is a failure.
         let (_, guard) = b.start(&bad);
-        guard.failed();
+        guard.answered().failed();
         for _ in 0..50 {
             let (chosen, guard) = b.pick(&list).unwrap();
             assert_eq!(chosen.addr, good.addr);
-            guard.done();
+            guard.answered();
         }
         // A success later brings it back into play.
         b.stats(bad.addr).observe(Duration::from_micros(1));
@@ -463,6 +491,23 @@ mod algorithm_tests {
         for _ in 0..20 {
             assert_ne!(b.pick_with(LbAlgorithm::LeastRequest, &state(), None, &refs).unwrap().0.addr, busy);
         }
+    }
+
+    #[test]
+    fn the_default_balancer_honours_weights_and_still_shuns_failures() {
+        let b = Balancer::default();
+        let list = eps(2, |p| if p == 1 { 3 } else { 1 });
+        let refs: Vec<_> = list.iter().collect();
+        for e in &list {
+            b.stats(e.addr).observe(Duration::from_millis(2));
+        }
+        let heavy = (0..8_000).filter(|_| b.pick(&refs).unwrap().0.addr.port() == 1).count();
+        // 75 % of 8 000, σ ≈ 39: ±300 is over 7 σ.
+        assert!((5_700..=6_300).contains(&heavy), "{heavy}");
+        // The heavier endpoint failing: its share collapses although its weight is 3.
+        b.stats(list[0].addr).observe(FAILURE_RTT);
+        let heavy = (0..1_000).filter(|_| b.pick(&refs).unwrap().0.addr.port() == 1).count();
+        assert!(heavy < 50, "{heavy}");
     }
 
     #[test]

@@ -15,20 +15,19 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::Bytes;
 use http::{HeaderValue, Request, Response, Version, header};
-use http_body::Body as _;
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::sync::watch;
 
 use tokio::sync::OwnedSemaphorePermit;
 
-use crate::body::{Body, ORIG_PROTO, boxed, full, strip_hop_by_hop, with_guard, with_idle_timeout};
+use crate::body::{Body, ORIG_PROTO, boxed, strip_hop_by_hop, with_guard, with_idle_timeout};
 use crate::client::{Clients, TlsTarget};
 use crate::config::{Abort, Config, Endpoint, HashKey, Policy, RetryOn};
 use crate::errors::{ProxyError, grpc_error};
+use crate::grpc::is_grpc;
 use crate::metrics::{Direction, Labels, Metrics};
+use crate::replay::{MAX_REPLAY_BODY, ReplayBody};
 
 #[derive(Clone)]
 pub struct Outbound {
@@ -47,9 +46,6 @@ pub struct Outbound {
     pub access_log: bool,
 }
 
-/// Request bodies up to this size are kept so that a retry can replay them.
-const MAX_REPLAY_BODY: u64 = 64 * 1024;
-
 /// What one request needs on its way upstream, decided before the first attempt.
 struct Call<'a> {
     config: &'a Config,
@@ -60,22 +56,6 @@ struct Call<'a> {
     version: Version,
     authority: String,
     client: SocketAddr,
-}
-
-enum RequestBody {
-    /// Sent once, streamed.
-    Streaming(Option<Incoming>),
-    /// Small enough to replay on a retry.
-    Buffered(Bytes),
-}
-
-impl RequestBody {
-    fn next(&mut self) -> Body {
-        match self {
-            RequestBody::Streaming(b) => b.take().map(boxed).unwrap_or_else(crate::body::empty),
-            RequestBody::Buffered(b) => full(b.clone()),
-        }
-    }
 }
 
 /// The backend Service that served (or failed) a request, for the access log.
@@ -290,12 +270,11 @@ impl Outbound {
         if let Some(p) = &policy
             && let Some(early) = self.before_upstream(p, &labels, &parts, client).await
         {
-            let (status, e) = match early {
-                Early::Fail(e) => (e.status().as_u16(), e.into_response_for(grpc)),
-                Early::Grpc(code) => (200, grpc_error(code, "fault injected")),
+            let rsp = match early {
+                Early::Fail(e) => e.into_response_for(grpc),
+                Early::Grpc(code) => grpc_error(code, "fault injected"),
             };
-            self.metrics.request_finished(&labels, status, started.elapsed());
-            return e;
+            return self.metrics.response(labels, rsp, started.elapsed());
         }
         // The tighter of the route's and the policy's request timeouts bounds every attempt.
         let deadline = [target.timeout, policy.as_ref().and_then(|p| p.request_timeout)].into_iter().flatten().min();
@@ -318,14 +297,12 @@ impl Outbound {
             }
             None => limited.await,
         };
-        let (mut rsp, attempts) = match result {
+        let (rsp, attempts) = match result {
             Ok((rsp, attempts, slot)) => {
-                let (mut rparts, rbody) = rsp.into_parts();
+                let (mut rparts, mut body) = rsp.into_parts();
                 strip_hop_by_hop(&mut rparts.headers);
                 rparts.headers.remove(&ORIG_PROTO);
                 rparts.version = version;
-                self.metrics.request_finished(&labels, rparts.status.as_u16(), started.elapsed());
-                let mut body = boxed(rbody);
                 if let Some(idle) = call_idle {
                     body = with_idle_timeout(body, idle);
                 }
@@ -336,14 +313,15 @@ impl Outbound {
             }
             Err((e, attempts)) => {
                 tracing::debug!(service = %labels.service, backend = %labels.backend, error = %e, "outbound request failed");
-                self.metrics.request_finished(&labels, e.status().as_u16(), started.elapsed());
                 (e.into_response_for(grpc), attempts)
             }
         };
+        let backend = labels.backend.clone();
+        let mut rsp = self.metrics.response(labels, rsp, started.elapsed());
         if attempts > 1 {
             rsp.headers_mut().insert(ATTEMPTS.clone(), HeaderValue::from(attempts));
         }
-        rsp.extensions_mut().insert(Upstream(labels.backend.clone()));
+        rsp.extensions_mut().insert(Upstream(backend));
         rsp
     }
 
@@ -397,7 +375,7 @@ impl Outbound {
         call: &Call<'_>,
         parts: http::request::Parts,
         body: Incoming,
-    ) -> Result<(Response<Incoming>, u32, Option<OwnedSemaphorePermit>), (ProxyError, u32)> {
+    ) -> Result<(Response<Body>, u32, Option<OwnedSemaphorePermit>), (ProxyError, u32)> {
         let policy = call.policy.as_ref();
         let slot = match policy.and_then(|p| p.bulkhead.map(|b| (p, b))) {
             None => None,
@@ -420,14 +398,15 @@ impl Outbound {
 
     /// Sends the request, retrying as the policy allows. Returns the final answer and how many
     /// attempts were made. The order of what each attempt meets is written here:
-    /// circuit breaker → balancer (another endpoint on a retry) → per-try timeout → upstream;
-    /// then retry classification → retry budget → back-off.
+    /// circuit breaker → balancer (another endpoint on a retry) → per-try timeout → upstream
+    /// (sent again at once if the upstream never processed it); then retry classification →
+    /// retry budget → back-off.
     async fn attempts(
         &self,
         call: &Call<'_>,
         parts: http::request::Parts,
         body: Incoming,
-    ) -> Result<(Response<Incoming>, u32), (ProxyError, u32)> {
+    ) -> Result<(Response<Body>, u32), (ProxyError, u32)> {
         let service = &*call.labels.service;
         let backend = call.target.backend.to_string();
         let endpoints: Vec<_> = call
@@ -439,28 +418,24 @@ impl Outbound {
             return Err((ProxyError::NoEndpoints { backend }, 0));
         }
         let rm = &self.resilience.metrics;
-        let mut retry = call.policy.as_ref().and_then(|p| p.retry.clone()).filter(|r| r.retries > 0);
-        let mut body = RequestBody::Streaming(Some(body));
-        if let Some(r) = &retry {
-            if !r.non_idempotent && !is_idempotent(&parts.method) {
+        let policy = call.policy.as_ref();
+        let mut retry = policy.and_then(|p| p.retry.clone()).filter(|r| r.retries > 0);
+        // gRPC calls are POSTs: a policy that lists gRPC codes retries them on those codes (and
+        // on failures the application never saw), as gRPC's own retry policy does.
+        let grpc = is_grpc(&parts.headers);
+        let mut safe_only = false;
+        if let Some(r) = &retry
+            && !r.non_idempotent
+            && !is_idempotent(&parts.method)
+        {
+            if grpc && !r.on.grpc.is_empty() {
+                safe_only = true;
+            } else {
                 rm.retries_skipped.with_label_values(&[service, "method"]).inc();
                 retry = None;
-            } else {
-                match replayable(body) {
-                    Replay::Now(b) => body = RequestBody::Buffered(b),
-                    Replay::Collect(b) => match b.collect().await {
-                        Ok(collected) => body = RequestBody::Buffered(collected.to_bytes()),
-                        Err(e) => return Err((ProxyError::ClientBody { reason: e.to_string() }, 0)),
-                    },
-                    Replay::No(b) => {
-                        rm.retries_skipped.with_label_values(&[service, "body"]).inc();
-                        body = b;
-                        retry = None;
-                    }
-                }
             }
         }
-        let policy = call.policy.as_ref();
+        let body = ReplayBody::new(boxed(body), MAX_REPLAY_BODY);
         let budget = retry.as_ref().zip(policy).map(|(r, p)| self.resilience.budget(&p.name, r.budget));
         if let Some(b) = &budget {
             b.deposit();
@@ -477,6 +452,9 @@ impl Outbound {
             .and_then(|k| hash_key(k, &parts, call.client));
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut attempt: u32 = 0;
+        // The previous attempt's answer, kept through the back-off: if the breaker then refuses
+        // the retry, the client gets that real answer, not a made-up 503.
+        let mut previous: Option<Result<Response<Body>, ProxyError>> = None;
         loop {
             attempt += 1;
             let permit = match &breaker {
@@ -484,12 +462,16 @@ impl Outbound {
                     Ok(p) => Some(p),
                     Err(()) => {
                         rm.circuit_rejected.with_label_values(&[service, &backend]).inc();
-                        return Err((ProxyError::CircuitOpen { backend }, attempt - 1));
+                        return match previous {
+                            Some(outcome) => outcome.map(|rsp| (rsp, attempt - 1)).map_err(|e| (e, attempt - 1)),
+                            None => Err((ProxyError::CircuitOpen { backend }, attempt - 1)),
+                        };
                     }
                 },
                 None => None,
             };
-            let pass = breaker.as_deref().zip(permit).map(|(b, p)| BreakerPass::new(b, p));
+            drop(previous.take());
+            let pass = breaker.clone().zip(permit).map(|(b, p)| BreakerPass::new(b, p));
             // Ejected endpoints are skipped; a retry goes to an endpoint not tried yet, where
             // there is one.
             let mut healthy_now = match &outliers {
@@ -517,37 +499,41 @@ impl Outbound {
             }
             .expect("endpoints is not empty");
             tried.push(endpoint.addr);
+            let verdict =
+                Verdict { pass, outlier: outliers.clone().map(|o| (o, endpoint.addr, endpoints.len())), in_flight };
 
-            let mut request_body = body.next();
-            if let Some(idle) = policy.and_then(|p| p.stream_idle_timeout) {
-                request_body = with_idle_timeout(request_body, idle);
-            }
-            let send = self.send(call, endpoint, rebuild(&parts), request_body);
+            let idle = policy.and_then(|p| p.stream_idle_timeout);
+            let send = crate::client::replaying(&body, (&self.metrics.replays, "outbound"), |mut copy| {
+                if let Some(idle) = idle {
+                    copy = with_idle_timeout(copy, idle);
+                }
+                self.send(call, endpoint, rebuild(&parts), copy)
+            });
             let outcome = match per_try {
                 Some(after) => tokio::time::timeout(after, send).await.unwrap_or(Err(ProxyError::Timeout { after })),
                 None => send.await,
             };
-            let healthy = matches!(&outcome, Ok(r) if r.status().as_u16() < 500);
-            if let Some(pass) = pass {
-                pass.record(healthy);
-            }
-            if let Some(o) = &outliers {
-                o.record(endpoint.addr, healthy, endpoints.len());
-            }
-            if healthy {
-                in_flight.done();
-            } else {
-                in_flight.failed();
-            }
-            let Some(r) = retry.as_ref().filter(|r| attempt <= r.retries && should_retry(&r.on, &outcome)) else {
+            let outcome = match outcome {
+                Ok(rsp) => Ok(verdict.judge(rsp.map(boxed))),
+                Err(e) => {
+                    verdict.failed();
+                    Err(e)
+                }
+            };
+            let Some(r) = retry.as_ref().filter(|r| attempt <= r.retries && should_retry(&r.on, &outcome, safe_only))
+            else {
                 return outcome.map(|rsp| (rsp, attempt)).map_err(|e| (e, attempt));
             };
+            if !body.replayable() {
+                rm.retries_skipped.with_label_values(&[service, "body"]).inc();
+                return outcome.map(|rsp| (rsp, attempt)).map_err(|e| (e, attempt));
+            }
             if !budget.as_ref().is_some_and(|b| b.withdraw()) {
                 rm.budget_exhausted.with_label_values(&[service]).inc();
                 return outcome.map(|rsp| (rsp, attempt)).map_err(|e| (e, attempt));
             }
             rm.retries.with_label_values(&[service]).inc();
-            drop(outcome);
+            previous = Some(outcome);
             tokio::time::sleep(resilience::backoff(attempt, r.backoff_base, r.backoff_max)).await;
         }
     }
@@ -595,6 +581,61 @@ impl Outbound {
     }
 }
 
+/// Who learns how an attempt on an endpoint went: its breaker, its outlier detector and the
+/// balancer. For a gRPC response with a body, only its trailers tell, so the verdict travels
+/// with the body (see [`crate::grpc::watch`]); the balancer takes the latency at the headers.
+struct Verdict {
+    pass: Option<BreakerPass>,
+    outlier: Option<(Arc<resilience::Outliers>, SocketAddr, usize)>,
+    in_flight: balance::InFlight,
+}
+
+/// A [`Verdict`] whose latency is taken, waiting for the outcome.
+struct Judged {
+    pass: Option<BreakerPass>,
+    outlier: Option<(Arc<resilience::Outliers>, SocketAddr, usize)>,
+    late: balance::Late,
+}
+
+impl Verdict {
+    fn answered(self) -> Judged {
+        Judged { pass: self.pass, outlier: self.outlier, late: self.in_flight.answered() }
+    }
+
+    /// Judges `rsp` now, or when its gRPC status passes.
+    fn judge(self, rsp: Response<Body>) -> Response<Body> {
+        let judged = self.answered();
+        match crate::grpc::outcome_at_head(&rsp) {
+            Some(outcome) => {
+                judged.record(outcome.endpoint_failed());
+                rsp
+            }
+            None => crate::grpc::watch(rsp, Box::new(move |outcome| judged.record(outcome.endpoint_failed()))),
+        }
+    }
+
+    /// No answer at all (connect failure, reset, timeout).
+    fn failed(self) {
+        self.answered().record(Some(true));
+    }
+}
+
+impl Judged {
+    /// `None`: no verdict (the client cancelled); a half-open probe gives its slot back.
+    fn record(self, failed: Option<bool>) {
+        let Some(failed) = failed else { return };
+        if let Some(pass) = self.pass {
+            pass.record(!failed);
+        }
+        if let Some((o, addr, total)) = &self.outlier {
+            o.record(*addr, !failed, *total);
+        }
+        if failed {
+            self.late.failed();
+        }
+    }
+}
+
 /// How a request ended before going upstream.
 enum Early {
     Fail(ProxyError),
@@ -619,30 +660,8 @@ fn hash_key(key: &HashKey, parts: &http::request::Parts, client: SocketAddr) -> 
     }
 }
 
-pub fn is_grpc(headers: &http::HeaderMap) -> bool {
-    headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("application/grpc"))
-}
-
 /// Set on responses when more than one attempt was made.
 pub static ATTEMPTS: http::HeaderName = http::HeaderName::from_static("weir-attempts");
-
-enum Replay {
-    Now(Bytes),
-    Collect(http_body_util::Limited<Incoming>),
-    No(RequestBody),
-}
-
-/// Whether a request body can be kept for replay (known to be at most 64 KiB).
-fn replayable(body: RequestBody) -> Replay {
-    let RequestBody::Streaming(Some(b)) = body else { return Replay::Now(Bytes::new()) };
-    if b.is_end_stream() {
-        return Replay::Now(Bytes::new());
-    }
-    match b.size_hint().upper() {
-        Some(n) if n <= MAX_REPLAY_BODY => Replay::Collect(http_body_util::Limited::new(b, MAX_REPLAY_BODY as usize)),
-        _ => Replay::No(RequestBody::Streaming(Some(b))),
-    }
-}
 
 fn is_idempotent(m: &http::Method) -> bool {
     use http::Method;
@@ -650,7 +669,7 @@ fn is_idempotent(m: &http::Method) -> bool {
 }
 
 /// A copy of the request head for another attempt.
-fn rebuild(parts: &http::request::Parts) -> http::request::Parts {
+pub fn rebuild(parts: &http::request::Parts) -> http::request::Parts {
     let mut req = Request::new(());
     *req.method_mut() = parts.method.clone();
     *req.uri_mut() = parts.uri.clone();
@@ -659,19 +678,27 @@ fn rebuild(parts: &http::request::Parts) -> http::request::Parts {
     req.into_parts().0
 }
 
-/// Whether an attempt's outcome is one the policy retries.
-fn should_retry(on: &RetryOn, outcome: &Result<Response<Incoming>, ProxyError>) -> bool {
+/// Whether an attempt's outcome is one the policy retries. A gRPC status is retried when the
+/// response is trailers-only (the call is committed once a response message starts, as in
+/// gRPC's own retry design and Envoy's). `safe_only` (a non-idempotent gRPC call): only its
+/// gRPC codes, and failures the application never saw.
+fn should_retry(on: &RetryOn, outcome: &Result<Response<Body>, ProxyError>, safe_only: bool) -> bool {
     match outcome {
         Ok(rsp) => {
             let s = rsp.status().as_u16();
-            let grpc = rsp.headers().get("grpc-status").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
-            (on.any_5xx && s >= 500)
-                || (on.gateway_error && matches!(s, 502..=504))
-                || on.statuses.contains(&s)
-                || grpc.is_some_and(|c: u32| on.grpc.contains(&c))
+            let grpc = crate::grpc::status_in(rsp.headers());
+            if grpc.is_some_and(|c| on.grpc.contains(&c)) {
+                return true;
+            }
+            !safe_only
+                && ((on.any_5xx && s >= 500)
+                    || (on.gateway_error && matches!(s, 502..=504))
+                    || on.statuses.contains(&s))
         }
         Err(ProxyError::Connect { .. }) => on.connect_failure || on.any_5xx || on.gateway_error,
-        Err(ProxyError::Upstream { refused, .. }) => (*refused && on.refused_stream) || on.reset || on.any_5xx,
+        Err(ProxyError::Upstream { refused: true, .. }) if on.refused_stream => true,
+        Err(_) if safe_only => false,
+        Err(ProxyError::Upstream { .. }) => on.reset || on.any_5xx,
         Err(ProxyError::Timeout { .. }) => on.any_5xx || on.gateway_error || on.reset,
         Err(_) => false,
     }

@@ -170,14 +170,14 @@ pub struct Breaker {
 /// One request let through a breaker. Its result must be recorded; dropped unrecorded (a
 /// request cancelled by the request timeout or the client), a half-open probe gives its slot
 /// back so the breaker never waits on a lost probe.
-pub struct BreakerPass<'a> {
-    breaker: &'a Breaker,
+pub struct BreakerPass {
+    breaker: Arc<Breaker>,
     permit: Permit,
     recorded: bool,
 }
 
-impl<'a> BreakerPass<'a> {
-    pub fn new(breaker: &'a Breaker, permit: Permit) -> Self {
+impl BreakerPass {
+    pub fn new(breaker: Arc<Breaker>, permit: Permit) -> Self {
         Self { breaker, permit, recorded: false }
     }
 
@@ -188,7 +188,7 @@ impl<'a> BreakerPass<'a> {
     }
 }
 
-impl Drop for BreakerPass<'_> {
+impl Drop for BreakerPass {
     fn drop(&mut self) {
         if !self.recorded && self.permit == Permit::Probe {
             self.breaker.release_probe();
@@ -616,9 +616,9 @@ mod tests {
         b.record(b.acquire().unwrap(), false);
         std::thread::sleep(Duration::from_millis(7));
         let probe = b.acquire().unwrap();
-        drop(BreakerPass::new(&b, probe));
+        drop(BreakerPass::new(b.clone(), probe));
         let again = b.acquire().expect("the lost probe's slot is free again");
-        BreakerPass::new(&b, again).record(true);
+        BreakerPass::new(b.clone(), again).record(true);
         assert_eq!(b.acquire().unwrap(), Permit::Normal);
     }
 
