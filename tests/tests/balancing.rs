@@ -236,3 +236,24 @@ async fn peak_ewma_shuns_an_endpoint_that_fails_fast() {
     assert_eq!(reached, failed, "every failure came from the failing endpoint");
     assert!(failed < REQUESTS / 10, "{failed} of {REQUESTS} requests went to the endpoint failing fast");
 }
+
+/// Endpoint weights hold under the default algorithm (no policy): 1:3 gives about a quarter
+/// and three quarters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_balancer_honours_endpoint_weights() {
+    let p = pool(&[1, 3], "").await;
+    let client = http1();
+    const REQUESTS: u64 = 1_000;
+    for _ in 0..REQUESTS {
+        let r = send(&client, p.client.addr("outbound"), "GET", "pool.test", "/", &[]).await.unwrap();
+        assert_eq!(r.status, 200);
+    }
+    let light = p.backends[0].behaviour.served.load(std::sync::atomic::Ordering::Relaxed);
+    let heavy = p.backends[1].behaviour.served.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(light + heavy, REQUESTS);
+    // 25 % expected. Latency noise moves the shares (they follow weight ÷ latency), so the
+    // bounds are wide; an unweighted balancer gives 50 %, one that always prefers the heavier
+    // endpoint nearly 0 %.
+    let share = light as f64 / REQUESTS as f64;
+    assert!((0.15..=0.35).contains(&share), "the weight-1 endpoint got {:.1} %", share * 100.0);
+}
