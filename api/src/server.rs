@@ -85,6 +85,8 @@ pub fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
         .max_header_list_size(limits.max_header_bytes as u32)
         .max_pending_accept_reset_streams(limits.h2_max_pending_resets)
         .max_local_error_reset_streams(limits.h2_max_error_resets)
+        // Extended CONNECT (RFC 8441): how one sidecar carries a WebSocket to another.
+        .enable_connect_protocol()
         .keep_alive_interval(Duration::from_secs(20))
         .keep_alive_timeout(Duration::from_secs(10));
     b

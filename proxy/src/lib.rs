@@ -11,6 +11,7 @@
 //! - [`tls`]: mutual TLS with SPIFFE identities between sidecars.
 //! - [`server`]: the accept loop with protocol detection and draining.
 //! - [`tunnel`]: opaque byte streams (CONNECT, and redirected TCP in both directions).
+//! - [`upgrade`]: HTTP Upgrade (WebSocket) across the pair as extended CONNECT.
 //! - [`errors`]: proxy-made responses, mapped to HTTP in one place.
 //! - [`grpc`]: a gRPC call's outcome from its trailers (metrics, breakers, retries).
 //! - [`body`]: body types and hop-by-hop header handling.
@@ -38,6 +39,7 @@ pub mod server;
 pub mod tls;
 pub mod trace;
 pub mod tunnel;
+pub mod upgrade;
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;

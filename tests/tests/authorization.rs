@@ -105,7 +105,7 @@ async fn only_allowed_identities_reach_the_app() {
     // Request metrics say which transport each inbound request came over.
     assert!(
         metrics.contains(
-            "weir_responses_total{backend=\"test/web\",direction=\"inbound\",route=\"\",service=\"test/web\",status_class=\"4xx\",status_code=\"403\",tls=\"false\"} 1"
+            "weir_responses_total{backend=\"test/web\",classification=\"success\",direction=\"inbound\",grpc_status=\"\",route=\"\",service=\"test/web\",status_class=\"4xx\",status_code=\"403\",tls=\"false\"} 1"
         ),
         "{metrics}"
     );

@@ -75,7 +75,8 @@ async fn an_app_turning_connections_over_fails_no_request() {
     let mut workers = Vec::new();
     for _ in 0..4 {
         let tcp = tokio::net::TcpStream::connect(client.addr("outbound")).await.unwrap();
-        let (sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await.unwrap();
+        let (sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await.unwrap();
         tokio::spawn(conn);
         for _ in 0..16 {
             let (mut sender, next, failures) = (sender.clone(), next.clone(), failures.clone());
@@ -85,13 +86,11 @@ async fn an_app_turning_connections_over_fails_no_request() {
                     if n >= REQUESTS {
                         return;
                     }
-                    let (method, body) = if n % 2 == 0 { ("GET", Bytes::new()) } else { ("POST", Bytes::from(vec![b'x'; 1000])) };
+                    let (method, body) =
+                        if n % 2 == 0 { ("GET", Bytes::new()) } else { ("POST", Bytes::from(vec![b'x'; 1000])) };
                     let want = body.len().to_string();
-                    let req = http::Request::builder()
-                        .method(method)
-                        .uri("http://app.test/x")
-                        .body(Full::new(body))
-                        .unwrap();
+                    let req =
+                        http::Request::builder().method(method).uri("http://app.test/x").body(Full::new(body)).unwrap();
                     let ok = match sender.send_request(req).await {
                         Ok(rsp) if rsp.status() == 200 => {
                             rsp.into_body().collect().await.map(|b| b.to_bytes() == want.as_bytes()).unwrap_or(false)
@@ -110,7 +109,12 @@ async fn an_app_turning_connections_over_fails_no_request() {
     }
     let conns = connections.load(Ordering::Relaxed);
     assert!(conns >= 10, "the app turned its connections over: {conns} connections");
-    assert_eq!(failures.load(Ordering::Relaxed), 0, "of {REQUESTS} requests ({} reached the app)", served.load(Ordering::Relaxed));
+    assert_eq!(
+        failures.load(Ordering::Relaxed),
+        0,
+        "of {REQUESTS} requests ({} reached the app)",
+        served.load(Ordering::Relaxed)
+    );
     let m = admin_text(server.addr("admin"), "/metrics").await;
     eprintln!(
         "{} requests over {conns} app connections; replayed: {}",

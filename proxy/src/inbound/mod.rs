@@ -154,8 +154,12 @@ impl Inbound {
         rsp
     }
 
-    async fn serve(&self, mut req: Request<Incoming>, peer: crate::server::Peer, started: Instant) -> Response<Body> {
+    async fn serve(&self, req: Request<Incoming>, peer: crate::server::Peer, started: Instant) -> Response<Body> {
         let client = peer.addr;
+        // A protocol switch is judged as the GET the client sent (see [`crate::upgrade`]).
+        let (mut parts, body) = req.into_parts();
+        let upgrade = crate::upgrade::take(&mut parts);
+        let mut req = Request::from_parts(parts, body);
         let labels = Labels { tls: peer.identity.is_some(), ..self.labels.clone() };
         self.metrics.request_started(&labels);
         let (who, tls) = match &peer.identity {
@@ -175,7 +179,7 @@ impl Inbound {
         if let Some(e) = refused {
             return self.metrics.response(labels, e.into_response_for(grpc), started.elapsed());
         }
-        let result = self.forward(req, app).await;
+        let result = self.forward(req, app, upgrade.as_ref().map(|u| &u.token)).await;
         let rsp = match result {
             Ok(rsp) => rsp,
             Err(e) => {
@@ -183,7 +187,14 @@ impl Inbound {
                 e.into_response_for(grpc)
             }
         };
-        self.metrics.response(labels, rsp, started.elapsed())
+        let rsp = self.metrics.response(labels, rsp, started.elapsed());
+        match upgrade {
+            Some(client) if crate::upgrade::accepted(&rsp) => {
+                let what = format!("{} upgrade to the application", client.token.to_str().unwrap_or("?"));
+                crate::upgrade::switch(client, rsp, &self.tunnels, &self.metrics, what)
+            }
+            _ => rsp,
+        }
     }
 
     /// Applies the MeshAuthorizations that select this workload. An allowed request with a
@@ -287,10 +298,18 @@ impl Inbound {
         None
     }
 
-    async fn forward(&self, req: Request<Incoming>, app: Option<SocketAddr>) -> Result<Response<Body>, ProxyError> {
+    /// Sends the request to the application in the protocol the client spoke (an upgrade, as
+    /// the HTTP/1.1 upgrade to `upgrade`).
+    async fn forward(
+        &self,
+        req: Request<Incoming>,
+        app: Option<SocketAddr>,
+        upgrade: Option<&HeaderValue>,
+    ) -> Result<Response<Body>, ProxyError> {
         let client_version = req.version();
         let (mut parts, body) = req.into_parts();
         let version = match parts.headers.remove(&ORIG_PROTO) {
+            _ if upgrade.is_some() => Version::HTTP_11,
             Some(v) if v == "HTTP/1.1" => Version::HTTP_11,
             Some(v) if v == "HTTP/1.0" => Version::HTTP_10,
             Some(v) if v == "HTTP/2" => Version::HTTP_2,
@@ -298,6 +317,9 @@ impl Inbound {
         };
         let app = app.ok_or(ProxyError::NoApp)?;
         strip_hop_by_hop(&mut parts.headers);
+        if let Some(token) = upgrade {
+            crate::upgrade::as_http1(&mut parts, token);
+        }
         let authority = request_authority(&parts).map(|a| a.to_string()).unwrap_or_else(|| app.to_string());
         let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
         if version == Version::HTTP_2 {

@@ -56,6 +56,8 @@ struct Call<'a> {
     version: Version,
     authority: String,
     client: SocketAddr,
+    /// The protocol the client switches to (see [`crate::upgrade`]).
+    upgrade: Option<HeaderValue>,
 }
 
 /// The backend Service that served (or failed) a request, for the access log.
@@ -64,7 +66,7 @@ struct Upstream(Arc<str>);
 
 impl Outbound {
     pub async fn handle(self: Arc<Self>, mut req: Request<Incoming>, peer: crate::server::Peer) -> Response<Body> {
-        if req.method() == http::Method::CONNECT {
+        if req.method() == http::Method::CONNECT && req.extensions().get::<hyper::ext::Protocol>().is_none() {
             let config = self.config.borrow().clone();
             return self.tunnels.connect(req, config.as_deref(), self.clients.connect_timeout(), &self.metrics).await;
         }
@@ -221,6 +223,7 @@ impl Outbound {
             return ProxyError::NotReady.into_response();
         };
         let (mut parts, body) = req.into_parts();
+        let upgrade = crate::upgrade::take(&mut parts);
         let authority = match request_authority(&parts) {
             Some(a) => a,
             None => return ProxyError::NoAuthority.into_response(),
@@ -288,6 +291,7 @@ impl Outbound {
             // The client's authority travels unchanged, whichever backend serves the request.
             authority: authority.to_string(),
             client,
+            upgrade: upgrade.as_ref().map(|u| u.token.clone()),
         };
         let call_idle = call.policy.as_ref().and_then(|p| p.stream_idle_timeout);
         let limited = self.limited(&call, parts, body);
@@ -298,6 +302,11 @@ impl Outbound {
             None => limited.await,
         };
         let (rsp, attempts) = match result {
+            Ok((rsp, attempts, _)) if upgrade.is_some() && crate::upgrade::accepted(&rsp) => {
+                let client_side = upgrade.expect("checked above");
+                let what = format!("{} upgrade to {}", client_side.token.to_str().unwrap_or("?"), labels.backend);
+                (crate::upgrade::switch(client_side, rsp, &self.tunnels, &self.metrics, what), attempts)
+            }
             Ok((rsp, attempts, slot)) => {
                 let (mut rparts, mut body) = rsp.into_parts();
                 strip_hop_by_hop(&mut rparts.headers);
@@ -564,7 +573,15 @@ impl Outbound {
         {
             parts.headers.insert(header::HOST, v);
         }
-        if endpoint.meshed || version == Version::HTTP_2 {
+        if let Some(token) = &call.upgrade {
+            if endpoint.meshed {
+                crate::upgrade::as_extended_connect(&mut parts, token);
+            } else {
+                crate::upgrade::as_http1(&mut parts, token);
+            }
+        }
+        // An upgrade reaches an unmeshed endpoint as HTTP/1.1, whatever the client spoke.
+        if endpoint.meshed || (version == Version::HTTP_2 && call.upgrade.is_none()) {
             if endpoint.meshed {
                 parts.headers.insert(ORIG_PROTO.clone(), HeaderValue::from_static(proto_name(version)));
                 parts.headers.remove(header::HOST);
