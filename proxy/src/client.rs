@@ -240,7 +240,7 @@ pub async fn connect_mesh(
     addr: SocketAddr,
     timeout: Duration,
     target: &TlsTarget,
-    alpn: &[u8],
+    alpn: &[&[u8]],
 ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
     let tcp = connect_tcp(addr, timeout).await?;
     let cfg = crate::tls::client_config(&target.creds, &target.expected, alpn)
@@ -383,7 +383,7 @@ impl H2Pool {
         let stream: Box<dyn crate::server::Io> = match tls {
             None => Box::new(connect_tcp(addr, timeout).await.map_err(connect_err)?),
             Some(target) => {
-                Box::new(connect_mesh(addr, timeout, target, crate::tls::ALPN_H2).await.map_err(connect_err)?)
+                Box::new(connect_mesh(addr, timeout, target, crate::tls::OFFER_H2).await.map_err(connect_err)?)
             }
         };
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())

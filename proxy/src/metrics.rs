@@ -84,6 +84,8 @@ pub struct Metrics {
     pub tunnel_bytes: IntCounterVec,
     /// Requests sent again because the upstream never processed them, by direction.
     pub replays: IntCounterVec,
+    /// Inbound TLS connections that were not mesh mTLS, carried untouched to the application.
+    pub tls_passthrough: IntCounter,
     pub resilience: ResilienceMetrics,
     pub identity: crate::identity::IdentityMetrics,
 }
@@ -216,9 +218,16 @@ impl Metrics {
         )
         .unwrap();
         registry.register(Box::new(replays.clone())).unwrap();
+        let tls_passthrough = IntCounter::new(
+            "weir_inbound_tls_passthrough_total",
+            "Inbound TLS connections that were not mesh mTLS (no weir ALPN): the application's own TLS, carried to it untouched",
+        )
+        .unwrap();
+        registry.register(Box::new(tls_passthrough.clone())).unwrap();
         let identity = crate::identity::IdentityMetrics::register(&registry);
         Self {
             replays,
+            tls_passthrough,
             refused,
             tcp_connections,
             tls_handshake_failures,

@@ -1,5 +1,6 @@
 //! The accept loop both traffic listeners share: protocol detection (HTTP/1.1, HTTP/2 prior
-//! knowledge, mesh mTLS, anything else as opaque TCP), refusal of connections bound for the
+//! knowledge, mesh mTLS told from the application's own TLS by its ALPN, anything else as
+//! opaque TCP), refusal of connections bound for the
 //! sidecar's own ports, connection metrics, and draining on shutdown.
 
 use std::convert::Infallible;
@@ -180,7 +181,15 @@ where
                 }
             }
             let (io, identity, alpn_tcp) = match detect(stream, tls.as_ref()).await {
-                Ok(x) => x,
+                Ok(Detected::Serve(io, identity, alpn_tcp)) => (io, identity, alpn_tcp),
+                Ok(Detected::AppTls(stream)) => {
+                    metrics.tls_passthrough.inc();
+                    match &opaque {
+                        Some(opaque) => opaque(OpaqueConn { io: Box::new(stream), peer }).await,
+                        None => tracing::debug!(peer = %peer.addr, "application TLS on a listener without TCP"),
+                    }
+                    return;
+                }
                 Err(e) => {
                     metrics.tls_handshake_failures.with_label_values(&[failure_reason(&e)]).inc();
                     tracing::debug!(peer = %peer.addr, error = %e, "connection refused before HTTP");
@@ -251,21 +260,34 @@ pub fn failure_reason(e: &std::io::Error) -> &'static str {
     }
 }
 
-/// A connection ready to serve: the stream, the client's SPIFFE ID (over mesh mTLS), and
-/// whether the client asked for an opaque TCP hop ([`crate::tls::ALPN_TCP`]).
-type Detected = (Box<dyn Io>, Option<Arc<str>>, bool);
+/// What the first bytes of a connection made of it.
+enum Detected {
+    /// Ready to serve: the stream, the client's SPIFFE ID (over mesh mTLS), and whether the
+    /// client asked for an opaque TCP hop ([`crate::tls::ALPN_TCP`]).
+    Serve(Box<dyn Io>, Option<Arc<str>>, bool),
+    /// TLS the application terminates itself: carried to it untouched.
+    AppTls(TcpStream),
+}
 
-/// Peeks at the first byte: a TLS handshake is accepted with the mesh's server configuration
-/// (client certificate required) and yields the client's SPIFFE ID; anything else is served
-/// as plaintext.
+/// Peeks at the first byte: a TLS handshake is looked at ([`peek_hello`]): mesh mTLS is
+/// accepted with the mesh's server configuration (client certificate required) and yields the
+/// client's SPIFFE ID, any other TLS is the application's; anything else is served as
+/// plaintext.
 async fn detect(stream: TcpStream, tls: Option<&CredsRx>) -> std::io::Result<Detected> {
-    let Some(creds) = tls else { return Ok((Box::new(stream), None, false)) };
+    let Some(creds) = tls else { return Ok(Detected::Serve(Box::new(stream), None, false)) };
     let mut first = [0u8; 1];
     let n = tokio::time::timeout(Duration::from_secs(30), stream.peek(&mut first))
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no first byte within 30s"))??;
     if n == 0 || first[0] != TLS_HANDSHAKE {
-        return Ok((Box::new(stream), None, false));
+        return Ok(Detected::Serve(Box::new(stream), None, false));
+    }
+    let (alpn, server_name) = tokio::time::timeout(Duration::from_secs(10), peek_hello(&stream))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no whole ClientHello within 10s"))??;
+    let offered: Vec<&[u8]> = alpn.iter().map(Vec::as_slice).collect();
+    if !crate::tls::is_mesh_hello(&offered, server_name.as_deref()) {
+        return Ok(Detected::AppTls(stream));
     }
     let config = crate::tls::server_config(creds)
         .ok_or_else(|| std::io::Error::other("TLS offered but this sidecar has no certificate yet"))?;
@@ -279,7 +301,44 @@ async fn detect(stream: TcpStream, tls: Option<&CredsRx>) -> std::io::Result<Det
         .and_then(|c| weir_api::spiffe::ids_in_cert(c).into_iter().next())
         .map(Arc::from);
     let alpn_tcp = session.alpn_protocol() == Some(crate::tls::ALPN_TCP);
-    Ok((Box::new(tls), identity, alpn_tcp))
+    Ok(Detected::Serve(Box::new(tls), identity, alpn_tcp))
+}
+
+/// The largest ClientHello looked at (post-quantum key shares make them ~2 KiB; 16 KiB is a
+/// full TLS record).
+const MAX_HELLO: usize = 16 * 1024 + 5;
+
+/// The ALPN offer and server name of the ClientHello at the start of `stream`, read without
+/// consuming a byte (rustls parses it), so that the connection can still go to the
+/// application whole.
+async fn peek_hello(stream: &TcpStream) -> std::io::Result<(Vec<Vec<u8>>, Option<String>)> {
+    let mut buf = vec![0u8; MAX_HELLO];
+    loop {
+        let n = stream.peek(&mut buf).await?;
+        if n == 0 {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed before its ClientHello"));
+        }
+        let mut acceptor = rustls::server::Acceptor::default();
+        let mut seen = &buf[..n];
+        while !seen.is_empty() {
+            if acceptor.read_tls(&mut seen)? == 0 {
+                break;
+            }
+        }
+        match acceptor.accept() {
+            Ok(Some(accepted)) => {
+                let hello = accepted.client_hello();
+                let alpn = hello.alpn().map(|offer| offer.map(<[u8]>::to_vec).collect()).unwrap_or_default();
+                return Ok((alpn, hello.server_name().map(str::to_string)));
+            }
+            Ok(None) if n < buf.len() => {
+                // The hello is still arriving (rare: it nearly always fits one segment).
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            Ok(None) => return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "ClientHello too large")),
+            Err((e, _)) => return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, e)),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -16,11 +16,28 @@ use crate::identity::Credentials;
 
 pub type CredsRx = watch::Receiver<Option<Arc<Credentials>>>;
 
-/// ALPN of the mesh hop that carries HTTP (multiplexed HTTP/2).
-pub const ALPN_H2: &[u8] = b"h2";
+/// ALPN of the mesh hop that carries HTTP (multiplexed HTTP/2). What marks a ClientHello as
+/// the mesh's, so that TLS an application terminates itself passes through (see
+/// [`is_mesh_hello`]).
+pub const ALPN_MESH_H2: &[u8] = b"weir.h2/1";
+/// Offered after [`ALPN_MESH_H2`] so that a peer sidecar older than it still agrees on h2.
+pub const ALPN_LEGACY_H2: &[u8] = b"h2";
 /// ALPN of the mesh hop that carries one opaque TCP connection: after the handshake, the bytes
 /// are the application's, for the port the client was bound for.
 pub const ALPN_TCP: &[u8] = b"weir.tcp/1";
+
+/// What a sidecar offers for the HTTP hop.
+pub const OFFER_H2: &[&[u8]] = &[ALPN_MESH_H2, ALPN_LEGACY_H2];
+/// What a sidecar offers for an opaque TCP hop.
+pub const OFFER_TCP: &[&[u8]] = &[ALPN_TCP];
+
+/// Whether a ClientHello (its ALPN offer and SNI) opens mesh mTLS rather than TLS for the
+/// application: it offers a `weir.` protocol, or it is a sidecar older than those (exactly
+/// `h2`, no server name: peers are addressed by IP). Anything else (a browser, curl, a gRPC
+/// client naming its server) is the application's.
+pub fn is_mesh_hello(alpn: &[&[u8]], server_name: Option<&str>) -> bool {
+    alpn.iter().any(|p| p.starts_with(b"weir.")) || (alpn == [ALPN_LEGACY_H2] && server_name.is_none())
+}
 
 pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -106,8 +123,8 @@ impl ServerCertVerifier for SpiffeServerVerifier {
 }
 
 /// A client configuration presenting our certificate and expecting `expected` from the peer,
-/// offering `alpn` ([`ALPN_H2`] or [`ALPN_TCP`]); `None` while this sidecar has no certificate.
-pub fn client_config(creds: &CredsRx, expected: &str, alpn: &[u8]) -> Option<Arc<rustls::ClientConfig>> {
+/// offering `alpn` ([`OFFER_H2`] or [`OFFER_TCP`]); `None` while this sidecar has no certificate.
+pub fn client_config(creds: &CredsRx, expected: &str, alpn: &[&[u8]]) -> Option<Arc<rustls::ClientConfig>> {
     let c = creds.borrow().clone()?;
     let provider = provider();
     let verifier = SpiffeServerVerifier::new(c.roots.clone(), expected.to_string());
@@ -119,7 +136,7 @@ pub fn client_config(creds: &CredsRx, expected: &str, alpn: &[u8]) -> Option<Arc
         .with_custom_certificate_verifier(Arc::new(verifier))
         .with_client_auth_cert(chain, key)
         .ok()?;
-    cfg.alpn_protocols = vec![alpn.to_vec()];
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Some(Arc::new(cfg))
 }
 
@@ -140,6 +157,22 @@ pub fn server_config(creds: &CredsRx) -> Option<Arc<rustls::ServerConfig>> {
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)
         .ok()?;
-    cfg.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_TCP.to_vec()];
+    cfg.alpn_protocols = vec![ALPN_MESH_H2.to_vec(), ALPN_TCP.to_vec(), ALPN_LEGACY_H2.to_vec()];
     Some(Arc::new(cfg))
+}
+
+#[cfg(test)]
+mod hello_tests {
+    use super::*;
+
+    #[test]
+    fn mesh_hellos_are_told_from_the_applications() {
+        assert!(is_mesh_hello(OFFER_H2, None));
+        assert!(is_mesh_hello(OFFER_TCP, None));
+        assert!(is_mesh_hello(&[ALPN_LEGACY_H2], None), "a sidecar from before weir.h2/1");
+        assert!(!is_mesh_hello(&[b"h2", b"http/1.1"], Some("shop.example")), "curl");
+        assert!(!is_mesh_hello(&[b"h2"], Some("orders.shop.svc")), "a gRPC client naming its server");
+        assert!(!is_mesh_hello(&[], None), "no ALPN at all");
+        assert!(!is_mesh_hello(&[b"http/1.1"], None));
+    }
 }

@@ -112,7 +112,7 @@ fn pem(tag: &str, der: &[u8]) -> String {
 /// Runs `openssl s_client` against `addr` with `extra` flags; its stdout and stderr together.
 async fn s_client(addr: std::net::SocketAddr, extra: &[String]) -> String {
     let mut cmd = tokio::process::Command::new("openssl");
-    cmd.args(["s_client", "-connect", &addr.to_string(), "-showcerts", "-alpn", "h2"])
+    cmd.args(["s_client", "-connect", &addr.to_string(), "-showcerts", "-alpn", "weir.h2/1"])
         .args(extra)
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true);
@@ -156,7 +156,7 @@ async fn openssl_sees_the_chain_and_needs_a_mesh_certificate() {
     .await;
     assert!(out.contains("Verify return code: 0 (ok)"), "{out}");
     assert!(out.contains("s:O = Weir, CN = web.shop") && out.contains("i:CN = Weir issuer"), "{out}");
-    assert!(out.contains("ALPN protocol: h2"), "{out}");
+    assert!(out.contains("ALPN protocol: weir.h2/1"), "{out}");
     let shown: Vec<&str> = out.split("-----BEGIN CERTIFICATE-----").skip(1).collect();
     assert_eq!(shown.len(), 2, "leaf and issuer expected:\n{out}");
     let leaf_b64: String =

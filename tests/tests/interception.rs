@@ -189,7 +189,8 @@ async fn metric_sum(admin: SocketAddr, name: &str, having: &[&str]) -> f64 {
     let text = admin_text(admin, "/metrics").await;
     assert!(text.contains("# TYPE"), "no metrics from {admin}: is the sidecar alive?");
     text.lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")) && having.iter().all(|h| l.contains(h)))
+        .filter(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with(['{', ' '])))
+        .filter(|l| having.iter().all(|h| l.contains(h)))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
@@ -248,6 +249,7 @@ async fn iptables_send_pod_traffic_through_the_sidecars() {
     // two for b's server-first app on 7100: `db` declares the port opaque, `db-plain` does not.
     let cluster_ip = format!("10.{}.200.10", 100 + id % 100);
     let (db_ip, db_plain_ip) = (format!("10.{}.200.11", 100 + id % 100), format!("10.{}.200.12", 100 + id % 100));
+    let secure_ip = format!("10.{}.200.13", 100 + id % 100);
     let db = |name: &str, ip: &str, port: &str| {
         format!(
             "---\nkind: Service\nmetadata: {{ name: {name}, namespace: test }}\nspec:\n  ports: [{port}]\n  clusterIPs: [\"{ip}\"]\n  endpoints:\n  - {{ address: \"{}:7100\", port: 7100, meshed: true, workload: b, serviceAccount: b }}\n",
@@ -257,10 +259,11 @@ async fn iptables_send_pod_traffic_through_the_sidecars() {
     scratch.write(
         "mesh.yaml",
         &format!(
-            "kind: Service\nmetadata: {{ name: web, namespace: test }}\nspec:\n  ports: [{{ port: 80 }}]\n  clusterIPs: [\"{cluster_ip}\"]\n  endpoints:\n  - {{ address: \"{}:8080\", port: 80, meshed: true, workload: b, serviceAccount: b }}\n{}{}",
+            "kind: Service\nmetadata: {{ name: web, namespace: test }}\nspec:\n  ports: [{{ port: 80 }}]\n  clusterIPs: [\"{cluster_ip}\"]\n  endpoints:\n  - {{ address: \"{}:8080\", port: 80, meshed: true, workload: b, serviceAccount: b }}\n{}{}---\nkind: Service\nmetadata: {{ name: secure, namespace: test }}\nspec:\n  ports: [{{ port: 8443 }}]\n  clusterIPs: [\"{secure_ip}\"]\n  endpoints:\n  - {{ address: \"{}:8443\", port: 8443, meshed: true, workload: b, serviceAccount: b }}\n",
             b.ip,
             db("db", &db_ip, "{ port: 7100, appProtocol: tcp }"),
             db("db-plain", &db_plain_ip, "{ port: 7100 }"),
+            b.ip,
         ),
     );
     let controller_args: Vec<String> = [
@@ -475,6 +478,71 @@ async fn iptables_send_pod_traffic_through_the_sidecars() {
     assert!(
         took >= weir_proxy::server::DETECT_TIMEOUT - Duration::from_millis(100),
         "undeclared, yet no detection wait: {took:?}"
+    );
+
+    // An application that terminates TLS itself (its own certificate, for secure.test): a's
+    // client, verifying that certificate, reaches it through both sidecars (the TLS rides
+    // mesh mTLS between them); a client outside the mesh (a kubelet's HTTPS probe) reaches it
+    // straight, its ClientHello told from the mesh's by ALPN and carried untouched.
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(rcgen::DnType::CommonName, "the app's own CA");
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let ca = rcgen::Issuer::new(ca_params, ca_key);
+    let app_key = rcgen::KeyPair::generate().unwrap();
+    let mut app_params = rcgen::CertificateParams::new(vec!["secure.test".to_string()]).unwrap();
+    app_params.distinguished_name.push(rcgen::DnType::CommonName, "secure.test");
+    let app_cert = app_params.signed_by(&app_key, &ca).unwrap();
+    let tls_dir = scratch.dir.path().join("app-tls");
+    std::fs::create_dir_all(&tls_dir).unwrap();
+    std::fs::write(tls_dir.join("ca.pem"), ca_cert.pem()).unwrap();
+    std::fs::write(tls_dir.join("app.pem"), app_cert.pem()).unwrap();
+    std::fs::write(tls_dir.join("app.key"), app_key.serialize_pem()).unwrap();
+    let https_app = format!(
+        "import http.server, ssl\n\
+         class H(http.server.BaseHTTPRequestHandler):\n\
+         \x20   def do_GET(self):\n\
+         \x20       body = b'secret'\n\
+         \x20       self.send_response(200); self.send_header('x-weir-backend', 'b-https')\n\
+         \x20       self.send_header('content-length', str(len(body))); self.end_headers(); self.wfile.write(body)\n\
+         srv = http.server.ThreadingHTTPServer(('0.0.0.0', 8443), H)\n\
+         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER); ctx.load_cert_chain('{0}/app.pem', '{0}/app.key')\n\
+         srv.socket = ctx.wrap_socket(srv.socket, server_side=True)\n\
+         print('{{\"b-https\": \"0.0.0.0:8443\"}}', flush=True)\n\
+         srv.serve_forever()\n",
+        tls_dir.display()
+    );
+    let _b_https = spawn_in(&scratch, &b, "b-https", None, "python3", &["-c".to_string(), https_app]).await;
+    wait_config_in(&a.ns, "the secure Service", |c| endpoint_count(c, "test", "secure") == 1).await;
+    let ca_file = tls_dir.join("ca.pem").display().to_string();
+    let https = |ns: String, ip: String| {
+        let ca_file = ca_file.clone();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                let resolve = format!("secure.test:8443:{ip}");
+                curl_with(&ns, &["--cacert", &ca_file, "--resolve", &resolve], "https://secure.test:8443/")
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let from_a = ["direction=\"inbound\"", "tls=\"true\"", "client_identity=\"spiffe://cluster.local/ns/test/sa/a\""];
+    let mesh_tcp_before = metric_sum(b_admin, "weir_tcp_connections_total", &from_a).await;
+    let (status, backend_name) = https(a.ns.clone(), secure_ip.clone()).await;
+    assert_eq!((status, backend_name.as_str()), (200, "b-https"), "a's HTTPS to the app's own certificate");
+    assert_eq!(
+        metric_sum(b_admin, "weir_tcp_connections_total", &from_a).await,
+        mesh_tcp_before + 1.0,
+        "a's TLS did not ride mesh mTLS with a's identity"
+    );
+    let passthrough_before = metric_sum(b_admin, "weir_inbound_tls_passthrough_total", &[]).await;
+    let (status, backend_name) = https(String::new(), b.ip.clone()).await;
+    assert_eq!((status, backend_name.as_str()), (200, "b-https"), "HTTPS from outside the mesh, straight to b");
+    assert_eq!(
+        metric_sum(b_admin, "weir_inbound_tls_passthrough_total", &[]).await,
+        passthrough_before + 1.0,
+        "the application's TLS was not counted as passed through"
     );
 
     // The perimeter. The admin port answers other pods' probes and scrapes, but neither

@@ -197,6 +197,9 @@ async fn tls_request_with(
         .with_custom_certificate_verifier(Arc::new(AnyServer(provider)))
         .with_client_auth_cert([vec![cert.der().clone()], intermediates.to_vec()].concat(), key)
         .unwrap();
+    // Offering the mesh's ALPN makes this a mesh client (any other TLS is the application's).
+    let mut cfg = cfg;
+    cfg.alpn_protocols = vec![weir_proxy::tls::ALPN_MESH_H2.to_vec()];
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
     let Ok(Ok(mut tls)) = tokio::time::timeout(

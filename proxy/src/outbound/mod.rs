@@ -130,7 +130,7 @@ impl Outbound {
         let timeout = self.clients.connect_timeout();
         let tls_label = if tls.is_some() { "true" } else { "false" };
         match tls {
-            Some(tls) => match crate::client::connect_mesh(target, timeout, &tls, crate::tls::ALPN_TCP).await {
+            Some(tls) => match crate::client::connect_mesh(target, timeout, &tls, crate::tls::OFFER_TCP).await {
                 Ok(upstream) => {
                     self.metrics.tcp_connections.with_label_values(&["outbound", tls_label, ""]).inc();
                     self.tunnels.carry(slot, io, upstream, &target, &self.metrics).await;
