@@ -52,7 +52,7 @@ impl Scratch {
     pub fn new() -> Self {
         // WEIR_KEEP_SCRATCH=1 keeps the directory (configs and every process's log) for a look.
         let keep = std::env::var_os("WEIR_KEEP_SCRATCH").is_some();
-        let dir = tempfile::Builder::new().prefix("weir-e2e-").keep(keep).tempdir().unwrap();
+        let dir = tempfile::Builder::new().prefix("weir-e2e-").disable_cleanup(keep).tempdir().unwrap();
         std::fs::create_dir(dir.path().join("config")).unwrap();
         Self { dir }
     }
