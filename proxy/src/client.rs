@@ -224,6 +224,26 @@ pub struct TlsTarget {
     pub expected: Arc<str>,
 }
 
+impl TlsTarget {
+    /// Mesh mTLS to a peer sidecar whose identity the controller gave (in namespace `ns`),
+    /// when this sidecar has an identity (`creds`). Never plaintext to a peer with an
+    /// identity: without a certificate yet, the connect fails ("no workload certificate").
+    pub fn for_endpoint(
+        creds: Option<&crate::tls::CredsRx>,
+        trust_domain: &str,
+        ns: &str,
+        endpoint: &crate::config::Endpoint,
+    ) -> Option<Self> {
+        match creds {
+            Some(creds) if endpoint.meshed && !endpoint.identity.is_empty() => {
+                let expected = weir_api::spiffe::id(trust_domain, ns, &endpoint.identity);
+                Some(TlsTarget { creds: creds.clone(), expected: expected.into() })
+            }
+            _ => None,
+        }
+    }
+}
+
 /// A TCP connection to `addr` within `timeout` (no Nagle delay); the error says why not.
 pub async fn connect_tcp(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, String> {
     let tcp = tokio::time::timeout(timeout, TcpStream::connect(addr))

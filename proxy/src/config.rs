@@ -83,7 +83,7 @@ impl Service {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Endpoint {
     pub addr: SocketAddr,
     /// The service port served; `None` serves every port.

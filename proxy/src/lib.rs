@@ -270,9 +270,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let resilience = outbound::resilience::Resilience::new(metrics.resilience.clone());
     let health = outbound::health::Health::default();
     let (health_trigger, health_drain) = rt::drain();
+    let mesh = outbound::health::Mesh {
+        credentials: args.token_file.is_some().then(|| creds_rx.clone()),
+        trust_domain: args.trust_domain.clone().into(),
+    };
     let health_task = tokio::spawn(outbound::health::run(
         config_rx.clone(),
         clients.clone(),
+        mesh,
         health.clone(),
         metrics.resilience.clone(),
         health_drain,

@@ -257,3 +257,62 @@ async fn the_default_balancer_honours_endpoint_weights() {
     let share = light as f64 / REQUESTS as f64;
     assert!((0.15..=0.35).contains(&share), "the weight-1 endpoint got {:.1} %", share * 100.0);
 }
+
+/// Active health checks to a meshed endpoint go over mesh mTLS with the sidecar's identity, so
+/// a strict MeshAuthorization that admits the caller admits its probes too (in plaintext they
+/// would get 403 and every endpoint would look unhealthy).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_checks_to_meshed_endpoints_ride_mtls_through_strict_authorization() {
+    let scratch = Scratch::new();
+    scratch.write("services.yaml", &service("test", "web", &[]));
+    scratch.write(
+        "authz.yaml",
+        "apiVersion: weir.io/v1alpha1\nkind: MeshAuthorization\nmetadata: { name: web, namespace: test }\nspec:\n  \
+         targetRef: { selector: { matchLabels: { app: web } } }\n  mode: strict\n  allow:\n  \
+         - name: frontend\n    from: { serviceAccounts: [frontend] }\n",
+    );
+    scratch.write(
+        "policy.yaml",
+        "apiVersion: weir.io/v1alpha1\nkind: ResiliencePolicy\nmetadata: { name: web, namespace: test }\nspec:\n  \
+         targetRef: { service: web }\n  healthCheck: { path: /healthz, interval: 100ms, timeout: 2s, healthyThreshold: 1, unhealthyThreshold: 2 }\n",
+    );
+    let flags = scratch.identity_flags(&[("t-web", "test/web"), ("t-frontend", "test/frontend")], &[]);
+    let controller = scratch.controller_with(None, &flags).await;
+    let grpc = controller.addr("grpc");
+    let backend = Backend::start("web").await;
+    let mut server_flags = scratch.token_flags("t-web");
+    server_flags.extend(["--label".to_string(), "app=web".to_string()]);
+    let server = scratch.proxy_with(grpc, "test/web", Some(backend.addr), &server_flags).await;
+    let client = scratch.proxy_with(grpc, "test/frontend", None, &scratch.token_flags("t-frontend")).await;
+    for admin in [server.addr("admin"), client.addr("admin")] {
+        wait_ready(admin).await;
+    }
+    let endpoint = format!("{{ address: \"{}\", meshed: true, serviceAccount: web }}", server.addr("inbound"));
+    scratch.write("services.yaml", &service("test", "web", &[endpoint]));
+    let admin = client.addr("admin");
+    wait_config(admin, "the endpoint", |c| endpoint_count(c, "test", "web") == 1).await;
+
+    let sum = |m: &str, prefix: &str| -> f64 {
+        m.lines().filter(|l| l.starts_with(prefix)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
+    };
+    wait_until("five passing probes", Duration::from_secs(10), || async move {
+        sum(&admin_text(admin, "/metrics").await, "weir_health_checks_total{result=\"pass\"") >= 5.0
+    })
+    .await;
+    let m = admin_text(admin, "/metrics").await;
+    assert_eq!(sum(&m, "weir_health_checks_total{result=\"fail\""), 0.0, "a probe failed: {m}");
+    assert!(!m.contains("state=\"unhealthy\""), "{m}");
+    // The server saw them as the frontend's, over mTLS.
+    let s = admin_text(server.addr("admin"), "/metrics").await;
+    let allowed = "weir_inbound_authorization_total{client_identity=\"spiffe://cluster.local/ns/test/sa/frontend\",decision=\"allow\"";
+    assert!(sum(&s, allowed) >= 5.0, "{s}");
+
+    // They do reach the application: it failing takes the endpoint out.
+    backend.behaviour.set_fail_rate(1.0);
+    wait_until("the endpoint marked unhealthy", Duration::from_secs(10), || async move {
+        admin_text(admin, "/metrics")
+            .await
+            .contains("weir_health_transitions_total{service=\"test/web\",state=\"unhealthy\"} 1")
+    })
+    .await;
+}

@@ -14,9 +14,66 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use weir_tests::*;
 
+/// A connection that, once its server is done with it, lingers for a second reading (and
+/// discarding) what the client still sends before it closes, as nginx's `lingering_close` and
+/// Go's HTTP/2 server do: without it the kernel answers those bytes with RST, which can
+/// destroy the GOAWAY before the client reads it.
+struct Lingering(Option<tokio::net::TcpStream>);
+
+impl Drop for Lingering {
+    fn drop(&mut self) {
+        if let Some(mut tcp) = self.0.take() {
+            tokio::spawn(async move {
+                use tokio::io::AsyncReadExt;
+                let mut sink = [0u8; 4096];
+                let until = tokio::time::Instant::now() + Duration::from_secs(1);
+                while let Ok(Ok(n)) = tokio::time::timeout_at(until, tcp.read(&mut sink)).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+            });
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for Lingering {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(self.0.as_mut().expect("open until dropped")).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Lingering {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(self.0.as_mut().expect("open until dropped")).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(self.0.as_mut().expect("open until dropped")).poll_flush(cx)
+    }
+    /// Only the sending side closes; reading goes on while lingering.
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(self.0.as_mut().expect("open until dropped")).poll_shutdown(cx)
+    }
+}
+
 /// An h2c server (the `h2` crate, as servers built on it behave) that answers each request
 /// with the length of its body, and after `max` requests on a connection sends GOAWAY
-/// (graceful: in-flight streams finish, later ones are refused) and closes.
+/// (graceful: in-flight streams finish, later ones are refused) and closes, lingering as
+/// nginx does.
 async fn turnover_app(max: u64) -> (SocketAddr, Arc<AtomicU64>, Arc<AtomicU64>, tokio::task::JoinHandle<()>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -28,7 +85,7 @@ async fn turnover_app(max: u64) -> (SocketAddr, Arc<AtomicU64>, Arc<AtomicU64>, 
             let served = s.clone();
             c.fetch_add(1, Ordering::Relaxed);
             tokio::spawn(async move {
-                let Ok(mut conn) = h2::server::handshake(tcp).await else { return };
+                let Ok(mut conn) = h2::server::handshake(Lingering(Some(tcp))).await else { return };
                 let mut on_this = 0u64;
                 while let Some(Ok((req, mut respond))) = conn.accept().await {
                     on_this += 1;
@@ -91,14 +148,21 @@ async fn an_app_turning_connections_over_fails_no_request() {
                     let want = body.len().to_string();
                     let req =
                         http::Request::builder().method(method).uri("http://app.test/x").body(Full::new(body)).unwrap();
-                    let ok = match sender.send_request(req).await {
-                        Ok(rsp) if rsp.status() == 200 => {
-                            rsp.into_body().collect().await.map(|b| b.to_bytes() == want.as_bytes()).unwrap_or(false)
+                    let outcome = match sender.send_request(req).await {
+                        Ok(rsp) => {
+                            let (status, error) = (rsp.status(), rsp.headers().get("weir-error").cloned());
+                            match rsp.into_body().collect().await.map(|b| b.to_bytes()) {
+                                Ok(b) if status == 200 && b == want.as_bytes() => Ok(()),
+                                Ok(b) => Err(format!("{status} {error:?} {b:?}")),
+                                Err(e) => Err(format!("{status}, then the body failed: {e}")),
+                            }
                         }
-                        _ => false,
+                        Err(e) => Err(e.to_string()),
                     };
-                    if !ok && failures.fetch_add(1, Ordering::Relaxed) == 0 {
-                        eprintln!("request {n} failed");
+                    if let Err(why) = &outcome
+                        && failures.fetch_add(1, Ordering::Relaxed) < 5
+                    {
+                        eprintln!("request {n} failed: {why}");
                     }
                 }
             }));

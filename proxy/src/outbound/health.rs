@@ -2,7 +2,8 @@
 //! target Service (and of the backends its rules name) probes `GET path` every interval; an
 //! endpoint that fails `unhealthy_threshold` probes in a row takes no traffic until it passes
 //! `healthy_threshold` in a row. Tasks follow the configuration: they start, stop and change
-//! with it.
+//! with it. A meshed endpoint is probed through its sidecar over mesh mTLS with this sidecar's
+//! identity, as requests are, so authorization judges probes as it judges the caller.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -14,9 +15,10 @@ use tokio::task::JoinHandle;
 use weir_api::rt::Drain;
 
 use crate::body::{ORIG_PROTO, empty};
-use crate::client::{Clients, ConnectOpts};
+use crate::client::{Clients, ConnectOpts, TlsTarget};
 use crate::config::{Config, Endpoint, HealthPolicy};
 use crate::outbound::resilience::ResilienceMetrics;
+use crate::tls::CredsRx;
 
 /// An endpoint under one policy.
 type PolicyEndpoint = (Arc<str>, SocketAddr);
@@ -74,15 +76,24 @@ struct Probe {
     policy: Arc<str>,
     service: Arc<str>,
     authority: String,
-    addr: SocketAddr,
-    meshed: bool,
+    /// The endpoint's namespace and the endpoint (its address, and identity when meshed).
+    namespace: Arc<str>,
+    endpoint: Endpoint,
     check: HealthPolicy,
+}
+
+/// This sidecar's identity, for mTLS to meshed endpoints (`None`: it has none).
+#[derive(Clone)]
+pub struct Mesh {
+    pub credentials: Option<CredsRx>,
+    pub trust_domain: Arc<str>,
 }
 
 /// Keeps one probe task per (policy, endpoint) running until `drain` fires.
 pub async fn run(
     mut config: watch::Receiver<Option<Arc<Config>>>,
     clients: Clients,
+    mesh: Mesh,
     health: Health,
     metrics: ResilienceMetrics,
     drain: Drain,
@@ -96,14 +107,15 @@ pub async fn run(
             let keep = wanted.contains(p);
             if !keep {
                 task.abort();
-                health.set(&p.policy, p.addr, true);
+                health.set(&p.policy, p.endpoint.addr, true);
             }
             keep
         });
         for p in wanted {
             if let std::collections::hash_map::Entry::Vacant(slot) = running.entry(p) {
                 let p = slot.key().clone();
-                slot.insert(tokio::spawn(probe_loop(p, clients.clone(), health.clone(), metrics.clone())));
+                let task = probe_loop(p, clients.clone(), mesh.clone(), health.clone(), metrics.clone());
+                slot.insert(tokio::spawn(task));
             }
         }
         tokio::select! {
@@ -131,8 +143,8 @@ fn probes(config: &Config) -> HashSet<Probe> {
                         policy: policy.name.clone(),
                         service: svc.key.clone(),
                         authority: format!("{name}.{ns}"),
-                        addr: e.addr,
-                        meshed: e.meshed,
+                        namespace: ns.into(),
+                        endpoint: e.clone(),
                         check: check.clone(),
                     });
                 }
@@ -142,13 +154,13 @@ fn probes(config: &Config) -> HashSet<Probe> {
     out
 }
 
-async fn probe_loop(p: Probe, clients: Clients, health: Health, metrics: ResilienceMetrics) {
+async fn probe_loop(p: Probe, clients: Clients, mesh: Mesh, health: Health, metrics: ResilienceMetrics) {
     let mut ticks = tokio::time::interval(p.check.interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (mut passes, mut failures, mut healthy) = (0u32, 0u32, true);
     loop {
         ticks.tick().await;
-        let ok = matches!(tokio::time::timeout(p.check.timeout, probe_once(&p, &clients)).await, Ok(true));
+        let ok = matches!(tokio::time::timeout(p.check.timeout, probe_once(&p, &clients, &mesh)).await, Ok(true));
         metrics.health_checks.with_label_values(&[&*p.service, if ok { "pass" } else { "fail" }]).inc();
         if ok {
             passes += 1;
@@ -160,26 +172,28 @@ async fn probe_loop(p: Probe, clients: Clients, health: Health, metrics: Resilie
         let flip = if healthy { failures >= p.check.unhealthy_threshold } else { passes >= p.check.healthy_threshold };
         if flip {
             healthy = !healthy;
-            health.set(&p.policy, p.addr, healthy);
+            health.set(&p.policy, p.endpoint.addr, healthy);
             let state = if healthy { "healthy" } else { "unhealthy" };
             metrics.health_transitions.with_label_values(&[&*p.service, state]).inc();
-            tracing::info!(endpoint = %p.addr, service = %p.service, state, "active health check");
+            tracing::info!(endpoint = %p.endpoint.addr, service = %p.service, state, "active health check");
         }
     }
 }
 
-async fn probe_once(p: &Probe, clients: &Clients) -> bool {
+async fn probe_once(p: &Probe, clients: &Clients, mesh: &Mesh) -> bool {
     let uri = format!("http://{}{}", p.authority, p.check.path);
     let Ok(mut req) = Request::get(uri).body(empty()) else { return false };
-    let rsp = if p.meshed {
+    let addr = p.endpoint.addr;
+    let rsp = if p.endpoint.meshed {
         *req.version_mut() = Version::HTTP_2;
         req.headers_mut().insert(ORIG_PROTO.clone(), HeaderValue::from_static("HTTP/1.1"));
-        clients.h2.send(p.addr, req, ConnectOpts::default()).await
+        let tls = TlsTarget::for_endpoint(mesh.credentials.as_ref(), &mesh.trust_domain, &p.namespace, &p.endpoint);
+        clients.h2.send_tls(addr, req, ConnectOpts::default(), tls.as_ref()).await
     } else {
         if let Ok(host) = HeaderValue::from_str(&p.authority) {
             req.headers_mut().insert(http::header::HOST, host);
         }
-        clients.send_h1(p.addr, req, ConnectOpts::default()).await
+        clients.send_h1(addr, req, ConnectOpts::default()).await
     };
     rsp.is_ok_and(|r| r.status().is_success())
 }

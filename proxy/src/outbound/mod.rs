@@ -102,17 +102,8 @@ impl Outbound {
         rsp
     }
 
-    /// Mesh mTLS to a peer sidecar whose identity the controller gave (in namespace `ns`),
-    /// once this sidecar has a certificate of its own. Never plaintext to a peer with an
-    /// identity: without a certificate yet, the connect fails ("no workload certificate").
     fn tls_target(&self, ns: &str, endpoint: &Endpoint) -> Option<TlsTarget> {
-        match &self.credentials {
-            Some(creds) if endpoint.meshed && !endpoint.identity.is_empty() => {
-                let expected = weir_api::spiffe::id(&self.trust_domain, ns, &endpoint.identity);
-                Some(TlsTarget { creds: creds.clone(), expected: expected.into() })
-            }
-            _ => None,
-        }
+        TlsTarget::for_endpoint(self.credentials.as_ref(), &self.trust_domain, ns, endpoint)
     }
 
     /// A redirected connection that is not HTTP: to a Service's virtual address, through one
