@@ -360,7 +360,10 @@ pub struct TargetRef {
     "message": "perTry must not exceed request"
 }]))]
 pub struct Timeouts {
-    /// The whole call, retries and back-off included, until response headers. Default: none.
+    /// The whole call, retries and back-off included, until the end of the response body
+    /// (504 before the headers; a reset stream after). Default: none. Streams meant to outlive
+    /// it (server-sent events, gRPC streaming, downloads) belong on a rule or port without one,
+    /// bounded by `streamIdle` instead; a WebSocket is bounded by it only until it switches.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^([0-9]{1,5}(h|m|s|ms)){1,4}$"))]
     pub request: Option<String>,

@@ -53,43 +53,61 @@ pub fn with_guard<G: Send + Sync + Unpin + 'static>(body: Body, guard: G) -> Bod
 /// Fails `body` with an error when it makes no progress for `idle`: a stalled stream is
 /// reset instead of holding its connection and slots forever.
 pub fn with_idle_timeout(body: Body, idle: std::time::Duration) -> Body {
-    struct Idle {
-        inner: Body,
-        idle: std::time::Duration,
-        timer: std::pin::Pin<Box<tokio::time::Sleep>>,
-    }
-    impl http_body::Body for Idle {
-        type Data = Bytes;
-        type Error = BoxError;
-        fn poll_frame(
-            mut self: std::pin::Pin<&mut Self>,
-            cx: &mut std::task::Context<'_>,
-        ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
-            use std::future::Future;
-            use std::task::Poll;
-            match std::pin::Pin::new(&mut self.inner).poll_frame(cx) {
-                Poll::Ready(frame) => {
-                    let next = tokio::time::Instant::now() + self.idle;
+    Timed { inner: body, limit: Limit::Idle(idle), timer: Box::pin(tokio::time::sleep(idle)) }.boxed()
+}
+
+/// Fails `body` with an error if it has not ended by `deadline`: the request timeout covers
+/// the response body too (`after` is the timeout, for the message).
+pub fn with_deadline(body: Body, deadline: tokio::time::Instant, after: std::time::Duration) -> Body {
+    Timed { inner: body, limit: Limit::Deadline(after), timer: Box::pin(tokio::time::sleep_until(deadline)) }.boxed()
+}
+
+enum Limit {
+    /// The timer restarts with every frame.
+    Idle(std::time::Duration),
+    /// The timer is the request's deadline.
+    Deadline(std::time::Duration),
+}
+
+/// A body that fails when its timer fires first.
+struct Timed {
+    inner: Body,
+    limit: Limit,
+    timer: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl http_body::Body for Timed {
+    type Data = Bytes;
+    type Error = BoxError;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        use std::future::Future;
+        use std::task::Poll;
+        match std::pin::Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                if let Limit::Idle(idle) = self.limit {
+                    let next = tokio::time::Instant::now() + idle;
                     self.timer.as_mut().reset(next);
-                    Poll::Ready(frame)
                 }
-                Poll::Pending => match self.timer.as_mut().poll(cx) {
-                    Poll::Ready(()) => {
-                        let idle = self.idle;
-                        Poll::Ready(Some(Err(format!("stream idle for {idle:?}").into())))
-                    }
-                    Poll::Pending => Poll::Pending,
-                },
+                Poll::Ready(frame)
             }
-        }
-        fn is_end_stream(&self) -> bool {
-            self.inner.is_end_stream()
-        }
-        fn size_hint(&self) -> http_body::SizeHint {
-            self.inner.size_hint()
+            Poll::Pending => match self.timer.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err(match self.limit {
+                    Limit::Idle(idle) => format!("stream idle for {idle:?}").into(),
+                    Limit::Deadline(after) => format!("request timed out after {after:?}").into(),
+                }))),
+                Poll::Pending => Poll::Pending,
+            },
         }
     }
-    Idle { inner: body, idle, timer: Box::pin(tokio::time::sleep(idle)) }.boxed()
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// Carries the client's protocol across the sidecar-to-sidecar HTTP/2 hop.
@@ -158,6 +176,25 @@ mod tests {
         let err = body.frame().await.unwrap().unwrap_err();
         assert!(err.to_string().contains("idle"), "{err}");
         assert_eq!(started.elapsed(), std::time::Duration::from_secs(5));
+        drop(tx);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_still_streaming_at_the_deadline_fails() {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<http_body::Frame<Bytes>, BoxError>>(4);
+        let body = boxed(http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)));
+        let started = tokio::time::Instant::now();
+        let second = std::time::Duration::from_secs(1);
+        let mut body = with_deadline(body, started + 3 * second, 3 * second);
+        // Progress does not move a deadline (it would an idle timeout).
+        for _ in 0..2 {
+            tokio::time::sleep(second).await;
+            tx.send(Ok(http_body::Frame::data(Bytes::from_static(b"a")))).await.unwrap();
+            assert!(body.frame().await.unwrap().is_ok());
+        }
+        let err = body.frame().await.unwrap().unwrap_err();
+        assert!(err.to_string().contains("timed out after 3s"), "{err}");
+        assert_eq!(started.elapsed(), 3 * second);
         drop(tx);
     }
 

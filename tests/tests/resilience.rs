@@ -371,6 +371,37 @@ async fn a_stalled_stream_is_reset_after_stream_idle() {
     assert!(started.elapsed() < Duration::from_secs(5));
 }
 
+/// The request timeout covers the response body: a stream still running at the deadline is
+/// cut off there, although every event came well within `streamIdle` would allow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_request_timeout_covers_the_response_body() {
+    use futures_util::StreamExt;
+    use http_body_util::BodyExt;
+    let mesh = mesh_with("  timeouts: { request: 1s }\n").await;
+    let req = http::Request::get(format!("http://{}/sse?n=50&every=100ms", mesh.outbound()))
+        .header("host", "web.test")
+        .body(empty())
+        .unwrap();
+    let started = Instant::now();
+    let rsp = tokio::time::timeout(Duration::from_secs(10), http1().request(req)).await.unwrap().unwrap();
+    assert_eq!(rsp.status(), 200, "the headers come at once");
+    let mut body = rsp.into_body().into_data_stream();
+    let mut events = 0;
+    let ended = loop {
+        match tokio::time::timeout(Duration::from_secs(10), body.next()).await.expect("the stream must end") {
+            Some(Ok(_)) => events += 1,
+            Some(Err(_)) => break true,
+            None => break false,
+        }
+    };
+    let took = started.elapsed();
+    assert!(ended, "the 5 s stream was delivered whole ({events} events) past a 1 s request timeout");
+    assert!(
+        events < 50 && took >= Duration::from_millis(990) && took < Duration::from_secs(4),
+        "{events} events, {took:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_connect_timeout_applies_per_policy() {
     // A listener that never accepts, with its accept queue full: new SYNs are dropped, so a

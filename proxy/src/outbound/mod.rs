@@ -21,7 +21,7 @@ use tokio::sync::watch;
 
 use tokio::sync::OwnedSemaphorePermit;
 
-use crate::body::{Body, ORIG_PROTO, boxed, strip_hop_by_hop, with_guard, with_idle_timeout};
+use crate::body::{Body, ORIG_PROTO, boxed, strip_hop_by_hop, with_deadline, with_guard, with_idle_timeout};
 use crate::client::{Clients, TlsTarget};
 use crate::config::{Abort, Config, Endpoint, HashKey, Policy, RetryOn};
 use crate::errors::{ProxyError, grpc_error};
@@ -285,6 +285,7 @@ impl Outbound {
             upgrade: upgrade.as_ref().map(|u| u.token.clone()),
         };
         let call_idle = call.policy.as_ref().and_then(|p| p.stream_idle_timeout);
+        let deadline_at = deadline.map(|after| (tokio::time::Instant::now() + after, after));
         let limited = self.limited(&call, parts, body);
         let result = match deadline {
             Some(after) => {
@@ -305,6 +306,11 @@ impl Outbound {
                 rparts.version = version;
                 if let Some(idle) = call_idle {
                     body = with_idle_timeout(body, idle);
+                }
+                // The request timeout covers the body too (a stream that must outlive it is
+                // given no request timeout, and `streamIdle` instead).
+                if let Some((at, after)) = deadline_at {
+                    body = with_deadline(body, at, after);
                 }
                 if let Some(slot) = slot {
                     body = with_guard(body, slot);
