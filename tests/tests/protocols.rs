@@ -197,3 +197,76 @@ async fn server_sent_events_are_not_buffered() {
     let first = tokio::time::timeout(Duration::from_secs(20), body.next()).await.expect("first event in time");
     assert_eq!(&first.unwrap().unwrap()[..], b"data: event 0\n\n");
 }
+
+/// Reads from `tcp` until `until` has been seen (or 10 s pass): everything read; `None` if the
+/// other side closed first.
+async fn read_until(tcp: &mut tokio::net::TcpStream, until: &[u8]) -> Option<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.windows(until.len()).any(|w| w == until) {
+        let n = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut buf)).await.unwrap_or_else(|_| {
+            panic!("no {:?} within 10 s; got {:?}", String::from_utf8_lossy(until), String::from_utf8_lossy(&got))
+        });
+        match n {
+            Ok(n) if n > 0 => got.extend_from_slice(&buf[..n]),
+            _ => return None,
+        }
+    }
+    Some(got)
+}
+
+/// `Expect: 100-continue` is honoured: the client hears `100 Continue` before it sends the
+/// body (nothing on the way waits for a body that waits for it), then gets the answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expect_100_continue_uploads_through_two_sidecars() {
+    use tokio::io::AsyncWriteExt;
+    let mesh = TwoVersions::start(&split_route(1, 0)).await;
+    let mut tcp = tokio::net::TcpStream::connect(mesh.outbound()).await.unwrap();
+    tcp.write_all(b"POST /upload HTTP/1.1\r\nhost: web.test\r\ncontent-length: 11\r\nexpect: 100-continue\r\n\r\n")
+        .await
+        .unwrap();
+    let interim = read_until(&mut tcp, b"\r\n\r\n").await.expect("an interim response");
+    assert!(interim.starts_with(b"HTTP/1.1 100 Continue\r\n"), "{}", String::from_utf8_lossy(&interim));
+    tcp.write_all(b"hello world").await.unwrap();
+    let rsp = read_until(&mut tcp, b"\r\n11\n").await.expect("the answer");
+    assert!(rsp.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&rsp));
+}
+
+/// An application that sends `103 Early Hints` before its answer: the answer arrives whole
+/// through both sidecars. The interim response itself is dropped on the way (RFC 8297 lets
+/// an intermediary do so): hyper, which Weir's sidecars are built on, cannot send interim
+/// responses yet (hyperium/hyper#4114).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_after_early_hints_arrives_whole() {
+    use tokio::io::AsyncWriteExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        loop {
+            let Ok((mut tcp, _)) = listener.accept().await else { continue };
+            tokio::spawn(async move {
+                while read_until(&mut tcp, b"\r\n\r\n").await.is_some() {
+                    let rsp = b"HTTP/1.1 103 Early Hints\r\nlink: </style.css>; rel=preload\r\n\r\n\
+                                HTTP/1.1 200 OK\r\ncontent-length: 5\r\nx-weir-backend: hinted\r\n\r\nfinal";
+                    if tcp.write_all(rsp).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let scratch = Scratch::new();
+    scratch.write("services.yaml", &service("test", "hints", &[]));
+    let controller = scratch.controller(None).await;
+    let grpc = controller.addr("grpc");
+    let server_sidecar = scratch.proxy(grpc, "test/hints", Some(app)).await;
+    let client_sidecar = scratch.proxy(grpc, "test/client", None).await;
+    scratch.write("services.yaml", &service("test", "hints", &[meshed(server_sidecar.addr("inbound"))]));
+    wait_config(client_sidecar.addr("admin"), "hints endpoint", |c| endpoint_count(c, "test", "hints") == 1).await;
+    for _ in 0..3 {
+        let r = send(&http1(), client_sidecar.addr("outbound"), "GET", "hints.test", "/", &[]).await.unwrap();
+        assert_eq!((r.status, r.backend(), r.body.as_str()), (200, "hinted", "final"));
+    }
+    server.abort();
+}

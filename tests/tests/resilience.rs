@@ -484,3 +484,23 @@ async fn an_inbound_rate_limit_protects_the_server_from_every_caller() {
     let client_metrics = admin_text(mesh.client.addr("admin"), "/metrics").await;
     assert!(!client_metrics.contains("weir_rate_limited_total{"), "the caller limited itself: {client_metrics}");
 }
+
+/// A circuit that opens during a retry does not hide the real answer: the client gets the
+/// upstream's own 500, not a 503 the sidecar made up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_circuit_opened_by_an_attempt_returns_that_attempts_answer() {
+    let mesh = mesh_with(
+        "  circuitBreaker: { consecutiveFailures: 1, openDuration: 10s, halfOpenRequests: 1, successThreshold: 1 }\n  \
+         retries: { attempts: 2, retryOn: [5xx], backoff: { base: 1ms, max: 1ms } }\n",
+    )
+    .await;
+    mesh.v1.behaviour.set_fail_rate(1.0);
+    let r = send(&http1(), mesh.outbound(), "GET", "web.test", "/", &[]).await.unwrap();
+    assert_eq!(r.status, 500, "{:?} {}", r.headers.get("weir-error"), r.body);
+    assert!(r.body.contains("failed on purpose"), "{}", r.body);
+    assert_eq!(served(&mesh), 1, "the open circuit stopped the retry");
+    // Later requests meet the open circuit itself.
+    let r = send(&http1(), mesh.outbound(), "GET", "web.test", "/", &[]).await.unwrap();
+    assert_eq!(r.status, 503);
+    assert!(r.headers["weir-error"].to_str().unwrap().contains("circuit open"));
+}
