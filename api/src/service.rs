@@ -77,6 +77,31 @@ pub fn parse_port_list(list: &str) -> Result<Vec<u16>, String> {
     Ok(out)
 }
 
+/// A kubelet HTTP probe of an application container: the port and path it GETs. The injector
+/// hands a pod's probes to its sidecar (`WEIR_PROBE_PATHS`, a JSON list of these), which
+/// admits them as Linkerd's default policy does, so a strict MeshAuthorization does not fail
+/// the pod's own health checks.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ProbePath {
+    pub port: u16,
+    pub path: String,
+}
+
+/// Parses a JSON list of [`ProbePath`]s (empty: none); paths must start with `/`.
+pub fn parse_probe_paths(json: &str) -> Result<Vec<ProbePath>, String> {
+    if json.trim().is_empty() {
+        return Ok(Vec::new());
+    }
+    let paths: Vec<ProbePath> =
+        serde_json::from_str(json).map_err(|e| format!("not a JSON list of {{\"port\", \"path\"}}: {e}"))?;
+    for p in &paths {
+        if p.port == 0 || !p.path.starts_with('/') {
+            return Err(format!("{}:{} is not a port and an absolute path", p.port, p.path));
+        }
+    }
+    Ok(paths)
+}
+
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct LocalEndpoint {
@@ -157,6 +182,20 @@ impl LocalServiceSpec {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod probe_path_tests {
+    use super::*;
+
+    #[test]
+    fn probe_paths_parse_and_bad_ones_are_named() {
+        let p = parse_probe_paths(r#"[{"port": 8080, "path": "/healthz"}]"#).unwrap();
+        assert_eq!(p, [ProbePath { port: 8080, path: "/healthz".into() }]);
+        assert!(parse_probe_paths("").unwrap().is_empty());
+        assert!(parse_probe_paths(r#"[{"port": 8080, "path": "healthz"}]"#).unwrap_err().contains("absolute path"));
+        assert!(parse_probe_paths("8080:/healthz").unwrap_err().contains("JSON list"));
     }
 }
 

@@ -152,6 +152,7 @@ pub fn inject_pod(pod: &mut Value, settings: &Settings) -> Result<Option<Skipped
             "memory": quantity("weir.io/proxy-memory-limit", "250Mi")?,
         },
     });
+    let probe_paths = serde_json::to_string(&app_probes(spec)).expect("probe paths serialise");
     let log_level = annotation("weir.io/proxy-log-level").unwrap_or_else(|| "info".into());
     if log_level.is_empty() || log_level.contains(char::is_whitespace) {
         return Err(err("metadata.annotations[weir.io/proxy-log-level]", format!("{log_level:?} is not a log level")));
@@ -209,6 +210,7 @@ pub fn inject_pod(pod: &mut Value, settings: &Settings) -> Result<Option<Skipped
             {"name": "WEIR_ADMIN_ADDR", "value": format!("0.0.0.0:{ADMIN_PORT}")},
             {"name": "WEIR_LOG_LEVEL", "value": log_level},
             {"name": "WEIR_OPAQUE_PORTS", "value": opaque_ports},
+            {"name": "WEIR_PROBE_PATHS", "value": probe_paths},
         ],
         "ports": [
             {"name": "weir-inbound", "containerPort": INBOUND_PORT},
@@ -265,6 +267,38 @@ pub fn inject_pod(pod: &mut Value, settings: &Settings) -> Result<Option<Skipped
         a.insert(INJECTED.into(), json!("true"));
     }
     Ok(None)
+}
+
+/// The kubelet's plaintext HTTP probes (liveness, readiness, startup) of the pod's containers,
+/// for the sidecar to admit under a strict MeshAuthorization: `httpGet` with scheme HTTP and
+/// no `host` (those go to the pod), a numeric port or one named by the container. HTTPS probes
+/// reach the application as its own TLS; probes of another host are not the pod's.
+fn app_probes(spec: &serde_json::Map<String, Value>) -> Vec<weir_api::service::ProbePath> {
+    let mut out = Vec::new();
+    for c in spec.get("containers").and_then(Value::as_array).into_iter().flatten() {
+        for kind in ["livenessProbe", "readinessProbe", "startupProbe"] {
+            let get = &c[kind]["httpGet"];
+            if !get.is_object() || get.get("host").is_some() || get["scheme"].as_str().is_some_and(|s| s != "HTTP") {
+                continue;
+            }
+            let port = match &get["port"] {
+                Value::Number(n) => n.as_u64(),
+                Value::String(name) => name.parse::<u64>().ok().or_else(|| {
+                    c["ports"].as_array()?.iter().find(|p| p["name"] == name.as_str())?["containerPort"].as_u64()
+                }),
+                _ => None,
+            };
+            let Some(port) = port.and_then(|p| u16::try_from(p).ok()).filter(|p| *p != 0) else { continue };
+            let path = get["path"].as_str().unwrap_or("/");
+            let path = path.split('?').next().unwrap_or("/");
+            let path = if path.starts_with('/') { path.to_string() } else { format!("/{path}") };
+            let p = weir_api::service::ProbePath { port, path };
+            if !out.contains(&p) {
+                out.push(p);
+            }
+        }
+    }
+    out
 }
 
 /// Where a workload kind keeps its pod template.
@@ -347,6 +381,31 @@ mod tests {
         let before = d.clone();
         assert_eq!(inject_manifest(&mut d, &Settings::default()), Ok(Some(Err(Skipped::AlreadyInjected))));
         assert_eq!(d, before);
+    }
+
+    #[test]
+    fn the_pods_http_probes_go_to_the_sidecar() {
+        let mut d = deployment(json!({}));
+        d["spec"]["template"]["spec"]["containers"] = json!([{
+            "name": "app", "image": "shop",
+            "ports": [{"name": "http", "containerPort": 8080}, {"name": "admin", "containerPort": 9090}],
+            "livenessProbe": {"httpGet": {"path": "/healthz", "port": "http"}},
+            "readinessProbe": {"httpGet": {"path": "/ready?full=1", "port": 9090}},
+            "startupProbe": {"httpGet": {"path": "/healthz", "port": 8080}},
+        }, {
+            "name": "other", "image": "x",
+            "livenessProbe": {"httpGet": {"path": "/tls", "port": 8443, "scheme": "HTTPS"}},
+            "readinessProbe": {"httpGet": {"path": "/elsewhere", "port": 80, "host": "example.com"}},
+            "startupProbe": {"tcpSocket": {"port": 5432}},
+        }]);
+        inject_manifest(&mut d, &Settings::default()).unwrap().unwrap().unwrap();
+        let inits = d["spec"]["template"]["spec"]["initContainers"].as_array().unwrap();
+        let proxy = inits.iter().find(|c| c["name"] == PROXY).unwrap();
+        let env = proxy["env"].as_array().unwrap().iter().find(|e| e["name"] == "WEIR_PROBE_PATHS").unwrap();
+        let paths = weir_api::service::parse_probe_paths(env["value"].as_str().unwrap()).unwrap();
+        let want = [(8080, "/healthz"), (9090, "/ready")]
+            .map(|(port, path)| weir_api::service::ProbePath { port, path: path.into() });
+        assert_eq!(paths, want, "named ports resolved, queries dropped, HTTPS and other hosts left out, no duplicates");
     }
 
     #[test]

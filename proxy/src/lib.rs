@@ -140,6 +140,19 @@ pub struct Args {
     /// mTLS is still recognised. Outbound, Services declare theirs (appProtocol `tcp`).
     #[arg(long, env = "WEIR_OPAQUE_PORTS", default_value = "", value_parser = parse_ports)]
     pub opaque_ports: Ports,
+    /// The kubelet's HTTP probes of the application, as a JSON list of `{"port", "path"}` (the
+    /// injector copies the pod's probes here): plaintext GETs of exactly these are admitted
+    /// whatever the MeshAuthorizations say, so a strict policy does not fail the pod's probes.
+    #[arg(long, env = "WEIR_PROBE_PATHS", default_value = "", value_parser = parse_probe_paths)]
+    pub probe_paths: ProbePaths,
+}
+
+/// The kubelet's probes the inbound side admits (see [`Args::probe_paths`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ProbePaths(pub Vec<weir_api::service::ProbePath>);
+
+fn parse_probe_paths(s: &str) -> Result<ProbePaths, String> {
+    weir_api::service::parse_probe_paths(s).map(ProbePaths)
 }
 
 /// A list of ports, given as `5432,6379-6380`.
@@ -326,6 +339,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         },
     );
     inb.access_log = args.access_log;
+    inb.probe_paths = args.probe_paths.0.clone().into();
     let inb = Arc::new(inb);
     let grace = args.shutdown_grace;
     // A redirected connection bound for one of these (another pod calling `podIP:4140`) is

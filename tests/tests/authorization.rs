@@ -206,3 +206,51 @@ async fn inbound_rate_limits_keyed_by_client_identity_give_each_caller_its_own_b
     assert_eq!(allowed(b.addr("outbound"), 5).await, 5, "b shares a's bucket");
     assert_eq!(allowed(inbound, 5).await, 5, "plaintext callers share a's bucket");
 }
+
+/// A strict namespace's pod passes its kubelet probes: the injector hands the pod's HTTP probes
+/// to its sidecar, which admits plaintext GETs of exactly those (as Linkerd's default policy
+/// does); every other plaintext request is still refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubelet_probes_pass_a_strict_policy_and_nothing_else_does() {
+    let scratch = Scratch::new();
+    scratch.write("services.yaml", &service("test", "web", &[]));
+    scratch.write("authz.yaml", &policy("strict", FRONTEND_READS));
+    let flags = scratch.identity_flags(&[("t-web", "test/web")], &[]);
+    let controller = scratch.controller_with(None, &flags).await;
+    let backend = Backend::start("web").await;
+    let probes = format!(r#"[{{"port": {}, "path": "/healthz"}}]"#, backend.addr.port());
+    let mut server_flags = scratch.token_flags("t-web");
+    server_flags.extend(["--label".to_string(), "app=web".to_string(), "--probe-paths".to_string(), probes]);
+    let server = scratch.proxy_with(controller.addr("grpc"), "test/web", Some(backend.addr), &server_flags).await;
+    wait_ready(server.addr("admin")).await;
+    wait_config(server.addr("admin"), "the authorization", |c| authorizations(c) == 1).await;
+    let inbound = server.addr("inbound");
+
+    // The kubelet: plaintext, no identity, straight to the pod.
+    let r = send(&http1(), inbound, "GET", &inbound.to_string(), "/healthz", &[]).await.unwrap();
+    assert_eq!((r.status, r.backend()), (200, "web"), "the probe failed: {}", r.body);
+    let r = send(&http1(), inbound, "GET", &inbound.to_string(), "/healthz?verbose=1", &[]).await.unwrap();
+    assert_eq!(r.status, 200, "a probe with a query: {}", r.body);
+    // Anything else plaintext is still refused: another path, another method, a path that only
+    // normalises to the probe's.
+    for (method, path) in
+        [("GET", "/public"), ("POST", "/healthz"), ("GET", "/healthz/../public"), ("GET", "/healthz/x")]
+    {
+        let r = send(&http1(), inbound, method, &inbound.to_string(), path, &[]).await.unwrap();
+        assert_eq!(r.status, 403, "{method} {path} was let through: {}", r.body);
+    }
+    assert_eq!(backend.behaviour.served.load(Ordering::Relaxed), 2, "only the probes reached the app");
+    let m = admin_text(server.addr("admin"), "/metrics").await;
+    assert!(
+        m.lines().any(|l| l.starts_with("weir_inbound_authorization_total{")
+            && l.contains("rule=\"kubelet-probe\"")
+            && l.contains("decision=\"allow\"")
+            && l.ends_with(" 2")),
+        "{m}"
+    );
+
+    // A bad list is refused at start, naming the flag.
+    let out = std::process::Command::new(bin("weir-proxy")).args(["--probe-paths", "8080:/healthz"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--probe-paths") && err.contains("JSON list"), "{err}");
+}

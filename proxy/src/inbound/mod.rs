@@ -55,6 +55,8 @@ pub struct Inbound {
     pub access_log: bool,
     /// Opaque TCP to the application (this listener's own slots).
     pub tunnels: crate::tunnel::Tunnels,
+    /// The kubelet's probes of the application, admitted whatever the policy says.
+    pub probe_paths: Arc<[weir_api::service::ProbePath]>,
 }
 
 impl Inbound {
@@ -82,6 +84,7 @@ impl Inbound {
             warned_version: Arc::default(),
             access_log: false,
             tunnels,
+            probe_paths: Arc::new([]),
         }
     }
 
@@ -214,6 +217,11 @@ impl Inbound {
             self.warn_unmatched(config, port);
             return None;
         }
+        let who = identity.unwrap_or("");
+        if self.is_probe(req, port) {
+            self.metrics.authorization.with_label_values(&[&self.server, "", "kubelet-probe", who, "allow"]).inc();
+            return None;
+        }
         let client = authz::Client::from_spiffe(identity, &self.trust_domain);
         let path = req.uri().path();
         let decision = match authz::normalise(path) {
@@ -235,7 +243,6 @@ impl Inbound {
             // Forwarded unchanged if a rule that ignores paths allows it.
             None => authz::decide(&config.authorizations, port, client, req.method(), None),
         };
-        let who = identity.unwrap_or("");
         match decision {
             authz::Decision::Default => None,
             authz::Decision::Allow { policy, rule } => {
@@ -248,6 +255,13 @@ impl Inbound {
                 Some(ProxyError::Forbidden { reason })
             }
         }
+    }
+
+    /// A kubelet probe of the application: a GET (or HEAD) of exactly one of the probes' port
+    /// and path (query aside), as Linkerd's default policy admits them.
+    fn is_probe(&self, req: &Request<Incoming>, port: u16) -> bool {
+        matches!(*req.method(), http::Method::GET | http::Method::HEAD)
+            && self.probe_paths.iter().any(|p| p.port == port && p.path == req.uri().path())
     }
 
     /// Policies select this workload but none names its port: they protect nothing here, which
