@@ -14,8 +14,11 @@ start-up and warm-up; the next two batches of N2 each give the per-request count
 printed: they agree to a fraction of a percent). Stops everything it started, by PID.
 
     python3 bench/callgrind_outbound.py [--proxy target/release/weir-proxy] [--n1 500] [--n2 2000]
-    python3 bench/callgrind_outbound.py --pair [--load http1|h2c|grpc] [--keep DIR]
-Needs valgrind (Debian package) and oha (`cargo install oha`).
+    python3 bench/callgrind_outbound.py --pair [--load http1|h2c|grpc|websocket] [--keep DIR]
+Needs valgrind (Debian package) and oha (`cargo install oha`); `--load websocket` needs the
+`websockets` package from PyPI instead of oha: the upstream is a WebSocket echo server, the
+client opens one WebSocket through the pair and each "request" is one 100-byte text message
+and its echo.
 """
 import argparse, glob, json, os, re, shutil, subprocess, sys, tempfile, time
 
@@ -43,7 +46,7 @@ def main():
     ap.add_argument("--oha", default=shutil.which("oha") or "oha")
     ap.add_argument("--keep", help="copy the last batch's callgrind dump here (for callgrind_annotate)")
     ap.add_argument("--pair", action="store_true", help="both sidecars of the mTLS pair (bench/vs_envoy.py)")
-    ap.add_argument("--load", default="http1", choices=["http1", "h2c", "grpc"], help="with --pair")
+    ap.add_argument("--load", default="http1", choices=["http1", "h2c", "grpc", "websocket"], help="with --pair")
     opts = ap.parse_args()
     if opts.pair:
         return pair(opts)
@@ -115,15 +118,24 @@ def pair(opts):
     vs_envoy.start_sidecar = sidecar  # the pair as vs_envoy.py starts it, each sidecar under callgrind
     wait = vs_envoy.wait_for
     vs_envoy.wait_for = lambda check, what, limit=20.0, every=0.02: wait(check, what, limit=120, every=0.2)
+    ws = None
     try:
-        be, ba = start_backend(os.path.join(tmp, "backend.log"))
-        procs.append(be)
-        measured, url, _ = vs_envoy.start_weir_pair(tmp, ba["listen"], procs, 3 if opts.load != "http1" else 2)
-        load = dict(vs_envoy.loads(3, tmp))[opts.load] if opts.load != "http1" else []
+        if opts.load == "websocket":
+            ws = WebSocketLoad()
+            upstream = ws.upstream
+        else:
+            be, ba = start_backend(os.path.join(tmp, "backend.log"))
+            procs.append(be)
+            upstream = ba["listen"]
+        measured, url, _ = vs_envoy.start_weir_pair(tmp, upstream, procs, 3 if opts.load in ("h2c", "grpc") else 2)
+        load = dict(vs_envoy.loads(3, tmp))[opts.load] if opts.load in ("h2c", "grpc") else []
         target = url.split("//", 1)[1].rstrip("/")
         for batch, n in enumerate([opts.n1, opts.n2, opts.n2]):
-            subprocess.run([opts.oha, "-n", str(n), "-c", "1", "--no-tui", "--connect-to", f"web.bench:80:{target}",
-                            *load, "http://web.bench/"], capture_output=True, check=True, timeout=900)
+            if ws:
+                ws.exchange(target, n)
+            else:
+                subprocess.run([opts.oha, "-n", str(n), "-c", "1", "--no-tui", "--connect-to", f"web.bench:80:{target}",
+                                *load, "http://web.bench/"], capture_output=True, check=True, timeout=900)
             counts = [dump(p.pid, tmp) for p in measured]
             if batch:
                 print(f"  batch {batch}: outbound sidecar {counts[0] / n:,.0f}, inbound sidecar {counts[1] / n:,.0f} "
@@ -133,10 +145,47 @@ def pair(opts):
                     for f in glob.glob(os.path.join(tmp, f"callgrind.out.{p.pid}*")):
                         shutil.copy(f, os.path.join(opts.keep, f"callgrind.{name}"))
         print(f"{opts.proxy}: {counts[0] / opts.n2:,.0f} (outbound) and {counts[1] / opts.n2:,.0f} (inbound) instructions "
-              f"per request, mTLS pair, {opts.load}, {opts.n2} requests")
+              f"per request, mTLS pair, {opts.load}, {opts.n2} requests (websocket: messages echoed)")
     finally:
+        if ws:
+            ws.close()
         stop(procs)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+class WebSocketLoad:
+    """A WebSocket echo server (the upstream) and one client connection through the pair,
+    opened on the first exchange and kept across batches."""
+
+    def __init__(self):
+        import threading
+        from websockets.sync.server import serve
+
+        def echo(conn):
+            for message in conn:
+                conn.send(message)
+        self.server = serve(echo, "127.0.0.1", 0)
+        self.upstream = "127.0.0.1:%d" % self.server.socket.getsockname()[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.client = None
+
+    def exchange(self, target, n):
+        import socket
+        from websockets.sync.client import connect
+        if self.client is None:
+            host, port = target.rsplit(":", 1)
+            self.client = connect("ws://web.bench/", sock=socket.create_connection((host, int(port))),
+                                  open_timeout=120, close_timeout=10)
+        message = "x" * 100
+        for _ in range(n):
+            self.client.send(message)
+            if self.client.recv(timeout=120) != message:
+                raise SystemExit("the echo came back changed")
+
+    def close(self):
+        if self.client is not None:
+            self.client.close()
+        self.server.shutdown()
 
 
 if __name__ == "__main__":
