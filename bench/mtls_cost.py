@@ -39,7 +39,7 @@ def run_mode(mtls, opts):
                 path = os.path.join(tmp, f"{name}.token")
                 with open(path, "w") as f:
                     f.write(f"t-{name}")
-                return ["--token-file", path]
+                return ["--token-file", path, "--trust-anchors", os.path.join(tmp, "identity", "root.crt")]
         ctl, ca = start_controller(cfg, os.path.join(tmp, "controller.log"), extra)
         procs.append(ctl)
         be, ba = start_backend(os.path.join(tmp, "backend.log"))

@@ -345,7 +345,7 @@ def start_weir_pair(tmp, upstream, procs, scenario):
         with open(token, "w") as f:
             f.write(f"t-{name}")
         p, a = start_sidecar(ca["grpc"], f"bench/{name}", os.path.join(tmp, f"{name}.log"), app,
-                             ["--token-file", token], prefix=["taskset", "-c", PROXY_CPU])
+                             ["--token-file", token, "--trust-anchors", os.path.join(tmp, "identity", "root.crt")], prefix=["taskset", "-c", PROXY_CPU])
         procs.append(p)
         return p, a
 

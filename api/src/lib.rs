@@ -18,6 +18,7 @@
 pub mod authorization;
 pub mod canary;
 pub mod duration;
+pub mod grpc;
 pub mod resilience;
 pub mod route;
 pub mod rt;

@@ -189,10 +189,7 @@ async fn handle(b: Arc<Behaviour>, req: Request<Incoming>) -> Result<Response<Bo
 }
 
 fn is_grpc(req: &Request<Incoming>) -> bool {
-    req.headers()
-        .get(http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/grpc"))
+    weir_api::grpc::is_grpc(req.headers())
 }
 
 /// The largest gRPC request echoed (gRPC's own default message limit).

@@ -110,6 +110,13 @@ impl http_body::Body for Timed {
     }
 }
 
+/// `uri`'s path and query under `http://{authority}` (the absolute form an HTTP/2 request and
+/// hyper's HTTP/1.1 pool address by); `None` when they do not make a URI.
+pub fn absolute_uri(authority: impl std::fmt::Display, uri: &http::Uri) -> Option<http::Uri> {
+    let pq = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    format!("http://{authority}{pq}").parse().ok()
+}
+
 /// Carries the client's protocol across the sidecar-to-sidecar HTTP/2 hop.
 pub static ORIG_PROTO: HeaderName = HeaderName::from_static("weir-orig-proto");
 /// Set on every response the proxy made up itself, with a short reason.

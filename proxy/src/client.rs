@@ -195,8 +195,7 @@ impl Clients {
         mut req: Request<Body>,
         opts: ConnectOpts,
     ) -> Result<Response<Incoming>, ProxyError> {
-        let pq = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
-        *req.uri_mut() = format!("http://{addr}{pq}").parse().expect("ip:port and a valid path form a URI");
+        *req.uri_mut() = crate::body::absolute_uri(addr, req.uri()).expect("ip:port and a valid path form a URI");
         self.h1_pool(&opts).request(req).await.map_err(|e| {
             let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&e);
             while let Some(c) = cause {

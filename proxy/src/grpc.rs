@@ -12,23 +12,11 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::{HeaderMap, Response, header};
+use http::Response;
 
 use crate::body::{Body, BoxError};
 
-/// Whether a message is gRPC (`application/grpc`, `application/grpc+proto`, …). gRPC-Web
-/// carries its status in the body, so it is judged as HTTP.
-pub fn is_grpc(headers: &HeaderMap) -> bool {
-    headers.get(header::CONTENT_TYPE).is_some_and(|v| {
-        let v = v.as_bytes();
-        v.starts_with(b"application/grpc") && matches!(v.get(16), None | Some(b'+') | Some(b';'))
-    })
-}
-
-/// The `grpc-status` in `headers` (trailers, or a trailers-only response's headers).
-pub fn status_in(headers: &HeaderMap) -> Option<u32> {
-    headers.get("grpc-status")?.to_str().ok()?.trim().parse().ok()
-}
+pub use weir_api::grpc::{is_grpc, status_in};
 
 /// How a response ended, as the mesh judges it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -172,6 +160,7 @@ impl Drop for Watched {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::{HeaderMap, header};
     use http_body_util::BodyExt;
     use std::sync::{Arc, Mutex};
 
@@ -186,17 +175,6 @@ mod tests {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let s = seen.clone();
         (seen, Box::new(move |o| s.lock().unwrap().push(o)))
-    }
-
-    #[test]
-    fn grpc_content_types() {
-        let h = |ct: &str| {
-            let mut h = HeaderMap::new();
-            h.insert(header::CONTENT_TYPE, ct.parse().unwrap());
-            is_grpc(&h)
-        };
-        assert!(h("application/grpc") && h("application/grpc+proto") && h("application/grpc;charset=utf-8"));
-        assert!(!h("application/grpc-web") && !h("application/grpc-web+proto") && !h("application/json"));
     }
 
     #[tokio::test]

@@ -335,9 +335,8 @@ impl Inbound {
             crate::upgrade::as_http1(&mut parts, token);
         }
         let authority = request_authority(&parts).map(|a| a.to_string()).unwrap_or_else(|| app.to_string());
-        let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
         if version == Version::HTTP_2 {
-            parts.uri = format!("http://{authority}{pq}").parse().map_err(|_| ProxyError::NoAuthority)?;
+            parts.uri = crate::body::absolute_uri(&authority, &parts.uri).ok_or(ProxyError::NoAuthority)?;
         } else if parts.headers.get(header::HOST).is_none()
             && let Ok(v) = HeaderValue::from_str(&authority)
         {

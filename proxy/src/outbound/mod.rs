@@ -21,7 +21,9 @@ use tokio::sync::watch;
 
 use tokio::sync::OwnedSemaphorePermit;
 
-use crate::body::{Body, ORIG_PROTO, boxed, strip_hop_by_hop, with_deadline, with_guard, with_idle_timeout};
+use crate::body::{
+    Body, ORIG_PROTO, absolute_uri, boxed, strip_hop_by_hop, with_deadline, with_guard, with_idle_timeout,
+};
 use crate::client::{Clients, TlsTarget};
 use crate::config::{Abort, Config, Endpoint, HashKey, Policy, RetryOn};
 use crate::errors::{ProxyError, grpc_error};
@@ -170,10 +172,9 @@ impl Outbound {
         let result = if let Some((svc, endpoint)) = meshed {
             parts.headers.insert(ORIG_PROTO.clone(), HeaderValue::from_static(proto_name(parts.version)));
             parts.headers.remove(header::HOST);
-            let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
-            match format!("http://{authority}{pq}").parse() {
-                Ok(uri) => parts.uri = uri,
-                Err(_) => return ProxyError::NoAuthority.into_response(),
+            match absolute_uri(authority, &parts.uri) {
+                Some(uri) => parts.uri = uri,
+                None => return ProxyError::NoAuthority.into_response(),
             }
             parts.version = Version::HTTP_2;
             let tls = self.tls_target(svc.namespace(), endpoint);
@@ -182,10 +183,9 @@ impl Outbound {
                 .send_tls(orig, Request::from_parts(parts, boxed(body)), Default::default(), tls.as_ref())
                 .await
         } else if parts.version == Version::HTTP_2 {
-            let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
-            match format!("http://{authority}{pq}").parse() {
-                Ok(uri) => parts.uri = uri,
-                Err(_) => return ProxyError::NoAuthority.into_response(),
+            match absolute_uri(authority, &parts.uri) {
+                Some(uri) => parts.uri = uri,
+                None => return ProxyError::NoAuthority.into_response(),
             }
             self.clients.h2.send(orig, Request::from_parts(parts, boxed(body)), Default::default()).await
         } else {
@@ -583,8 +583,7 @@ impl Outbound {
                 parts.headers.insert(ORIG_PROTO.clone(), HeaderValue::from_static(proto_name(version)));
                 parts.headers.remove(header::HOST);
             }
-            let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-            parts.uri = format!("http://{}{pq}", call.authority).parse().map_err(|_| ProxyError::NoAuthority)?;
+            parts.uri = absolute_uri(&call.authority, &parts.uri).ok_or(ProxyError::NoAuthority)?;
             parts.version = Version::HTTP_2;
             let ns = call.target.backend.split('/').next().unwrap_or_default();
             let tls = self.tls_target(ns, endpoint);
