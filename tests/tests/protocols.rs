@@ -270,3 +270,26 @@ async fn an_answer_after_early_hints_arrives_whole() {
     }
     server.abort();
 }
+
+/// An `Upgrade: h2c` offer (curl `--http2` on http://) is declined: the request is answered in
+/// HTTP/1.1 and the application sees neither the offer nor its settings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2c_upgrade_offer_is_answered_in_http1() {
+    let mesh = TwoVersions::start(&split_route(1, 0)).await;
+    let url = format!("http://{}/headers", mesh.outbound());
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("curl")
+            .args(["-s", "-m", "10", "--http2", "-H", "host: web.test", "-w", "\n%{http_version} %{http_code}", &url])
+            .output()
+            .expect("curl is installed (scripts/test.sh installs it)")
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, last) = text.rsplit_once('\n').unwrap_or_else(|| panic!("{text}"));
+    assert_eq!(last, "1.1 200", "{text}");
+    let seen: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert_eq!(seen["version"], "HTTP/1.1", "{seen}");
+    let headers = seen["headers"].as_object().unwrap();
+    assert!(!headers.contains_key("upgrade") && !headers.contains_key("http2-settings"), "{seen}");
+}
