@@ -83,28 +83,19 @@ impl Outcome {
 /// What to do once a call's outcome is known.
 pub type OnEnd = Box<dyn FnOnce(Outcome) + Send + Sync>;
 
-/// Calls `on_end` with the response's outcome once it is known: at once for an HTTP response
-/// or a trailers-only gRPC one; for a gRPC response with a body, when its trailers pass (or
-/// the body fails, ends without them, or is dropped unfinished).
-pub fn watch(rsp: Response<Body>, on_end: OnEnd) -> Response<Body> {
-    if !is_grpc(rsp.headers()) {
-        on_end(Outcome::Http(rsp.status().as_u16()));
-        return rsp;
-    }
-    if let Some(code) = status_in(rsp.headers()) {
-        on_end(Outcome::Grpc(code));
-        return rsp;
-    }
-    rsp.map(|inner| http_body_util::BodyExt::boxed(Watched { inner, on_end: Some(on_end) }))
-}
-
 /// The outcome of a response whose head is all there is to judge: HTTP, or trailers-only
-/// gRPC. `None` when it waits for trailers.
+/// gRPC. `None` when it waits for the trailers (then see [`on_trailers`]).
 pub fn outcome_at_head<B>(rsp: &Response<B>) -> Option<Outcome> {
     if !is_grpc(rsp.headers()) {
         return Some(Outcome::Http(rsp.status().as_u16()));
     }
     status_in(rsp.headers()).map(Outcome::Grpc)
+}
+
+/// Calls `on_end` with the outcome of a gRPC response whose status is still to come: when its
+/// trailers pass (or the body fails, ends without them, or is dropped unfinished).
+pub fn on_trailers(rsp: Response<Body>, on_end: OnEnd) -> Response<Body> {
+    rsp.map(|inner| http_body_util::BodyExt::boxed(Watched { inner, on_end: Some(on_end) }))
 }
 
 struct Watched {
@@ -169,6 +160,17 @@ mod tests {
         let mut rsp = Response::new(crate::body::boxed(http_body_util::StreamBody::new(stream)));
         rsp.headers_mut().insert(header::CONTENT_TYPE, "application/grpc".parse().unwrap());
         rsp
+    }
+
+    /// What the metrics and the verdicts do: judge at the head when it tells, else at the trailers.
+    fn watch(rsp: Response<Body>, on_end: OnEnd) -> Response<Body> {
+        match outcome_at_head(&rsp) {
+            Some(outcome) => {
+                on_end(outcome);
+                rsp
+            }
+            None => on_trailers(rsp, on_end),
+        }
     }
 
     fn recorder() -> (Arc<Mutex<Vec<Outcome>>>, OnEnd) {

@@ -267,8 +267,12 @@ impl Metrics {
     /// or for a gRPC response with a body, once its trailers say how the call ended.
     pub fn response(&self, labels: Labels, rsp: Response<Body>, elapsed: Duration) -> Response<Body> {
         let status = rsp.status().as_u16();
+        if let Some(outcome) = crate::grpc::outcome_at_head(&rsp) {
+            self.finished.record(&labels, status, outcome, elapsed);
+            return rsp;
+        }
         let finished = self.finished.clone();
-        crate::grpc::watch(rsp, Box::new(move |outcome| finished.record(&labels, status, outcome, elapsed)))
+        crate::grpc::on_trailers(rsp, Box::new(move |outcome| finished.record(&labels, status, outcome, elapsed)))
     }
 
     /// Takes everything recorded since the last report.

@@ -21,7 +21,8 @@ use crate::body::{Body, BoxError};
 pub const MAX_REPLAY_BODY: usize = 64 * 1024;
 
 pub struct ReplayBody {
-    shared: Arc<Mutex<Shared>>,
+    /// `None`: an empty body (most requests), which needs no copy, lock or allocation.
+    shared: Option<Arc<Mutex<Shared>>>,
     /// Which copy this is; only the newest reads.
     generation: u64,
     /// Chunks of the kept copy this copy has yielded.
@@ -46,34 +47,38 @@ struct Shared {
 impl ReplayBody {
     /// The first copy of `body`, keeping up to `max` bytes for replay.
     pub fn new(body: Body, max: usize) -> Self {
-        let complete = body.is_end_stream();
-        let shared = Shared {
-            source: (!complete).then_some(body),
-            chunks: Vec::new(),
-            kept: 0,
-            max,
-            trailers: None,
-            complete,
-            overflowed: false,
-            generation: 0,
-        };
-        Self { shared: Arc::new(Mutex::new(shared)), generation: 0, position: 0, trailers_sent: false }
+        let shared = (!body.is_end_stream()).then(|| {
+            Arc::new(Mutex::new(Shared {
+                source: Some(body),
+                chunks: Vec::new(),
+                kept: 0,
+                max,
+                trailers: None,
+                complete: false,
+                overflowed: false,
+                generation: 0,
+            }))
+        });
+        Self { shared, generation: 0, position: 0, trailers_sent: false }
     }
 
     /// A new copy from the start, for another attempt, when everything read so far was kept;
     /// earlier copies stop.
     pub fn replay(&self) -> Option<ReplayBody> {
-        let mut s = self.shared.lock().unwrap();
+        let Some(shared) = &self.shared else {
+            return Some(Self { shared: None, generation: 0, position: 0, trailers_sent: false });
+        };
+        let mut s = shared.lock().unwrap();
         if s.overflowed {
             return None;
         }
         s.generation += 1;
-        Some(Self { shared: self.shared.clone(), generation: s.generation, position: 0, trailers_sent: false })
+        Some(Self { shared: Some(shared.clone()), generation: s.generation, position: 0, trailers_sent: false })
     }
 
     /// Whether a replay is still possible.
     pub fn replayable(&self) -> bool {
-        !self.shared.lock().unwrap().overflowed
+        self.shared.as_ref().is_none_or(|s| !s.lock().unwrap().overflowed)
     }
 }
 
@@ -83,7 +88,8 @@ impl http_body::Body for ReplayBody {
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        let mut s = this.shared.lock().unwrap();
+        let Some(shared) = &this.shared else { return Poll::Ready(None) };
+        let mut s = shared.lock().unwrap();
         if this.generation != s.generation {
             return Poll::Ready(Some(Err("request body superseded by another attempt".into())));
         }
@@ -143,7 +149,8 @@ impl http_body::Body for ReplayBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        let s = self.shared.lock().unwrap();
+        let Some(shared) = &self.shared else { return true };
+        let s = shared.lock().unwrap();
         s.complete
             && self.position >= s.chunks.len()
             && (self.trailers_sent || s.trailers.is_none())
@@ -151,7 +158,8 @@ impl http_body::Body for ReplayBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        let s = self.shared.lock().unwrap();
+        let Some(shared) = &self.shared else { return SizeHint::with_exact(0) };
+        let s = shared.lock().unwrap();
         let unread: u64 = s.chunks.get(self.position..).unwrap_or_default().iter().map(|c| c.len() as u64).sum();
         match &s.source {
             None => SizeHint::with_exact(unread),

@@ -343,20 +343,20 @@ impl Inbound {
             parts.headers.insert(header::HOST, v);
         }
         parts.version = version;
-        // An application that turns its connections over (GOAWAY after N requests) never
-        // fails a request it did not process: that one goes again on a new connection.
-        let body = ReplayBody::new(boxed(body), MAX_REPLAY_BODY);
-        let rsp = crate::client::replaying(&body, (&self.metrics.replays, "inbound"), |body| {
-            let req = Request::from_parts(crate::outbound::rebuild(&parts), body);
-            async move {
-                if version == Version::HTTP_2 {
-                    self.clients.h2.send(app, req, ConnectOpts::default()).await
-                } else {
-                    self.clients.send_h1(app, req, ConnectOpts::default()).await
-                }
-            }
-        })
-        .await?;
+        let rsp = if version == Version::HTTP_2 {
+            // An application that turns its HTTP/2 connections over (GOAWAY after N requests)
+            // never fails a request it did not process: that one goes again on a new
+            // connection. (HTTP/1.1's pool does the same for a request a closing connection
+            // never took.)
+            let body = ReplayBody::new(boxed(body), MAX_REPLAY_BODY);
+            crate::client::replaying(&body, (&self.metrics.replays, "inbound"), |body| {
+                let req = Request::from_parts(crate::outbound::rebuild(&parts), body);
+                self.clients.h2.send(app, req, ConnectOpts::default())
+            })
+            .await?
+        } else {
+            self.clients.send_h1(app, Request::from_parts(parts, boxed(body)), ConnectOpts::default()).await?
+        };
         let (mut rparts, rbody) = rsp.into_parts();
         strip_hop_by_hop(&mut rparts.headers);
         rparts.version = client_version;

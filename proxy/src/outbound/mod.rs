@@ -596,7 +596,7 @@ impl Outbound {
 
 /// Who learns how an attempt on an endpoint went: its breaker, its outlier detector and the
 /// balancer. For a gRPC response with a body, only its trailers tell, so the verdict travels
-/// with the body (see [`crate::grpc::watch`]); the balancer takes the latency at the headers.
+/// with the body (see [`crate::grpc::on_trailers`]); the balancer takes the latency at the headers.
 struct Verdict {
     pass: Option<BreakerPass>,
     outlier: Option<(Arc<resilience::Outliers>, SocketAddr, usize)>,
@@ -623,7 +623,7 @@ impl Verdict {
                 judged.record(outcome.endpoint_failed());
                 rsp
             }
-            None => crate::grpc::watch(rsp, Box::new(move |outcome| judged.record(outcome.endpoint_failed()))),
+            None => crate::grpc::on_trailers(rsp, Box::new(move |outcome| judged.record(outcome.endpoint_failed()))),
         }
     }
 
