@@ -157,6 +157,65 @@ impl Default for Scratch {
     }
 }
 
+/// A MeshAuthorization `name` in namespace `test` selecting the pods labelled `app: {name}`,
+/// in `mode`, with `rules` (YAML list items, indented two spaces).
+pub fn mesh_authorization(name: &str, mode: &str, rules: &str) -> String {
+    format!(
+        "apiVersion: weir.io/v1alpha1\nkind: MeshAuthorization\nmetadata: {{ name: {name}, namespace: test }}\nspec:\n  \
+         targetRef: {{ selector: {{ matchLabels: {{ app: {name} }} }} }}\n  mode: {mode}\n  allow:\n{rules}"
+    )
+}
+
+/// Service `test/{name}` behind a sidecar with workload identity `test/{name}` (labelled
+/// `app={name}`), and client sidecars with identities of their own, all issued by one
+/// controller: the server ready, its meshed endpoint (service account `name`) in every client's
+/// configuration. The config directory already holds what the test wrote before.
+pub struct IdentityMesh {
+    pub controller: ChildProc,
+    pub server: ChildProc,
+    /// In the order of `clients` given to [`IdentityMesh::start`].
+    pub clients: Vec<ChildProc>,
+}
+
+impl IdentityMesh {
+    pub async fn start(
+        scratch: &Scratch,
+        name: &str,
+        app: SocketAddr,
+        clients: &[&str],
+        server_flags: &[String],
+    ) -> Self {
+        let accounts: Vec<(String, String)> = std::iter::once(name)
+            .chain(clients.iter().copied())
+            .map(|sa| (format!("t-{sa}"), format!("test/{sa}")))
+            .collect();
+        let pairs: Vec<(&str, &str)> = accounts.iter().map(|(t, a)| (t.as_str(), a.as_str())).collect();
+        let flags = scratch.identity_flags(&pairs, &[]);
+        let controller = scratch.controller_with(None, &flags).await;
+        let grpc = controller.addr("grpc");
+        let mut flags = scratch.token_flags(&format!("t-{name}"));
+        flags.extend(["--label".to_string(), format!("app={name}")]);
+        flags.extend_from_slice(server_flags);
+        let server = scratch.proxy_with(grpc, &format!("test/{name}"), Some(app), &flags).await;
+        let mut started = Vec::new();
+        for sa in clients {
+            started.push(
+                scratch.proxy_with(grpc, &format!("test/{sa}"), None, &scratch.token_flags(&format!("t-{sa}"))).await,
+            );
+        }
+        wait_ready(server.addr("admin")).await;
+        for c in &started {
+            wait_ready(c.addr("admin")).await;
+        }
+        let endpoint = format!("{{ address: \"{}\", meshed: true, serviceAccount: {name} }}", server.addr("inbound"));
+        scratch.write("services.yaml", &service("test", name, &[endpoint]));
+        for c in &started {
+            wait_config(c.addr("admin"), "the endpoint", |cfg| endpoint_count(cfg, "test", name) == 1).await;
+        }
+        Self { controller, server, clients: started }
+    }
+}
+
 /// Arguments for a controller in Kubernetes mode (`--kubeconfig`) on loopback with OS-chosen
 /// ports, its leader-election Lease in `weir-system`.
 pub fn kube_controller_args(kubeconfig: &Path, log_level: &str, extra: &[&str]) -> Vec<String> {

@@ -11,10 +11,7 @@ const FRONTEND: &str = "spiffe://cluster.local/ns/test/sa/frontend";
 const INTRUDER: &str = "spiffe://cluster.local/ns/test/sa/intruder";
 
 fn policy(mode: &str, rules: &str) -> String {
-    format!(
-        "apiVersion: weir.io/v1alpha1\nkind: MeshAuthorization\nmetadata: {{ name: web, namespace: test }}\nspec:\n  \
-         targetRef: {{ selector: {{ matchLabels: {{ app: web }} }} }}\n  mode: {mode}\n  allow:\n{rules}"
-    )
+    mesh_authorization("web", mode, rules)
 }
 
 const FRONTEND_READS: &str = "  - name: frontend-reads\n    from: { serviceAccounts: [frontend] }\n    to: { paths: [/public, /headers], methods: [GET] }\n";
@@ -24,27 +21,10 @@ async fn only_allowed_identities_reach_the_app() {
     let scratch = Scratch::new();
     scratch.write("services.yaml", &service("test", "web", &[]));
     scratch.write("authz.yaml", &policy("strict", FRONTEND_READS));
-    let flags = scratch.identity_flags(
-        &[("t-web", "test/web"), ("t-frontend", "test/frontend"), ("t-intruder", "test/intruder")],
-        &[],
-    );
-    let controller = scratch.controller_with(None, &flags).await;
-    let grpc = controller.addr("grpc");
     let backend = Backend::start("web").await;
-    let mut server_flags = scratch.token_flags("t-web");
-    server_flags.extend(["--label".to_string(), "app=web".to_string()]);
-    let server = scratch.proxy_with(grpc, "test/web", Some(backend.addr), &server_flags).await;
-    let frontend = scratch.proxy_with(grpc, "test/frontend", None, &scratch.token_flags("t-frontend")).await;
-    let intruder = scratch.proxy_with(grpc, "test/intruder", None, &scratch.token_flags("t-intruder")).await;
-    for admin in [server.addr("admin"), frontend.addr("admin"), intruder.addr("admin")] {
-        wait_ready(admin).await;
-    }
+    let mesh = IdentityMesh::start(&scratch, "web", backend.addr, &["frontend", "intruder"], &[]).await;
+    let (server, frontend, intruder) = (&mesh.server, &mesh.clients[0], &mesh.clients[1]);
     let inbound = server.addr("inbound");
-    let endpoint = format!("{{ address: \"{inbound}\", meshed: true, serviceAccount: web }}");
-    scratch.write("services.yaml", &service("test", "web", &[endpoint]));
-    for admin in [frontend.addr("admin"), intruder.addr("admin")] {
-        wait_config(admin, "the endpoint", |c| endpoint_count(c, "test", "web") == 1).await;
-    }
     // The policy selects the server by its label, and only the server.
     wait_config(server.addr("admin"), "the authorization", |c| authorizations(c) == 1).await;
     assert_eq!(authorizations(&admin_json(frontend.addr("admin"), "/config").await), 0);
@@ -215,14 +195,10 @@ async fn kubelet_probes_pass_a_strict_policy_and_nothing_else_does() {
     let scratch = Scratch::new();
     scratch.write("services.yaml", &service("test", "web", &[]));
     scratch.write("authz.yaml", &policy("strict", FRONTEND_READS));
-    let flags = scratch.identity_flags(&[("t-web", "test/web")], &[]);
-    let controller = scratch.controller_with(None, &flags).await;
     let backend = Backend::start("web").await;
     let probes = format!(r#"[{{"port": {}, "path": "/healthz"}}]"#, backend.addr.port());
-    let mut server_flags = scratch.token_flags("t-web");
-    server_flags.extend(["--label".to_string(), "app=web".to_string(), "--probe-paths".to_string(), probes]);
-    let server = scratch.proxy_with(controller.addr("grpc"), "test/web", Some(backend.addr), &server_flags).await;
-    wait_ready(server.addr("admin")).await;
+    let mesh = IdentityMesh::start(&scratch, "web", backend.addr, &[], &["--probe-paths".to_string(), probes]).await;
+    let server = &mesh.server;
     wait_config(server.addr("admin"), "the authorization", |c| authorizations(c) == 1).await;
     let inbound = server.addr("inbound");
 

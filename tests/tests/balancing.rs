@@ -267,30 +267,16 @@ async fn health_checks_to_meshed_endpoints_ride_mtls_through_strict_authorizatio
     scratch.write("services.yaml", &service("test", "web", &[]));
     scratch.write(
         "authz.yaml",
-        "apiVersion: weir.io/v1alpha1\nkind: MeshAuthorization\nmetadata: { name: web, namespace: test }\nspec:\n  \
-         targetRef: { selector: { matchLabels: { app: web } } }\n  mode: strict\n  allow:\n  \
-         - name: frontend\n    from: { serviceAccounts: [frontend] }\n",
+        &mesh_authorization("web", "strict", "  - name: frontend\n    from: { serviceAccounts: [frontend] }\n"),
     );
     scratch.write(
         "policy.yaml",
         "apiVersion: weir.io/v1alpha1\nkind: ResiliencePolicy\nmetadata: { name: web, namespace: test }\nspec:\n  \
          targetRef: { service: web }\n  healthCheck: { path: /healthz, interval: 100ms, timeout: 2s, healthyThreshold: 1, unhealthyThreshold: 2 }\n",
     );
-    let flags = scratch.identity_flags(&[("t-web", "test/web"), ("t-frontend", "test/frontend")], &[]);
-    let controller = scratch.controller_with(None, &flags).await;
-    let grpc = controller.addr("grpc");
     let backend = Backend::start("web").await;
-    let mut server_flags = scratch.token_flags("t-web");
-    server_flags.extend(["--label".to_string(), "app=web".to_string()]);
-    let server = scratch.proxy_with(grpc, "test/web", Some(backend.addr), &server_flags).await;
-    let client = scratch.proxy_with(grpc, "test/frontend", None, &scratch.token_flags("t-frontend")).await;
-    for admin in [server.addr("admin"), client.addr("admin")] {
-        wait_ready(admin).await;
-    }
-    let endpoint = format!("{{ address: \"{}\", meshed: true, serviceAccount: web }}", server.addr("inbound"));
-    scratch.write("services.yaml", &service("test", "web", &[endpoint]));
-    let admin = client.addr("admin");
-    wait_config(admin, "the endpoint", |c| endpoint_count(c, "test", "web") == 1).await;
+    let mesh = IdentityMesh::start(&scratch, "web", backend.addr, &["frontend"], &[]).await;
+    let (server, admin) = (&mesh.server, mesh.clients[0].addr("admin"));
 
     let sum = |m: &str, prefix: &str| -> f64 {
         m.lines().filter(|l| l.starts_with(prefix)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()

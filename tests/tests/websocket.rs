@@ -49,32 +49,11 @@ async fn next(ws: &mut tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>
 async fn websockets_work_through_two_sidecars_and_are_authorized() {
     let scratch = Scratch::new();
     scratch.write("services.yaml", &service("test", "chat", &[]));
-    scratch.write(
-        "authz.yaml",
-        "apiVersion: weir.io/v1alpha1\nkind: MeshAuthorization\nmetadata: { name: chat, namespace: test }\nspec:\n  \
-         targetRef: { selector: { matchLabels: { app: chat } } }\n  mode: strict\n  allow:\n  \
-         - name: frontend-chats\n    from: { serviceAccounts: [frontend] }\n    to: { paths: [/chat], methods: [GET] }\n",
-    );
-    let flags = scratch.identity_flags(
-        &[("t-chat", "test/chat"), ("t-frontend", "test/frontend"), ("t-intruder", "test/intruder")],
-        &[],
-    );
-    let controller = scratch.controller_with(None, &flags).await;
-    let grpc = controller.addr("grpc");
+    let chats = "  - name: frontend-chats\n    from: { serviceAccounts: [frontend] }\n    to: { paths: [/chat], methods: [GET] }\n";
+    scratch.write("authz.yaml", &mesh_authorization("chat", "strict", chats));
     let (app, app_task) = echo_server().await;
-    let mut server_flags = scratch.token_flags("t-chat");
-    server_flags.extend(["--label".to_string(), "app=chat".to_string()]);
-    let server = scratch.proxy_with(grpc, "test/chat", Some(app), &server_flags).await;
-    let frontend = scratch.proxy_with(grpc, "test/frontend", None, &scratch.token_flags("t-frontend")).await;
-    let intruder = scratch.proxy_with(grpc, "test/intruder", None, &scratch.token_flags("t-intruder")).await;
-    for admin in [server.addr("admin"), frontend.addr("admin"), intruder.addr("admin")] {
-        wait_ready(admin).await;
-    }
-    let endpoint = format!("{{ address: \"{}\", meshed: true, serviceAccount: chat }}", server.addr("inbound"));
-    scratch.write("services.yaml", &service("test", "chat", &[endpoint]));
-    for admin in [frontend.addr("admin"), intruder.addr("admin")] {
-        wait_config(admin, "the endpoint", |c| endpoint_count(c, "test", "chat") == 1).await;
-    }
+    let mesh = IdentityMesh::start(&scratch, "chat", app, &["frontend", "intruder"], &[]).await;
+    let (server, frontend, intruder) = (&mesh.server, &mesh.clients[0], &mesh.clients[1]);
     wait_config(server.addr("admin"), "the authorization", |c| {
         c["snapshot"]["inbound"]["authorizations"].as_array().is_some_and(|a| a.len() == 1)
     })
