@@ -157,6 +157,28 @@ impl Default for Scratch {
     }
 }
 
+/// Service `test/{name}` served by `app` behind its own sidecar, and a client sidecar whose
+/// configuration has the meshed endpoint: the smallest mesh (no identities). The scratch
+/// directory's `services.yaml` is written here.
+pub struct SidecarPair {
+    pub controller: ChildProc,
+    pub server: ChildProc,
+    pub client: ChildProc,
+}
+
+impl SidecarPair {
+    pub async fn start(scratch: &Scratch, name: &str, app: SocketAddr) -> Self {
+        scratch.write("services.yaml", &service("test", name, &[]));
+        let controller = scratch.controller(None).await;
+        let grpc = controller.addr("grpc");
+        let server = scratch.proxy(grpc, &format!("test/{name}"), Some(app)).await;
+        let client = scratch.proxy(grpc, "test/client", None).await;
+        scratch.write("services.yaml", &service("test", name, &[meshed(server.addr("inbound"))]));
+        wait_config(client.addr("admin"), "the endpoint", |c| endpoint_count(c, "test", name) == 1).await;
+        Self { controller, server, client }
+    }
+}
+
 /// A MeshAuthorization `name` in namespace `test` selecting the pods labelled `app: {name}`,
 /// in `mode`, with `rules` (YAML list items, indented two spaces).
 pub fn mesh_authorization(name: &str, mode: &str, rules: &str) -> String {

@@ -22,13 +22,7 @@ impl GrpcMesh {
     async fn start() -> Self {
         let scratch = Scratch::new();
         let app = GrpcApp::start().await;
-        scratch.write("services.yaml", &service("test", "orders", &[]));
-        let controller = scratch.controller(None).await;
-        let grpc = controller.addr("grpc");
-        let server = scratch.proxy(grpc, "test/orders", Some(app.addr)).await;
-        let client = scratch.proxy(grpc, "test/client", None).await;
-        scratch.write("services.yaml", &service("test", "orders", &[meshed(server.addr("inbound"))]));
-        wait_config(client.addr("admin"), "orders endpoint", |c| endpoint_count(c, "test", "orders") == 1).await;
+        let SidecarPair { controller, server, client } = SidecarPair::start(&scratch, "orders", app.addr).await;
         Self { scratch, controller, app, server, client }
     }
 

@@ -73,13 +73,8 @@ async fn grpc_unary_and_server_streaming_through_two_sidecars() {
             .add_service(health)
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
-    scratch.write("services.yaml", &service("test", "orders", &[]));
-    let controller = scratch.controller(None).await;
-    let grpc = controller.addr("grpc");
-    let server_sidecar = scratch.proxy(grpc, "test/orders", Some(grpc_addr)).await;
-    let client_sidecar = scratch.proxy(grpc, "test/client", None).await;
-    scratch.write("services.yaml", &service("test", "orders", &[meshed(server_sidecar.addr("inbound"))]));
-    wait_config(client_sidecar.addr("admin"), "orders endpoint", |c| endpoint_count(c, "test", "orders") == 1).await;
+    let pair = SidecarPair::start(&scratch, "orders", grpc_addr).await;
+    let client_sidecar = &pair.client;
 
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", client_sidecar.addr("outbound")))
         .unwrap()
@@ -257,13 +252,8 @@ async fn an_answer_after_early_hints_arrives_whole() {
         }
     });
     let scratch = Scratch::new();
-    scratch.write("services.yaml", &service("test", "hints", &[]));
-    let controller = scratch.controller(None).await;
-    let grpc = controller.addr("grpc");
-    let server_sidecar = scratch.proxy(grpc, "test/hints", Some(app)).await;
-    let client_sidecar = scratch.proxy(grpc, "test/client", None).await;
-    scratch.write("services.yaml", &service("test", "hints", &[meshed(server_sidecar.addr("inbound"))]));
-    wait_config(client_sidecar.addr("admin"), "hints endpoint", |c| endpoint_count(c, "test", "hints") == 1).await;
+    let pair = SidecarPair::start(&scratch, "hints", app).await;
+    let client_sidecar = &pair.client;
     for _ in 0..3 {
         let r = send(&http1(), client_sidecar.addr("outbound"), "GET", "hints.test", "/", &[]).await.unwrap();
         assert_eq!((r.status, r.backend(), r.body.as_str()), (200, "hinted", "final"));

@@ -116,13 +116,8 @@ async fn turnover_app(max: u64) -> (SocketAddr, Arc<AtomicU64>, Arc<AtomicU64>, 
 async fn an_app_turning_connections_over_fails_no_request() {
     let (app, served, connections, task) = turnover_app(1_000).await;
     let scratch = Scratch::new();
-    scratch.write("services.yaml", &service("test", "app", &[]));
-    let controller = scratch.controller(None).await;
-    let grpc = controller.addr("grpc");
-    let server = scratch.proxy(grpc, "test/app", Some(app)).await;
-    let client = scratch.proxy(grpc, "test/client", None).await;
-    scratch.write("services.yaml", &service("test", "app", &[meshed(server.addr("inbound"))]));
-    wait_config(client.addr("admin"), "app endpoint", |c| endpoint_count(c, "test", "app") == 1).await;
+    let pair = SidecarPair::start(&scratch, "app", app).await;
+    let (server, client) = (&pair.server, &pair.client);
 
     // 4 client connections × 16 concurrent streams, 10,000 requests: GETs, and POSTs with a
     // body whose length the app echoes (a replayed request carries its whole body).
