@@ -157,6 +157,28 @@ impl Default for Scratch {
     }
 }
 
+/// Waits until the controller at `admin` has reports of `requests` outbound requests to
+/// `backend`, then runs `weir stat SERVICE -n NS -o json` against it and returns the row of
+/// that backend's outbound traffic.
+pub async fn stat_row(admin: SocketAddr, service: &str, ns: &str, backend: &str, requests: u64) -> serde_json::Value {
+    wait_until("the reports", Duration::from_secs(10), || async move {
+        let s = admin_json(admin, "/stats").await;
+        s["series"].as_array().is_some_and(|l| {
+            l.iter().any(|s| s["direction"] == "outbound" && s["backend"] == backend && s["requests"] == requests)
+        })
+    })
+    .await;
+    let a = admin.to_string();
+    let (code, json, err) =
+        run_weir(&["stat", service, "-n", ns, "--controller-admin", &a, "--window", "100ms", "-o", "json"]).await;
+    assert_eq!(code, Some(0), "{err}");
+    let rows: serde_json::Value = serde_json::from_str(&json).unwrap();
+    rows.as_array()
+        .and_then(|r| r.iter().find(|r| r["backend"] == backend && r["direction"] != "inbound"))
+        .cloned()
+        .unwrap_or_else(|| panic!("no outbound row for {backend}: {json}"))
+}
+
 /// Service `test/{name}` served by `app` behind its own sidecar, and a client sidecar whose
 /// configuration has the meshed endpoint: the smallest mesh (no identities). The scratch
 /// directory's `services.yaml` is written here.

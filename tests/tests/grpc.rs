@@ -155,25 +155,7 @@ async fn grpc_failures_are_counted_in_metrics_and_stat_and_retried_by_policy() {
     assert_eq!(count(&m, "weir_responses_total", &[out, "classification=\"success\""]), 210.0, "{m}");
 
     // The controller hears it from the reports: `weir stat` shows 70 % success.
-    let admin = mesh.controller.addr("admin");
-    wait_until("the reports", Duration::from_secs(10), || async move {
-        let s = admin_json(admin, "/stats").await;
-        s["series"].as_array().is_some_and(|l| {
-            l.iter().any(|s| s["direction"] == "outbound" && s["backend"] == "test/orders" && s["requests"] == 300)
-        })
-    })
-    .await;
-    let a = admin.to_string();
-    let (code, json, err) =
-        run_weir(&["stat", "orders", "-n", "test", "--controller-admin", &a, "--window", "100ms", "-o", "json"]).await;
-    assert_eq!(code, Some(0), "{err}");
-    let rows: serde_json::Value = serde_json::from_str(&json).unwrap();
-    let row = rows
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["backend"] == "test/orders" && r["direction"] != "inbound")
-        .unwrap_or_else(|| panic!("{json}"));
+    let row = stat_row(mesh.controller.addr("admin"), "orders", "test", "test/orders", 300).await;
     assert_eq!((row["requests"].as_u64(), row["failures"].as_u64()), (Some(300), Some(90)), "{row}");
     assert_eq!(row["successRate"].as_f64(), Some(70.0), "{row}");
 
