@@ -206,7 +206,71 @@ pub fn render_metrics(registry: &prometheus::Registry) -> String {
     String::from_utf8(buf).unwrap_or_default()
 }
 
+/// Time since the Unix epoch (zero for a clock set before it).
+pub fn since_epoch() -> std::time::Duration {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default()
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn unix_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    since_epoch().as_millis() as u64
+}
+
+/// Seconds since the Unix epoch (certificate times are in these).
+pub fn unix_secs() -> i64 {
+    since_epoch().as_secs() as i64
+}
+
+/// The wait before retry `step` (0 for the first): exponential back-off with full jitter
+/// (a uniformly random wait up to `base`·2^`step`, capped at `max`), at least `floor`. Full
+/// jitter spreads out the retries of many clients that failed together (AWS's analysis).
+pub fn backoff(
+    step: u32,
+    base: std::time::Duration,
+    max: std::time::Duration,
+    floor: std::time::Duration,
+) -> std::time::Duration {
+    backoff_at(step, base, max, floor, rand::random::<f64>())
+}
+
+/// [`backoff`] with the random draw given: `unit` in [0, 1) picks where in the window it lands.
+fn backoff_at(
+    step: u32,
+    base: std::time::Duration,
+    max: std::time::Duration,
+    floor: std::time::Duration,
+    unit: f64,
+) -> std::time::Duration {
+    let cap = base.saturating_mul(1u32 << step.min(16)).min(max);
+    cap.mul_f64(unit.clamp(0.0, 1.0)).max(floor)
+}
+
+#[cfg(test)]
+mod backoff_tests {
+    use super::*;
+    use std::time::Duration;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn the_window_doubles_up_to_the_cap() {
+        let (base, max) = (100 * MS, 5_000 * MS);
+        let top = |step| backoff_at(step, base, max, Duration::ZERO, 1.0);
+        assert_eq!([top(0), top(1), top(2), top(5), top(6)], [100 * MS, 200 * MS, 400 * MS, 3_200 * MS, 5_000 * MS]);
+        assert_eq!(top(u32::MAX), max, "no overflow however many failures");
+        assert_eq!(backoff_at(3, base, max, Duration::ZERO, 0.5), 400 * MS, "the draw picks a point in the window");
+        assert_eq!(backoff_at(3, base, max, 5 * MS, 0.0), 5 * MS, "never under the floor");
+    }
+
+    #[test]
+    fn waits_are_spread_over_the_whole_window() {
+        let (base, max) = (100 * MS, 800 * MS);
+        let waits: Vec<Duration> = (0..2_000).map(|_| backoff(3, base, max, Duration::ZERO)).collect();
+        assert!(waits.iter().all(|w| *w <= 800 * MS));
+        // Uniform over [0, 800 ms]: the mean is 400 ms (σ of the mean ≈ 5 ms), and draws land
+        // in both the lowest and the highest tenth.
+        let mean = waits.iter().sum::<Duration>() / waits.len() as u32;
+        assert!((350 * MS..450 * MS).contains(&mean), "{mean:?}");
+        assert!(waits.iter().any(|w| *w < 80 * MS) && waits.iter().any(|w| *w > 720 * MS));
+    }
 }

@@ -131,7 +131,7 @@ async fn request_through_the_api(target: &crate::admin::Target, action: &str, na
     let (ns, short) = name.split_once('/').unwrap_or(("default", name));
     let client = crate::admin::kube_client(target.kubeconfig.as_ref()).await?;
     let api: kube::Api<Canary> = kube::Api::namespaced(client, ns);
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+    let nanos = weir_api::rt::since_epoch().as_nanos();
     let request = format!("{action}:{nanos:x}");
     let patch = serde_json::json!({ "metadata": { "annotations": { REQUEST_ANNOTATION: request } } });
     api.patch(short, &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch)).await.map_err(

@@ -127,7 +127,7 @@ async fn webhook(client: &kube::Client, namespace: &str, warning: Duration) -> O
     if hooks.is_empty() {
         return Outcome::fail(check, format!("{NAME} has no webhooks"), "reinstall the chart".into());
     }
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs() as i64;
+    let now = weir_api::rt::unix_secs();
     let mut soonest = i64::MAX;
     for h in &hooks {
         let svc = h.client_config.service.as_ref();
@@ -334,7 +334,7 @@ async fn trust(admin: &Admin, replica: &str, warning: Duration) -> Outcome {
     let (Some(root), Some(issuer)) = (expiry("trust-anchor"), expiry("issuer")) else {
         return Outcome::skip("trust anchor", "identity is off (no --identity-dir): sidecars talk plaintext".into());
     };
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs_f64();
+    let now = weir_api::rt::since_epoch().as_secs_f64();
     let days = |t: f64| ((t - now) / 86_400.0).floor();
     let soonest = root.min(issuer);
     if soonest - now < warning.as_secs_f64() {

@@ -285,11 +285,7 @@ pub fn tables(config: &Value, which: &str) -> String {
         match id["spiffeId"].as_str() {
             Some(spiffe) => {
                 let expires = id["notAfterUnix"].as_i64().unwrap_or(0);
-                let left = expires
-                    - std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map(|d| d.as_secs() as i64)
-                        .unwrap_or(0);
+                let left = expires - weir_api::rt::unix_secs();
                 out.push_str(&format!(
                     "IDENTITY {spiffe}\nCERTIFICATE expires in {}s (at unix {expires})\n",
                     left.max(0)

@@ -49,7 +49,7 @@ pub async fn run(cfg: ControlConfig, tx: watch::Sender<Option<Arc<Config>>>, met
                 // The controller refused us; retrying quickly will not help.
                 (cfg.backoff_max, "refused")
             }
-            _ => (backoff(attempt, cfg.backoff_base, cfg.backoff_max), "lost"),
+            _ => (weir_api::rt::backoff(attempt, cfg.backoff_base, cfg.backoff_max, RETRY_FLOOR), "lost"),
         };
         match result {
             Ok(()) => {
@@ -67,11 +67,8 @@ pub async fn run(cfg: ControlConfig, tx: watch::Sender<Option<Arc<Config>>>, met
     }
 }
 
-/// Full-jitter exponential back-off.
-fn backoff(attempt: u32, base: Duration, max: Duration) -> Duration {
-    let cap = base.saturating_mul(1u32 << attempt.min(16)).min(max);
-    cap.mul_f64(rand::random::<f64>()).max(Duration::from_millis(5))
-}
+/// The shortest wait before reconnecting to the controller.
+const RETRY_FLOOR: Duration = Duration::from_millis(5);
 
 async fn session(
     cfg: &ControlConfig,
@@ -164,20 +161,6 @@ async fn session(
                     }
                 }
             }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_is_capped_and_jittered() {
-        let (base, max) = (Duration::from_millis(100), Duration::from_secs(5));
-        for attempt in [0, 1, 5, 30, u32::MAX] {
-            let d = backoff(attempt, base, max);
-            assert!(d <= max && d >= Duration::from_millis(5), "{attempt}: {d:?}");
         }
     }
 }

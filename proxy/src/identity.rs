@@ -7,7 +7,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
 use rcgen::{CertificateParams, KeyPair, SanType};
@@ -108,7 +108,7 @@ pub async fn run(
                 metrics.renewals.with_label_values(&["ok"]).inc();
                 metrics.expiration.set(creds.not_after_unix);
                 metrics.anchors.set(creds.roots.len() as i64);
-                let now = unix_now();
+                let now = weir_api::rt::unix_secs();
                 let lifetime = (creds.not_after_unix - now).max(1) as f64;
                 tracing::info!(identity = %creds.identity, expires_in_s = lifetime, "workload certificate issued");
                 tx.send_replace(Some(Arc::new(creds)));
@@ -118,8 +118,7 @@ pub async fn run(
             Err(e) => {
                 failures = failures.saturating_add(1);
                 metrics.renewals.with_label_values(&["error"]).inc();
-                let cap = Duration::from_millis(200).saturating_mul(1 << failures.min(8)).min(Duration::from_secs(30));
-                let wait = cap.mul_f64(0.5 + rand::random::<f64>() / 2.0);
+                let wait = weir_api::rt::backoff(failures, RETRY_BASE, RETRY_MAX, RETRY_BASE / 2);
                 tracing::warn!(error = %e, retry_in = ?wait, "certificate request failed");
                 wait
             }
@@ -192,6 +191,7 @@ async fn certify(cfg: &IdentityConfig, key: &KeyPair) -> anyhow::Result<Credenti
     })
 }
 
-fn unix_now() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
-}
+/// Certificate requests that fail are retried after a back-off from this…
+const RETRY_BASE: Duration = Duration::from_millis(200);
+/// …up to this.
+const RETRY_MAX: Duration = Duration::from_secs(30);

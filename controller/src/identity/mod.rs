@@ -12,7 +12,7 @@ pub mod tokens;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DnType, ExtendedKeyUsagePurpose, IsCa,
@@ -435,11 +435,6 @@ impl Ca {
     }
 }
 
-/// Seconds since the Unix epoch.
-pub fn unix_now() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -538,7 +533,7 @@ mod tests {
         let (csr, _key) = csr_for(&id);
         let issued = ca.certify(&csr, &id).unwrap();
         assert_eq!(issued.intermediates_der.len(), 1);
-        assert!(issued.not_after_unix > unix_now());
+        assert!(issued.not_after_unix > weir_api::rt::unix_secs());
         let (other, _) = csr_for("spiffe://example.org/ns/shop/sa/admin");
         assert!(matches!(ca.certify(&other, &id), Err(CsrError::WrongIdentity { .. })));
         assert!(matches!(ca.certify(b"garbage", &id), Err(CsrError::Malformed(_))));

@@ -13,7 +13,7 @@ use resilience::BreakerPass;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use http::{HeaderValue, Request, Response, Version, header};
 use hyper::body::Incoming;
@@ -540,7 +540,7 @@ impl Outbound {
             }
             rm.retries.with_label_values(&[service]).inc();
             previous = Some(outcome);
-            tokio::time::sleep(resilience::backoff(attempt, r.backoff_base, r.backoff_max)).await;
+            tokio::time::sleep(weir_api::rt::backoff(attempt - 1, r.backoff_base, r.backoff_max, Duration::ZERO)).await;
         }
     }
 

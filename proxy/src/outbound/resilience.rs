@@ -546,12 +546,6 @@ impl Resilience {
     }
 }
 
-/// Full-jitter exponential back-off before retry number `n` (1-based).
-pub fn backoff(n: u32, base: Duration, max: Duration) -> Duration {
-    let cap = base.saturating_mul(1u32 << n.saturating_sub(1).min(16)).min(max);
-    cap.mul_f64(rand::random::<f64>())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -686,12 +680,5 @@ mod tests {
         let left = o.available(&all);
         assert_eq!(left.len(), 2, "only one of three may be ejected at 34 %");
         assert!(!left.iter().any(|e| e.addr == eps[0].addr));
-    }
-
-    #[test]
-    fn backoff_is_bounded() {
-        for n in 1..20 {
-            assert!(backoff(n, Duration::from_millis(25), Duration::from_millis(250)) <= Duration::from_millis(250));
-        }
     }
 }
