@@ -14,6 +14,11 @@ pub struct ParseDurationError {
     reason: &'static str,
 }
 
+/// [`parse`] for a command-line flag (clap's `value_parser`), its error as text.
+pub fn flag(input: &str) -> Result<Duration, String> {
+    parse(input).map_err(|e| e.to_string())
+}
+
 /// Parses a Gateway-API duration string.
 pub fn parse(input: &str) -> Result<Duration, ParseDurationError> {
     let err = |reason| ParseDurationError { input: input.to_string(), reason };

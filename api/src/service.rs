@@ -53,28 +53,49 @@ impl ServicePort {
     }
 }
 
-/// The ports of a `weir.io/opaque-ports` annotation: a comma-separated list of ports and
-/// ranges (`5432,6379-6380`), as Linkerd's `config.linkerd.io/opaque-ports`.
+/// One port (`8080`) or an inclusive range (`6000-6002`), as `(first, last)`.
+pub fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
+    let port = |p: &str| -> Result<u16, String> {
+        p.trim().parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(|| format!("{p:?} is not a port (1-65535)"))
+    };
+    match s.split_once('-') {
+        Some((a, b)) => {
+            let (a, b) = (port(a)?, port(b)?);
+            if a > b {
+                return Err(format!("{s:?}: the range runs backwards"));
+            }
+            Ok((a, b))
+        }
+        None => port(s).map(|p| (p, p)),
+    }
+}
+
+/// The ports of a list such as the `weir.io/opaque-ports` annotation: comma-separated ports
+/// and ranges (`5432,6379-6380`), as Linkerd's `config.linkerd.io/opaque-ports`; sorted,
+/// without duplicates.
 pub fn parse_port_list(list: &str) -> Result<Vec<u16>, String> {
     let mut out = Vec::new();
     for part in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let port = |s: &str| -> Result<u16, String> {
-            s.trim().parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(|| format!("{s:?} is not a port (1-65535)"))
-        };
-        match part.split_once('-') {
-            Some((a, b)) => {
-                let (a, b) = (port(a)?, port(b)?);
-                if a > b {
-                    return Err(format!("{part:?}: the range ends before it starts"));
-                }
-                out.extend(a..=b);
-            }
-            None => out.push(port(part)?),
-        }
+        let (a, b) = parse_port_range(part)?;
+        out.extend(a..=b);
     }
     out.sort_unstable();
     out.dedup();
     Ok(out)
+}
+
+/// An IPv4 network `ADDR/BITS` (the interception rules are IPv4 only).
+pub fn parse_ipv4_cidr(s: &str) -> Result<(std::net::IpAddr, u8), String> {
+    let (addr, bits) = s.trim().split_once('/').ok_or_else(|| format!("{s:?} is not ADDR/BITS"))?;
+    let addr: std::net::IpAddr = addr.parse().map_err(|_| format!("{addr:?} is not an IP address"))?;
+    if addr.is_ipv6() {
+        return Err(format!("{s:?}: IPv6 networks are not supported yet (iptables rules are IPv4 only)"));
+    }
+    let bits: u8 = bits.parse().map_err(|_| format!("{bits:?} is not a prefix length"))?;
+    if bits > 32 {
+        return Err(format!("{s:?}: an IPv4 prefix is at most 32 bits"));
+    }
+    Ok((addr, bits))
 }
 
 /// A kubelet HTTP probe of an application container: the port and path it GETs. The injector
@@ -210,7 +231,7 @@ mod port_list_tests {
         assert!(parse_port_list("http").unwrap_err().contains("\"http\" is not a port"));
         assert!(parse_port_list("0").is_err());
         assert!(parse_port_list("70000").is_err());
-        assert!(parse_port_list("90-80").unwrap_err().contains("ends before it starts"));
+        assert!(parse_port_list("90-80").unwrap_err().contains("runs backwards"));
         let p = |app: Option<&str>| ServicePort { name: None, port: 1, app_protocol: app.map(String::from) };
         assert!(p(Some("tcp")).is_opaque() && p(Some("TCP")).is_opaque());
         assert!(!p(Some("http")).is_opaque() && !p(None).is_opaque());

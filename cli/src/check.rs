@@ -21,7 +21,7 @@ pub struct CheckArgs {
     #[command(flatten)]
     pub target: Target,
     /// Warn when the trust anchor or issuer expires sooner than this.
-    #[arg(long, default_value = "720h", value_parser = |s: &str| weir_api::duration::parse(s).map_err(|e| e.to_string()))]
+    #[arg(long, default_value = "720h", value_parser = weir_api::duration::flag)]
     pub expiry_warning: Duration,
     /// `table` or `json`.
     #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "json"])]

@@ -26,7 +26,7 @@ const AUTHORIZATION_YAML: &str = include_str!("../../examples/demo/authorization
 #[derive(clap::Args, Debug, Clone)]
 pub struct DemoArgs {
     /// The canary's analysis interval (the rollout takes about five of them).
-    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, default_value = "5s", value_parser = weir_api::duration::flag)]
     pub interval: Duration,
     /// Concurrent connections of the load generator.
     #[arg(long, default_value_t = 8)]
@@ -35,7 +35,7 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 0.0)]
     pub canary_error_rate: f64,
     /// Latency the canary adds to every request, e.g. `300ms`: rolled back on p99.
-    #[arg(long, default_value = "0ms", value_parser = parse_duration)]
+    #[arg(long, default_value = "0ms", value_parser = weir_api::duration::flag)]
     pub canary_latency: Duration,
     /// Print a machine-readable summary as JSON at the end (and no progress bar).
     #[arg(long)]
@@ -43,10 +43,6 @@ pub struct DemoArgs {
     /// Run the sidecars without workload certificates (no mTLS between them).
     #[arg(long)]
     pub plaintext: bool,
-}
-
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    weir_api::duration::parse(s).map_err(|e| e.to_string())
 }
 
 struct Mesh {

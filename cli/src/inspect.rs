@@ -48,7 +48,7 @@ pub struct StatArgs {
     #[command(flatten)]
     pub target: Target,
     /// How long to watch for the request rate.
-    #[arg(long, default_value = "2s", value_parser = |s: &str| weir_api::duration::parse(s).map_err(|e| e.to_string()))]
+    #[arg(long, default_value = "2s", value_parser = weir_api::duration::flag)]
     pub window: Duration,
     /// `inbound`, `outbound` or `all`.
     #[arg(long, default_value = "outbound", value_parser = ["inbound", "outbound", "all"])]

@@ -52,7 +52,7 @@ struct BackendArgs {
     #[arg(long, default_value_t = 0.0)]
     fail_rate: f64,
     /// Added latency per request, e.g. `20ms`.
-    #[arg(long, default_value = "0ms", value_parser = |s: &str| weir_api::duration::parse(s).map_err(|e| e.to_string()))]
+    #[arg(long, default_value = "0ms", value_parser = weir_api::duration::flag)]
     latency: Duration,
     /// Print the bound address as one JSON line on stdout.
     #[arg(long)]

@@ -115,14 +115,9 @@ pub fn inject_pod(pod: &mut Value, settings: &Settings) -> Result<Option<Skipped
     };
     let port_check = |list: &str| weir_api::service::parse_port_list(list).map(|_| ());
     let cidr_check = |list: &str| -> Result<(), String> {
-        for c in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-            let (ip, bits) = c.split_once('/').ok_or_else(|| format!("{c:?} is not ADDR/BITS"))?;
-            match (ip.parse::<std::net::Ipv4Addr>(), bits.parse::<u8>()) {
-                (Ok(_), Ok(b)) if b <= 32 => {}
-                _ => return Err(format!("{c:?} is not an IPv4 network")),
-            }
-        }
-        Ok(())
+        list.split(',')
+            .filter(|s| !s.trim().is_empty())
+            .try_for_each(|c| weir_api::service::parse_ipv4_cidr(c).map(|_| ()))
     };
     let mut skip_in = vec![ADMIN_PORT.to_string()];
     skip_in.extend(list("weir.io/skip-inbound-ports", port_check)?);
@@ -429,7 +424,10 @@ mod tests {
     fn bad_annotations_say_where() {
         for (annotations, field, message) in [
             (json!({"weir.io/skip-inbound-ports": "80,http"}), "weir.io/skip-inbound-ports", "\"http\" is not a port"),
-            (json!({"weir.io/opaque-ports": "5432-5000"}), "weir.io/opaque-ports", "ends before it starts"),
+            (json!({"weir.io/opaque-ports": "5432-5000"}), "weir.io/opaque-ports", "runs backwards"),
+            // What `weir-proxy init` would refuse, the webhook refuses (its pod would crash-loop).
+            (json!({"weir.io/skip-inbound-ports": "9000-80"}), "weir.io/skip-inbound-ports", "runs backwards"),
+            (json!({"weir.io/skip-outbound-cidrs": "fd00::/8"}), "weir.io/skip-outbound-cidrs", "IPv6"),
             (json!({"weir.io/skip-outbound-cidrs": "10.0.0.0"}), "weir.io/skip-outbound-cidrs", "is not ADDR/BITS"),
             (json!({"weir.io/proxy-memory-limit": "lots"}), "weir.io/proxy-memory-limit", "not a resource quantity"),
         ] {

@@ -70,12 +70,12 @@ pub struct Args {
     #[arg(long, env = "WEIR_LOG_FORMAT", default_value = "plain", value_parser = ["plain", "json"])]
     pub log_format: String,
     /// How long draining may take on SIGTERM.
-    #[arg(long, env = "WEIR_SHUTDOWN_GRACE", default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, env = "WEIR_SHUTDOWN_GRACE", default_value = "5s", value_parser = weir_api::duration::flag)]
     pub shutdown_grace: Duration,
     /// On SIGTERM, how long to keep serving while reporting not ready, before draining (so
     /// the webhook and gRPC endpoints leave the Services' endpoints before their listeners
     /// close: no refused admission calls during rollouts).
-    #[arg(long, env = "WEIR_SHUTDOWN_DELAY", default_value = "0s", value_parser = parse_duration)]
+    #[arg(long, env = "WEIR_SHUTDOWN_DELAY", default_value = "0s", value_parser = weir_api::duration::flag)]
     pub shutdown_delay: Duration,
     /// Print the bound addresses as one JSON line on stdout once listening (for scripts and tests).
     #[arg(long)]
@@ -107,7 +107,7 @@ pub struct Args {
     #[arg(long, env = "WEIR_CANARY_STATE")]
     pub canary_state: Option<PathBuf>,
     /// Lifetime of issued workload certificates.
-    #[arg(long, env = "WEIR_CERT_LIFETIME", default_value = "24h", value_parser = parse_duration)]
+    #[arg(long, env = "WEIR_CERT_LIFETIME", default_value = "24h", value_parser = weir_api::duration::flag)]
     pub cert_lifetime: Duration,
     /// Kubernetes mode: watch only this namespace (repeat the flag, or separate with commas);
     /// default: all namespaces.
@@ -120,10 +120,10 @@ pub struct Args {
     #[arg(long, env = "WEIR_LEASE_NAME", default_value = "weir-controller")]
     pub lease_name: String,
     /// How long a leader's lease lasts without renewal (a standby takes over after it).
-    #[arg(long, env = "WEIR_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
+    #[arg(long, env = "WEIR_LEASE_DURATION", default_value = "15s", value_parser = weir_api::duration::flag)]
     pub lease_duration: Duration,
     /// How often the leader renews (and standbys retry); at most half of --lease-duration.
-    #[arg(long, env = "WEIR_LEASE_RENEW", default_value = "2s", value_parser = parse_duration)]
+    #[arg(long, env = "WEIR_LEASE_RENEW", default_value = "2s", value_parser = weir_api::duration::flag)]
     pub lease_renew: Duration,
     /// Serve the sidecar injection webhook (HTTPS) here.
     #[arg(long, env = "WEIR_WEBHOOK_ADDR", requires = "webhook_tls_dir")]
@@ -153,10 +153,6 @@ pub enum Command {
         #[arg(long)]
         out_dir: Option<PathBuf>,
     },
-}
-
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    weir_api::duration::parse(s).map_err(|e| e.to_string())
 }
 
 /// Entry point shared by `weir-controller` and `weir controller`.

@@ -16,6 +16,7 @@ use std::net::IpAddr;
 use std::process::Command;
 
 use anyhow::{Context, bail};
+use weir_api::service::{parse_ipv4_cidr as parse_cidr, parse_port_range as parse_ports};
 
 pub const INBOUND_CHAIN: &str = "WEIR_INBOUND";
 pub const OUTBOUND_CHAIN: &str = "WEIR_OUTBOUND";
@@ -49,38 +50,6 @@ pub struct InitArgs {
     /// The iptables program (e.g. `iptables-legacy`).
     #[arg(long, env = "WEIR_IPTABLES", default_value = "iptables")]
     pub iptables: String,
-}
-
-pub fn parse_ports(s: &str) -> Result<(u16, u16), String> {
-    let port = |p: &str| -> Result<u16, String> {
-        match p.trim().parse::<u16>() {
-            Ok(0) | Err(_) => Err(format!("{p:?} is not a port (1-65535)")),
-            Ok(n) => Ok(n),
-        }
-    };
-    match s.split_once('-') {
-        Some((a, b)) => {
-            let (a, b) = (port(a)?, port(b)?);
-            if a > b {
-                return Err(format!("{s:?}: the range runs backwards"));
-            }
-            Ok((a, b))
-        }
-        None => port(s).map(|p| (p, p)),
-    }
-}
-
-pub fn parse_cidr(s: &str) -> Result<(IpAddr, u8), String> {
-    let (addr, bits) = s.split_once('/').ok_or_else(|| format!("{s:?} is not ADDR/BITS"))?;
-    let addr: IpAddr = addr.parse().map_err(|_| format!("{addr:?} is not an IP address"))?;
-    if addr.is_ipv6() {
-        return Err(format!("{s:?}: IPv6 networks are not supported yet (iptables rules are IPv4 only)"));
-    }
-    let bits: u8 = bits.parse().map_err(|_| format!("{bits:?} is not a prefix length"))?;
-    if bits > 32 {
-        return Err(format!("{s:?}: an IPv4 prefix is at most 32 bits"));
-    }
-    Ok((addr, bits))
 }
 
 fn ports_arg((a, b): (u16, u16)) -> String {

@@ -91,13 +91,13 @@ pub struct Args {
     #[arg(long, env = "WEIR_CLUSTER_DOMAIN", default_value = "cluster.local")]
     pub cluster_domain: String,
     /// How often traffic reports go to the controller.
-    #[arg(long, env = "WEIR_REPORT_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, env = "WEIR_REPORT_INTERVAL", default_value = "5s", value_parser = weir_api::duration::flag)]
     pub report_interval: Duration,
     /// Upstream connect timeout.
-    #[arg(long, env = "WEIR_CONNECT_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
+    #[arg(long, env = "WEIR_CONNECT_TIMEOUT", default_value = "1s", value_parser = weir_api::duration::flag)]
     pub connect_timeout: Duration,
     /// How long draining may take on SIGTERM.
-    #[arg(long, env = "WEIR_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "WEIR_SHUTDOWN_GRACE", default_value = "10s", value_parser = weir_api::duration::flag)]
     pub shutdown_grace: Duration,
     /// Log level (an EnvFilter directive; RUST_LOG overrides).
     #[arg(long, env = "WEIR_LOG_LEVEL", default_value = "info")]
@@ -161,10 +161,6 @@ pub struct Ports(pub Vec<u16>);
 
 fn parse_ports(s: &str) -> Result<Ports, String> {
     weir_api::service::parse_port_list(s).map(Ports)
-}
-
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    weir_api::duration::parse(s).map_err(|e| e.to_string())
 }
 
 fn parse_workload(s: &str) -> Result<(String, String), String> {
