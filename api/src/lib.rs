@@ -49,6 +49,37 @@ pub fn crds() -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensi
         authorization::MeshAuthorization::crd(),
         canary::Canary::crd(),
     ]
+    .into_iter()
+    .map(kubernetes_formats)
+    .collect()
+}
+
+/// The CRD with the integer formats schemars writes for unsigned types (`uint32`, …), which an
+/// API server does not know (`kubectl apply` warns `unrecognized format "uint32"`), replaced by
+/// the ones it does: `int32` for 8- and 16-bit values, `int64` for 32- and 64-bit ones (the
+/// schema's `minimum: 0` keeps them unsigned).
+fn kubernetes_formats(
+    crd: k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+) -> k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition {
+    fn fix(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::Object(map) => {
+                if let Some(serde_json::Value::String(format)) = map.get_mut("format") {
+                    match format.as_str() {
+                        "uint8" | "uint16" | "int8" | "int16" => *format = "int32".into(),
+                        "uint32" | "uint64" | "uint" => *format = "int64".into(),
+                        _ => {}
+                    }
+                }
+                map.values_mut().for_each(fix);
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(fix),
+            _ => {}
+        }
+    }
+    let mut value = serde_json::to_value(&crd).expect("a CRD serialises");
+    fix(&mut value);
+    serde_json::from_value(value).expect("only format strings changed")
 }
 
 /// Renders every CRD as a multi-document YAML stream (what `charts/weir/crds/` holds).
@@ -76,6 +107,13 @@ mod tests {
                 on_disk == yaml,
                 "charts/weir/crds/{file} is stale: run `cargo run -p weir-controller -- crds --out-dir charts/weir/crds`"
             );
+            // Only formats an API server knows (it warns on others at every apply).
+            for line in yaml.lines().filter_map(|l| l.trim().strip_prefix("format: ")) {
+                assert!(
+                    ["int32", "int64", "float", "double", "byte", "date", "date-time", "password"].contains(&line),
+                    "{file}: format {line:?} is not one Kubernetes knows"
+                );
+            }
         }
     }
 }
