@@ -1,17 +1,12 @@
-//! Runtime helpers both binaries share: logging, the shutdown signal, and a small HTTP
-//! server for admin endpoints that drains on shutdown.
+//! Runtime helpers both binaries share: logging, the shutdown signal, time, back-off, and the
+//! small responses admin endpoints answer (the admin server itself is [`crate::server::serve_admin`]).
 
-use std::convert::Infallible;
-use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper::{Request, Response};
+use hyper::Response;
 use std::net::SocketAddr;
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 /// Initialises `tracing`: human-readable by default, JSON when `json`; `level` is an
@@ -152,32 +147,6 @@ pub fn json(value: &serde_json::Value) -> Response<Full<Bytes>> {
     let mut rsp = Response::new(Full::new(Bytes::from(body)));
     rsp.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
     rsp
-}
-
-/// Serves small admin requests on `listener` (with the [`crate::server::Limits::admin`]
-/// limits) until `drain` fires, then gives open connections up to `grace` to finish. The
-/// handler learns the client's address: endpoints that change anything or reveal
-/// configuration answer only loopback clients (see [`loopback_only`]).
-pub async fn serve_admin<F, Fut>(listener: TcpListener, handler: F, drain: Drain, grace: Duration)
-where
-    F: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
-{
-    let limits = crate::server::Limits::admin();
-    crate::server::serve(listener, &limits, drain, grace, "admin", move |stream, conn| {
-        let handler = handler.clone();
-        async move {
-            let peer = conn.peer;
-            let svc = hyper::service::service_fn(move |req| {
-                let handler = handler.clone();
-                async move { Ok::<_, Infallible>(handler(req, peer).await) }
-            });
-            if let Err(e) = conn.serve_http(stream, svc).await {
-                tracing::debug!(%peer, error = %e, "admin connection ended with an error");
-            }
-        }
-    })
-    .await;
 }
 
 /// `403` unless `peer` is on loopback: what an admin endpoint that changes anything or reveals

@@ -4,11 +4,16 @@
 //! rapid-reset defence, and the same graceful drain. Listeners differ only in their [`Limits`]
 //! and in what they do with each accepted connection.
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
@@ -164,4 +169,30 @@ pub async fn serve<F, Fut>(
     if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
         tracing::warn!(listener = what, ?grace, "grace period over; closing remaining connections");
     }
+}
+
+/// Serves small admin requests on `listener` (with the [`Limits::admin`]
+/// limits) until `drain` fires, then gives open connections up to `grace` to finish. The
+/// handler learns the client's address: endpoints that change anything or reveal
+/// configuration answer only loopback clients (see [`crate::rt::loopback_only`]).
+pub async fn serve_admin<F, Fut>(listener: TcpListener, handler: F, drain: Drain, grace: Duration)
+where
+    F: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
+    let limits = Limits::admin();
+    serve(listener, &limits, drain, grace, "admin", move |stream, conn| {
+        let handler = handler.clone();
+        async move {
+            let peer = conn.peer;
+            let svc = hyper::service::service_fn(move |req| {
+                let handler = handler.clone();
+                async move { Ok::<_, Infallible>(handler(req, peer).await) }
+            });
+            if let Err(e) = conn.serve_http(stream, svc).await {
+                tracing::debug!(%peer, error = %e, "admin connection ended with an error");
+            }
+        }
+    })
+    .await;
 }

@@ -9,12 +9,10 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
-use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use hyper_util::rt::TokioExecutor;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
-
-use crate::inspect::Http;
 
 /// The controller's admin port in its pod (the chart's `--admin-addr`).
 pub const CONTROLLER_ADMIN_PORT: u16 = 9990;
@@ -22,6 +20,9 @@ pub const CONTROLLER_ADMIN_PORT: u16 = 9990;
 pub const CONTROLLER_SELECTOR: &str = "app.kubernetes.io/name=weir,app.kubernetes.io/component=controller";
 /// The leader-election Lease (the controller's `--lease-name` default).
 pub const LEASE: &str = "weir-controller";
+
+/// The plain-HTTP client every admin call goes through.
+pub(crate) type Http = Client<HttpConnector, Empty<Bytes>>;
 
 /// Where the controllers are: flags shared by every command that asks them.
 #[derive(clap::Args, Debug, Clone)]

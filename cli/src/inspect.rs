@@ -7,9 +7,6 @@ use std::time::Duration;
 
 use std::collections::BTreeMap;
 
-use bytes::Bytes;
-use http_body_util::Empty;
-use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use weir_controller::reports::Totals;
 
 use crate::admin::{Admin, Target};
@@ -57,8 +54,6 @@ pub struct StatArgs {
     #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "json"])]
     pub output: String,
 }
-
-pub(crate) type Http = Client<HttpConnector, Empty<Bytes>>;
 
 /// `NAMESPACE/NAME` from a name given with or without its namespace.
 pub(crate) fn qualify(name: &str, namespace: &str) -> String {

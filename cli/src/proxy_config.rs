@@ -10,8 +10,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{Value, json};
 
+use crate::admin::Http;
 use crate::admin::{Admin, Target};
-use crate::inspect::Http;
 
 pub const SECTIONS: [&str; 5] = ["all", "routes", "endpoints", "policies", "identity"];
 

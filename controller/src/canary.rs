@@ -18,68 +18,16 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
-use weir_api::canary::{
-    AbTest, AnalysisResult, BackendMetrics, CanarySpec, CanaryStatus, ForceHeader, Phase, Transition,
-};
+use weir_api::canary::{AnalysisResult, BackendMetrics, CanarySpec, CanaryStatus, Phase, Transition};
 use weir_api::rt::{Drain, unix_ms};
 
-use crate::index::{Index, Resource};
 use crate::metrics::Metrics;
 use crate::reports::{Reports, Totals};
 use crate::state::MeshState;
+use crate::translator::{CanaryDef, CanaryRouting};
 
 /// Transitions kept in status.
 const HISTORY: usize = 32;
-
-/// A Canary in force, with the Routes that also steer its Service.
-#[derive(Debug, Clone, PartialEq)]
-pub struct CanaryDef {
-    pub namespace: String,
-    pub name: String,
-    pub spec: CanarySpec,
-    /// `namespace/name` of Routes for the same Service: their rules come after the canary's.
-    pub conflicting_routes: Vec<String>,
-}
-
-/// Every Canary in the index.
-pub fn definitions(index: &Index) -> Vec<CanaryDef> {
-    let mut out = Vec::new();
-    for (key, entry) in index.entries() {
-        let Resource::Canary(spec) = &entry.resource else { continue };
-        let conflicting_routes = index
-            .entries()
-            .iter()
-            .filter_map(|(k, e)| match &e.resource {
-                Resource::Route(r) if k.namespace == key.namespace && r.service == spec.service => {
-                    Some(format!("{}/{}", k.namespace, k.name))
-                }
-                _ => None,
-            })
-            .collect();
-        out.push(CanaryDef {
-            namespace: key.namespace.clone(),
-            name: key.name.clone(),
-            spec: (**spec).clone(),
-            conflicting_routes,
-        });
-    }
-    out
-}
-
-/// How one canary's Service is routed right now.
-#[derive(Debug, Clone, PartialEq)]
-pub struct CanaryRouting {
-    pub namespace: String,
-    pub name: String,
-    pub service: String,
-    pub stable: String,
-    pub canary: String,
-    /// Percent of the remaining traffic to the canary.
-    pub weight: u32,
-    /// Present during the A/B stage: matching requests go to the canary.
-    pub ab: Option<AbTest>,
-    pub force: Option<ForceHeader>,
-}
 
 /// The routing every canary wants, published on each change.
 pub type RoutingRx = watch::Receiver<Arc<Vec<CanaryRouting>>>;

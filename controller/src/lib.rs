@@ -33,6 +33,7 @@ pub mod state;
 pub mod status;
 pub mod translator;
 pub mod webhook;
+pub mod wire;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -284,9 +285,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let (canaries, mut routing_rx) = canary::Canaries::new(state_file, reports.clone(), metrics.clone())?;
     // Saved canary weights apply from the first snapshot on (local mode: the state file;
     // Kubernetes: the statuses in the Canary objects).
-    canaries.adopt(&canary::definitions(&index));
+    canaries.adopt(&translator::definitions(&index));
     if let Some(written) = &first.canary_statuses {
-        canaries.follow(&canary::definitions(&index), written);
+        canaries.follow(&translator::definitions(&index), written);
     }
     canaries.set_requests(first.canary_requests);
     let routing = routing_rx.borrow_and_update().clone();
@@ -374,7 +375,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                     if let Some(written) = &read.canary_statuses
                         && !*reload_leading.borrow()
                     {
-                        reload_canaries.follow(&canary::definitions(&index), written);
+                        reload_canaries.follow(&translator::definitions(&index), written);
                     }
                     // The leader applies new ones at its next tick.
                     reload_canaries.set_requests(read.canary_requests);
@@ -477,7 +478,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(Duration::from_secs(5)))
-            .add_service(grpc::wire::DiscoveryServer::new(discovery))
+            .add_service(grpc::stream::DiscoveryServer::new(discovery))
             .add_optional_service(identity.map(weir_api::proto::identity_server::IdentityServer::new))
             .serve_with_incoming_shutdown(
                 grpc::tls::incoming(grpc_listener, control_tls, metrics.control_refused.clone(), drain.clone()),
@@ -522,7 +523,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         leading,
         controls_via_api: args.config_dir.is_none(),
     };
-    let admin_task = tokio::spawn(rt::serve_admin(
+    let admin_task = tokio::spawn(weir_api::server::serve_admin(
         admin_listener,
         move |req, peer| admin.clone().handle(req, peer),
         drain.clone(),

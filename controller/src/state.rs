@@ -9,8 +9,8 @@ use std::time::Instant;
 
 use weir_api::proto;
 
-use crate::grpc::wire::{Delta, Entry};
 use crate::index::{Index, Rejection, ResourceKey};
+use crate::wire::{Delta, Entry};
 
 /// How many bases a state keeps computed deltas for.
 const DELTAS_KEPT: usize = 4;
@@ -42,7 +42,7 @@ pub struct MeshState {
     deltas: std::sync::Mutex<Vec<DeltaFrom>>,
     pub authorizations: Arc<Vec<crate::translator::SelectedAuthorization>>,
     /// Canaries in force (the reconciler reads them from here).
-    pub canaries: Arc<Vec<crate::canary::CanaryDef>>,
+    pub canaries: Arc<Vec<crate::translator::CanaryDef>>,
     /// Resources in force: key → (origin, version).
     pub resources: Arc<BTreeMap<ResourceKey, (String, u64)>>,
     pub rejections: Arc<Vec<Rejection>>,
@@ -55,12 +55,12 @@ pub struct MeshState {
 impl MeshState {
     pub fn build(
         index: &Index,
-        routing: &[crate::canary::CanaryRouting],
+        routing: &[crate::translator::CanaryRouting],
         generation: u64,
         changed_at: Instant,
         previous: Option<&MeshState>,
     ) -> Self {
-        let canaries = crate::canary::definitions(index);
+        let canaries = crate::translator::definitions(index);
         // Routing for Canaries that no longer exist waits for the reconciler to drop it.
         let routing: Vec<_> = routing
             .iter()
@@ -103,7 +103,7 @@ impl MeshState {
     pub fn services_wire(&self) -> Encoded {
         self.services_wire
             .get_or_init(|| {
-                let (whole, entries) = crate::grpc::wire::encode_entries(&self.services);
+                let (whole, entries) = crate::wire::encode_entries(&self.services);
                 Encoded { whole, entries: Arc::new(entries) }
             })
             .clone()

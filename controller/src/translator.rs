@@ -1,19 +1,71 @@
 //! The translator: turns the resources in force into the protocol's view of the mesh.
-//! Pure functions of the index, so every source (local files, Kubernetes) shares them.
+//! Pure functions of the index (and of the canary reconciler's current weights,
+//! [`CanaryRouting`]), so every source (local files, Kubernetes) shares them.
 
 use std::collections::BTreeMap;
 
 use weir_api::authorization::{AuthorizationMode, MeshAuthorizationSpec, WorkloadTarget};
+use weir_api::canary::{AbTest, CanarySpec, ForceHeader};
 use weir_api::proto;
 use weir_api::resilience::{LbAlgorithm, ResiliencePolicySpec, grpc_code};
 use weir_api::route::{PathMatchType, RouteSpec, ValueMatchType};
 
 use crate::index::{Index, Kind, Resource};
 
+/// A Canary in force, with the Routes that also steer its Service.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CanaryDef {
+    pub namespace: String,
+    pub name: String,
+    pub spec: CanarySpec,
+    /// `namespace/name` of Routes for the same Service: their rules come after the canary's.
+    pub conflicting_routes: Vec<String>,
+}
+
+/// Every Canary in the index.
+pub fn definitions(index: &Index) -> Vec<CanaryDef> {
+    let mut out = Vec::new();
+    for (key, entry) in index.entries() {
+        let Resource::Canary(spec) = &entry.resource else { continue };
+        let conflicting_routes = index
+            .entries()
+            .iter()
+            .filter_map(|(k, e)| match &e.resource {
+                Resource::Route(r) if k.namespace == key.namespace && r.service == spec.service => {
+                    Some(format!("{}/{}", k.namespace, k.name))
+                }
+                _ => None,
+            })
+            .collect();
+        out.push(CanaryDef {
+            namespace: key.namespace.clone(),
+            name: key.name.clone(),
+            spec: (**spec).clone(),
+            conflicting_routes,
+        });
+    }
+    out
+}
+
+/// How one canary's Service is routed right now.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CanaryRouting {
+    pub namespace: String,
+    pub name: String,
+    pub service: String,
+    pub stable: String,
+    pub canary: String,
+    /// Percent of the remaining traffic to the canary.
+    pub weight: u32,
+    /// Present during the A/B stage: matching requests go to the canary.
+    pub ab: Option<AbTest>,
+    pub force: Option<ForceHeader>,
+}
+
 /// Every Service with its endpoints and merged route rules, sorted by namespace/name.
 /// Rules from several Routes for one Service are ordered by Route name; a Canary's rules come
 /// before them all.
-pub fn services(index: &Index, canaries: &[crate::canary::CanaryRouting]) -> Vec<proto::Service> {
+pub fn services(index: &Index, canaries: &[CanaryRouting]) -> Vec<proto::Service> {
     let mut routes: BTreeMap<(&str, &str), Vec<(&str, &RouteSpec)>> = BTreeMap::new();
     let mut policies: BTreeMap<(&str, &str), Vec<proto::ResiliencePolicy>> = BTreeMap::new();
     for (key, entry) in index.entries() {
@@ -72,7 +124,7 @@ pub fn services(index: &Index, canaries: &[crate::canary::CanaryRouting]) -> Vec
 
 /// A canary's rules: the A/B stage's matches and the force header send to the canary; then the
 /// weighted split between stable and canary.
-fn canary_rules(c: &crate::canary::CanaryRouting) -> Vec<proto::RouteRule> {
+fn canary_rules(c: &CanaryRouting) -> Vec<proto::RouteRule> {
     let backend = |name: &str, weight: u32| proto::BackendRef {
         namespace: c.namespace.clone(),
         name: name.to_string(),

@@ -22,7 +22,7 @@ use crate::metrics::Metrics;
 pub struct Admin {
     pub config: watch::Receiver<Option<Arc<Config>>>,
     /// Present when the sidecar has a workload identity: not ready until it has a certificate.
-    pub credentials: Option<watch::Receiver<Option<Arc<crate::identity::Credentials>>>>,
+    pub credentials: Option<watch::Receiver<Option<Arc<crate::tls::Credentials>>>>,
     pub metrics: Metrics,
     pub draining: Arc<AtomicBool>,
 }

@@ -17,7 +17,7 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::net::TcpStream;
 use tonic::transport::{Channel, Endpoint, Uri};
 
-use crate::identity::Credentials;
+use crate::tls::Credentials;
 
 /// Where the trust anchors come from.
 #[derive(Clone, Debug)]

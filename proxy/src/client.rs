@@ -21,22 +21,13 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
 use crate::body::Body;
+use crate::config::ConnectOpts;
 use crate::errors::{ProxyError, chain, is_refused_stream};
 use crate::replay::ReplayBody;
 
 type Slot = Arc<tokio::sync::Mutex<SlotState>>;
 /// A pooled connection: (address, the peer identity it was verified for when over TLS).
 type PoolAddr = (SocketAddr, Option<Arc<str>>);
-
-/// Per-policy overrides of how upstream connections are made and kept.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
-pub struct ConnectOpts {
-    pub connect: Option<Duration>,
-    pub idle: Option<Duration>,
-    /// At most this many HTTP/1.1 connections, shared by every request with the same key
-    /// (policy and backend); a request waits up to the connect timeout for one to free.
-    pub limit: Option<(Arc<str>, u32)>,
-}
 
 /// Default time an unused HTTP/1.1 upstream connection is kept.
 const DEFAULT_IDLE: Duration = Duration::from_secs(90);
@@ -399,7 +390,7 @@ impl H2Pool {
         tls: Option<&TlsTarget>,
     ) -> Result<http2::SendRequest<Body>, ProxyError> {
         let connect_err = |reason: String| ProxyError::Connect { addr, reason };
-        let stream: Box<dyn crate::server::Io> = match tls {
+        let stream: Box<dyn crate::tls::Io> = match tls {
             None => Box::new(connect_tcp(addr, timeout).await.map_err(connect_err)?),
             Some(target) => {
                 Box::new(connect_mesh(addr, timeout, target, crate::tls::OFFER_H2).await.map_err(connect_err)?)

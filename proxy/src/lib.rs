@@ -384,8 +384,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         draining: draining.clone(),
     };
     let (admin_trigger, admin_drain) = rt::drain();
-    let admin_task =
-        tokio::spawn(rt::serve_admin(admin_l, move |req, peer| admin.clone().handle(req, peer), admin_drain, grace));
+    let admin_task = tokio::spawn(weir_api::server::serve_admin(
+        admin_l,
+        move |req, peer| admin.clone().handle(req, peer),
+        admin_drain,
+        grace,
+    ));
     tracing::info!(%workload, listening = %addrs, controller = %args.controller, "proxy started");
     if args.print_listen_addrs {
         println!("{addrs}");

@@ -16,7 +16,6 @@ use http::Response;
 use crate::body::Body;
 
 use crate::grpc::Outcome;
-use crate::outbound::resilience::ResilienceMetrics;
 
 /// Latency bucket upper bounds (seconds): sub-millisecond to tens of seconds.
 pub const LATENCY_BOUNDS: [f64; 18] =
@@ -396,6 +395,94 @@ fn status_class(status: u16) -> &'static str {
         300..=399 => "3xx",
         400..=499 => "4xx",
         _ => "5xx",
+    }
+}
+
+#[derive(Clone)]
+pub struct ResilienceMetrics {
+    pub retries: IntCounterVec,
+    pub budget_exhausted: IntCounterVec,
+    pub retries_skipped: IntCounterVec,
+    pub circuit_state: IntGaugeVec,
+    pub circuit_transitions: IntCounterVec,
+    pub circuit_rejected: IntCounterVec,
+    pub bulkhead_rejected: IntCounterVec,
+    pub rate_limited: IntCounterVec,
+    pub faults_injected: IntCounterVec,
+    pub ejections: IntCounterVec,
+    pub health_checks: IntCounterVec,
+    pub health_transitions: IntCounterVec,
+    pub healthy_panic: IntCounterVec,
+}
+
+impl ResilienceMetrics {
+    pub fn register(registry: &Registry) -> Self {
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).unwrap();
+            registry.register(Box::new(c.clone())).unwrap();
+            c
+        };
+        let circuit_state = IntGaugeVec::new(
+            Opts::new("weir_circuit_state", "Per-backend circuit breaker: 0 closed, 1 open, 2 half-open"),
+            &["service", "backend"],
+        )
+        .unwrap();
+        registry.register(Box::new(circuit_state.clone())).unwrap();
+        Self {
+            retries: counter("weir_retries_total", "Retries made (attempts after the first)", &["service"]),
+            budget_exhausted: counter(
+                "weir_retry_budget_exhausted_total",
+                "Retries not made because the retry budget was spent",
+                &["service"],
+            ),
+            retries_skipped: counter(
+                "weir_retries_skipped_total",
+                "Requests that could not be retried, by reason",
+                &["service", "reason"],
+            ),
+            circuit_state,
+            circuit_transitions: counter(
+                "weir_circuit_transitions_total",
+                "Circuit breaker state changes, by the state entered",
+                &["service", "backend", "state"],
+            ),
+            circuit_rejected: counter(
+                "weir_circuit_rejected_total",
+                "Requests failed fast because the circuit was open",
+                &["service", "backend"],
+            ),
+            bulkhead_rejected: counter(
+                "weir_bulkhead_rejected_total",
+                "Requests failed fast because the backend's concurrency limit was reached",
+                &["service", "backend"],
+            ),
+            rate_limited: counter(
+                "weir_rate_limited_total",
+                "Requests refused by a local rate limit",
+                &["service", "direction"],
+            ),
+            faults_injected: counter("weir_faults_injected_total", "Faults injected, by kind", &["service", "kind"]),
+            health_checks: counter(
+                "weir_health_checks_total",
+                "Active health probes, by result",
+                &["service", "result"],
+            ),
+            health_transitions: counter(
+                "weir_health_transitions_total",
+                "Endpoints marked healthy or unhealthy by active checks",
+                &["service", "state"],
+            ),
+            healthy_panic: counter(
+                "weir_lb_healthy_panic_total",
+                "Requests sent to any endpoint because every one failed its health check",
+                &["service", "backend"],
+            ),
+            ejections: counter(
+                "weir_endpoint_ejections_total",
+                "Endpoints ejected by outlier detection",
+                &["service", "backend"],
+            ),
+        }
     }
 }
 

@@ -17,11 +17,7 @@ use weir_api::rt::Drain;
 
 use crate::body::Body;
 use crate::metrics::{Direction, Metrics};
-use crate::tls::CredsRx;
-
-/// A byte stream a connection can be served on (plain TCP or TLS).
-pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static {}
-impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static> Io for T {}
+use crate::tls::{CredsRx, Io};
 
 /// Who is on the other end of a connection.
 #[derive(Clone, Debug)]

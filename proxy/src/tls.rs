@@ -12,7 +12,32 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 use tokio::sync::watch;
 
-use crate::identity::Credentials;
+/// A certificate chain and the key it certifies.
+pub struct Credentials {
+    /// The SPIFFE ID.
+    pub identity: String,
+    /// Leaf first, then intermediates (DER).
+    pub chain: Vec<Vec<u8>>,
+    /// PKCS#8 private key (DER), in memory only.
+    pub key_pkcs8: Vec<u8>,
+    /// Trust anchors peers are verified against (DER).
+    pub roots: Vec<Vec<u8>>,
+    pub not_after_unix: i64,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key.
+        f.debug_struct("Credentials")
+            .field("identity", &self.identity)
+            .field("not_after_unix", &self.not_after_unix)
+            .finish()
+    }
+}
+
+/// A byte stream a connection is carried on (plain TCP or TLS), served or dialled.
+pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static> Io for T {}
 
 pub type CredsRx = watch::Receiver<Option<Arc<Credentials>>>;
 

@@ -26,7 +26,7 @@ use weir_api::rt::Drain;
 use crate::body::{Body, WEIR_ERROR, full};
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::server::Io;
+use crate::tls::Io;
 
 /// Most tunnels open at once.
 pub const MAX_TUNNELS: usize = 4096;

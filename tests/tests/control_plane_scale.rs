@@ -47,7 +47,7 @@ type Acks = Arc<Mutex<Vec<(u64, Instant)>>>;
 #[derive(Clone)]
 enum Control {
     Plain(std::net::SocketAddr),
-    Tls(weir_proxy::channel::ControlEndpoint, Arc<weir_proxy::identity::Credentials>),
+    Tls(weir_proxy::channel::ControlEndpoint, Arc<weir_proxy::tls::Credentials>),
 }
 
 async fn simulated_sidecar(control: Control, i: usize, acks: Acks) -> anyhow::Result<()> {
@@ -132,7 +132,7 @@ async fn sidecars_acking_config_changes() {
         let issued = certify(&endpoint, "t-client", csr_der).await.unwrap();
         let mut chain = vec![issued.leaf_der];
         chain.extend(issued.intermediates_der);
-        let creds = weir_proxy::identity::Credentials {
+        let creds = weir_proxy::tls::Credentials {
             identity: issued.identity,
             chain,
             key_pkcs8: key.serialize_der(),

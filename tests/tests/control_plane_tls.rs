@@ -30,13 +30,13 @@ async fn credentials(
     control: &ControlEndpoint,
     token: &str,
     service_account: &str,
-) -> Arc<weir_proxy::identity::Credentials> {
+) -> Arc<weir_proxy::tls::Credentials> {
     let id = weir_api::spiffe::id("cluster.local", "test", service_account);
     let (key, csr) = keyed_csr(&id);
     let issued = certify(control, token, csr).await.unwrap();
     let mut chain = vec![issued.leaf_der];
     chain.extend(issued.intermediates_der);
-    Arc::new(weir_proxy::identity::Credentials {
+    Arc::new(weir_proxy::tls::Credentials {
         identity: id,
         chain,
         key_pkcs8: key.serialize_der(),
@@ -49,7 +49,7 @@ async fn credentials(
 /// message back, or the status that refused the stream.
 async fn hello(
     control: &ControlEndpoint,
-    creds: Option<Arc<weir_proxy::identity::Credentials>>,
+    creds: Option<Arc<weir_proxy::tls::Credentials>>,
     name: &str,
     sa: &str,
 ) -> Result<proto::ControllerMessage, tonic::Status> {

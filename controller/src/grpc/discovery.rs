@@ -15,12 +15,12 @@ use tonic::{Request, Response, Status, Streaming};
 use weir_api::proto::{self, proxy_message};
 use weir_api::rt::{Drain, unix_ms};
 
-use super::wire::{ControllerWire, Entry};
 use crate::index::ResourceKey;
 use crate::metrics::Metrics;
 use crate::proxies::{NackInfo, Proxies, ProxyInfo};
 use crate::reports::Reports;
 use crate::state::MeshState;
+use crate::wire::{ControllerWire, Entry};
 
 /// How long a new stream may take to say Hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -50,7 +50,7 @@ pub struct DiscoveryService {
 pub type Outbound = ReceiverStream<Result<ControllerWire, Status>>;
 
 impl DiscoveryService {
-    /// `weir.v1.Discovery/Stream` (served by [`super::wire::DiscoveryServer`]).
+    /// `weir.v1.Discovery/Stream` (served by [`super::stream::DiscoveryServer`]).
     pub async fn stream(&self, request: Request<Streaming<proto::ProxyMessage>>) -> Result<Response<Outbound>, Status> {
         let info = request.extensions().get::<super::tls::PeerInfo>().cloned().unwrap_or_default();
         // Every connection comes through `tls::incoming`, which records its address.

@@ -10,29 +10,8 @@ use std::borrow::Cow;
 use std::sync::Arc;
 
 use http::Method;
-use weir_api::proto;
 
-/// One MeshAuthorization, ready to judge requests.
-#[derive(Debug, Clone)]
-pub struct Authorization {
-    /// `namespace/name` of the resource.
-    pub name: Arc<str>,
-    /// `None`: every port.
-    pub port: Option<u16>,
-    pub strict: bool,
-    pub rules: Vec<Rule>,
-}
-
-#[derive(Debug, Clone)]
-pub struct Rule {
-    pub name: Arc<str>,
-    pub any_client: bool,
-    pub unauthenticated: bool,
-    /// (namespace, service account); `*` matches anything.
-    pub principals: Vec<(String, String)>,
-    pub path_prefixes: Vec<String>,
-    pub methods: Vec<Method>,
-}
+use crate::config::{Authorization, AuthzRule};
 
 /// The client as authorization sees it.
 #[derive(Debug, Clone, Copy)]
@@ -71,37 +50,7 @@ pub enum Decision {
     },
 }
 
-impl TryFrom<&proto::Authorization> for Authorization {
-    type Error = String;
-
-    fn try_from(a: &proto::Authorization) -> Result<Self, String> {
-        let port =
-            u16::try_from(a.port).map_err(|_| format!("authorization {}: port {} is not a port", a.name, a.port))?;
-        let mut rules = Vec::with_capacity(a.rules.len());
-        for r in &a.rules {
-            let bad = |what: String| format!("authorization {} rule {}: {what}", a.name, r.name);
-            let methods = r
-                .methods
-                .iter()
-                .map(|m| Method::from_bytes(m.as_bytes()).map_err(|_| bad(format!("{m:?} is not a method"))))
-                .collect::<Result<Vec<_>, _>>()?;
-            if let Some(p) = r.path_prefixes.iter().find(|p| !p.starts_with('/')) {
-                return Err(bad(format!("path prefix {p:?} does not start with '/'")));
-            }
-            rules.push(Rule {
-                name: r.name.as_str().into(),
-                any_client: r.any_client,
-                unauthenticated: r.unauthenticated,
-                principals: r.principals.iter().map(|p| (p.namespace.clone(), p.service_account.clone())).collect(),
-                path_prefixes: r.path_prefixes.clone(),
-                methods,
-            });
-        }
-        Ok(Authorization { name: a.name.as_str().into(), port: (port != 0).then_some(port), strict: a.strict, rules })
-    }
-}
-
-impl Rule {
+impl AuthzRule {
     fn admits(&self, client: Client<'_>) -> bool {
         if self.any_client {
             return true;
@@ -169,7 +118,7 @@ fn judge<'p>(
     port: u16,
     client: Client<'_>,
     what: &str,
-    covers: impl Fn(&Rule) -> bool,
+    covers: impl Fn(&AuthzRule) -> bool,
 ) -> Result<Decision, Vec<&'p Authorization>> {
     let applicable: Vec<&Authorization> = policies.iter().filter(|a| a.port.is_none_or(|p| p == port)).collect();
     if applicable.is_empty() {
@@ -195,7 +144,7 @@ fn judge<'p>(
 /// only rules that name no paths and no methods cover it (as with Linkerd's server
 /// authorizations, HTTP-level rules never admit raw TCP). Strict policies refuse plaintext.
 pub fn decide_tcp(policies: &[Authorization], port: u16, client: Client<'_>) -> Decision {
-    let covers = |r: &Rule| r.methods.is_empty() && r.path_prefixes.is_empty();
+    let covers = |r: &AuthzRule| r.methods.is_empty() && r.path_prefixes.is_empty();
     let applicable = match judge(policies, port, client, "plaintext TCP", covers) {
         Ok(decision) => return decision,
         Err(applicable) => applicable,
@@ -263,12 +212,12 @@ fn replace_ci(s: &str, needle: &str, with: &str) -> String {
 mod tests {
     use super::*;
 
-    fn policy(strict: bool, rules: Vec<Rule>) -> Authorization {
+    fn policy(strict: bool, rules: Vec<AuthzRule>) -> Authorization {
         Authorization { name: "shop/reviews".into(), port: None, strict, rules }
     }
 
-    fn rule(principals: &[(&str, &str)], paths: &[&str], methods: &[Method]) -> Rule {
-        Rule {
+    fn rule(principals: &[(&str, &str)], paths: &[&str], methods: &[Method]) -> AuthzRule {
+        AuthzRule {
             name: "r".into(),
             any_client: false,
             unauthenticated: false,

@@ -20,7 +20,8 @@ use hyper::body::Incoming;
 use crate::body::{Body, ORIG_PROTO, boxed, strip_hop_by_hop};
 use tokio::sync::watch;
 
-use crate::client::{Clients, ConnectOpts};
+use crate::client::Clients;
+use crate::config::ConnectOpts;
 use crate::config::{Config, InboundLimit};
 use crate::errors::ProxyError;
 use crate::metrics::{Direction, Labels, Metrics};

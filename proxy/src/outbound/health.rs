@@ -15,9 +15,10 @@ use tokio::task::JoinHandle;
 use weir_api::rt::Drain;
 
 use crate::body::{ORIG_PROTO, empty};
-use crate::client::{Clients, ConnectOpts, TlsTarget};
+use crate::client::{Clients, TlsTarget};
+use crate::config::ConnectOpts;
 use crate::config::{Config, Endpoint, HealthPolicy};
-use crate::outbound::resilience::ResilienceMetrics;
+use crate::metrics::ResilienceMetrics;
 use crate::tls::CredsRx;
 
 /// An endpoint under one policy.
