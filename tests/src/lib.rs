@@ -402,17 +402,25 @@ pub async fn send(
     Ok(Reply { status, headers, body: String::from_utf8_lossy(&body).into_owned() })
 }
 
-/// GETs `path` from an admin port as JSON.
-pub async fn admin_json(addr: SocketAddr, path: &str) -> serde_json::Value {
-    let client = http1();
-    let rsp = send(&client, addr, "GET", &addr.to_string(), path, &[]).await.unwrap();
-    serde_json::from_str(&rsp.body).unwrap_or(serde_json::Value::Null)
+/// GETs `path` from an admin port, whatever the status; panics when the port does not answer
+/// (a dead process is never mistaken for an empty answer).
+pub async fn admin_reply(addr: SocketAddr, path: &str) -> Reply {
+    send(&http1(), addr, "GET", &addr.to_string(), path, &[])
+        .await
+        .unwrap_or_else(|e| panic!("admin GET {path} on {addr} got no answer: {e:#}"))
 }
 
-/// GETs `path` from an admin port as text.
+/// GETs `path` from an admin port as text; panics unless it answers `200`.
 pub async fn admin_text(addr: SocketAddr, path: &str) -> String {
-    let client = http1();
-    send(&client, addr, "GET", &addr.to_string(), path, &[]).await.map(|r| r.body).unwrap_or_default()
+    let rsp = admin_reply(addr, path).await;
+    assert_eq!(rsp.status, 200, "admin GET {path} on {addr}: {}", rsp.body);
+    rsp.body
+}
+
+/// GETs `path` from an admin port as JSON; panics unless it answers `200` with JSON.
+pub async fn admin_json(addr: SocketAddr, path: &str) -> serde_json::Value {
+    let body = admin_text(addr, path).await;
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("admin GET {path} on {addr} is not JSON ({e}): {body}"))
 }
 
 /// Polls `check` every few milliseconds until it returns true; panics after `limit`.
@@ -435,7 +443,7 @@ where
 /// identity) and a configuration from the controller.
 pub async fn wait_ready(admin: SocketAddr) -> Duration {
     wait_until("a ready sidecar (certificate and configuration)", Duration::from_secs(20), || async move {
-        admin_text(admin, "/ready").await.starts_with("ready")
+        admin_reply(admin, "/ready").await.body.starts_with("ready")
     })
     .await
 }

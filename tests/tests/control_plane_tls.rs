@@ -138,7 +138,7 @@ async fn a_sidecar_trusts_only_its_own_anchors() {
     // The token never reached the controller, the sidecar has no certificate, no stream.
     assert_eq!(metric(admin, "weir_controller_certify_total{result=\"issued\"}").await, 0.0);
     assert_eq!(renewals(sidecar_admin, "ok").await, 0);
-    assert!(admin_text(sidecar_admin, "/ready").await.starts_with("not ready"));
+    assert!(admin_reply(sidecar_admin, "/ready").await.body.starts_with("not ready"));
     assert!(metric(admin, "weir_controller_refused_total{reason=\"handshake\"}").await >= 1.0);
     // The same check by hand: the controller's certificate does not verify against the rogue root.
     let wrong = ControlEndpoint {
@@ -176,7 +176,7 @@ async fn a_sidecar_with_anchors_refuses_a_plaintext_controller() {
         renewals(sidecar_admin, "error").await >= 1
     })
     .await;
-    assert!(admin_text(sidecar_admin, "/ready").await.starts_with("not ready"));
+    assert!(admin_reply(sidecar_admin, "/ready").await.body.starts_with("not ready"));
     assert_eq!(metric(admin, "weir_controller_connected_proxies").await, 0.0, "a stream over plaintext");
     // What the sidecar puts on the wire to a listener that never answers: a TLS ClientHello,
     // never an HTTP/2 preface nor the token.

@@ -337,10 +337,7 @@ async fn iptables_send_pod_traffic_through_the_sidecars() {
     wait_config_in(&b.ns, "b's snapshot", |c| !c["version"].is_null()).await;
     // Both hold a workload certificate before traffic flows.
     for admin in [a_admin, b_admin] {
-        wait_until("a workload certificate", Duration::from_secs(20), || async move {
-            admin_text(admin, "/ready").await.starts_with("ready")
-        })
-        .await;
+        wait_ready(admin).await;
     }
 
     // The client calls the virtual address in plain HTTP: both sidecars carry it (the client

@@ -180,13 +180,14 @@ impl rustls::client::danger::ServerCertVerifier for AnyServer {
 }
 
 /// Connects to `addr` presenting `cert` (and `intermediates`), sends a request, and returns
-/// whether any HTTP answer came back.
+/// the HTTP answer, or why none came: a refusal is a TLS alert from the server, any other error
+/// (a timeout, a closed connection) is not one.
 async fn tls_request_with(
     addr: std::net::SocketAddr,
     cert: rcgen::Certificate,
     key: rcgen::KeyPair,
     intermediates: &[rustls::pki_types::CertificateDer<'static>],
-) -> bool {
+) -> Result<String, String> {
     use std::sync::Arc;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let key = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
@@ -200,23 +201,35 @@ async fn tls_request_with(
     // Offering the mesh's ALPN makes this a mesh client (any other TLS is the application's).
     let mut cfg = cfg;
     cfg.alpn_protocols = vec![weir_proxy::tls::ALPN_MESH_H2.to_vec()];
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
     let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
-    let Ok(Ok(mut tls)) = tokio::time::timeout(
+    let mut tls = tokio::time::timeout(
         Duration::from_secs(10),
         tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(name, tcp),
     )
     .await
-    else {
-        return false;
-    };
+    .map_err(|_| "handshake timed out".to_string())?
+    .map_err(|e| format!("handshake: {e}"))?;
     // TLS 1.3 reports a refused client certificate only on the first read.
-    if tls.write_all(b"GET / HTTP/1.1\r\nhost: web.test\r\nconnection: close\r\n\r\n").await.is_err() {
-        return false;
-    }
+    tls.write_all(b"GET / HTTP/1.1\r\nhost: web.test\r\nconnection: close\r\n\r\n")
+        .await
+        .map_err(|e| format!("write: {e}"))?;
     let mut buf = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut buf)).await;
-    String::from_utf8_lossy(&buf).starts_with("HTTP/1.1")
+    tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut buf))
+        .await
+        .map_err(|_| "read timed out".to_string())?
+        .map_err(|e| format!("read: {e}"))?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    if text.starts_with("HTTP/1.1") { Ok(text) } else { Err(format!("not HTTP: {text:?}")) }
+}
+
+/// Asserts that the server refused the client's certificate with a TLS alert (and not for
+/// some other reason, such as a timeout or a dead sidecar).
+fn assert_refused(outcome: Result<String, String>, what: &str) {
+    match outcome {
+        Ok(answer) => panic!("{what} must be refused, but was served: {answer}"),
+        Err(e) => assert!(e.contains("received fatal alert"), "{what} must be refused by a TLS alert, got: {e}"),
+    }
 }
 
 fn leaf(uri: &str, expired: bool, issuer: &rcgen::Issuer<'_, rcgen::KeyPair>) -> (rcgen::Certificate, rcgen::KeyPair) {
@@ -257,20 +270,21 @@ async fn foreign_and_expired_client_certificates_are_refused() {
         vec![rustls::pki_types::CertificateDer::from_pem_slice(issuer_pem.as_bytes()).unwrap()]
     };
     let (cert, key) = leaf(id, false, &mesh_issuer);
-    assert!(tls_request_with(inbound, cert, key, &chain).await, "a valid mesh client must be served");
+    let answer = tls_request_with(inbound, cert, key, &chain).await.expect("a valid mesh client must be served");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     let served = backend.behaviour.served.load(std::sync::atomic::Ordering::Relaxed);
     assert_eq!(served, 1);
 
     // Expired, from the same issuer: refused.
     let (cert, key) = leaf(id, true, &mesh_issuer);
-    assert!(!tls_request_with(inbound, cert, key, &chain).await, "an expired certificate must be refused");
+    assert_refused(tls_request_with(inbound, cert, key, &chain).await, "an expired certificate");
     // From another CA: refused.
     let other_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
     let mut other = rcgen::CertificateParams::default();
     other.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     let other = rcgen::Issuer::new(other, other_key);
     let (cert, key) = leaf(id, false, &other);
-    assert!(!tls_request_with(inbound, cert, key, &[]).await, "a certificate from another CA must be refused");
+    assert_refused(tls_request_with(inbound, cert, key, &[]).await, "a certificate from another CA");
 
     assert_eq!(backend.behaviour.served.load(std::sync::atomic::Ordering::Relaxed), served, "nothing reached the app");
     wait_until("two refused handshakes counted by reason", Duration::from_secs(5), || async move {

@@ -1,4 +1,4 @@
-//! SIGTERM drains a sidecar: requests in flight finish, new connections are refused.
+//! SIGTERM drains a sidecar: new connections are refused at once, requests in flight finish.
 
 use std::time::Duration;
 
@@ -21,6 +21,15 @@ async fn sigterm_lets_in_flight_requests_finish() {
         let exited_cleanly = mesh.client.stop(Duration::from_secs(15)).await;
         (exited_cleanly, mesh)
     });
+    // New connections are refused as soon as the drain starts, while the four requests are
+    // still being served (the backend holds each for 800 ms).
+    wait_until("new connections to be refused", Duration::from_secs(10), || async move {
+        tokio::net::TcpStream::connect(via).await.is_err()
+    })
+    .await;
+    let unfinished = in_flight.iter().filter(|r| !r.is_finished()).count();
+    assert!(unfinished > 0, "the listener closed only after every request had finished");
+    assert!(!stopped.is_finished(), "the sidecar exited before its requests were answered");
     for r in in_flight {
         let r = r.await.unwrap().expect("an in-flight request must complete during the drain");
         assert_eq!((r.status, r.backend()), (200, "v1"), "{}", r.body);
