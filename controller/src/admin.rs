@@ -108,7 +108,7 @@ impl Admin {
             );
         }
         let defs = self.state.borrow().canaries.clone();
-        match self.canaries.act(&defs, ns, name, action) {
+        match self.canaries.act(&defs, ns, name, action, std::time::Instant::now()) {
             Ok(status) => json(&serde_json::to_value(status).unwrap_or_default()),
             Err(e @ crate::canary::ActError::NotFound(_)) => text(StatusCode::NOT_FOUND, format!("{e}\n")),
             Err(e @ crate::canary::ActError::Refused(_)) => text(StatusCode::CONFLICT, format!("{e}\n")),

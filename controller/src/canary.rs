@@ -118,8 +118,7 @@ impl Canaries {
     }
 
     /// Routing as of the saved state, before the first tick (so a restart keeps the weights).
-    pub fn adopt(&self, defs: &[CanaryDef]) {
-        let now = Instant::now();
+    pub fn adopt(&self, defs: &[CanaryDef], now: Instant) {
         let mut entries = self.entries.lock().unwrap();
         self.sync(&mut entries, defs, now);
         self.publish(&entries, defs);
@@ -128,9 +127,9 @@ impl Canaries {
     /// Mirrors the statuses the leading replica wrote to the Canary objects (Kubernetes mode,
     /// on replicas that do not lead), so every replica routes with the same weights. A status
     /// written for another rollout of the Canary (another spec hash) is ignored.
-    pub fn follow(&self, defs: &[CanaryDef], written: &BTreeMap<String, CanaryStatus>) {
+    pub fn follow(&self, defs: &[CanaryDef], written: &BTreeMap<String, CanaryStatus>, now: Instant) {
         let mut entries = self.entries.lock().unwrap();
-        let mut changed = self.sync(&mut entries, defs, Instant::now());
+        let mut changed = self.sync(&mut entries, defs, now);
         for ((ns, n), e) in entries.iter_mut() {
             let Some(w) = written.get(&format!("{ns}/{n}")) else { continue };
             let mut w = w.clone();
@@ -192,9 +191,10 @@ impl Canaries {
         namespace: &str,
         name: &str,
         action: Action,
+        now: Instant,
     ) -> Result<CanaryStatus, ActError> {
         let mut entries = self.entries.lock().unwrap();
-        self.sync(&mut entries, defs, Instant::now());
+        self.sync(&mut entries, defs, now);
         let status = Self::act_on(&mut entries, defs, namespace, name, action)?;
         self.publish(&entries, defs);
         self.save(&entries);
@@ -714,7 +714,7 @@ mod tests {
             (Phase::Paused, "pause:1", "applied")
         );
         // The same request is not applied twice (a resume by hand in between stays).
-        c.act(std::slice::from_ref(&d), "ns", "web", Action::Resume).unwrap();
+        c.act(std::slice::from_ref(&d), "ns", "web", Action::Resume, t0).unwrap();
         c.tick(std::slice::from_ref(&d), t0 + Duration::from_millis(20));
         assert_ne!(status(&c).phase, Phase::Paused);
         // A refused one says why; a malformed one too.
@@ -740,11 +740,212 @@ mod tests {
         let paused = def("paused: true");
         c.tick(std::slice::from_ref(&paused), t0);
         assert_eq!((status(&c).phase, status(&c).weight), (Phase::Paused, 0));
-        let resumed = c.act(std::slice::from_ref(&paused), "ns", "web", Action::Resume);
+        let resumed = c.act(std::slice::from_ref(&paused), "ns", "web", Action::Resume, t0);
         assert!(resumed.unwrap_err().to_string().contains("spec.paused is true"));
         c.tick(&[def("")], t0 + Duration::from_millis(10));
         // Back to Initializing, which the next due tick turns into the first step.
         c.tick(&[def("")], t0 + Duration::from_secs(2));
         assert_eq!((status(&c).phase, status(&c).weight), (Phase::Progressing, 20));
+    }
+
+    /// Every phase × every event, from a status built in that phase: what the state machine
+    /// does is written out here row by row, so any change to a transition fails a row.
+    #[test]
+    fn every_phase_answers_every_event() {
+        #[derive(Clone, Copy, Debug)]
+        enum Event {
+            Pass,
+            Fail,
+            FailAtLimit,
+            TooFewRequests,
+            Pause,
+            Resume,
+            Promote,
+            Abort,
+            EditThresholds,
+            NewRollout,
+            Restart,
+        }
+        /// What an event leads to: a phase and weight, or a refusal (status unchanged).
+        #[derive(Clone, Debug, PartialEq)]
+        enum Then {
+            Is(Phase, u32),
+            Refused(String),
+        }
+        use Event::*;
+        use Phase::*;
+        use Then::{Is, Refused};
+
+        let spec = "analysis: { minRequests: 10, minSuccessRate: 99, failureLimit: 2 }\nautoPromote: false\n";
+        // The status a canary has in each phase (steps [20, 50]).
+        let in_phase = |phase: Phase| {
+            let (step, weight) = match phase {
+                Initializing | Failed => (0, 0),
+                Progressing | Inconclusive | Paused => (0, 20),
+                Holding => (1, 50),
+                Promoting | Succeeded => (1, 100),
+            };
+            CanaryStatus {
+                phase,
+                step,
+                weight,
+                steps: vec![20, 50],
+                spec_hash: spec_hash(&def(spec).spec),
+                paused_from: (phase == Paused).then_some(Progressing),
+                ..Default::default()
+            }
+        };
+        let refused = |why: &str| Refused(why.to_string());
+        let rows: Vec<(Phase, Event, Then)> = vec![
+            (Initializing, Pass, Is(Progressing, 20)),
+            (Initializing, Fail, Is(Progressing, 20)),
+            (Initializing, TooFewRequests, Is(Progressing, 20)),
+            (Initializing, Pause, Is(Paused, 0)),
+            (Initializing, Resume, refused("not paused (phase Initializing)")),
+            (Initializing, Promote, Is(Succeeded, 100)),
+            (Initializing, Abort, Is(Failed, 0)),
+            (Progressing, Pass, Is(Progressing, 50)),
+            (Progressing, Fail, Is(Progressing, 20)),
+            (Progressing, FailAtLimit, Is(Failed, 0)),
+            (Progressing, TooFewRequests, Is(Inconclusive, 20)),
+            (Progressing, Pause, Is(Paused, 20)),
+            (Progressing, Resume, refused("not paused (phase Progressing)")),
+            (Progressing, Promote, Is(Succeeded, 100)),
+            (Progressing, Abort, Is(Failed, 0)),
+            (Inconclusive, Pass, Is(Progressing, 50)),
+            (Inconclusive, Fail, Is(Progressing, 20)),
+            (Inconclusive, FailAtLimit, Is(Failed, 0)),
+            (Inconclusive, TooFewRequests, Is(Inconclusive, 20)),
+            (Inconclusive, Pause, Is(Paused, 20)),
+            (Inconclusive, Resume, refused("not paused (phase Inconclusive)")),
+            (Inconclusive, Promote, Is(Succeeded, 100)),
+            (Inconclusive, Abort, Is(Failed, 0)),
+            // The last step passed and waits for a promote by hand (autoPromote: false).
+            (Holding, Pass, Is(Holding, 50)),
+            (Holding, Fail, Is(Progressing, 50)),
+            (Holding, FailAtLimit, Is(Failed, 0)),
+            (Holding, TooFewRequests, Is(Inconclusive, 50)),
+            (Holding, Pause, Is(Paused, 50)),
+            (Holding, Resume, refused("not paused (phase Holding)")),
+            (Holding, Promote, Is(Succeeded, 100)),
+            (Holding, Abort, Is(Failed, 0)),
+            // Paused: intervals are not judged; resume goes back to the phase it paused in.
+            (Paused, Pass, Is(Paused, 20)),
+            (Paused, Fail, Is(Paused, 20)),
+            (Paused, TooFewRequests, Is(Paused, 20)),
+            (Paused, Pause, refused("already paused")),
+            (Paused, Resume, Is(Progressing, 20)),
+            (Paused, Promote, Is(Succeeded, 100)),
+            (Paused, Abort, Is(Failed, 0)),
+            // Promoting (autoPromote): one more passing interval at 100 %, then done; a failed
+            // one counts toward the limit like any other.
+            (Promoting, Pass, Is(Succeeded, 100)),
+            (Promoting, Fail, Is(Progressing, 100)),
+            (Promoting, FailAtLimit, Is(Failed, 0)),
+            (Promoting, TooFewRequests, Is(Inconclusive, 100)),
+            (Promoting, Pause, Is(Paused, 100)),
+            (Promoting, Resume, refused("not paused (phase Promoting)")),
+            (Promoting, Promote, Is(Succeeded, 100)),
+            (Promoting, Abort, Is(Failed, 0)),
+            // Final phases: nothing moves them but a new rollout.
+            (Succeeded, Pass, Is(Succeeded, 100)),
+            (Succeeded, Fail, Is(Succeeded, 100)),
+            (Succeeded, TooFewRequests, Is(Succeeded, 100)),
+            (Succeeded, Pause, refused("Canary ns/web has already succeeded")),
+            (Succeeded, Resume, refused("Canary ns/web has already succeeded")),
+            (Succeeded, Promote, refused("Canary ns/web has already succeeded")),
+            (Succeeded, Abort, refused("Canary ns/web has already succeeded")),
+            (Failed, Pass, Is(Failed, 0)),
+            (Failed, Fail, Is(Failed, 0)),
+            (Failed, TooFewRequests, Is(Failed, 0)),
+            (Failed, Pause, refused("Canary ns/web has already failed")),
+            (Failed, Resume, refused("Canary ns/web has already failed")),
+            (Failed, Promote, refused("Canary ns/web has already failed")),
+            (Failed, Abort, refused("Canary ns/web has already failed")),
+        ];
+        // Spec edits and restarts, for every phase: thresholds apply in place, another canary
+        // Service starts over, a restart resumes exactly where it was.
+        let mut all = rows;
+        for phase in Phase::ALL {
+            let st = in_phase(phase);
+            all.push((phase, EditThresholds, Is(phase, st.weight)));
+            all.push((phase, NewRollout, Is(Initializing, 0)));
+            all.push((phase, Restart, Is(phase, st.weight)));
+        }
+
+        let passing =
+            |requests: u64, failures: u64| Totals { requests, failures, bounds: vec![0.01], counts: vec![requests, 0] };
+        let mut failures = Vec::new();
+        for (phase, event, want) in all {
+            let (c, _reports, t0) = setup();
+            let d = def(spec);
+            let dir = tempfile::tempdir().unwrap();
+            let mut entries = BTreeMap::new();
+            let mut st = in_phase(phase);
+            if matches!(event, FailAtLimit) {
+                st.failed_intervals = 1;
+            }
+            entries.insert(
+                ("ns".to_string(), "web".to_string()),
+                Entry { status: st.clone(), next_due: t0, baseline: Some((Totals::default(), Totals::default())) },
+            );
+            let got: Then = match event {
+                Pass | Fail | FailAtLimit | TooFewRequests => {
+                    let canary = match event {
+                        Pass => passing(100, 0),
+                        TooFewRequests => passing(3, 0),
+                        _ => passing(100, 50),
+                    };
+                    let entry = entries.get_mut(&("ns".into(), "web".into())).unwrap();
+                    c.step(&d, entry, (canary, passing(100, 0)));
+                    Is(entry.status.phase, entry.status.weight)
+                }
+                Pause | Resume | Promote | Abort => {
+                    let action = match event {
+                        Pause => Action::Pause,
+                        Resume => Action::Resume,
+                        Promote => Action::Promote,
+                        _ => Action::Abort,
+                    };
+                    match Canaries::act_on(&mut entries, std::slice::from_ref(&d), "ns", "web", action) {
+                        Ok(s) => Is(s.phase, s.weight),
+                        Err(ActError::Refused(why)) => {
+                            let left = &entries[&("ns".to_string(), "web".to_string())].status;
+                            assert_eq!(left, &st, "{phase:?} × {event:?}: a refusal changed the status");
+                            Refused(why)
+                        }
+                        Err(e) => panic!("{phase:?} × {event:?}: {e}"),
+                    }
+                }
+                EditThresholds | NewRollout => {
+                    let edited = match event {
+                        EditThresholds => def(
+                            "analysis: { minRequests: 50, minSuccessRate: 90, failureLimit: 5 }\nautoPromote: false\n",
+                        ),
+                        _ => CanaryDef { spec: CanarySpec { canary: "web-v3".into(), ..d.spec.clone() }, ..d.clone() },
+                    };
+                    c.sync(&mut entries, std::slice::from_ref(&edited), t0);
+                    let s = &entries[&("ns".to_string(), "web".to_string())].status;
+                    Is(s.phase, s.weight)
+                }
+                Restart => {
+                    let file = dir.path().join("canaries.json");
+                    let (before, _rx) =
+                        Canaries::new(Some(file.clone()), Arc::new(Mutex::new(Reports::default())), Metrics::new())
+                            .unwrap();
+                    before.save(&entries);
+                    let (after, _rx) =
+                        Canaries::new(Some(file), Arc::new(Mutex::new(Reports::default())), Metrics::new()).unwrap();
+                    after.adopt(std::slice::from_ref(&d), t0);
+                    let s = after.statuses()["ns/web"].clone();
+                    assert_eq!(s, st, "{phase:?} × restart: the status must come back as it was saved");
+                    Is(s.phase, s.weight)
+                }
+            };
+            if got != want {
+                failures.push(format!("{phase:?} × {event:?}: want {want:?}, got {got:?}"));
+            }
+        }
+        assert!(failures.is_empty(), "transitions that differ from the table:\n{}", failures.join("\n"));
     }
 }

@@ -285,9 +285,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let (canaries, mut routing_rx) = canary::Canaries::new(state_file, reports.clone(), metrics.clone())?;
     // Saved canary weights apply from the first snapshot on (local mode: the state file;
     // Kubernetes: the statuses in the Canary objects).
-    canaries.adopt(&translator::definitions(&index));
+    canaries.adopt(&translator::definitions(&index), Instant::now());
     if let Some(written) = &first.canary_statuses {
-        canaries.follow(&translator::definitions(&index), written);
+        canaries.follow(&translator::definitions(&index), written, Instant::now());
     }
     canaries.set_requests(first.canary_requests);
     let routing = routing_rx.borrow_and_update().clone();
@@ -375,7 +375,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                     if let Some(written) = &read.canary_statuses
                         && !*reload_leading.borrow()
                     {
-                        reload_canaries.follow(&translator::definitions(&index), written);
+                        reload_canaries.follow(&translator::definitions(&index), written, Instant::now());
                     }
                     // The leader applies new ones at its next tick.
                     reload_canaries.set_requests(read.canary_requests);
