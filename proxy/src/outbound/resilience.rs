@@ -3,7 +3,9 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use prometheus::IntCounterVec;
 
@@ -482,8 +484,10 @@ mod tests {
         assert_eq!((0..100).filter(|_| floor.withdraw()).count(), 10);
     }
 
-    #[test]
-    fn breaker_opens_fails_fast_probes_and_closes() {
+    // The breaker tests run on tokio's paused clock: time moves only by `advance`, so an open
+    // period ends exactly when it should and never because the machine was slow.
+    #[tokio::test(start_paused = true)]
+    async fn breaker_opens_fails_fast_probes_and_closes() {
         let r = resilience();
         let policy = BreakerPolicy {
             consecutive_failures: 3,
@@ -498,7 +502,9 @@ mod tests {
             b.record(p, false);
         }
         assert!(b.acquire().is_err(), "open after 3 failures");
-        std::thread::sleep(Duration::from_millis(25));
+        tokio::time::advance(Duration::from_millis(19)).await;
+        assert!(b.acquire().is_err(), "still open 1 ms before the open period ends");
+        tokio::time::advance(Duration::from_millis(1)).await;
         let probe = b.acquire().unwrap();
         assert_eq!(probe, Permit::Probe);
         assert!(b.acquire().is_err(), "one probe at a time");
@@ -509,8 +515,8 @@ mod tests {
         assert_eq!(r.metrics.circuit_state.with_label_values(&["ns/web", "ns/web"]).get(), 0);
     }
 
-    #[test]
-    fn a_cancelled_probe_gives_its_slot_back() {
+    #[tokio::test(start_paused = true)]
+    async fn a_cancelled_probe_gives_its_slot_back() {
         let r = resilience();
         let policy = BreakerPolicy {
             consecutive_failures: 1,
@@ -521,7 +527,7 @@ mod tests {
         };
         let b = r.breaker(&"ns/p".into(), "s", &"b".into(), policy);
         b.record(b.acquire().unwrap(), false);
-        std::thread::sleep(Duration::from_millis(7));
+        tokio::time::advance(Duration::from_millis(5)).await;
         let probe = b.acquire().unwrap();
         drop(BreakerPass::new(b.clone(), probe));
         let again = b.acquire().expect("the lost probe's slot is free again");
@@ -529,8 +535,8 @@ mod tests {
         assert_eq!(b.acquire().unwrap(), Permit::Normal);
     }
 
-    #[test]
-    fn reopening_doubles_the_open_time() {
+    #[tokio::test(start_paused = true)]
+    async fn reopening_doubles_the_open_time() {
         let r = resilience();
         let policy = BreakerPolicy {
             consecutive_failures: 1,
@@ -541,11 +547,13 @@ mod tests {
         };
         let b = r.breaker(&"ns/p".into(), "s", &"b".into(), policy);
         b.record(b.acquire().unwrap(), false);
-        std::thread::sleep(Duration::from_millis(12));
+        tokio::time::advance(Duration::from_millis(10)).await;
         let probe = b.acquire().unwrap();
         b.record(probe, false); // re-open for 20 ms
-        std::thread::sleep(Duration::from_millis(12));
-        assert!(b.acquire().is_err(), "second opening lasts longer");
+        tokio::time::advance(Duration::from_millis(19)).await;
+        assert!(b.acquire().is_err(), "the second opening lasts twice as long");
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(b.acquire().unwrap(), Permit::Probe, "and no longer");
     }
 
     #[test]
