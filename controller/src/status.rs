@@ -130,7 +130,6 @@ fn existing_conditions(obj: &DynamicObject) -> Vec<Condition> {
 }
 
 /// Writes status whenever this replica leads and a verdict differs from an object's status.
-#[allow(clippy::too_many_arguments)]
 pub fn spawn(
     client: Client,
     source: Arc<KubeSource>,

@@ -74,7 +74,7 @@ impl Outbound {
         }
         let ctx = crate::trace::hop(req.headers_mut());
         if !self.access_log {
-            return self.route(req, peer).await;
+            return self.proxy_request(req, peer).await;
         }
         let started = Instant::now();
         let (method, uri) = (req.method().clone(), req.uri().clone());
@@ -84,7 +84,7 @@ impl Outbound {
             .map(|a| a.to_string())
             .or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string))
             .unwrap_or_default();
-        let rsp = self.route(req, peer).await;
+        let rsp = self.proxy_request(req, peer).await;
         let upstream = rsp.extensions().get::<Upstream>().map(|u| u.0.clone()).unwrap_or_else(|| "".into());
         let attempts = rsp.headers().get(&ATTEMPTS).and_then(|v| v.to_str().ok()).unwrap_or("1").to_string();
         tracing::info!(
@@ -204,7 +204,11 @@ impl Outbound {
         }
     }
 
-    async fn route(&self, req: Request<Incoming>, peer: crate::server::Peer) -> Response<Body> {
+    /// One HTTP request to a mesh destination, start to end: resolve the Service and route
+    /// rule, apply the policy's early answers (faults, rate limits), send within the bulkhead
+    /// with retries ([`Self::within_bulkhead`], [`Self::attempts`]), record metrics and the
+    /// access log.
+    async fn proxy_request(&self, req: Request<Incoming>, peer: crate::server::Peer) -> Response<Body> {
         let client = peer.addr;
         let started = Instant::now();
         let version = req.version();
@@ -286,12 +290,12 @@ impl Outbound {
         };
         let call_idle = call.policy.as_ref().and_then(|p| p.stream_idle_timeout);
         let deadline_at = deadline.map(|after| (tokio::time::Instant::now() + after, after));
-        let limited = self.limited(&call, parts, body);
+        let sent = self.within_bulkhead(&call, parts, body);
         let result = match deadline {
             Some(after) => {
-                tokio::time::timeout(after, limited).await.unwrap_or(Err((ProxyError::Timeout { after }, 0)))
+                tokio::time::timeout(after, sent).await.unwrap_or(Err((ProxyError::Timeout { after }, 0)))
             }
-            None => limited.await,
+            None => sent.await,
         };
         let (rsp, attempts) = match result {
             Ok((rsp, attempts, _)) if upgrade.is_some() && crate::upgrade::accepted(&rsp) => {
@@ -376,7 +380,7 @@ impl Outbound {
     }
 
     /// The bulkhead around all attempts: a slot is held until the response body ends.
-    async fn limited(
+    async fn within_bulkhead(
         &self,
         call: &Call<'_>,
         parts: http::request::Parts,
