@@ -93,67 +93,106 @@ pub fn inject_pod(pod: &mut Value, settings: &Settings) -> Result<Option<Skipped
         .as_object()
         .map(|l| l.iter().map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default())).collect())
         .unwrap_or_default();
-    let annotation = |k: &str| annotations.get(k).and_then(|v| v.as_str()).map(str::to_string);
-    if annotation(INJECT).as_deref() == Some("disabled") {
+    if annotations.get(INJECT).and_then(Value::as_str) == Some("disabled") {
         return Ok(Some(Skipped::OptedOut));
     }
     let spec = pod.get_mut("spec").and_then(|s| s.as_object_mut()).ok_or_else(|| err("spec", "a pod needs a spec"))?;
+    if let Some(skipped) = left_alone(spec) {
+        return Ok(Some(skipped));
+    }
+    // Every annotation is checked before anything changes: a bad one leaves the pod as it was.
+    let options = Options::read(&annotations)?;
+    let probe_paths = serde_json::to_string(&app_probes(spec)).expect("probe paths serialise");
+    let init = init_container(settings, &options);
+    let proxy = proxy_container(settings, &options, &labels, &probe_paths);
+    add_to_spec(spec, settings, init, proxy)?;
+    mark_injected(pod)?;
+    Ok(None)
+}
+
+/// Pods injection leaves alone: one already injected, one on the host's network.
+fn left_alone(spec: &serde_json::Map<String, Value>) -> Option<Skipped> {
     let has =
         |list: &str| spec.get(list).and_then(|c| c.as_array()).is_some_and(|c| c.iter().any(|c| c["name"] == PROXY));
     if has("containers") || has("initContainers") {
-        return Ok(Some(Skipped::AlreadyInjected));
+        return Some(Skipped::AlreadyInjected);
     }
-    if spec.get("hostNetwork").and_then(|h| h.as_bool()) == Some(true) {
-        return Ok(Some(Skipped::HostNetwork));
-    }
+    (spec.get("hostNetwork").and_then(|h| h.as_bool()) == Some(true)).then_some(Skipped::HostNetwork)
+}
 
-    // A comma-separated annotation, checked whole by `check`, then normalised.
-    let list = |key: &str, check: fn(&str) -> Result<(), String>| -> Result<Option<String>, InjectError> {
-        let Some(v) = annotation(key) else { return Ok(None) };
-        check(&v).map_err(|m| err(format!("metadata.annotations[{key}]"), m))?;
-        Ok(Some(v.split(',').map(str::trim).filter(|s| !s.is_empty()).collect::<Vec<_>>().join(",")))
-    };
-    let port_check = |list: &str| weir_api::service::parse_port_list(list).map(|_| ());
-    let cidr_check = |list: &str| -> Result<(), String> {
-        list.split(',')
-            .filter(|s| !s.trim().is_empty())
-            .try_for_each(|c| weir_api::service::parse_ipv4_cidr(c).map(|_| ()))
-    };
-    let mut skip_in = vec![ADMIN_PORT.to_string()];
-    skip_in.extend(list("weir.io/skip-inbound-ports", port_check)?);
-    let skip_out = list("weir.io/skip-outbound-ports", port_check)?;
-    let skip_cidrs = list("weir.io/skip-outbound-cidrs", cidr_check)?;
-    // Inbound ports the sidecar carries as opaque TCP, without protocol detection.
-    let opaque_ports = list("weir.io/opaque-ports", port_check)?.unwrap_or_default();
-    let quantity = |key: &str, default: &str| -> Result<String, InjectError> {
-        let v = annotation(key).unwrap_or_else(|| default.to_string());
-        let digits = v.trim_end_matches(|c: char| c.is_ascii_alphabetic());
-        let unit = &v[digits.len()..];
-        if digits.is_empty()
-            || digits.parse::<f64>().is_err()
-            || !["", "m", "k", "M", "G", "Ki", "Mi", "Gi"].contains(&unit)
-        {
-            return Err(err(format!("metadata.annotations[{key}]"), format!("{v:?} is not a resource quantity")));
+/// What a pod's `weir.io/` annotations ask of its sidecar, each checked (an error names the
+/// annotation).
+struct Options {
+    /// Inbound ports not redirected to the sidecar (always including its admin port).
+    skip_inbound: Vec<String>,
+    skip_outbound: Option<String>,
+    skip_cidrs: Option<String>,
+    /// Inbound ports the sidecar carries as opaque TCP, without protocol detection.
+    opaque_ports: String,
+    resources: Value,
+    log_level: String,
+}
+
+impl Options {
+    fn read(annotations: &serde_json::Map<String, Value>) -> Result<Self, InjectError> {
+        let annotation = |k: &str| annotations.get(k).and_then(|v| v.as_str()).map(str::to_string);
+        // A comma-separated annotation, checked whole by `check`, then normalised.
+        let list = |key: &str, check: fn(&str) -> Result<(), String>| -> Result<Option<String>, InjectError> {
+            let Some(v) = annotation(key) else { return Ok(None) };
+            check(&v).map_err(|m| err(format!("metadata.annotations[{key}]"), m))?;
+            Ok(Some(v.split(',').map(str::trim).filter(|s| !s.is_empty()).collect::<Vec<_>>().join(",")))
+        };
+        let port_check = |list: &str| weir_api::service::parse_port_list(list).map(|_| ());
+        let cidr_check = |list: &str| -> Result<(), String> {
+            list.split(',')
+                .filter(|s| !s.trim().is_empty())
+                .try_for_each(|c| weir_api::service::parse_ipv4_cidr(c).map(|_| ()))
+        };
+        let mut skip_inbound = vec![ADMIN_PORT.to_string()];
+        skip_inbound.extend(list("weir.io/skip-inbound-ports", port_check)?);
+        let quantity = |key: &str, default: &str| -> Result<String, InjectError> {
+            let v = annotation(key).unwrap_or_else(|| default.to_string());
+            let digits = v.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+            let unit = &v[digits.len()..];
+            if digits.is_empty()
+                || digits.parse::<f64>().is_err()
+                || !["", "m", "k", "M", "G", "Ki", "Mi", "Gi"].contains(&unit)
+            {
+                return Err(err(format!("metadata.annotations[{key}]"), format!("{v:?} is not a resource quantity")));
+            }
+            Ok(v)
+        };
+        let resources = json!({
+            "requests": {
+                "cpu": quantity("weir.io/proxy-cpu-request", "10m")?,
+                "memory": quantity("weir.io/proxy-memory-request", "20Mi")?,
+            },
+            "limits": {
+                "cpu": quantity("weir.io/proxy-cpu-limit", "1")?,
+                "memory": quantity("weir.io/proxy-memory-limit", "250Mi")?,
+            },
+        });
+        let log_level = annotation("weir.io/proxy-log-level").unwrap_or_else(|| "info".into());
+        if log_level.is_empty() || log_level.contains(char::is_whitespace) {
+            return Err(err(
+                "metadata.annotations[weir.io/proxy-log-level]",
+                format!("{log_level:?} is not a log level"),
+            ));
         }
-        Ok(v)
-    };
-    let resources = json!({
-        "requests": {
-            "cpu": quantity("weir.io/proxy-cpu-request", "10m")?,
-            "memory": quantity("weir.io/proxy-memory-request", "20Mi")?,
-        },
-        "limits": {
-            "cpu": quantity("weir.io/proxy-cpu-limit", "1")?,
-            "memory": quantity("weir.io/proxy-memory-limit", "250Mi")?,
-        },
-    });
-    let probe_paths = serde_json::to_string(&app_probes(spec)).expect("probe paths serialise");
-    let log_level = annotation("weir.io/proxy-log-level").unwrap_or_else(|| "info".into());
-    if log_level.is_empty() || log_level.contains(char::is_whitespace) {
-        return Err(err("metadata.annotations[weir.io/proxy-log-level]", format!("{log_level:?} is not a log level")));
+        Ok(Options {
+            skip_inbound,
+            skip_outbound: list("weir.io/skip-outbound-ports", port_check)?,
+            skip_cidrs: list("weir.io/skip-outbound-cidrs", cidr_check)?,
+            opaque_ports: list("weir.io/opaque-ports", port_check)?.unwrap_or_default(),
+            resources,
+            log_level,
+        })
     }
+}
 
-    let mut init_args = vec![
+/// The init container that installs the interception rules (and needs NET_ADMIN for it).
+fn init_container(settings: &Settings, options: &Options) -> Value {
+    let mut args = vec![
         "init".to_string(),
         "--inbound-port".into(),
         INBOUND_PORT.to_string(),
@@ -162,30 +201,35 @@ pub fn inject_pod(pod: &mut Value, settings: &Settings) -> Result<Option<Skipped
         "--proxy-uid".into(),
         PROXY_UID.to_string(),
         "--skip-inbound-ports".into(),
-        skip_in.join(","),
+        options.skip_inbound.join(","),
     ];
-    if let Some(p) = skip_out {
-        init_args.extend(["--skip-outbound-ports".into(), p]);
+    if let Some(p) = &options.skip_outbound {
+        args.extend(["--skip-outbound-ports".into(), p.clone()]);
     }
-    if let Some(c) = skip_cidrs {
-        init_args.extend(["--skip-outbound-cidrs".into(), c]);
+    if let Some(c) = &options.skip_cidrs {
+        args.extend(["--skip-outbound-cidrs".into(), c.clone()]);
     }
-    let init = json!({
+    json!({
         "name": INIT,
         "image": settings.proxy_image,
         "command": ["weir-proxy"],
-        "args": init_args,
+        "args": args,
         "resources": {"requests": {"cpu": "10m", "memory": "10Mi"}, "limits": {"cpu": "100m", "memory": "50Mi"}},
         "securityContext": {
             "runAsUser": 0, "runAsNonRoot": false, "privileged": false, "allowPrivilegeEscalation": false,
             "readOnlyRootFilesystem": true,
             "capabilities": {"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]},
         },
-    });
+    })
+}
+
+/// The sidecar itself: a native sidecar (an init container that keeps running), unprivileged,
+/// configured through its environment.
+fn proxy_container(settings: &Settings, options: &Options, labels: &[String], probe_paths: &str) -> Value {
     let field = |path: &str| json!({"fieldRef": {"fieldPath": path}});
     let probe =
         |path: &str| json!({"httpGet": {"path": path, "port": ADMIN_PORT}, "periodSeconds": 5, "failureThreshold": 3});
-    let proxy = json!({
+    json!({
         "name": PROXY,
         "image": settings.proxy_image,
         "command": ["weir-proxy"],
@@ -203,8 +247,8 @@ pub fn inject_pod(pod: &mut Value, settings: &Settings) -> Result<Option<Skipped
             {"name": "WEIR_OUTBOUND_ADDR", "value": format!("127.0.0.1:{OUTBOUND_PORT}")},
             {"name": "WEIR_INBOUND_ADDR", "value": format!("0.0.0.0:{INBOUND_PORT}")},
             {"name": "WEIR_ADMIN_ADDR", "value": format!("0.0.0.0:{ADMIN_PORT}")},
-            {"name": "WEIR_LOG_LEVEL", "value": log_level},
-            {"name": "WEIR_OPAQUE_PORTS", "value": opaque_ports},
+            {"name": "WEIR_LOG_LEVEL", "value": options.log_level},
+            {"name": "WEIR_OPAQUE_PORTS", "value": options.opaque_ports},
             {"name": "WEIR_PROBE_PATHS", "value": probe_paths},
         ],
         "ports": [
@@ -214,14 +258,23 @@ pub fn inject_pod(pod: &mut Value, settings: &Settings) -> Result<Option<Skipped
         "readinessProbe": probe("/ready"),
         "livenessProbe": probe("/live"),
         "startupProbe": {"httpGet": {"path": "/live", "port": ADMIN_PORT}, "periodSeconds": 1, "failureThreshold": 30},
-        "resources": resources,
+        "resources": options.resources,
         "securityContext": {
             "runAsUser": PROXY_UID, "runAsGroup": PROXY_UID, "runAsNonRoot": true, "privileged": false,
             "allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true,
             "capabilities": {"drop": ["ALL"]},
         },
         "volumeMounts": [{"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": true}],
-    });
+    })
+}
+
+/// Puts the containers, the projected token volume and the image pull secrets into the spec.
+fn add_to_spec(
+    spec: &mut serde_json::Map<String, Value>,
+    settings: &Settings,
+    init: Value,
+    proxy: Value,
+) -> Result<(), InjectError> {
     // The interception rules first, then the sidecar, then the pod's own init containers
     // (which may then use the network through the mesh).
     let mut inits = vec![init, proxy];
@@ -250,9 +303,14 @@ pub fn inject_pod(pod: &mut Value, settings: &Settings) -> Result<Option<Skipped
             }
         }
     }
+    Ok(())
+}
+
+/// The `weir.io/injected: "true"` annotation.
+fn mark_injected(pod: &mut Value) -> Result<(), InjectError> {
     let meta = pod
         .as_object_mut()
-        .expect("checked above")
+        .expect("a pod with a spec is an object")
         .entry("metadata")
         .or_insert_with(|| json!({}))
         .as_object_mut()
@@ -261,7 +319,7 @@ pub fn inject_pod(pod: &mut Value, settings: &Settings) -> Result<Option<Skipped
     if let Some(a) = annotations.as_object_mut() {
         a.insert(INJECTED.into(), json!("true"));
     }
-    Ok(None)
+    Ok(())
 }
 
 /// The kubelet's plaintext HTTP probes (liveness, readiness, startup) of the pod's containers,

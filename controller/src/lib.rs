@@ -233,44 +233,20 @@ impl Source {
     }
 }
 
+/// The controller: reads resources, publishes the mesh state to every sidecar, and serves
+/// identities, the webhook and the admin endpoints until SIGTERM, then drains. Each part has its
+/// own named step below.
 pub async fn run(args: Args) -> anyhow::Result<()> {
     // Handlers first: a SIGTERM right after the listen addresses are announced must drain.
     let mut stop = Box::pin(rt::shutdown_signal());
     let metrics = metrics::Metrics::new();
     let (trigger, drain) = rt::drain();
-    let mut kube = None;
-    let mut source = match &args.config_dir {
-        Some(dir) => {
-            let (tx, rx) = mpsc::channel(8);
-            let guard = source::local::watch(dir, tx, Duration::from_millis(10), Duration::from_millis(100))
-                .with_context(|| format!("watching {}", dir.display()))?;
-            // Read once before serving, so a directory that cannot be read stops start-up.
-            source::local::read_dir(dir).with_context(|| format!("reading config directory {}", dir.display()))?;
-            Source::Local { dir: dir.clone(), changes: rx, _watch: guard, cache: Default::default() }
-        }
-        None => {
-            let client = source::kubernetes::client(args.kubeconfig.as_deref())
-                .await
-                .context("no --config-dir: running against Kubernetes")?;
-            let k = Arc::new(source::kubernetes::KubeSource::start(
-                client.clone(),
-                &args.namespaces,
-                metrics.watch_restarts.clone(),
-                drain.clone(),
-            ));
-            tracing::info!(namespaces = ?args.namespaces, "waiting for the first list of every watched kind");
-            // No sidecar may see a half-loaded cluster.
-            tokio::select! {
-                _ = k.wait_until_ready() => {}
-                _ = &mut stop => {
-                    trigger.trigger();
-                    return Ok(());
-                }
-            }
-            kube = Some((client, k.clone()));
-            Source::Kubernetes(k)
-        }
+    let Some((mut source, kube)) = open_source(&args, &metrics, &drain, &mut stop).await? else {
+        trigger.trigger();
+        return Ok(());
     };
+
+    // The first state, from the first full read, before anything is served.
     let mut index = Index::default();
     let first = source.read().map_err(anyhow::Error::msg)?;
     index.replace_all(first.defs, first.unreadable);
@@ -300,170 +276,33 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let grpc_addr = grpc_listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
 
-    let proxies = proxies::Proxies::default();
-    let ready = Arc::new(AtomicBool::new(false));
-
-    // Leader election and status (Kubernetes mode); local mode has one controller, which leads.
     let mut background = Vec::new();
-    let (_local_leader, mut leading) = watch::channel(true);
-    match &kube {
-        Some((client, k)) => {
-            if args.lease_renew * 2 > args.lease_duration || args.lease_renew.is_zero() {
-                anyhow::bail!("--lease-renew must be positive and at most half of --lease-duration");
-            }
-            let lease = leader::LeaseConfig {
-                namespace: args
-                    .lease_namespace
-                    .clone()
-                    .or_else(|| std::env::var("POD_NAMESPACE").ok().filter(|n| !n.is_empty()))
-                    .unwrap_or_else(|| "weir-system".into()),
-                name: args.lease_name.clone(),
-                identity: args.replica_name.clone().unwrap_or_else(replica_name),
-                duration: args.lease_duration,
-                renew_every: args.lease_renew,
-            };
-            tracing::info!(lease = %format!("{}/{}", lease.namespace, lease.name), identity = %lease.identity, "joining leader election");
-            let (elected, election) = leader::spawn(client.clone(), lease, metrics.leader.clone(), drain.clone());
-            leading = elected;
-            background.push(election);
-            background.push(status::spawn(
-                client.clone(),
-                k.clone(),
-                verdict_rx,
-                leading.clone(),
-                canaries.clone(),
-                metrics.status_writes.clone(),
-                drain.clone(),
-            ));
-        }
-        None => metrics.leader.set(1),
-    }
-
-    // Republish on every change burst.
-    let reload_metrics = metrics.clone();
-    let reload_leading = leading.clone();
-    let reload_canaries = canaries.clone();
-    let reload = tokio::spawn(async move {
-        let mut generation = 1;
-        loop {
-            // A config change re-reads the source; a canary step only re-translates.
-            let changed_at = tokio::select! {
-                changed = source.changed() => {
-                    let Some(changed_at) = changed else { break };
-                    reload_metrics.config_reloads.inc();
-                    let started = Instant::now();
-                    let read = match source.read() {
-                        Ok(r) => r,
-                        Err(e) => {
-                            tracing::error!(error = %e, "keeping current config");
-                            continue;
-                        }
-                    };
-                    let read_ms = started.elapsed().as_secs_f64() * 1e3;
-                    if index.replace_all(read.defs, read.unreadable) {
-                        tracing::info!(
-                            generation = generation + 1,
-                            resources = index.entries().len(),
-                            read_ms,
-                            index_ms = started.elapsed().as_secs_f64() * 1e3 - read_ms,
-                            "configuration changed"
-                        );
-                    }
-                    log_rejections(&index);
-                    reload_metrics.rejected_resources.set(index.rejections().len() as i64);
-                    // Replicas that do not lead route canaries as the leader's statuses say.
-                    if let Some(written) = &read.canary_statuses
-                        && !*reload_leading.borrow()
-                    {
-                        reload_canaries.follow(&translator::definitions(&index), written, Instant::now());
-                    }
-                    // The leader applies new ones at its next tick.
-                    reload_canaries.set_requests(read.canary_requests);
-                    if let Some(g) = &read.generations {
-                        let verdicts = status::verdicts(&index, g);
-                        verdict_tx.send_if_modified(|v| {
-                            let changed = **v != verdicts;
-                            if changed {
-                                *v = Arc::new(verdicts);
-                            }
-                            changed
-                        });
-                    }
-                    changed_at
-                }
-                routed = routing_rx.changed() => {
-                    if routed.is_err() { break }
-                    Instant::now()
-                }
-            };
-            let routing = routing_rx.borrow_and_update().clone();
-            generation += 1;
-            let prev = state_tx.borrow().clone();
-            let built = Instant::now();
-            let next = MeshState::build(&index, &routing, generation, changed_at, Some(&prev));
-            tracing::debug!(
-                generation,
-                build_ms = built.elapsed().as_secs_f64() * 1e3,
-                since_change_ms = changed_at.elapsed().as_secs_f64() * 1e3,
-                "state published"
-            );
-            state_tx.send_replace(Arc::new(next));
-        }
-    });
-
-    let identity = match &args.identity_dir {
-        None => None,
-        Some(dir) => {
-            if args.cert_lifetime < Duration::from_secs(1) {
-                anyhow::bail!("--cert-lifetime must be at least 1s");
-            }
-            let authenticator = match &args.tokens {
-                Some(tokens) => grpc::certify::Authenticator::Tokens(tokens.clone()),
-                None => grpc::certify::Authenticator::Kubernetes(
-                    identity::review::TokenReviewer::connect(args.kubeconfig.as_deref(), &args.token_audience)
-                        .await
-                        .context("--identity-dir without --tokens checks tokens with a Kubernetes TokenReview")?,
-                ),
-            };
-            let ca = identity::Ca::load_or_create(dir, &args.trust_domain, args.cert_lifetime)
-                .with_context(|| format!("loading the CA from {}", dir.display()))?;
-            metrics.ca.record(&ca);
-            // A rotated bundle or issuer (Secret or directory rewritten) applies without restart.
-            let (ca_tx, ca_rx) = tokio::sync::watch::channel(Arc::new(ca));
-            background.push(tokio::spawn(identity::reload(
-                dir.clone(),
-                args.trust_domain.clone(),
-                args.cert_lifetime,
-                ca_tx,
-                metrics.ca.clone(),
-                drain.clone(),
-            )));
-            Some(grpc::certify::IdentityService {
-                ca: ca_rx,
-                authenticator,
-                results: metrics.certify_results.clone(),
-                limiter: Arc::default(),
-            })
-        }
-    };
-    // With identities, the control plane is TLS only: the controller's certificate comes from
-    // the mesh CA for its own SPIFFE ID, and Discovery requires a workload certificate.
-    let control_tls = match &identity {
-        Some(id) => {
-            let (ns, sa) = &args.controller_identity;
-            let own = id.ca.borrow().spiffe_id(ns, sa);
-            let tls =
-                grpc::tls::ServerTls::new(id.ca.clone(), own).context("issuing the controller's own certificate")?;
-            tracing::info!(identity = %tls.identity(), "control plane served over TLS");
-            background.push(tokio::spawn(tls.clone().renew(drain.clone())));
-            Some(tls)
-        }
+    let leading = match &kube {
+        Some(kube) => lead_and_write_status(&args, kube, verdict_rx, &canaries, &metrics, &drain, &mut background)?,
+        // Local mode has one controller, which leads.
         None => {
-            tracing::warn!("no --identity-dir: the control plane is plaintext and the mesh has no identities");
-            None
+            metrics.leader.set(1);
+            watch::channel(true).1
         }
     };
+    let reload = tokio::spawn(
+        Reload {
+            source,
+            index,
+            metrics: metrics.clone(),
+            leading: leading.clone(),
+            canaries: canaries.clone(),
+            routing: routing_rx,
+            state: state_tx,
+            verdicts: verdict_tx,
+        }
+        .run(),
+    );
+
+    let identity = identity_service(&args, &metrics, &drain, &mut background).await?;
+    let control_tls = control_plane_tls(&args, identity.as_ref(), &drain, &mut background)?;
     let identity_ca = identity.as_ref().map(|i| i.ca.clone());
+    let proxies = proxies::Proxies::default();
     let discovery = grpc::discovery::DiscoveryService {
         state: state_rx.clone(),
         proxies: proxies.clone(),
@@ -485,34 +324,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 grpc_drain.signaled(),
             ),
     );
-    let mut webhook_addr = None;
-    if let Some(addr) = args.webhook_addr {
-        let Some(id) = &identity_ca else {
-            anyhow::bail!("--webhook-addr needs --identity-dir: injected sidecars get workload identities");
-        };
-        let dir = args.webhook_tls_dir.as_deref().expect("clap requires it");
-        let tls = webhook::load_tls(dir).context("--webhook-tls-dir")?;
-        let listener = TcpListener::bind(addr).await.with_context(|| format!("binding the webhook on {addr}"))?;
-        webhook_addr = Some(listener.local_addr()?);
-        let settings = inject::Settings {
-            proxy_image: args.proxy_image.clone(),
-            controller_addr: args.inject_controller_addr.clone(),
-            token_audience: args.token_audience.clone(),
-            image_pull_secrets: args.proxy_image_pull_secrets.clone(),
-            // Filled from the CA in force at each admission.
-            trust_anchors_pem: String::new(),
-            controller_identity: format!("{}/{}", args.controller_identity.0, args.controller_identity.1),
-        };
-        background.push(tokio::spawn(webhook::serve(
-            listener,
-            tls,
-            settings,
-            id.clone(),
-            drain.clone(),
-            args.shutdown_grace,
-        )));
-    }
+    let webhook_addr = match args.webhook_addr {
+        Some(addr) => Some(start_webhook(&args, addr, identity_ca.as_ref(), &drain, &mut background).await?),
+        None => None,
+    };
     let reconciler = tokio::spawn(canary::run(canaries.clone(), state_rx.clone(), leading.clone(), drain.clone()));
+    let ready = Arc::new(AtomicBool::new(false));
     let admin = admin::Admin {
         state: state_rx,
         proxies,
@@ -562,6 +379,273 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     .await;
     tracing::info!("controller stopped");
     Ok(())
+}
+
+/// The resource source: the watched config directory (read once first, so one that cannot be
+/// read stops start-up), or the Kubernetes API once every watched kind has been listed (no
+/// sidecar may see a half-loaded cluster). `None` when `stop` fired while waiting.
+async fn open_source(
+    args: &Args,
+    metrics: &metrics::Metrics,
+    drain: &rt::Drain,
+    stop: &mut std::pin::Pin<Box<impl std::future::Future<Output = ()>>>,
+) -> anyhow::Result<Option<(Source, Option<KubeHandles>)>> {
+    if let Some(dir) = &args.config_dir {
+        let (tx, rx) = mpsc::channel(8);
+        let guard = source::local::watch(dir, tx, Duration::from_millis(10), Duration::from_millis(100))
+            .with_context(|| format!("watching {}", dir.display()))?;
+        source::local::read_dir(dir).with_context(|| format!("reading config directory {}", dir.display()))?;
+        let source = Source::Local { dir: dir.clone(), changes: rx, _watch: guard, cache: Default::default() };
+        return Ok(Some((source, None)));
+    }
+    let client = source::kubernetes::client(args.kubeconfig.as_deref())
+        .await
+        .context("no --config-dir: running against Kubernetes")?;
+    let k = Arc::new(source::kubernetes::KubeSource::start(
+        client.clone(),
+        &args.namespaces,
+        metrics.watch_restarts.clone(),
+        drain.clone(),
+    ));
+    tracing::info!(namespaces = ?args.namespaces, "waiting for the first list of every watched kind");
+    tokio::select! {
+        _ = k.wait_until_ready() => {}
+        _ = stop.as_mut() => return Ok(None),
+    }
+    Ok(Some((Source::Kubernetes(k.clone()), Some((client, k)))))
+}
+
+/// The Kubernetes client and source, for what only Kubernetes mode runs.
+type KubeHandles = (kube::Client, Arc<source::kubernetes::KubeSource>);
+
+/// Kubernetes mode: joins the leader election and starts the status writer (which writes only
+/// while this replica leads). Returns whether this replica leads, as it changes.
+fn lead_and_write_status(
+    args: &Args,
+    (client, k): &KubeHandles,
+    verdicts: watch::Receiver<Arc<status::Verdicts>>,
+    canaries: &Arc<canary::Canaries>,
+    metrics: &metrics::Metrics,
+    drain: &rt::Drain,
+    background: &mut Vec<tokio::task::JoinHandle<()>>,
+) -> anyhow::Result<watch::Receiver<bool>> {
+    if args.lease_renew * 2 > args.lease_duration || args.lease_renew.is_zero() {
+        anyhow::bail!("--lease-renew must be positive and at most half of --lease-duration");
+    }
+    let lease = leader::LeaseConfig {
+        namespace: args
+            .lease_namespace
+            .clone()
+            .or_else(|| std::env::var("POD_NAMESPACE").ok().filter(|n| !n.is_empty()))
+            .unwrap_or_else(|| "weir-system".into()),
+        name: args.lease_name.clone(),
+        identity: args.replica_name.clone().unwrap_or_else(replica_name),
+        duration: args.lease_duration,
+        renew_every: args.lease_renew,
+    };
+    tracing::info!(lease = %format!("{}/{}", lease.namespace, lease.name), identity = %lease.identity, "joining leader election");
+    let (leading, election) = leader::spawn(client.clone(), lease, metrics.leader.clone(), drain.clone());
+    background.push(election);
+    background.push(status::spawn(
+        client.clone(),
+        k.clone(),
+        verdicts,
+        leading.clone(),
+        canaries.clone(),
+        metrics.status_writes.clone(),
+        drain.clone(),
+    ));
+    Ok(leading)
+}
+
+/// Republishes the mesh state on every change: a config change re-reads the source, a canary
+/// step only re-translates.
+struct Reload {
+    source: Source,
+    index: Index,
+    metrics: metrics::Metrics,
+    leading: watch::Receiver<bool>,
+    canaries: Arc<canary::Canaries>,
+    routing: canary::RoutingRx,
+    state: watch::Sender<Arc<MeshState>>,
+    verdicts: watch::Sender<Arc<status::Verdicts>>,
+}
+
+impl Reload {
+    async fn run(mut self) {
+        let mut generation = 1;
+        loop {
+            let changed_at = tokio::select! {
+                changed = self.source.changed() => {
+                    let Some(changed_at) = changed else { break };
+                    if !self.reread(generation) {
+                        continue;
+                    }
+                    changed_at
+                }
+                routed = self.routing.changed() => {
+                    if routed.is_err() { break }
+                    Instant::now()
+                }
+            };
+            let routing = self.routing.borrow_and_update().clone();
+            generation += 1;
+            let prev = self.state.borrow().clone();
+            let built = Instant::now();
+            let next = MeshState::build(&self.index, &routing, generation, changed_at, Some(&prev));
+            tracing::debug!(
+                generation,
+                build_ms = built.elapsed().as_secs_f64() * 1e3,
+                since_change_ms = changed_at.elapsed().as_secs_f64() * 1e3,
+                "state published"
+            );
+            self.state.send_replace(Arc::new(next));
+        }
+    }
+
+    /// Reads the source into the index and passes on what else it carries (the leader's canary
+    /// statuses, manual controls, status verdicts). `false`: unreadable, the current config stays.
+    fn reread(&mut self, generation: u64) -> bool {
+        self.metrics.config_reloads.inc();
+        let started = Instant::now();
+        let read = match self.source.read() {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "keeping current config");
+                return false;
+            }
+        };
+        let read_ms = started.elapsed().as_secs_f64() * 1e3;
+        let index = &mut self.index;
+        if index.replace_all(read.defs, read.unreadable) {
+            tracing::info!(
+                generation = generation + 1,
+                resources = index.entries().len(),
+                read_ms,
+                index_ms = started.elapsed().as_secs_f64() * 1e3 - read_ms,
+                "configuration changed"
+            );
+        }
+        log_rejections(index);
+        self.metrics.rejected_resources.set(index.rejections().len() as i64);
+        // Replicas that do not lead route canaries as the leader's statuses say.
+        if let Some(written) = &read.canary_statuses
+            && !*self.leading.borrow()
+        {
+            self.canaries.follow(&translator::definitions(index), written, Instant::now());
+        }
+        // The leader applies new ones at its next tick.
+        self.canaries.set_requests(read.canary_requests);
+        if let Some(g) = &read.generations {
+            let verdicts = status::verdicts(index, g);
+            self.verdicts.send_if_modified(|v| {
+                let changed = **v != verdicts;
+                if changed {
+                    *v = Arc::new(verdicts);
+                }
+                changed
+            });
+        }
+        true
+    }
+}
+
+/// With `--identity-dir`: the mesh CA (reloaded when its files change) and the Certify service
+/// that issues workload certificates, checking tokens against `--tokens` or a TokenReview.
+async fn identity_service(
+    args: &Args,
+    metrics: &metrics::Metrics,
+    drain: &rt::Drain,
+    background: &mut Vec<tokio::task::JoinHandle<()>>,
+) -> anyhow::Result<Option<grpc::certify::IdentityService>> {
+    let Some(dir) = &args.identity_dir else { return Ok(None) };
+    if args.cert_lifetime < Duration::from_secs(1) {
+        anyhow::bail!("--cert-lifetime must be at least 1s");
+    }
+    let authenticator = match &args.tokens {
+        Some(tokens) => grpc::certify::Authenticator::Tokens(tokens.clone()),
+        None => grpc::certify::Authenticator::Kubernetes(
+            identity::review::TokenReviewer::connect(args.kubeconfig.as_deref(), &args.token_audience)
+                .await
+                .context("--identity-dir without --tokens checks tokens with a Kubernetes TokenReview")?,
+        ),
+    };
+    let ca = identity::Ca::load_or_create(dir, &args.trust_domain, args.cert_lifetime)
+        .with_context(|| format!("loading the CA from {}", dir.display()))?;
+    metrics.ca.record(&ca);
+    // A rotated bundle or issuer (Secret or directory rewritten) applies without restart.
+    let (ca_tx, ca_rx) = tokio::sync::watch::channel(Arc::new(ca));
+    background.push(tokio::spawn(identity::reload(
+        dir.clone(),
+        args.trust_domain.clone(),
+        args.cert_lifetime,
+        ca_tx,
+        metrics.ca.clone(),
+        drain.clone(),
+    )));
+    Ok(Some(grpc::certify::IdentityService {
+        ca: ca_rx,
+        authenticator,
+        results: metrics.certify_results.clone(),
+        limiter: Arc::default(),
+    }))
+}
+
+/// With identities, the control plane is TLS only: the controller's certificate comes from the
+/// mesh CA for its own SPIFFE ID (renewed in the background), and Discovery requires a workload
+/// certificate. Without, it is plaintext (and says so).
+fn control_plane_tls(
+    args: &Args,
+    identity: Option<&grpc::certify::IdentityService>,
+    drain: &rt::Drain,
+    background: &mut Vec<tokio::task::JoinHandle<()>>,
+) -> anyhow::Result<Option<Arc<grpc::tls::ServerTls>>> {
+    let Some(id) = identity else {
+        tracing::warn!("no --identity-dir: the control plane is plaintext and the mesh has no identities");
+        return Ok(None);
+    };
+    let (ns, sa) = &args.controller_identity;
+    let own = id.ca.borrow().spiffe_id(ns, sa);
+    let tls = grpc::tls::ServerTls::new(id.ca.clone(), own).context("issuing the controller's own certificate")?;
+    tracing::info!(identity = %tls.identity(), "control plane served over TLS");
+    background.push(tokio::spawn(tls.clone().renew(drain.clone())));
+    Ok(Some(tls))
+}
+
+/// The sidecar-injection webhook on `addr`, with the TLS files of `--webhook-tls-dir`; it
+/// needs the mesh CA (injected sidecars get workload identities). Returns the bound address.
+async fn start_webhook(
+    args: &Args,
+    addr: SocketAddr,
+    ca: Option<&watch::Receiver<Arc<identity::Ca>>>,
+    drain: &rt::Drain,
+    background: &mut Vec<tokio::task::JoinHandle<()>>,
+) -> anyhow::Result<SocketAddr> {
+    let Some(ca) = ca else {
+        anyhow::bail!("--webhook-addr needs --identity-dir: injected sidecars get workload identities");
+    };
+    let dir = args.webhook_tls_dir.as_deref().expect("clap requires it");
+    let tls = webhook::load_tls(dir).context("--webhook-tls-dir")?;
+    let listener = TcpListener::bind(addr).await.with_context(|| format!("binding the webhook on {addr}"))?;
+    let bound = listener.local_addr()?;
+    let settings = inject::Settings {
+        proxy_image: args.proxy_image.clone(),
+        controller_addr: args.inject_controller_addr.clone(),
+        token_audience: args.token_audience.clone(),
+        image_pull_secrets: args.proxy_image_pull_secrets.clone(),
+        // Filled from the CA in force at each admission.
+        trust_anchors_pem: String::new(),
+        controller_identity: format!("{}/{}", args.controller_identity.0, args.controller_identity.1),
+    };
+    background.push(tokio::spawn(webhook::serve(
+        listener,
+        tls,
+        settings,
+        ca.clone(),
+        drain.clone(),
+        args.shutdown_grace,
+    )));
+    Ok(bound)
 }
 
 /// `POD_NAME`, else `<hostname>-<pid>`.

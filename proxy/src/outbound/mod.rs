@@ -292,9 +292,7 @@ impl Outbound {
         let deadline_at = deadline.map(|after| (tokio::time::Instant::now() + after, after));
         let sent = self.within_bulkhead(&call, parts, body);
         let result = match deadline {
-            Some(after) => {
-                tokio::time::timeout(after, sent).await.unwrap_or(Err((ProxyError::Timeout { after }, 0)))
-            }
+            Some(after) => tokio::time::timeout(after, sent).await.unwrap_or(Err((ProxyError::Timeout { after }, 0))),
             None => sent.await,
         };
         let (rsp, attempts) = match result {
