@@ -22,7 +22,9 @@ python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=(python3-venv)
 if ((${#missing[@]})); then
   sudo=""
   if [ "$(id -u)" != 0 ]; then sudo="sudo"; fi
-  $sudo apt-get update -qq && $sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+  # `env` carries the variable through sudo, and is a command when there is no sudo (a bare
+  # `VAR=value` after an empty $sudo would be taken for a command name).
+  $sudo apt-get update -qq && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
 fi
 
 # helm and kubernetes-validate for the chart tests (tests/tests/chart.rs), into target/tools.
