@@ -106,6 +106,7 @@ def dump(pid, tmp):
 
 def pair(opts):
     import vs_envoy
+    import weirbench
     tmp = tempfile.mkdtemp(prefix="weir-callgrind-")
     procs = []
 
@@ -115,7 +116,7 @@ def pair(opts):
                       workload.split("/")[-1], "--outbound-addr", "127.0.0.1:0", "--inbound-addr", "127.0.0.1:0",
                       "--admin-addr", "127.0.0.1:0", "--print-listen-addrs", "--report-interval", "1h",
                       "--log-level", "warn", *(["--app-addr", app] if app else []), *extra], log)
-    vs_envoy.start_sidecar = sidecar  # the pair as vs_envoy.py starts it, each sidecar under callgrind
+    weirbench.start_sidecar = sidecar  # the pair as vs_envoy.py starts it, each sidecar under callgrind
     wait = vs_envoy.wait_for
     vs_envoy.wait_for = lambda check, what, limit=20.0, every=0.02: wait(check, what, limit=120, every=0.2)
     ws = None

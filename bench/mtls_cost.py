@@ -16,40 +16,21 @@ Needs wrk (Debian package `wrk`) and oha (`cargo install oha`, or --oha PATH).
 import argparse, json, os, shutil, sys, tempfile, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from weirbench import (cpu_seconds, get, oha_fixed, start_backend, start_controller, start_sidecar, stop,  # noqa: E402
+from weirbench import (cpu_seconds, get, oha_fixed, start_backend, start_mesh, stop,  # noqa: E402
                        wrk, write_atomic)
 
 
 
 def run_mode(mtls, opts):
     tmp = tempfile.mkdtemp(prefix="weir-bench-")
-    cfg = os.path.join(tmp, "config")
-    os.mkdir(cfg)
-    write_atomic(os.path.join(cfg, "services.yaml"), "kind: Service\nmetadata: {name: web, namespace: bench}\n")
     procs = []
     try:
-        extra = []
-        token = lambda name: []
-        if mtls:
-            with open(os.path.join(tmp, "tokens"), "w") as f:
-                f.write("t-web bench/web\nt-client bench/client\n")
-            extra = ["--identity-dir", os.path.join(tmp, "identity"), "--tokens", os.path.join(tmp, "tokens")]
-
-            def token(name):
-                path = os.path.join(tmp, f"{name}.token")
-                with open(path, "w") as f:
-                    f.write(f"t-{name}")
-                return ["--token-file", path, "--trust-anchors", os.path.join(tmp, "identity", "root.crt")]
-        ctl, ca = start_controller(cfg, os.path.join(tmp, "controller.log"), extra)
-        procs.append(ctl)
+        cfg, sidecar = start_mesh(tmp, "kind: Service\nmetadata: {name: web, namespace: bench}\n", procs,
+                                  identities=mtls)
         be, ba = start_backend(os.path.join(tmp, "backend.log"))
         procs.append(be)
-        sidecar = lambda name, app: start_sidecar(
-            ca["grpc"], f"bench/{name}", os.path.join(tmp, f"{name}.log"), app, token(name))
         server, sa = sidecar("web", ba["listen"])
-        procs.append(server)
         client, cla = sidecar("client", None)
-        procs.append(client)
         write_atomic(os.path.join(cfg, "services.yaml"),
                      "kind: Service\nmetadata: {name: web, namespace: bench}\nspec:\n"
                      f"  endpoints: [{{address: \"{sa['inbound']}\", meshed: true, serviceAccount: web}}]\n")

@@ -10,10 +10,10 @@ microseconds per request, then the full/none ratios. Stops every process it star
     cargo build --release && python3 bench/resilience_cost.py [--seconds 10]
 Needs wrk (Debian package `wrk`).
 """
-import argparse, json, os, re, shutil, subprocess, sys, tempfile, time
+import argparse, json, os, shutil, sys, tempfile, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from weirbench import cpu_seconds, get, start_backend, start_controller, start_sidecar, stop, wrk, write_atomic  # noqa: E402
+from weirbench import cpu_seconds, get, start_backend, start_mesh, stop, wrk, write_atomic  # noqa: E402
 
 FULL_POLICY = """apiVersion: weir.io/v1alpha1
 kind: ResiliencePolicy
@@ -41,20 +41,13 @@ def main():
     if not shutil.which("wrk"):
         raise SystemExit("wrk not found: apt-get install wrk")
     tmp = tempfile.mkdtemp(prefix="weir-bench-")
-    cfg = os.path.join(tmp, "config")
-    os.mkdir(cfg)
-    write_atomic(os.path.join(cfg, "services.yaml"), "kind: Service\nmetadata: {name: web, namespace: bench}\n")
     procs = []
     try:
-        ctl, ca = start_controller(cfg, os.path.join(tmp, "controller.log"))
-        procs.append(ctl)
+        cfg, sidecar = start_mesh(tmp, "kind: Service\nmetadata: {name: web, namespace: bench}\n", procs)
         be, ba = start_backend(os.path.join(tmp, "backend.log"))
         procs.append(be)
-        sidecar = lambda name, app: start_sidecar(ca["grpc"], f"bench/{name}", os.path.join(tmp, f"{name}.log"), app)
         server, sa = sidecar("web", ba["listen"])
-        procs.append(server)
         client, cla = sidecar("client", None)
-        procs.append(client)
         write_atomic(os.path.join(cfg, "services.yaml"),
                      "kind: Service\nmetadata: {name: web, namespace: bench}\nspec:\n"
                      f"  endpoints: [{{address: \"{sa['inbound']}\", meshed: true}}]\n")

@@ -31,7 +31,7 @@ import argparse, datetime, json, os, platform, resource, shutil, socket, statist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from resilience_cost import FULL_POLICY  # noqa: E402
-from weirbench import (BIN, ROOT, cpu_seconds, cpu_split, get, start, start_controller, start_sidecar,  # noqa: E402
+from weirbench import (BIN, ROOT, cpu_seconds, cpu_split, get, start, start_mesh,  # noqa: E402
                        stop, wait_for, write_atomic)
 
 PROXY_CPU, LOAD_CPU = "1", "0"
@@ -335,20 +335,8 @@ spec:
 
 
 def start_weir_pair(tmp, upstream, procs, scenario):
-    with open(os.path.join(tmp, "tokens"), "w") as f:
-        f.write("t-web bench/web\nt-client bench/client\n")
-    cfg, ca = start_weir_controller(tmp, "kind: Service\nmetadata: {name: web, namespace: bench}\n", procs,
-                                    ["--identity-dir", os.path.join(tmp, "identity"), "--tokens", os.path.join(tmp, "tokens")])
-
-    def sidecar(name, app):
-        token = os.path.join(tmp, f"{name}.token")
-        with open(token, "w") as f:
-            f.write(f"t-{name}")
-        p, a = start_sidecar(ca["grpc"], f"bench/{name}", os.path.join(tmp, f"{name}.log"), app,
-                             ["--token-file", token, "--trust-anchors", os.path.join(tmp, "identity", "root.crt")], prefix=["taskset", "-c", PROXY_CPU])
-        procs.append(p)
-        return p, a
-
+    cfg, sidecar = start_mesh(tmp, "kind: Service\nmetadata: {name: web, namespace: bench}\n", procs,
+                              identities=True, prefix=["taskset", "-c", PROXY_CPU])
     server, sa = sidecar("web", upstream)
     client, cla = sidecar("client", None)
     service = lambda name, eps: (f"kind: Service\nmetadata: {{name: {name}, namespace: bench}}\nspec:\n  endpoints: ["
@@ -383,21 +371,11 @@ def start_envoy(tmp, upstream_port, envoy_bin):
     return run_envoy(tmp, "envoy", config, admin, envoy_bin, os.getpid() % 5000 * 2), f"http://127.0.0.1:{port}/"
 
 
-def start_weir_controller(tmp, services_yaml, procs, extra=()):
-    cfg = os.path.join(tmp, "config")
-    os.makedirs(cfg, exist_ok=True)
-    write_atomic(os.path.join(cfg, "services.yaml"), services_yaml)
-    ctl, ca = start_controller(cfg, os.path.join(tmp, "controller.log"), extra)
-    procs.append(ctl)
-    return cfg, ca
-
-
 def start_weir(tmp, upstream, procs):
-    _, ca = start_weir_controller(
+    _, sidecar = start_mesh(
         tmp, f"kind: Service\nmetadata: {{name: web, namespace: bench}}\nspec:\n  endpoints: [{{address: \"{upstream}\"}}]\n",
-        procs)
-    side, sa = start_sidecar(ca["grpc"], "bench/client", os.path.join(tmp, "sidecar.log"),
-                             prefix=["taskset", "-c", PROXY_CPU])
+        procs, prefix=["taskset", "-c", PROXY_CPU])
+    side, sa = sidecar("client", None)
     wait_for(lambda: (json.loads(get(f"http://{sa['admin']}/config")).get("snapshot") or {}).get("services"),
              "the sidecar's config")
     return side, f"http://{sa['outbound']}/"

@@ -61,6 +61,37 @@ def start_sidecar(controller_grpc, workload, log, app=None, extra=(), prefix=())
 TICK = os.sysconf("SC_CLK_TCK")
 
 
+
+def start_mesh(tmp, services_yaml, procs, identities=False, prefix=()):
+    """A controller in local mode on `tmp/config` (its services.yaml first `services_yaml`),
+    with a mesh CA and tokens for `bench/web` and `bench/client` when `identities`. Returns the
+    config directory and `sidecar(name, app)`, which starts the sidecar of workload
+    `bench/NAME` in front of `app` (None: a client only), each process added to `procs`."""
+    cfg = os.path.join(tmp, "config")
+    os.makedirs(cfg, exist_ok=True)
+    write_atomic(os.path.join(cfg, "services.yaml"), services_yaml)
+    extra = []
+    if identities:
+        with open(os.path.join(tmp, "tokens"), "w") as f:
+            f.write("t-web bench/web\nt-client bench/client\n")
+        extra = ["--identity-dir", os.path.join(tmp, "identity"), "--tokens", os.path.join(tmp, "tokens")]
+    ctl, ca = start_controller(cfg, os.path.join(tmp, "controller.log"), extra)
+    procs.append(ctl)
+
+    def sidecar(name, app):
+        flags = []
+        if identities:
+            token = os.path.join(tmp, f"{name}.token")
+            with open(token, "w") as f:
+                f.write(f"t-{name}")
+            flags = ["--token-file", token, "--trust-anchors", os.path.join(tmp, "identity", "root.crt")]
+        p, a = start_sidecar(ca["grpc"], f"bench/{name}", os.path.join(tmp, f"{name}.log"), app, flags, prefix=prefix)
+        procs.append(p)
+        return p, a
+
+    return cfg, sidecar
+
+
 def cpu_split(pid):
     """(user, system) CPU seconds of a process, from /proc."""
     fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
