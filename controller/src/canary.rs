@@ -372,34 +372,7 @@ impl Canaries {
             stable: backend_metrics(&stable),
             verdict: verdict.as_str().into(),
         });
-        match verdict {
-            Verdict::Inconclusive(why) => {
-                let w = status.weight;
-                if status.phase != Phase::Inconclusive {
-                    transition(status, Phase::Inconclusive, w, why);
-                } else {
-                    status.message = why;
-                }
-            }
-            Verdict::Fail(why) => {
-                status.failed_intervals += 1;
-                let limit = spec.analysis.failure_limit;
-                if status.failed_intervals >= limit {
-                    let n = status.failed_intervals;
-                    transition(
-                        status,
-                        Phase::Failed,
-                        0,
-                        format!("rolled back: {why} ({n} of {limit} failed intervals)"),
-                    );
-                } else {
-                    let (w, n) = (status.weight, status.failed_intervals);
-                    let why = format!("interval failed: {why} ({n} of {limit})");
-                    transition(status, Phase::Progressing, w, why);
-                }
-            }
-            Verdict::Pass => advance(spec, status),
-        }
+        apply(spec, status, verdict);
         *status != previous
     }
 
@@ -533,6 +506,34 @@ fn judge(spec: &CanarySpec, canary: &Totals, weight: u32) -> Verdict {
 
 fn fmt_secs(s: f64) -> String {
     if s.is_infinite() { "∞".into() } else { format!("{}ms", (s * 1000.0).round()) }
+}
+
+/// What a verdict does to a rollout: a pass advances it (see [`advance`]), a failure counts
+/// toward the failure limit and rolls back at it, an inconclusive interval holds the weight.
+fn apply(spec: &CanarySpec, status: &mut CanaryStatus, verdict: Verdict) {
+    match verdict {
+        Verdict::Inconclusive(why) => {
+            let w = status.weight;
+            if status.phase != Phase::Inconclusive {
+                transition(status, Phase::Inconclusive, w, why);
+            } else {
+                status.message = why;
+            }
+        }
+        Verdict::Fail(why) => {
+            status.failed_intervals += 1;
+            let limit = spec.analysis.failure_limit;
+            if status.failed_intervals >= limit {
+                let n = status.failed_intervals;
+                transition(status, Phase::Failed, 0, format!("rolled back: {why} ({n} of {limit} failed intervals)"));
+            } else {
+                let (w, n) = (status.weight, status.failed_intervals);
+                let why = format!("interval failed: {why} ({n} of {limit})");
+                transition(status, Phase::Progressing, w, why);
+            }
+        }
+        Verdict::Pass => advance(spec, status),
+    }
 }
 
 fn advance(spec: &CanarySpec, status: &mut CanaryStatus) {
