@@ -250,6 +250,16 @@ fn http_header_name_invalid(name: &str) -> bool {
 /// controller accepts is one the sidecar can apply.
 pub const REGEX_SIZE_LIMIT: usize = 1 << 20;
 
+/// Gateway API prefix semantics: `/foo` matches `/foo` and `/foo/bar`, not `/foobar`; `/`
+/// matches every path. The sidecar matches requests with it; `weir analyze` compares rules.
+pub fn path_prefix_matches(prefix: &str, path: &str) -> bool {
+    let prefix = prefix.trim_end_matches('/');
+    if prefix.is_empty() {
+        return true;
+    }
+    path.starts_with(prefix) && matches!(path.as_bytes().get(prefix.len()), None | Some(b'/'))
+}
+
 /// Compiles a route regex the way the sidecar does (anchored to the whole value).
 pub fn compile_regex(pattern: &str) -> Result<regex::Regex, regex::Error> {
     regex::RegexBuilder::new(&format!("^(?:{pattern})$")).size_limit(REGEX_SIZE_LIMIT).build()

@@ -70,7 +70,48 @@ pub fn from_yaml<T: serde::de::DeserializeOwned>(value: serde_yaml::Value, prefi
         FieldError::new(join(path), inner)
     })?;
     if let Some(first) = unknown.into_iter().next() {
-        return Err(FieldError::new(join(first), "unknown field"));
+        // serde_ignored writes list indices as segments (`rules.0.name`); every other field
+        // path says `rules[0].name`.
+        let mut path = String::new();
+        for segment in first.split('.') {
+            if !path.is_empty() && !segment.is_empty() && segment.bytes().all(|b| b.is_ascii_digit()) {
+                path.push_str(&format!("[{segment}]"));
+            } else {
+                if !path.is_empty() {
+                    path.push('.');
+                }
+                path.push_str(segment);
+            }
+        }
+        return Err(FieldError::new(join(path), "unknown field"));
     }
     Ok(parsed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(serde::Deserialize, Debug)]
+    #[allow(dead_code)]
+    struct Rule {
+        name: String,
+        #[serde(default)]
+        weight: u32,
+    }
+
+    #[derive(serde::Deserialize, Debug)]
+    #[allow(dead_code)]
+    struct Spec {
+        rules: Vec<Rule>,
+    }
+
+    #[test]
+    fn field_errors_name_list_items_by_index() {
+        let yaml = |s: &str| serde_yaml::from_str::<serde_yaml::Value>(s).unwrap();
+        let unknown = from_yaml::<Spec>(yaml("rules: [{ name: a }, { name: b, wieght: 1 }]"), "spec").unwrap_err();
+        assert_eq!((unknown.field.as_str(), unknown.message.as_str()), ("spec.rules[1].wieght", "unknown field"));
+        let wrong = from_yaml::<Spec>(yaml("rules: [{ name: a, weight: heavy }]"), "spec").unwrap_err();
+        assert_eq!(wrong.field, "spec.rules[0].weight");
+    }
 }

@@ -16,6 +16,8 @@ enum Cmd {
     Demo(weir::demo::DemoArgs),
     /// Canary rollouts: status (with --watch), promote, abort, pause, resume.
     Canary(weir::canary::CanaryArgs),
+    /// What the controller would reject or warn about in files, directories or a cluster, before anything is applied.
+    Analyze(weir::analyze::AnalyzeArgs),
     /// Check the installation: controller, configuration, trust anchor, sidecars, CRDs.
     Check(weir::check::CheckArgs),
     /// Every connected sidecar and whether it runs the latest snapshot (SYNCED, STALE, NACKED).
@@ -69,6 +71,11 @@ fn main() -> std::process::ExitCode {
         Cmd::ProxyStatus(args) => match runtime().and_then(|rt| rt.block_on(weir::inspect::proxy_status(args))) {
             Ok(true) => Ok(()),
             Ok(false) => return std::process::ExitCode::from(weir::inspect::NOT_SYNCED),
+            Err(e) => Err(e),
+        },
+        Cmd::Analyze(args) => match runtime().and_then(|rt| rt.block_on(weir::analyze::run(args))) {
+            Ok(true) => Ok(()),
+            Ok(false) => return std::process::ExitCode::FAILURE,
             Err(e) => Err(e),
         },
         Cmd::Check(args) => match runtime().and_then(|rt| rt.block_on(weir::check::run(args))) {

@@ -115,8 +115,8 @@ impl Admin {
         }
     }
 
-    /// Each resource (in force, with the sidecars that acked its version), each rejection, and
-    /// each connected sidecar.
+    /// Each resource (in force, with the sidecars that acked its version), each rejection, each
+    /// warning (as `weir analyze` gives them), and each connected sidecar.
     fn resources(&self) -> serde_json::Value {
         let state = self.state.borrow().clone();
         let proxies = self.proxies.list();
@@ -152,6 +152,7 @@ impl Admin {
             "generation": state.generation,
             "resources": resources,
             "rejected": rejected,
+            "warnings": state.warnings.iter().map(|w| w.to_string()).collect::<Vec<_>>(),
             "proxies": proxies,
         })
     }

@@ -19,6 +19,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod analyze;
 pub mod canary;
 pub mod grpc;
 pub mod identity;
@@ -250,7 +251,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let mut index = Index::default();
     let first = source.read().map_err(anyhow::Error::msg)?;
     index.replace_all(first.defs, first.unreadable);
-    log_rejections(&index);
+    log_findings(&index);
     metrics.rejected_resources.set(index.rejections().len() as i64);
     let (verdict_tx, verdict_rx) =
         watch::channel(Arc::new(first.generations.as_ref().map(|g| status::verdicts(&index, g)).unwrap_or_default()));
@@ -526,7 +527,7 @@ impl Reload {
                 "configuration changed"
             );
         }
-        log_rejections(index);
+        log_findings(index);
         self.metrics.rejected_resources.set(index.rejections().len() as i64);
         // Replicas that do not lead route canaries as the leader's statuses say.
         if let Some(written) = &read.canary_statuses
@@ -663,8 +664,12 @@ fn replica_name() -> String {
     format!("{host}-{}", std::process::id())
 }
 
-fn log_rejections(index: &Index) {
+/// Every rejection, and every warning `weir analyze` would give about what is in force.
+fn log_findings(index: &Index) {
     for r in index.rejections() {
         tracing::warn!(rejected = %r, "resource rejected");
+    }
+    for w in analyze::warnings(index) {
+        tracing::warn!(warning = %w, "resource accepted, with a warning");
     }
 }

@@ -46,6 +46,8 @@ pub struct MeshState {
     /// Resources in force: key → (origin, version).
     pub resources: Arc<BTreeMap<ResourceKey, (String, u64)>>,
     pub rejections: Arc<Vec<Rejection>>,
+    /// What `weir analyze` would warn about in the resources in force.
+    pub warnings: Arc<Vec<crate::analyze::Finding>>,
     /// [`Self::resource_versions`], made once and shared by every session.
     resource_versions: std::sync::OnceLock<Arc<BTreeMap<ResourceKey, u64>>>,
     /// [`Self::inbound_limits`], made once and shared by every session.
@@ -93,6 +95,7 @@ impl MeshState {
                 index.entries().iter().map(|(k, e)| (k.clone(), (e.origin.clone(), e.version))).collect(),
             ),
             rejections: Arc::new(index.rejections().to_vec()),
+            warnings: Arc::new(crate::analyze::warnings(index)),
             resource_versions: std::sync::OnceLock::new(),
             inbound_limits: std::sync::OnceLock::new(),
             deltas: std::sync::Mutex::default(),

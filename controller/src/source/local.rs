@@ -65,7 +65,7 @@ pub fn read_dir_cached(
     Ok((defs, unreadable))
 }
 
-fn is_config_file(p: &Path) -> bool {
+pub(crate) fn is_config_file(p: &Path) -> bool {
     let name = p.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
     !name.starts_with('.') && (name.ends_with(".yaml") || name.ends_with(".yml")) && p.is_file()
 }
@@ -87,7 +87,7 @@ pub fn parse_file(origin: &str, text: &str) -> Result<Vec<Definition>, Unreadabl
         .collect())
 }
 
-fn parse_document(origin: &str, number: usize, value: serde_yaml::Value) -> Definition {
+pub(crate) fn parse_document(origin: &str, number: usize, value: serde_yaml::Value) -> Definition {
     let fail = |key: Option<ResourceKey>, field: Option<&str>, message: String| Definition {
         origin: origin.to_string(),
         key,

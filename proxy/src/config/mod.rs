@@ -138,19 +138,10 @@ impl StrMatch {
     pub fn matches(&self, value: &str) -> bool {
         match self {
             StrMatch::Exact(v) => v == value,
-            StrMatch::Prefix(p) => path_prefix_matches(p, value),
+            StrMatch::Prefix(p) => weir_api::route::path_prefix_matches(p, value),
             StrMatch::Regex(r) => r.is_match(value),
         }
     }
-}
-
-/// Gateway API prefix semantics: `/foo` matches `/foo` and `/foo/bar`, not `/foobar`.
-pub(crate) fn path_prefix_matches(prefix: &str, path: &str) -> bool {
-    let prefix = prefix.trim_end_matches('/');
-    if prefix.is_empty() {
-        return true;
-    }
-    path.starts_with(prefix) && matches!(path.as_bytes().get(prefix.len()), None | Some(b'/'))
 }
 
 /// The whole snapshot an incremental one stands for: the Services of `running` (what this

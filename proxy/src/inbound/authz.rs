@@ -70,8 +70,9 @@ impl AuthzRule {
     fn covers(&self, method: &Method, path: Option<&str>) -> bool {
         (self.methods.is_empty() || self.methods.contains(method))
             && (self.path_prefixes.is_empty()
-                || path
-                    .is_some_and(|path| self.path_prefixes.iter().any(|p| crate::config::path_prefix_matches(p, path))))
+                || path.is_some_and(|path| {
+                    self.path_prefixes.iter().any(|p| weir_api::route::path_prefix_matches(p, path))
+                }))
     }
 }
 

@@ -39,7 +39,8 @@ use crate::index::{Definition, Kind, Problem, Resource as IndexResource, Resourc
 mod translate;
 
 pub use translate::is_meshed;
-use translate::{PodIndex, ns_name, service_spec, weir_definition};
+pub(crate) use translate::{PodIndex, service_spec};
+use translate::{ns_name, weir_definition};
 
 /// Name of the sidecar container the injector adds; a pod with it is meshed.
 pub const PROXY_CONTAINER: &str = "weir-proxy";

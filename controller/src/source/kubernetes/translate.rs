@@ -24,7 +24,7 @@ pub fn is_meshed(pod: &Pod) -> bool {
 }
 
 /// Pods by namespace and name.
-pub(super) type PodIndex<'a> = HashMap<(&'a str, &'a str), &'a Pod>;
+pub(crate) type PodIndex<'a> = HashMap<(&'a str, &'a str), &'a Pod>;
 
 pub(super) fn ns_name(meta: &ObjectMeta) -> (&str, &str) {
     (meta.namespace.as_deref().unwrap_or(""), meta.name.as_deref().unwrap_or(""))
@@ -32,7 +32,7 @@ pub(super) fn ns_name(meta: &ObjectMeta) -> (&str, &str) {
 
 /// A core Service and its EndpointSlices as a Weir Service; `None` for kinds the mesh does not
 /// route (ExternalName).
-pub(super) fn service_spec(svc: &KubeService, slices: &[&EndpointSlice], pods: &PodIndex) -> Option<LocalServiceSpec> {
+pub(crate) fn service_spec(svc: &KubeService, slices: &[&EndpointSlice], pods: &PodIndex) -> Option<LocalServiceSpec> {
     let spec = svc.spec.as_ref()?;
     if spec.type_.as_deref() == Some("ExternalName") {
         return None;
