@@ -763,3 +763,43 @@ async fn the_weir_command_asks_every_replica_through_the_api_server() {
     assert_eq!(code, Some(1));
     assert!(err.contains("no ready controller pod in weir-system (2 found"), "{err}");
 }
+
+/// `weir analyze --kube` reads the cluster as the controller does: a Route with a field its
+/// schema lacks is an error with its field, and a MeshAuthorization for a port none of the pods
+/// it selects serves is a warning naming the ports they do serve.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weir_analyze_reads_the_cluster() {
+    let fake = FakeKube::start().await;
+    let scratch = Scratch::new();
+    let ep: SocketAddr = "127.0.0.1:8080".parse().unwrap();
+    fake.create(SERVICES, service("shop", "web", "10.96.0.10"));
+    fake.create(PODS, pod("shop", "web-1", "web", true));
+    fake.create(SLICES, slice("shop", "web-a", "web", &[(ep, "web-1", true)]));
+    let mut bad = route("shop", "typo", "web", &[("web", 1)]);
+    bad["spec"]["rules"][0]["backendRefs"][0]["wieght"] = json!(10);
+    fake.create(ROUTES, bad);
+    let authz = |name: &str, port: u16| {
+        json!({"apiVersion": "weir.io/v1alpha1", "kind": "MeshAuthorization",
+               "metadata": {"name": name, "namespace": "shop"},
+               "spec": {"targetRef": {"selector": {"matchLabels": {"app": "web-1"}}, "port": port},
+                        "allow": [{"from": {"namespaces": ["shop"]}}]}})
+    };
+    const AUTHZ: &str = "apis/weir.io/v1alpha1/meshauthorizations";
+    fake.create(AUTHZ, authz("served", 8080));
+    fake.create(AUTHZ, authz("unserved", 9090));
+    let kubeconfig = fake.kubeconfig(scratch.dir.path()).display().to_string();
+    let (code, out, err) = run_weir(&["analyze", "--kube", "--kubeconfig", &kubeconfig]).await;
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(
+        out.lines().any(|l| l.contains("Route shop/typo: spec.rules[0].backendRefs[0].wieght: error: unknown field")),
+        "{out}"
+    );
+    assert!(
+        out.lines().any(|l| l.contains(
+            "MeshAuthorization shop/unserved: spec.targetRef.port: warning: none of the pods it selects serves port 9090 (they serve 8080)"
+        )),
+        "{out}"
+    );
+    assert!(!out.contains("shop/served"), "{out}");
+    assert!(out.trim_end().ends_with("1 errors, 1 warnings"), "{out}");
+}
