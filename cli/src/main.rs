@@ -28,6 +28,8 @@ enum Cmd {
     ProxyConfig(weir::proxy_config::ProxyConfigArgs),
     /// Success rate, request rate and latency per service, route and backend, from the sidecars' reports.
     Stat(weir::inspect::StatArgs),
+    /// The service graph: who calls which Service, as which identity, over mTLS or not.
+    Edges(weir::inspect::EdgesArgs),
     /// Print a shell completion script: `weir completions bash > /etc/bash_completion.d/weir`.
     Completions {
         #[arg(value_enum)]
@@ -84,6 +86,7 @@ fn main() -> std::process::ExitCode {
             Err(e) => Err(e),
         },
         Cmd::Stat(args) => runtime().and_then(|rt| rt.block_on(weir::inspect::stat(args))),
+        Cmd::Edges(args) => runtime().and_then(|rt| rt.block_on(weir::inspect::edges(args))),
         Cmd::Inject(args) => weir::inject::run(args),
         Cmd::ProxyConfig(args) => runtime().and_then(|rt| rt.block_on(weir::proxy_config::run(args))),
         Cmd::Completions { shell } => {

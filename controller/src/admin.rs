@@ -1,4 +1,4 @@
-//! The controller's admin endpoints: `/live`, `/ready`, `/metrics`, `/resources`, `/stats`,
+//! The controller's admin endpoints: `/live`, `/ready`, `/metrics`, `/resources`, `/stats`, `/edges`,
 //! `/canaries` (and, in local mode, `POST /canaries/NS/NAME/{promote,abort,pause,resume}`).
 //!
 //! Everything that changes something (canary controls, `POST /log-level`) answers only
@@ -48,11 +48,12 @@ impl Admin {
             "/metrics" => text(StatusCode::OK, self.metrics.render()),
             "/resources" => json(&self.resources()),
             "/stats" => json(&self.reports.lock().unwrap().to_json()),
+            "/edges" => json(&self.reports.lock().unwrap().edges_json()),
             "/canaries" => json(&self.canaries()),
             path if path.starts_with("/canaries/") => self.canary_action(&req, peer),
             _ => text(
                 StatusCode::NOT_FOUND,
-                "not found: try /live /ready /metrics /resources /stats /canaries /log-level\n",
+                "not found: try /live /ready /metrics /resources /stats /edges /canaries /log-level\n",
             ),
         }
     }

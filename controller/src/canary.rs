@@ -644,6 +644,7 @@ mod tests {
             failures,
             latency_counts: vec![n, 0],
             latency_sum_seconds: 0.0,
+            mtls_requests: 0,
         };
         let r = proto::Report {
             window_start_ms: 0,

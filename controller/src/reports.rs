@@ -1,5 +1,7 @@
 //! Aggregated traffic reports from the sidecars, per direction/service/route/backend.
-//! The canary reconciler reads these; `/stats` on the admin port shows them.
+//! The canary reconciler reads these; `/stats` on the admin port shows them. The same reports,
+//! kept per calling workload, are the service graph (`/edges`): who calls which Service, as
+//! which identity, over mTLS or not.
 
 use std::collections::BTreeMap;
 
@@ -106,9 +108,37 @@ impl Totals {
     }
 }
 
+/// Most edges the graph holds (bounded as the series are: the stalest goes first).
+pub const MAX_EDGES: usize = 10_000;
+
+/// One caller's outbound traffic to one Service, route and backend.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct EdgeKey {
+    /// `namespace/name` of the calling workload (its sidecar's Hello).
+    pub caller: String,
+    /// The caller's SPIFFE ID as its certificate proved it; empty on a plaintext control plane.
+    pub identity: String,
+    pub service: String,
+    pub route: String,
+    pub backend: String,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Edge {
+    pub requests: u64,
+    pub failures: u64,
+    /// Of `requests`, those over mesh mTLS.
+    pub mtls_requests: u64,
+    pub latency_bounds_seconds: Vec<f64>,
+    pub latency_counts: Vec<u64>,
+    pub last_report_unix_ms: u64,
+}
+
 #[derive(Default)]
 pub struct Reports {
     series: BTreeMap<SeriesKey, Series>,
+    edges: BTreeMap<EdgeKey, Edge>,
 }
 
 impl Reports {
@@ -158,6 +188,69 @@ impl Reports {
             }
         }
         dropped
+    }
+
+    /// Adds one sidecar's outbound traffic to the service graph as calls from `caller` (as
+    /// `identity`), keeping only the series `own` admits (as [`Self::record`]). Returns how many
+    /// edges were evicted to make room.
+    pub fn record_edges(
+        &mut self,
+        caller: &str,
+        identity: &str,
+        report: &proto::Report,
+        own: impl Fn(&proto::TrafficStats) -> bool,
+    ) -> u64 {
+        let mut evicted = 0;
+        for s in report.stats.iter().filter(|s| s.direction == "outbound" && own(s)) {
+            let key = EdgeKey {
+                caller: caller.to_string(),
+                identity: identity.to_string(),
+                service: s.service.clone(),
+                route: s.route.clone(),
+                backend: s.backend.clone(),
+            };
+            if !self.edges.contains_key(&key) && self.edges.len() >= MAX_EDGES {
+                let stalest = self.edges.iter().min_by_key(|(_, v)| v.last_report_unix_ms).map(|(k, _)| k.clone());
+                if let Some(k) = stalest {
+                    self.edges.remove(&k);
+                    evicted += 1;
+                }
+            }
+            let e = self.edges.entry(key).or_default();
+            e.requests = e.requests.saturating_add(s.requests);
+            e.failures = e.failures.saturating_add(s.failures.min(s.requests));
+            e.mtls_requests = e.mtls_requests.saturating_add(s.mtls_requests.min(s.requests));
+            e.last_report_unix_ms = e.last_report_unix_ms.max(report.window_end_ms);
+            if s.latency_counts.len() == report.latency_bounds_seconds.len() + 1 {
+                if e.latency_bounds_seconds != report.latency_bounds_seconds
+                    || e.latency_counts.len() != s.latency_counts.len()
+                {
+                    e.latency_bounds_seconds = report.latency_bounds_seconds.clone();
+                    e.latency_counts = vec![0; s.latency_counts.len()];
+                }
+                for (a, b) in e.latency_counts.iter_mut().zip(&s.latency_counts) {
+                    *a = a.saturating_add(*b);
+                }
+            }
+        }
+        evicted
+    }
+
+    /// The service graph: every edge with its cumulative counts.
+    pub fn edges_json(&self) -> serde_json::Value {
+        let rows: Vec<serde_json::Value> = self
+            .edges
+            .iter()
+            .map(|(k, e)| {
+                serde_json::json!({
+                    "caller": k.caller, "identity": k.identity, "service": k.service, "route": k.route,
+                    "backend": k.backend, "requests": e.requests, "failures": e.failures,
+                    "mtlsRequests": e.mtls_requests, "latencyBoundsSeconds": e.latency_bounds_seconds,
+                    "latencyCounts": e.latency_counts, "lastReportUnixMs": e.last_report_unix_ms,
+                })
+            })
+            .collect();
+        serde_json::json!({ "edges": rows })
     }
 
     /// Every sidecar's outbound requests for `service` that went to `backend` (both
@@ -212,6 +305,7 @@ mod tests {
             failures: 5,
             latency_counts: vec![90, 9, 1],
             latency_sum_seconds: 1.0,
+            mtls_requests: 60,
         };
         let report = proto::Report {
             window_start_ms: 0,
@@ -269,5 +363,53 @@ mod tests {
         assert_eq!(r.outbound_totals("ns/s0", "ns/s0").requests, 0, "the stalest series was kept");
         assert_eq!(r.outbound_totals("ns/new", "ns/new").requests, 1);
         assert_eq!(r.outbound_totals("ns/s1", "ns/s1").requests, 1);
+    }
+
+    #[test]
+    fn edges_are_per_caller_and_bounded() {
+        let mut r = Reports::default();
+        let report = |service: &str, requests: u64, mtls: u64| proto::Report {
+            window_start_ms: 0,
+            window_end_ms: 10,
+            latency_bounds_seconds: vec![0.01],
+            stats: vec![
+                proto::TrafficStats {
+                    direction: "outbound".into(),
+                    service: service.into(),
+                    backend: service.into(),
+                    requests,
+                    failures: 1,
+                    latency_counts: vec![requests, 0],
+                    mtls_requests: mtls,
+                    ..Default::default()
+                },
+                // Inbound traffic is not an edge of the caller's.
+                proto::TrafficStats {
+                    direction: "inbound".into(),
+                    service: "shop/a".into(),
+                    requests: 9,
+                    ..Default::default()
+                },
+            ],
+        };
+        r.record_edges("shop/a", "spiffe://td/ns/shop/sa/a", &report("shop/web", 4, 4), |_| true);
+        r.record_edges("shop/a", "spiffe://td/ns/shop/sa/a", &report("shop/web", 6, 2), |_| true);
+        r.record_edges("shop/b", "", &report("shop/web", 3, 0), |_| true);
+        // A sidecar cannot claim more mTLS requests than requests.
+        r.record_edges("shop/c", "", &report("shop/web", 1, 5), |_| true);
+        let rows = r.edges_json()["edges"].as_array().unwrap().clone();
+        let got: Vec<(String, u64, u64, u64)> = rows
+            .iter()
+            .map(|e| {
+                let n = |k: &str| e[k].as_u64().unwrap();
+                (e["caller"].as_str().unwrap().to_string(), n("requests"), n("failures"), n("mtlsRequests"))
+            })
+            .collect();
+        assert_eq!(got, vec![("shop/a".into(), 10, 2, 6), ("shop/b".into(), 3, 1, 0), ("shop/c".into(), 1, 1, 1)]);
+        // Bounded: a full table evicts the edge reported least recently.
+        for i in 0..MAX_EDGES + 5 {
+            r.record_edges(&format!("shop/w{i}"), "", &report("shop/web", 1, 0), |_| true);
+        }
+        assert_eq!(r.edges.len(), MAX_EDGES);
     }
 }

@@ -105,6 +105,8 @@ struct ReportAcc {
 struct Stats {
     requests: u64,
     failures: u64,
+    /// Of `requests`, those over mesh mTLS.
+    mtls: u64,
     counts: Vec<u64>,
     sum: f64,
 }
@@ -311,7 +313,7 @@ impl Finished {
         self.duration
             .with_label_values(&[d, &l.service, &l.route, &l.backend, tls, class])
             .observe(elapsed.as_secs_f64());
-        // Reports carry no transport: both transports add up in one series.
+        // Both transports add up in one series, which counts the mTLS share.
         let key = if l.tls { Cow::Owned(Labels { tls: false, ..l.clone() }) } else { Cow::Borrowed(l) };
         let mut acc = self.report.lock().unwrap();
         if !acc.series.contains_key(&*key) && acc.series.len() >= MAX_REPORT_SERIES {
@@ -322,6 +324,7 @@ impl Finished {
             .entry(key.into_owned())
             .or_insert_with(|| Stats { counts: vec![0; LATENCY_BOUNDS.len() + 1], ..Default::default() });
         s.requests += 1;
+        s.mtls += u64::from(l.tls);
         if outcome.failed() {
             s.failures += 1;
         }
@@ -351,6 +354,7 @@ impl Finished {
                     failures: s.failures,
                     latency_counts: s.counts,
                     latency_sum_seconds: s.sum,
+                    mtls_requests: s.mtls,
                 })
                 .collect(),
         }
@@ -374,6 +378,7 @@ impl Finished {
                 .or_insert_with(|| Stats { counts: vec![0; LATENCY_BOUNDS.len() + 1], ..Default::default() });
             s.requests += t.requests;
             s.failures += t.failures;
+            s.mtls += t.mtls_requests;
             s.sum += t.latency_sum_seconds;
             for (a, b) in s.counts.iter_mut().zip(&t.latency_counts) {
                 *a += b;

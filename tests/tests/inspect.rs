@@ -206,3 +206,96 @@ async fn proxy_config_shows_what_one_sidecar_runs() {
     assert_eq!(code, Some(1));
     assert!(err.contains("no connected sidecar of workload test/ghost") && err.contains("test/client"), "{err}");
 }
+
+/// The service graph from the sidecars' reports: three workloads with identities of their own,
+/// `frontend` and `batch` calling `web` over mesh mTLS and `frontend` also calling `legacy`,
+/// which has no sidecar. `weir edges` shows exactly those three edges, each with its caller's
+/// SPIFFE ID, mTLS or not, and the count sent; `weir stat --from` narrows to one caller.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edges_show_who_calls_whom_as_which_identity() {
+    let scratch = Scratch::new();
+    let web = Backend::start("web").await;
+    let legacy = Backend::start("legacy").await;
+    let mesh = IdentityMesh::start(&scratch, "web", web.addr, &["frontend", "batch"], &[]).await;
+    let (frontend, batch) = (&mesh.clients[0], &mesh.clients[1]);
+    let web_endpoint = format!("{{ address: \"{}\", meshed: true, serviceAccount: web }}", mesh.server.addr("inbound"));
+    scratch.write(
+        "services.yaml",
+        &(service("test", "web", &[web_endpoint])
+            + &service("test", "legacy", &[format!("{{ address: \"{}\" }}", legacy.addr)])),
+    );
+    wait_config(frontend.addr("admin"), "legacy", |c| endpoint_count(c, "test", "legacy") == 1).await;
+    let sent = [(frontend, "web.test", 7u64), (batch, "web.test", 5), (frontend, "legacy.test", 3)];
+    for (client, host, n) in sent {
+        for _ in 0..n {
+            let r = send(&http1(), client.addr("outbound"), "GET", host, "/", &[]).await.unwrap();
+            assert_eq!(r.status, 200, "{host}: {}", r.body);
+        }
+    }
+    let admin = mesh.controller.addr("admin");
+    wait_until("every edge reported", Duration::from_secs(10), || async move {
+        let v = admin_json(admin, "/edges").await;
+        let total: u64 = v["edges"].as_array().into_iter().flatten().filter_map(|e| e["requests"].as_u64()).sum();
+        total == 15
+    })
+    .await;
+
+    let a = admin.to_string();
+    let (code, json, err) =
+        run_weir(&["edges", "test", "--controller-admin", &a, "--window", "100ms", "-o", "json"]).await;
+    assert_eq!(code, Some(0), "{err}");
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&json).unwrap();
+    let mut edges: Vec<(String, String, String, u64, u64)> = rows
+        .iter()
+        .map(|r| {
+            let s = |k: &str| r[k].as_str().unwrap_or("").to_string();
+            (s("from"), s("to"), s("identity"), r["requests"].as_u64().unwrap(), r["mtlsRequests"].as_u64().unwrap())
+        })
+        .collect();
+    edges.sort();
+    let id = |sa: &str| format!("spiffe://cluster.local/ns/test/sa/{sa}");
+    assert_eq!(
+        edges,
+        vec![
+            ("test/batch".into(), "test/web".into(), id("batch"), 5, 5),
+            ("test/frontend".into(), "test/legacy".into(), id("frontend"), 3, 0),
+            ("test/frontend".into(), "test/web".into(), id("frontend"), 7, 7),
+        ],
+        "{json}"
+    );
+    // The table says the same, mTLS as yes or no.
+    let (_, table, _) = run_weir(&["edges", "--controller-admin", &a, "--window", "100ms"]).await;
+    let line = |from: &str, to: &str| {
+        table
+            .lines()
+            .find(|l| l.starts_with(from) && l.contains(to))
+            .unwrap_or_else(|| panic!("{from} -> {to}:\n{table}"))
+            .to_string()
+    };
+    let cols = |l: &str| l.split_whitespace().map(String::from).collect::<Vec<_>>();
+    assert_eq!(cols(&line("test/frontend", "test/web"))[3], "yes", "{table}");
+    assert_eq!(cols(&line("test/frontend", "test/legacy"))[3], "no", "{table}");
+    assert!(table.lines().count() == 4, "a header and three edges:\n{table}");
+
+    // One caller's calls only.
+    let (code, json, err) = run_weir(&[
+        "stat",
+        "--from",
+        "frontend",
+        "-n",
+        "test",
+        "--controller-admin",
+        &a,
+        "--window",
+        "100ms",
+        "-o",
+        "json",
+    ])
+    .await;
+    assert_eq!(code, Some(0), "{err}");
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&json).unwrap();
+    let mut seen: Vec<(String, u64)> =
+        rows.iter().map(|r| (r["service"].as_str().unwrap().to_string(), r["requests"].as_u64().unwrap())).collect();
+    seen.sort();
+    assert_eq!(seen, vec![("test/legacy".to_string(), 3), ("test/web".to_string(), 7)], "{json}");
+}

@@ -94,7 +94,8 @@ impl DiscoveryService {
             (Some(peer), Ok(port)) if port != 0 => Some(std::net::SocketAddr::new(peer.ip(), port).to_string()),
             _ => None,
         };
-        let session = Session { svc: self.clone(), hello, admin, tx };
+        let identity = info.identity.clone().unwrap_or_else(|| Arc::from(""));
+        let session = Session { svc: self.clone(), hello, identity, admin, tx };
         tokio::spawn(session.run(inbound));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
@@ -103,6 +104,8 @@ impl DiscoveryService {
 struct Session {
     svc: DiscoveryService,
     hello: proto::Hello,
+    /// The SPIFFE ID the sidecar's certificate proved (empty on a plaintext control plane).
+    identity: Arc<str>,
     admin: Option<String>,
     tx: mpsc::Sender<Result<ControllerWire, Status>>,
 }
@@ -121,7 +124,7 @@ struct Pending {
 
 impl Session {
     async fn run(self, mut inbound: Streaming<proto::ProxyMessage>) {
-        let Session { svc, hello, admin, tx } = self;
+        let Session { svc, hello, identity, admin, tx } = self;
         let workload = format!("{}/{}", hello.namespace, hello.name);
         let id = svc.proxies.register(ProxyInfo {
             workload: workload.clone(),
@@ -234,7 +237,7 @@ impl Session {
                     continue;
                 }
                 msg = inbound.message() => match msg {
-                    Ok(Some(m)) => match handle(&svc, id, &workload, m, &mut pending) {
+                    Ok(Some(m)) => match handle(&svc, id, (&workload, &identity), m, &mut pending) {
                         Answer::Nack { base } => {
                             sent = None;
                             if base {
@@ -271,7 +274,7 @@ enum Answer {
 fn handle(
     svc: &DiscoveryService,
     id: u64,
-    workload: &str,
+    (workload, identity): (&str, &str),
     m: proto::ProxyMessage,
     pending: &mut Option<Pending>,
 ) -> Answer {
@@ -325,8 +328,11 @@ fn handle(
                 "inbound" => s.service == workload,
                 _ => false,
             };
-            let dropped = svc.reports.lock().unwrap().record(&report, own);
-            svc.metrics.reports_dropped_series.inc_by(dropped);
+            let mut reports = svc.reports.lock().unwrap();
+            let dropped = reports.record(&report, own);
+            let evicted = reports.record_edges(workload, identity, &report, own);
+            drop(reports);
+            svc.metrics.reports_dropped_series.inc_by(dropped + evicted);
         }
         Some(proxy_message::Msg::Hello(_)) | None => {
             tracing::debug!(%workload, "ignoring unexpected message");
