@@ -311,7 +311,7 @@ pub async fn edges(args: EdgesArgs) -> anyhow::Result<()> {
 
 fn edges_table(rows: &[serde_json::Value]) -> String {
     let mut out = format!(
-        "{:<26} {:<26} {:<44} {:>5} {:>8} {:>8} {:>8} {:>9}\n",
+        "{:<26} {:<26} {:<48} {:>5} {:>8} {:>8} {:>8} {:>9}\n",
         "FROM", "TO", "IDENTITY", "MTLS", "SUCCESS", "RPS", "REQUESTS", "P99"
     );
     for r in rows {
@@ -326,7 +326,7 @@ fn edges_table(rows: &[serde_json::Value]) -> String {
         };
         let identity = r["identity"].as_str().filter(|i| !i.is_empty()).unwrap_or("-");
         out.push_str(&format!(
-            "{:<26} {:<26} {:<44} {:>5} {:>8} {:>8.1} {:>8} {:>9}\n",
+            "{:<26} {:<26} {:<48} {:>5} {:>8} {:>8.1} {:>8} {:>9}\n",
             r["from"].as_str().unwrap_or(""),
             r["to"].as_str().unwrap_or(""),
             identity,
