@@ -74,6 +74,10 @@ pub struct Metrics {
     pub refused: IntCounterVec,
     /// Opaque TCP connections carried, by direction, mesh mTLS and client identity.
     pub tcp_connections: IntCounterVec,
+    /// Bytes opaque TCP connections carried, by direction, Service, mTLS, peer identity and flow.
+    pub tcp_bytes: IntCounterVec,
+    /// How long opaque TCP connections stayed open, by direction, Service and mTLS.
+    pub tcp_duration: HistogramVec,
     pub inbound_by_identity: IntCounterVec,
     /// Inbound authorization decisions by server port, policy, rule and client identity.
     pub authorization: IntCounterVec,
@@ -193,6 +197,25 @@ impl Metrics {
         )
         .unwrap();
         registry.register(Box::new(tcp_connections.clone())).unwrap();
+        let tcp_bytes = IntCounterVec::new(
+            Opts::new(
+                "weir_tcp_bytes_total",
+                "Bytes carried by opaque TCP connections, by direction, Service called (outbound), whether the mesh hop was mTLS, the peer's identity (inbound: the client; outbound: the server) and flow (sent: from the connection's client)",
+            ),
+            &["direction", "service", "tls", "peer_identity", "flow"],
+        )
+        .unwrap();
+        registry.register(Box::new(tcp_bytes.clone())).unwrap();
+        let tcp_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "weir_tcp_connection_duration_seconds",
+                "How long opaque TCP connections stayed open, by direction, Service called (outbound) and mTLS",
+            )
+            .buckets(vec![0.01, 0.1, 1.0, 10.0, 60.0, 300.0, 1800.0, 3600.0, 21600.0]),
+            &["direction", "service", "tls"],
+        )
+        .unwrap();
+        registry.register(Box::new(tcp_duration.clone())).unwrap();
         let tunnels = IntCounterVec::new(
             Opts::new(
                 "weir_tunnels_total",
@@ -205,7 +228,10 @@ impl Metrics {
         let tunnels_active = IntGauge::new("weir_tunnels_active", "Open CONNECT tunnels").unwrap();
         registry.register(Box::new(tunnels_active.clone())).unwrap();
         let tunnel_bytes = IntCounterVec::new(
-            Opts::new("weir_tunnel_bytes_total", "Bytes carried by CONNECT tunnels (sent: from the client)"),
+            Opts::new(
+                "weir_tunnel_bytes_total",
+                "Bytes carried by CONNECT tunnels and protocol switches such as WebSocket (sent: from the client); opaque TCP is weir_tcp_bytes_total",
+            ),
             &["direction"],
         )
         .unwrap();
@@ -231,6 +257,8 @@ impl Metrics {
             tls_passthrough,
             refused,
             tcp_connections,
+            tcp_bytes,
+            tcp_duration,
             tls_handshake_failures,
             inbound_by_identity,
             authorization,

@@ -28,6 +28,19 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::tls::Io;
 
+/// What an opaque TCP connection is counted as (`weir_tcp_*`): CONNECT tunnels and protocol
+/// switches carry `None` and count as tunnels.
+pub struct TcpFlow<'a> {
+    /// `inbound` or `outbound`.
+    pub direction: &'a str,
+    /// `namespace/name` of the Service called (outbound), or empty.
+    pub service: &'a str,
+    /// Whether the mesh hop is mTLS.
+    pub tls: bool,
+    /// Inbound: the client's SPIFFE ID; outbound: the server's; empty when none.
+    pub peer_identity: &'a str,
+}
+
 /// Most tunnels open at once.
 pub const MAX_TUNNELS: usize = 4096;
 /// A tunnel with no bytes either way for this long is closed.
@@ -97,7 +110,7 @@ impl Tunnels {
         let (metrics, tunnels) = (metrics.clone(), self.clone());
         tokio::spawn(async move {
             match upgrade.await {
-                Ok(upgraded) => tunnels.carry(slot, TokioIo::new(upgraded), stream, &authority, &metrics).await,
+                Ok(upgraded) => tunnels.carry(slot, TokioIo::new(upgraded), stream, &authority, &metrics, None).await,
                 Err(e) => {
                     metrics.tunnels.with_label_values(&["error"]).inc();
                     tracing::debug!(%authority, error = %e, "CONNECT upgrade failed");
@@ -128,22 +141,46 @@ impl Tunnels {
         upstream: U,
         what: &(dyn std::fmt::Display + Sync),
         metrics: &Metrics,
+        tcp: Option<TcpFlow<'_>>,
     ) {
         let _slot = slot;
         metrics.tunnels.with_label_values(&["ok"]).inc();
         metrics.tunnels_active.inc();
+        let started = tokio::time::Instant::now();
+        let bytes = match &tcp {
+            Some(t) => {
+                let tls = if t.tls { "true" } else { "false" };
+                // The inbound side names its client; the outbound side names no one here.
+                let client = if t.direction == "inbound" { t.peer_identity } else { "" };
+                metrics.tcp_connections.with_label_values(&[t.direction, tls, client]).inc();
+                let flow =
+                    |f: &str| metrics.tcp_bytes.with_label_values(&[t.direction, t.service, tls, t.peer_identity, f]);
+                (flow("sent"), flow("received"))
+            }
+            None => (
+                metrics.tunnel_bytes.with_label_values(&["sent"]),
+                metrics.tunnel_bytes.with_label_values(&["received"]),
+            ),
+        };
         let (drain, grace) = (self.drain.clone(), self.grace);
         let drained = async move {
             drain.signaled().await;
             tokio::time::sleep(grace).await;
         };
         tokio::select! {
-            r = pump(client, upstream, self.idle, self.write, metrics) => {
+            r = pump(client, upstream, self.idle, self.write, bytes) => {
                 if let Err(e) = r {
                     tracing::debug!(%what, error = %e, "opaque connection ended with an error");
                 }
             }
             _ = drained => tracing::debug!(%what, "opaque connection closed at the end of the drain grace period"),
+        }
+        if let Some(t) = &tcp {
+            let tls = if t.tls { "true" } else { "false" };
+            metrics
+                .tcp_duration
+                .with_label_values(&[t.direction, t.service, tls])
+                .observe(started.elapsed().as_secs_f64());
         }
         metrics.tunnels_active.dec();
     }
@@ -164,15 +201,19 @@ async fn write_within<W: AsyncWrite + Unpin>(w: &mut W, buf: &[u8], limit: Durat
 
 /// Copies bytes both ways, counting them as they go, until both sides have closed; an error
 /// after `idle` without a byte either way, or when a write stalls for `write`.
-async fn pump<C, U>(client: C, upstream: U, idle: Duration, write: Duration, metrics: &Metrics) -> std::io::Result<()>
+async fn pump<C, U>(
+    client: C,
+    upstream: U,
+    idle: Duration,
+    write: Duration,
+    (sent, received): (prometheus::IntCounter, prometheus::IntCounter),
+) -> std::io::Result<()>
 where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
     let (mut cr, mut cw) = tokio::io::split(client);
     let (mut ur, mut uw) = tokio::io::split(upstream);
-    let (sent, received) =
-        (metrics.tunnel_bytes.with_label_values(&["sent"]), metrics.tunnel_bytes.with_label_values(&["received"]));
     let mut cbuf = vec![0u8; 16 * 1024];
     let mut ubuf = vec![0u8; 16 * 1024];
     let (mut client_open, mut upstream_open) = (true, true);
@@ -232,7 +273,11 @@ mod tests {
         let (upstream_side, mut server) = tokio::io::duplex(64);
         let task = tokio::spawn({
             let metrics = metrics.clone();
-            async move { pump(client_side, upstream_side, Duration::from_secs(5), Duration::from_secs(5), &metrics).await }
+            let bytes = (
+                metrics.tunnel_bytes.with_label_values(&["sent"]),
+                metrics.tunnel_bytes.with_label_values(&["received"]),
+            );
+            async move { pump(client_side, upstream_side, Duration::from_secs(5), Duration::from_secs(5), bytes).await }
         });
         app.write_all(b"ping").await.unwrap();
         let mut buf = [0u8; 4];
@@ -249,7 +294,9 @@ mod tests {
 
         let (_app, client_side) = tokio::io::duplex(64);
         let (upstream_side, _server) = tokio::io::duplex(64);
-        let e = pump(client_side, upstream_side, Duration::from_millis(20), Duration::from_secs(5), &metrics)
+        let bytes =
+            (metrics.tunnel_bytes.with_label_values(&["sent"]), metrics.tunnel_bytes.with_label_values(&["received"]));
+        let e = pump(client_side, upstream_side, Duration::from_millis(20), Duration::from_secs(5), bytes)
             .await
             .unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
@@ -263,9 +310,11 @@ mod tests {
         let (upstream_side, _server) = tokio::io::duplex(64);
         let task = tokio::spawn({
             let metrics = metrics.clone();
-            async move {
-                pump(client_side, upstream_side, Duration::from_secs(3600), Duration::from_secs(60), &metrics).await
-            }
+            let bytes = (
+                metrics.tunnel_bytes.with_label_values(&["sent"]),
+                metrics.tunnel_bytes.with_label_values(&["received"]),
+            );
+            async move { pump(client_side, upstream_side, Duration::from_secs(3600), Duration::from_secs(60), bytes).await }
         });
         app.write_all(&[7u8; 4096]).await.unwrap();
         let e = task.await.unwrap().unwrap_err();

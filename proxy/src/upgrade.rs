@@ -117,7 +117,7 @@ pub fn switch(
     let (tunnels, metrics) = (tunnels.clone(), metrics.clone());
     tokio::spawn(async move {
         match tokio::try_join!(client.on_upgrade, upstream_io) {
-            Ok((c, u)) => tunnels.carry(slot, TokioIo::new(c), TokioIo::new(u), &what, &metrics).await,
+            Ok((c, u)) => tunnels.carry(slot, TokioIo::new(c), TokioIo::new(u), &what, &metrics, None).await,
             Err(e) => {
                 metrics.tunnels.with_label_values(&["error"]).inc();
                 tracing::debug!(%what, error = %e, "protocol switch failed");

@@ -621,6 +621,28 @@ async fn iptables_send_pod_traffic_through_the_sidecars() {
     let tcp_from_a_before = metric_sum(b_admin, "weir_tcp_connections_total", &from_a).await;
     let tcp_out_before =
         metric_sum(a_admin, "weir_tcp_connections_total", &["direction=\"outbound\"", "tls=\"true\""]).await;
+    let tcp_bytes_before = {
+        let b_in = ["direction=\"inbound\"", "tls=\"true\"", "peer_identity=\"spiffe://cluster.local/ns/test/sa/a\""];
+        let a_out = [
+            "direction=\"outbound\"",
+            "service=\"\"",
+            "tls=\"true\"",
+            "peer_identity=\"spiffe://cluster.local/ns/test/sa/b\"",
+        ];
+        let with = |labels: &[&str], f: &'static str| {
+            [labels, &[f][..]].concat().into_iter().map(String::from).collect::<Vec<_>>()
+        };
+        let sum = |admin, labels: Vec<String>| async move {
+            metric_sum(admin, "weir_tcp_bytes_total", &labels.iter().map(String::as_str).collect::<Vec<_>>()).await
+        };
+        (
+            sum(b_admin, with(&b_in, "flow=\"sent\"")).await,
+            sum(b_admin, with(&b_in, "flow=\"received\"")).await,
+            sum(a_admin, with(&a_out, "flow=\"sent\"")).await,
+            sum(a_admin, with(&a_out, "flow=\"received\"")).await,
+            metric_sum(b_admin, "weir_tcp_connection_duration_seconds_count", &b_in[..2]).await,
+        )
+    };
     let a_ns = a.ns.clone();
     let script = format!("exec 3<>/dev/tcp/{}/7000; printf 'hello\\n' >&3; head -c 6 <&3", b.ip);
     let echoed = tokio::task::spawn_blocking(move || {
@@ -635,6 +657,26 @@ async fn iptables_send_pod_traffic_through_the_sidecars() {
         metric_sum(a_admin, "weir_tcp_connections_total", &["direction=\"outbound\"", "tls=\"true\""]).await,
         tcp_out_before + 1.0
     );
+    // Counted like a request: its bytes each way with the peer's identity (and no Service: b
+    // serves none at that port), and how long it stayed open once it closed.
+    let b_in = ["direction=\"inbound\"", "tls=\"true\"", "peer_identity=\"spiffe://cluster.local/ns/test/sa/a\""];
+    let a_out = [
+        "direction=\"outbound\"",
+        "service=\"\"",
+        "tls=\"true\"",
+        "peer_identity=\"spiffe://cluster.local/ns/test/sa/b\"",
+    ];
+    wait_until("the echo's bytes and duration counted on both sides", Duration::from_secs(10), || async move {
+        let flow = |f: &'static str| move |labels: &[&'static str]| [labels, &[f][..]].concat();
+        let (sent, received) = (flow("flow=\"sent\""), flow("flow=\"received\""));
+        metric_sum(b_admin, "weir_tcp_bytes_total", &sent(&b_in)).await >= tcp_bytes_before.0 + 6.0
+            && metric_sum(b_admin, "weir_tcp_bytes_total", &received(&b_in)).await >= tcp_bytes_before.1 + 6.0
+            && metric_sum(a_admin, "weir_tcp_bytes_total", &sent(&a_out)).await >= tcp_bytes_before.2 + 6.0
+            && metric_sum(a_admin, "weir_tcp_bytes_total", &received(&a_out)).await >= tcp_bytes_before.3 + 6.0
+            && metric_sum(b_admin, "weir_tcp_connection_duration_seconds_count", &b_in[..2]).await
+                >= tcp_bytes_before.4 + 1.0
+    })
+    .await;
     // From outside the mesh, the same port is closed.
     let echo_b = format!("{}:7000", b.ip);
     assert_eq!(raw_exchange_with(&echo_b, b"hello\n", true).await.as_deref(), Some(&b""[..]));

@@ -28,6 +28,7 @@ use crate::metrics::{Direction, Labels, Metrics};
 use crate::outbound::request_authority;
 use crate::outbound::resilience::Resilience;
 use crate::replay::{MAX_REPLAY_BODY, ReplayBody};
+use crate::tunnel::TcpFlow;
 
 /// What the inbound path shares with the rest of the sidecar.
 pub struct Shared {
@@ -127,9 +128,9 @@ impl Inbound {
         let Some(slot) = self.tunnels.slot(&self.metrics, &target) else { return };
         match crate::client::connect_tcp(target, self.clients.connect_timeout()).await {
             Ok(upstream) => {
-                let tls = if peer.identity.is_some() { "true" } else { "false" };
-                self.metrics.tcp_connections.with_label_values(&["inbound", tls, who]).inc();
-                self.tunnels.carry(slot, io, upstream, &target, &self.metrics).await;
+                let flow =
+                    TcpFlow { direction: "inbound", service: "", tls: peer.identity.is_some(), peer_identity: who };
+                self.tunnels.carry(slot, io, upstream, &target, &self.metrics, Some(flow)).await;
             }
             Err(e) => self.tunnels.failed(&self.metrics, &target, &e),
         }

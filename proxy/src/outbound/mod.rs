@@ -30,6 +30,7 @@ use crate::errors::{ProxyError, grpc_error};
 use crate::grpc::is_grpc;
 use crate::metrics::{Direction, Labels, Metrics};
 use crate::replay::{MAX_REPLAY_BODY, ReplayBody};
+use crate::tunnel::TcpFlow;
 
 #[derive(Clone)]
 pub struct Outbound {
@@ -115,44 +116,47 @@ impl Outbound {
         let crate::server::OpaqueConn { io, peer } = conn;
         let Some(orig) = peer.original_dst else { return };
         let config = self.config.borrow().clone();
-        let (target, tls) = match config.as_deref() {
+        let (target, tls, service) = match config.as_deref() {
             Some(config) => self.tcp_destination(config, orig),
-            None => (orig, None),
+            None => (orig, None, None),
         };
         let Some(slot) = self.tunnels.slot(&self.metrics, &target) else { return };
         let timeout = self.clients.connect_timeout();
-        let tls_label = if tls.is_some() { "true" } else { "false" };
-        match tls {
-            Some(tls) => match crate::client::connect_mesh(target, timeout, &tls, crate::tls::OFFER_TCP).await {
-                Ok(upstream) => {
-                    self.metrics.tcp_connections.with_label_values(&["outbound", tls_label, ""]).inc();
-                    self.tunnels.carry(slot, io, upstream, &target, &self.metrics).await;
-                }
-                Err(e) => self.tunnels.failed(&self.metrics, &target, &e),
-            },
-            None => match crate::client::connect_tcp(target, timeout).await {
-                Ok(upstream) => {
-                    self.metrics.tcp_connections.with_label_values(&["outbound", tls_label, ""]).inc();
-                    self.tunnels.carry(slot, io, upstream, &target, &self.metrics).await;
-                }
-                Err(e) => self.tunnels.failed(&self.metrics, &target, &e),
-            },
+        let service = service.as_deref().unwrap_or("");
+        let expected = tls.as_ref().map(|t| t.expected.to_string()).unwrap_or_default();
+        let flow = TcpFlow { direction: "outbound", service, tls: tls.is_some(), peer_identity: &expected };
+        let upstream: Result<Box<dyn crate::tls::Io>, String> = match &tls {
+            Some(tls) => crate::client::connect_mesh(target, timeout, tls, crate::tls::OFFER_TCP)
+                .await
+                .map(|s| Box::new(s) as Box<dyn crate::tls::Io>),
+            None => crate::client::connect_tcp(target, timeout).await.map(|s| Box::new(s) as Box<dyn crate::tls::Io>),
+        };
+        match upstream {
+            Ok(upstream) => self.tunnels.carry(slot, io, upstream, &target, &self.metrics, Some(flow)).await,
+            Err(e) => self.tunnels.failed(&self.metrics, &target, &e),
         }
     }
 
-    /// Where an opaque connection bound for `orig` goes, and whether over mesh mTLS.
-    fn tcp_destination(&self, config: &Config, orig: SocketAddr) -> (SocketAddr, Option<TlsTarget>) {
+    /// Where an opaque connection bound for `orig` goes, whether over mesh mTLS, and the Service
+    /// it calls (when `orig` is one's address or one's endpoint).
+    fn tcp_destination(
+        &self,
+        config: &Config,
+        orig: SocketAddr,
+    ) -> (SocketAddr, Option<TlsTarget>, Option<crate::config::ServiceKey>) {
         if let Some(svc) = config.lookup(&crate::config::ip_host(orig.ip())) {
             let serving: Vec<&Endpoint> =
                 svc.endpoints.iter().filter(|e| e.service_port.is_none_or(|p| p == orig.port())).collect();
             if !serving.is_empty() {
                 let e = serving[rand::random_range(0..serving.len())];
-                return (e.addr, self.tls_target(svc.namespace(), e));
+                return (e.addr, self.tls_target(svc.namespace(), e), Some(svc.key.clone()));
             }
         }
         match config.meshed_at(orig) {
-            Some((svc, e)) => (orig, self.tls_target(svc.namespace(), e)),
-            None => (orig, None),
+            // A pod's own address: the call is a Service's only when the pod serves it at this
+            // very port (a pod may serve several Services, or none, at others).
+            Some((svc, e)) => (orig, self.tls_target(svc.namespace(), e), (e.addr == orig).then(|| svc.key.clone())),
+            None => (orig, None, None),
         }
     }
 
