@@ -10,8 +10,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -175,10 +173,13 @@ pub async fn serve<F, Fut>(
 /// limits) until `drain` fires, then gives open connections up to `grace` to finish. The
 /// handler learns the client's address: endpoints that change anything or reveal
 /// configuration answer only loopback clients (see [`crate::rt::loopback_only`]).
-pub async fn serve_admin<F, Fut>(listener: TcpListener, handler: F, drain: Drain, grace: Duration)
+pub async fn serve_admin<F, Fut, B>(listener: TcpListener, handler: F, drain: Drain, grace: Duration)
 where
     F: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+    Fut: Future<Output = Response<B>> + Send + 'static,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let limits = Limits::admin();
     serve(listener, &limits, drain, grace, "admin", move |stream, conn| {

@@ -184,6 +184,77 @@ impl Admin {
     }
 }
 
+impl Admin {
+    /// `GET path` on a sidecar's admin port as a stream of lines: `on_line` gets each line as
+    /// it arrives until it returns `false` or the sidecar ends the stream (reached as
+    /// [`Self::sidecar_get`] reaches it).
+    pub async fn sidecar_stream(
+        &self,
+        proxy: &serde_json::Value,
+        path: &str,
+        on_line: impl FnMut(&[u8]) -> bool,
+    ) -> anyhow::Result<()> {
+        let workload = proxy["workload"].as_str().unwrap_or("?");
+        let admin: SocketAddr = proxy["admin"].as_str().and_then(|a| a.parse().ok()).with_context(|| {
+            format!("the sidecar of {workload} did not say where its admin port is; use --proxy-admin")
+        })?;
+        match self {
+            Admin::Direct { http, .. } => {
+                let req = http::Request::get(format!("http://{admin}{path}")).body(Empty::new())?;
+                let rsp =
+                    http.request(req).await.with_context(|| format!("reaching the sidecar's admin port at {admin}"))?;
+                read_lines(rsp, &format!("{admin}{path}"), on_line).await
+            }
+            Admin::Kube { client, .. } => {
+                let (ns, pod) = workload.split_once('/').with_context(|| format!("workload {workload:?}"))?;
+                let what =
+                    || format!("port-forwarding to {ns}/{pod}:{} (needs create on pods/portforward)", admin.port());
+                let pods: kube::Api<Pod> = kube::Api::namespaced(client.clone(), ns);
+                let mut forward = pods.portforward(pod, &[admin.port()]).await.with_context(what)?;
+                let stream = forward.take_stream(admin.port()).with_context(what)?;
+                let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                    .await
+                    .with_context(what)?;
+                let conn = tokio::spawn(conn);
+                let req = http::Request::get(path)
+                    .header(http::header::HOST, format!("127.0.0.1:{}", admin.port()))
+                    .body(Empty::<Bytes>::new())?;
+                let rsp = send.send_request(req).await.with_context(what)?;
+                let result = read_lines(rsp, &format!("{workload}:{}{path}", admin.port()), on_line).await;
+                conn.abort();
+                forward.abort();
+                result
+            }
+        }
+    }
+}
+
+/// Feeds `rsp`'s body to `on_line` line by line; a non-200 answer is an error with its text.
+async fn read_lines<B>(rsp: http::Response<B>, what: &str, mut on_line: impl FnMut(&[u8]) -> bool) -> anyhow::Result<()>
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+    B::Error: std::error::Error + Send + Sync + 'static,
+{
+    let status = rsp.status();
+    let mut body = rsp.into_body();
+    if status != http::StatusCode::OK {
+        let text = body.collect().await?.to_bytes();
+        bail!("{what}: {status}: {}", String::from_utf8_lossy(&text).trim());
+    }
+    let mut pending = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame?.into_data() else { continue };
+        pending.extend_from_slice(&data);
+        while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=end).collect();
+            if !on_line(&line[..line.len() - 1]) {
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
+}
+
 fn pod_ready(p: &Pod) -> bool {
     p.metadata.deletion_timestamp.is_none()
         && p.status

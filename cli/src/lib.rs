@@ -21,3 +21,4 @@ pub mod inject;
 pub mod inspect;
 pub mod procs;
 pub mod proxy_config;
+pub mod tap;

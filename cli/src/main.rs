@@ -30,6 +30,8 @@ enum Cmd {
     Stat(weir::inspect::StatArgs),
     /// The service graph: who calls which Service, as which identity, over mTLS or not.
     Edges(weir::inspect::EdgesArgs),
+    /// The requests one sidecar handles, live (filtered and rate-limited inside the sidecar).
+    Tap(weir::tap::TapArgs),
     /// Print a shell completion script: `weir completions bash > /etc/bash_completion.d/weir`.
     Completions {
         #[arg(value_enum)]
@@ -87,6 +89,7 @@ fn main() -> std::process::ExitCode {
         },
         Cmd::Stat(args) => runtime().and_then(|rt| rt.block_on(weir::inspect::stat(args))),
         Cmd::Edges(args) => runtime().and_then(|rt| rt.block_on(weir::inspect::edges(args))),
+        Cmd::Tap(args) => runtime().and_then(|rt| rt.block_on(weir::tap::run(args))),
         Cmd::Inject(args) => weir::inject::run(args),
         Cmd::ProxyConfig(args) => runtime().and_then(|rt| rt.block_on(weir::proxy_config::run(args))),
         Cmd::Completions { shell } => {

@@ -79,7 +79,7 @@ pub async fn run(mut args: ProxyConfigArgs) -> anyhow::Result<()> {
 }
 
 /// The one connected sidecar of `workload`, as a controller lists it.
-async fn find(admin: &Admin, workload: &str) -> anyhow::Result<Value> {
+pub(crate) async fn find(admin: &Admin, workload: &str) -> anyhow::Result<Value> {
     let proxies = crate::inspect::connected(admin).await?;
     let matching: Vec<&Value> = proxies.iter().filter(|p| p["workload"] == workload).collect();
     match matching.as_slice() {

@@ -36,6 +36,7 @@ pub mod metrics;
 pub mod outbound;
 pub mod replay;
 pub mod server;
+pub mod tap;
 pub mod tls;
 pub mod trace;
 pub mod tunnel;
@@ -309,6 +310,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         }
     });
 
+    let taps = tap::Taps::counted(metrics.taps_open.clone());
     // Shared by every request (one reference count each), not cloned per request.
     let out = Arc::new(outbound::Outbound {
         config: config_rx.clone(),
@@ -321,6 +323,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         trust_domain: args.trust_domain.clone().into(),
         tunnels: tunnel::Tunnels::new(drain.clone(), args.shutdown_grace),
         access_log: args.access_log,
+        taps: taps.clone(),
     });
     let mut inb = inbound::Inbound::new(
         args.app_addr,
@@ -335,6 +338,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         },
     );
     inb.access_log = args.access_log;
+    inb.taps = taps.clone();
     inb.probe_paths = args.probe_paths.0.clone().into();
     let inb = Arc::new(inb);
     let grace = args.shutdown_grace;
@@ -382,6 +386,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         credentials: args.token_file.is_some().then_some(creds_rx),
         metrics,
         draining: draining.clone(),
+        taps,
     };
     let (admin_trigger, admin_drain) = rt::drain();
     let admin_task = tokio::spawn(weir_api::server::serve_admin(

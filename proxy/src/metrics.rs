@@ -89,6 +89,8 @@ pub struct Metrics {
     pub replays: IntCounterVec,
     /// Inbound TLS connections that were not mesh mTLS, carried untouched to the application.
     pub tls_passthrough: IntCounter,
+    /// `weir tap`s open on this sidecar.
+    pub taps_open: IntGauge,
     pub resilience: ResilienceMetrics,
     pub identity: crate::identity::IdentityMetrics,
 }
@@ -251,10 +253,13 @@ impl Metrics {
         )
         .unwrap();
         registry.register(Box::new(tls_passthrough.clone())).unwrap();
+        let taps_open = IntGauge::new("weir_taps_open", "weir tap streams open on this sidecar").unwrap();
+        registry.register(Box::new(taps_open.clone())).unwrap();
         let identity = crate::identity::IdentityMetrics::register(&registry);
         Self {
             replays,
             tls_passthrough,
+            taps_open,
             refused,
             tcp_connections,
             tcp_bytes,

@@ -299,3 +299,96 @@ async fn edges_show_who_calls_whom_as_which_identity() {
     seen.sort();
     assert_eq!(seen, vec![("test/legacy".to_string(), 3), ("test/web".to_string(), 7)], "{json}");
 }
+
+/// Starts `weir tap ARGS` and waits until the sidecar at `admin` counts one more open tap.
+async fn start_tap(admin: std::net::SocketAddr, args: &[&str]) -> tokio::process::Child {
+    let open = |m: String| {
+        m.lines().find_map(|l| l.strip_prefix("weir_taps_open ")?.parse::<i64>().ok()).unwrap_or_else(|| panic!("{m}"))
+    };
+    let before = open(admin_text(admin, "/metrics").await);
+    let child = tokio::process::Command::new(bin("weir"))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    wait_until("the tap to open", Duration::from_secs(10), || async move {
+        open(admin_text(admin, "/metrics").await) == before + 1
+    })
+    .await;
+    child
+}
+
+/// `weir tap` shows exactly the requests its filter matches, each once, with what the request
+/// was and nothing of its headers; a tap's rate holds whatever the load; the sidecar closes a
+/// tap when its client goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tap_shows_exactly_the_matching_requests_at_its_rate() {
+    let app = Backend::start("web").await;
+    let scratch = Scratch::new();
+    let pair = SidecarPair::start(&scratch, "web", app.addr).await;
+    let admin = pair.client.addr("admin");
+    let a = admin.to_string();
+    let tap = start_tap(admin, &["tap", "--proxy-admin", &a, "--path", "/api", "--max", "10", "-o", "json"]).await;
+    let mut sent = Vec::new();
+    for i in 0..14 {
+        let path = if i % 3 == 2 { "/other" } else { "/api/items" };
+        let id = format!("req-{i}");
+        let headers = [("authorization", "Bearer s3cret"), ("x-request-id", id.as_str())];
+        let r =
+            send(&http1(), pair.client.addr("outbound"), "GET", "web.test", &format!("{path}?token=q{i}"), &headers)
+                .await
+                .unwrap();
+        assert_eq!(r.status, 200);
+        if path == "/api/items" {
+            sent.push(id);
+        }
+    }
+    assert_eq!(sent.len(), 10);
+    let out = tokio::time::timeout(Duration::from_secs(10), tap.wait_with_output())
+        .await
+        .expect("--max 10 ends the tap")
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let events: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let ids: Vec<&str> = events.iter().map(|e| e["requestId"].as_str().unwrap()).collect();
+    assert_eq!(ids, sent.iter().map(String::as_str).collect::<Vec<_>>(), "{text}");
+    for e in &events {
+        assert_eq!(
+            (e["direction"].as_str(), e["method"].as_str(), e["path"].as_str()),
+            (Some("outbound"), Some("GET"), Some("/api/items"))
+        );
+        assert_eq!(
+            (e["status"].as_u64(), e["service"].as_str(), e["backend"].as_str()),
+            (Some(200), Some("test/web"), Some("test/web"))
+        );
+    }
+    assert!(!text.contains("s3cret") && !text.contains("token="), "a header or the query leaked: {text}");
+    // The tap closed with its client.
+    wait_until("the tap to close", Duration::from_secs(10), || async move {
+        admin_text(admin, "/metrics").await.contains("weir_taps_open 0")
+    })
+    .await;
+
+    // At 2 events a second, a burst of 60 requests shows at most the burst (2) plus what the
+    // time taken refills.
+    let tap = start_tap(admin, &["tap", "--proxy-admin", &a, "--rate", "2", "-o", "json"]).await;
+    let started = std::time::Instant::now();
+    for _ in 0..60 {
+        send(&http1(), pair.client.addr("outbound"), "GET", "web.test", "/", &[]).await.unwrap();
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    // Give the last events time to arrive, then end the tap.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut tap = tap;
+    tap.start_kill().unwrap();
+    let out = tap.wait_with_output().await.unwrap();
+    let shown = String::from_utf8(out.stdout).unwrap().lines().count() as f64;
+    assert!(shown >= 2.0 && shown <= 2.0 + 2.0 * (elapsed + 0.3) + 1.0, "{shown} events in {elapsed:.2}s at rate 2");
+
+    // A bad filter is refused with the reason.
+    let (code, _, err) = run_weir(&["tap", "--proxy-admin", &a, "--status", "7xx"]).await;
+    assert_ne!(code, Some(0));
+    assert!(err.contains("status \"7xx\""), "{err}");
+}

@@ -553,6 +553,7 @@ async fn iptables_send_pod_traffic_through_the_sidecars() {
     };
     assert_eq!(from_outside("/config", "GET").await, 403, "another pod read the mesh snapshot");
     assert_eq!(from_outside("/log-level?level=trace", "POST").await, 403, "another pod changed the log level");
+    assert_eq!(from_outside("/tap", "GET").await, 403, "another pod tapped b's traffic");
     assert_eq!(from_outside("/ready", "GET").await, 200);
     assert_eq!(from_outside("/live", "GET").await, 200);
     assert!(admin_in(&b.ns, "/config").await.contains("\"snapshot\""), "loopback reads /config");

@@ -59,6 +59,8 @@ pub struct Inbound {
     pub tunnels: crate::tunnel::Tunnels,
     /// The kubelet's probes of the application, admitted whatever the policy says.
     pub probe_paths: Arc<[weir_api::service::ProbePath]>,
+    /// Open `weir tap`s (shared with the outbound side and the admin port).
+    pub taps: crate::tap::Taps,
 }
 
 impl Inbound {
@@ -87,6 +89,7 @@ impl Inbound {
             access_log: false,
             tunnels,
             probe_paths: Arc::new([]),
+            taps: crate::tap::Taps::default(),
         }
     }
 
@@ -139,22 +142,50 @@ impl Inbound {
     pub async fn handle(self: Arc<Self>, mut req: Request<Incoming>, peer: crate::server::Peer) -> Response<Body> {
         let started = Instant::now();
         let ctx = crate::trace::hop(req.headers_mut());
-        let logged = self.access_log.then(|| (req.method().clone(), req.uri().path().to_string()));
+        let tapped = self.taps.active();
+        let seen = (self.access_log || tapped).then(|| {
+            let authority = req
+                .uri()
+                .authority()
+                .map(|a| a.to_string())
+                .or_else(|| req.headers().get(http::header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string))
+                .unwrap_or_default();
+            (req.method().clone(), req.uri().path().to_string(), authority)
+        });
         let who = peer.identity.clone();
         let rsp = self.serve(req, peer, started).await;
-        if let Some((method, path)) = logged {
-            tracing::info!(
-                target: "weir::access",
-                direction = "inbound",
-                %method,
-                %path,
-                status = rsp.status().as_u16(),
-                duration_ms = started.elapsed().as_secs_f64() * 1000.0,
-                client_identity = who.as_deref().unwrap_or(""),
-                request_id = %ctx.request_id(),
-                trace_id = %ctx.trace_id(),
-                span_id = %ctx.span_id(),
-            );
+        if let Some((method, path, authority)) = seen {
+            let latency = started.elapsed();
+            if self.access_log {
+                tracing::info!(
+                    target: "weir::access",
+                    direction = "inbound",
+                    %method,
+                    %path,
+                    status = rsp.status().as_u16(),
+                    duration_ms = latency.as_secs_f64() * 1000.0,
+                    client_identity = who.as_deref().unwrap_or(""),
+                    request_id = %ctx.request_id(),
+                    trace_id = %ctx.trace_id(),
+                    span_id = %ctx.span_id(),
+                );
+            }
+            if tapped {
+                let request_id = ctx.request_id().to_string();
+                self.taps.publish(&crate::tap::Event {
+                    direction: "inbound",
+                    method: method.as_str(),
+                    authority: &authority,
+                    path: &path,
+                    status: rsp.status().as_u16(),
+                    latency,
+                    service: &self.labels.service,
+                    route: "",
+                    backend: "",
+                    client_identity: who.as_deref().unwrap_or(""),
+                    request_id: &request_id,
+                });
+            }
         }
         rsp
     }

@@ -47,6 +47,8 @@ pub struct Outbound {
     pub tunnels: crate::tunnel::Tunnels,
     /// Log a line per request (target `weir::access`).
     pub access_log: bool,
+    /// Open `weir tap`s (shared with the inbound side and the admin port).
+    pub taps: crate::tap::Taps,
 }
 
 /// What one request needs on its way upstream, decided before the first attempt.
@@ -63,9 +65,14 @@ struct Call<'a> {
     upgrade: Option<HeaderValue>,
 }
 
-/// The backend Service that served (or failed) a request, for the access log.
+/// The Service, route and backend that served (or failed) a request, for the access log and
+/// taps.
 #[derive(Clone)]
-struct Upstream(Arc<str>);
+struct Upstream {
+    service: Arc<str>,
+    route: Arc<str>,
+    backend: Arc<str>,
+}
 
 impl Outbound {
     pub async fn handle(self: Arc<Self>, mut req: Request<Incoming>, peer: crate::server::Peer) -> Response<Body> {
@@ -74,7 +81,8 @@ impl Outbound {
             return self.tunnels.connect(req, config.as_deref(), self.clients.connect_timeout(), &self.metrics).await;
         }
         let ctx = crate::trace::hop(req.headers_mut());
-        if !self.access_log {
+        let tapped = self.taps.active();
+        if !self.access_log && !tapped {
             return self.proxy_request(req, peer).await;
         }
         let started = Instant::now();
@@ -86,22 +94,45 @@ impl Outbound {
             .or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string))
             .unwrap_or_default();
         let rsp = self.proxy_request(req, peer).await;
-        let upstream = rsp.extensions().get::<Upstream>().map(|u| u.0.clone()).unwrap_or_else(|| "".into());
-        let attempts = rsp.headers().get(&ATTEMPTS).and_then(|v| v.to_str().ok()).unwrap_or("1").to_string();
-        tracing::info!(
-            target: "weir::access",
-            direction = "outbound",
-            %method,
-            %authority,
-            path = uri.path(),
-            status = rsp.status().as_u16(),
-            duration_ms = started.elapsed().as_secs_f64() * 1000.0,
-            %upstream,
-            %attempts,
-            request_id = %ctx.request_id(),
-            trace_id = %ctx.trace_id(),
-            span_id = %ctx.span_id(),
-        );
+        let upstream = rsp.extensions().get::<Upstream>().cloned();
+        let (service, route, backend) = match &upstream {
+            Some(u) => (&*u.service, &*u.route, &*u.backend),
+            None => ("", "", ""),
+        };
+        let latency = started.elapsed();
+        if self.access_log {
+            let attempts = rsp.headers().get(&ATTEMPTS).and_then(|v| v.to_str().ok()).unwrap_or("1");
+            tracing::info!(
+                target: "weir::access",
+                direction = "outbound",
+                %method,
+                %authority,
+                path = uri.path(),
+                status = rsp.status().as_u16(),
+                duration_ms = latency.as_secs_f64() * 1000.0,
+                upstream = backend,
+                %attempts,
+                request_id = %ctx.request_id(),
+                trace_id = %ctx.trace_id(),
+                span_id = %ctx.span_id(),
+            );
+        }
+        if tapped {
+            let request_id = ctx.request_id().to_string();
+            self.taps.publish(&crate::tap::Event {
+                direction: "outbound",
+                method: method.as_str(),
+                authority: &authority,
+                path: uri.path(),
+                status: rsp.status().as_u16(),
+                latency,
+                service,
+                route,
+                backend,
+                client_identity: "",
+                request_id: &request_id,
+            });
+        }
         rsp
     }
 
@@ -328,12 +359,13 @@ impl Outbound {
                 (e.into_response_for(grpc), attempts)
             }
         };
-        let backend = labels.backend.clone();
+        let upstream =
+            Upstream { service: labels.service.clone(), route: labels.route.clone(), backend: labels.backend.clone() };
         let mut rsp = self.metrics.response(labels, rsp, started.elapsed());
         if attempts > 1 {
             rsp.headers_mut().insert(ATTEMPTS.clone(), HeaderValue::from(attempts));
         }
-        rsp.extensions_mut().insert(Upstream(backend));
+        rsp.extensions_mut().insert(upstream);
         rsp
     }
 
