@@ -162,10 +162,7 @@ impl Admin {
     /// GET `path` (JSON) from the admin port of a connected sidecar, as the controller's
     /// `/resources` lists it (`workload`, `admin`).
     pub async fn sidecar_get(&self, proxy: &serde_json::Value, path: &str) -> anyhow::Result<serde_json::Value> {
-        let workload = proxy["workload"].as_str().unwrap_or("?");
-        let admin: SocketAddr = proxy["admin"].as_str().and_then(|a| a.parse().ok()).with_context(|| {
-            format!("the sidecar of {workload} did not say where its admin port is; use --proxy-admin")
-        })?;
+        let (workload, admin) = sidecar_admin(proxy)?;
         match self {
             Admin::Direct { http, .. } => {
                 direct(http, admin, http::Method::GET, path, "the sidecar's admin port").await?.json(path)
@@ -194,10 +191,7 @@ impl Admin {
         path: &str,
         on_line: impl FnMut(&[u8]) -> bool,
     ) -> anyhow::Result<()> {
-        let workload = proxy["workload"].as_str().unwrap_or("?");
-        let admin: SocketAddr = proxy["admin"].as_str().and_then(|a| a.parse().ok()).with_context(|| {
-            format!("the sidecar of {workload} did not say where its admin port is; use --proxy-admin")
-        })?;
+        let (workload, admin) = sidecar_admin(proxy)?;
         match self {
             Admin::Direct { http, .. } => {
                 let req = http::Request::get(format!("http://{admin}{path}")).body(Empty::new())?;
@@ -207,20 +201,15 @@ impl Admin {
             }
             Admin::Kube { client, .. } => {
                 let (ns, pod) = workload.split_once('/').with_context(|| format!("workload {workload:?}"))?;
-                let what =
-                    || format!("port-forwarding to {ns}/{pod}:{} (needs create on pods/portforward)", admin.port());
-                let pods: kube::Api<Pod> = kube::Api::namespaced(client.clone(), ns);
-                let mut forward = pods.portforward(pod, &[admin.port()]).await.with_context(what)?;
-                let stream = forward.take_stream(admin.port()).with_context(what)?;
-                let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                    .await
-                    .with_context(what)?;
-                let conn = tokio::spawn(conn);
+                let (mut send, conn, forward) = port_forward_connect(client, ns, pod, admin.port()).await?;
                 let req = http::Request::get(path)
                     .header(http::header::HOST, format!("127.0.0.1:{}", admin.port()))
                     .body(Empty::<Bytes>::new())?;
-                let rsp = send.send_request(req).await.with_context(what)?;
-                let result = read_lines(rsp, &format!("{workload}:{}{path}", admin.port()), on_line).await;
+                let what = format!("{workload}:{}{path}", admin.port());
+                let result = match send.send_request(req).await {
+                    Ok(rsp) => read_lines(rsp, &what, on_line).await,
+                    Err(e) => Err(anyhow::anyhow!("{what}: {e}")),
+                };
                 conn.abort();
                 forward.abort();
                 result
@@ -255,6 +244,38 @@ where
     Ok(())
 }
 
+/// A connected sidecar's workload and admin address, as a controller lists it.
+fn sidecar_admin(proxy: &serde_json::Value) -> anyhow::Result<(&str, SocketAddr)> {
+    let workload = proxy["workload"].as_str().unwrap_or("?");
+    let admin = proxy["admin"]
+        .as_str()
+        .and_then(|a| a.parse().ok())
+        .with_context(|| format!("the sidecar of {workload} did not say where its admin port is; use --proxy-admin"))?;
+    Ok((workload, admin))
+}
+
+/// An HTTP/1.1 connection to `port` of a pod through a port-forward (`pods/portforward`, as
+/// `kubectl port-forward`: it reaches the pod from its own loopback). The caller aborts the
+/// returned task and forwarder when done.
+async fn port_forward_connect(
+    client: &kube::Client,
+    namespace: &str,
+    pod: &str,
+    port: u16,
+) -> anyhow::Result<(
+    hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
+    tokio::task::JoinHandle<Result<(), hyper::Error>>,
+    kube::api::Portforwarder,
+)> {
+    let what = || format!("port-forwarding to {namespace}/{pod}:{port} (needs create on pods/portforward)");
+    let pods: kube::Api<Pod> = kube::Api::namespaced(client.clone(), namespace);
+    let mut forward = pods.portforward(pod, &[port]).await.with_context(what)?;
+    let stream = forward.take_stream(port).with_context(what)?;
+    let (send, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.with_context(what)?;
+    Ok((send, tokio::spawn(conn), forward))
+}
+
 fn pod_ready(p: &Pod) -> bool {
     p.metadata.deletion_timestamp.is_none()
         && p.status
@@ -283,13 +304,8 @@ async fn port_forward_get(
     path: &str,
 ) -> anyhow::Result<Answer> {
     let what = || format!("port-forwarding to {namespace}/{pod}:{port} (needs create on pods/portforward)");
-    let pods: kube::Api<Pod> = kube::Api::namespaced(client.clone(), namespace);
     let attempt = async {
-        let mut forward = pods.portforward(pod, &[port]).await.with_context(what)?;
-        let stream = forward.take_stream(port).with_context(what)?;
-        let (mut send, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.with_context(what)?;
-        let conn = tokio::spawn(conn);
+        let (mut send, conn, forward) = port_forward_connect(client, namespace, pod, port).await?;
         let req = http::Request::get(path)
             .header(http::header::HOST, format!("127.0.0.1:{port}"))
             .header(http::header::CONNECTION, "close")

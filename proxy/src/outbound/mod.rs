@@ -110,7 +110,7 @@ impl Outbound {
                 path = uri.path(),
                 status = rsp.status().as_u16(),
                 duration_ms = latency.as_secs_f64() * 1000.0,
-                upstream = backend,
+                upstream = %backend,
                 %attempts,
                 request_id = %ctx.request_id(),
                 trace_id = %ctx.trace_id(),
