@@ -135,6 +135,31 @@ pub struct Edge {
     pub last_report_unix_ms: u64,
 }
 
+/// Room for `key` in a table bounded at `max`: when it is new and the table is full, the entry
+/// reported least recently goes. Returns how many went (0 or 1).
+fn make_room<K: Ord + Clone, V>(table: &mut BTreeMap<K, V>, key: &K, max: usize, last: impl Fn(&V) -> u64) -> u64 {
+    if table.contains_key(key) || table.len() < max {
+        return 0;
+    }
+    let stalest = table.iter().min_by_key(|(_, v)| last(v)).map(|(k, _)| k.clone());
+    stalest.map_or(0, |k| u64::from(table.remove(&k).is_some()))
+}
+
+/// Adds one reported series' latency histogram to a cumulative one (a sidecar with other
+/// buckets restarts it in its shape; a histogram of the wrong length is left out).
+fn add_latencies(bounds: &mut Vec<f64>, counts: &mut Vec<u64>, reported_bounds: &[f64], s: &proto::TrafficStats) {
+    if s.latency_counts.len() != reported_bounds.len() + 1 {
+        return;
+    }
+    if bounds.as_slice() != reported_bounds || counts.len() != s.latency_counts.len() {
+        *bounds = reported_bounds.to_vec();
+        *counts = vec![0; s.latency_counts.len()];
+    }
+    for (a, b) in counts.iter_mut().zip(&s.latency_counts) {
+        *a = a.saturating_add(*b);
+    }
+}
+
 #[derive(Default)]
 pub struct Reports {
     series: BTreeMap<SeriesKey, Series>,
@@ -159,13 +184,7 @@ impl Reports {
                 route: s.route.clone(),
                 backend: s.backend.clone(),
             };
-            if !self.series.contains_key(&key) && self.series.len() >= MAX_SERIES {
-                let stalest = self.series.iter().min_by_key(|(_, v)| v.last_report_unix_ms).map(|(k, _)| k.clone());
-                if let Some(k) = stalest {
-                    self.series.remove(&k);
-                    dropped += 1;
-                }
-            }
+            dropped += make_room(&mut self.series, &key, MAX_SERIES, |v| v.last_report_unix_ms);
             let e = self.series.entry(key).or_default();
             e.requests = e.requests.saturating_add(s.requests);
             e.failures = e.failures.saturating_add(s.failures.min(s.requests));
@@ -173,19 +192,7 @@ impl Reports {
                 e.latency_sum_seconds += s.latency_sum_seconds;
             }
             e.last_report_unix_ms = e.last_report_unix_ms.max(report.window_end_ms);
-            let shape_ok = s.latency_counts.len() == report.latency_bounds_seconds.len() + 1;
-            if shape_ok {
-                if e.latency_bounds_seconds != report.latency_bounds_seconds
-                    || e.latency_counts.len() != s.latency_counts.len()
-                {
-                    // A sidecar with other buckets: restart the histogram in its shape.
-                    e.latency_bounds_seconds = report.latency_bounds_seconds.clone();
-                    e.latency_counts = vec![0; s.latency_counts.len()];
-                }
-                for (a, b) in e.latency_counts.iter_mut().zip(&s.latency_counts) {
-                    *a = a.saturating_add(*b);
-                }
-            }
+            add_latencies(&mut e.latency_bounds_seconds, &mut e.latency_counts, &report.latency_bounds_seconds, s);
         }
         dropped
     }
@@ -209,29 +216,13 @@ impl Reports {
                 route: s.route.clone(),
                 backend: s.backend.clone(),
             };
-            if !self.edges.contains_key(&key) && self.edges.len() >= MAX_EDGES {
-                let stalest = self.edges.iter().min_by_key(|(_, v)| v.last_report_unix_ms).map(|(k, _)| k.clone());
-                if let Some(k) = stalest {
-                    self.edges.remove(&k);
-                    evicted += 1;
-                }
-            }
+            evicted += make_room(&mut self.edges, &key, MAX_EDGES, |v| v.last_report_unix_ms);
             let e = self.edges.entry(key).or_default();
             e.requests = e.requests.saturating_add(s.requests);
             e.failures = e.failures.saturating_add(s.failures.min(s.requests));
             e.mtls_requests = e.mtls_requests.saturating_add(s.mtls_requests.min(s.requests));
             e.last_report_unix_ms = e.last_report_unix_ms.max(report.window_end_ms);
-            if s.latency_counts.len() == report.latency_bounds_seconds.len() + 1 {
-                if e.latency_bounds_seconds != report.latency_bounds_seconds
-                    || e.latency_counts.len() != s.latency_counts.len()
-                {
-                    e.latency_bounds_seconds = report.latency_bounds_seconds.clone();
-                    e.latency_counts = vec![0; s.latency_counts.len()];
-                }
-                for (a, b) in e.latency_counts.iter_mut().zip(&s.latency_counts) {
-                    *a = a.saturating_add(*b);
-                }
-            }
+            add_latencies(&mut e.latency_bounds_seconds, &mut e.latency_counts, &report.latency_bounds_seconds, s);
         }
         evicted
     }
