@@ -251,7 +251,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let mut index = Index::default();
     let first = source.read().map_err(anyhow::Error::msg)?;
     index.replace_all(first.defs, first.unreadable);
-    log_findings(&index);
+    log_rejections(&index);
     metrics.rejected_resources.set(index.rejections().len() as i64);
     let (verdict_tx, verdict_rx) =
         watch::channel(Arc::new(first.generations.as_ref().map(|g| status::verdicts(&index, g)).unwrap_or_default()));
@@ -268,7 +268,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     canaries.set_requests(first.canary_requests);
     let routing = routing_rx.borrow_and_update().clone();
-    let (state_tx, state_rx) = watch::channel(Arc::new(MeshState::build(&index, &routing, 1, Instant::now(), None)));
+    let first_state = MeshState::build(&index, &routing, 1, Instant::now(), None);
+    log_warnings(&first_state, None);
+    let (state_tx, state_rx) = watch::channel(Arc::new(first_state));
 
     let grpc_listener =
         TcpListener::bind(args.grpc_addr).await.with_context(|| format!("binding {}", args.grpc_addr))?;
@@ -494,6 +496,7 @@ impl Reload {
             let prev = self.state.borrow().clone();
             let built = Instant::now();
             let next = MeshState::build(&self.index, &routing, generation, changed_at, Some(&prev));
+            log_warnings(&next, Some(&prev));
             tracing::debug!(
                 generation,
                 build_ms = built.elapsed().as_secs_f64() * 1e3,
@@ -527,7 +530,7 @@ impl Reload {
                 "configuration changed"
             );
         }
-        log_findings(index);
+        log_rejections(index);
         self.metrics.rejected_resources.set(index.rejections().len() as i64);
         // Replicas that do not lead route canaries as the leader's statuses say.
         if let Some(written) = &read.canary_statuses
@@ -664,12 +667,18 @@ fn replica_name() -> String {
     format!("{host}-{}", std::process::id())
 }
 
-/// Every rejection, and every warning `weir analyze` would give about what is in force.
-fn log_findings(index: &Index) {
+fn log_rejections(index: &Index) {
     for r in index.rejections() {
         tracing::warn!(rejected = %r, "resource rejected");
     }
-    for w in analyze::warnings(index) {
+}
+
+/// The warnings `weir analyze` would give about what is in force, when they are new.
+fn log_warnings(state: &MeshState, previous: Option<&MeshState>) {
+    if previous.is_some_and(|p| Arc::ptr_eq(&p.warnings, &state.warnings)) {
+        return;
+    }
+    for w in state.warnings.iter() {
         tracing::warn!(warning = %w, "resource accepted, with a warning");
     }
 }

@@ -84,6 +84,14 @@ impl MeshState {
             Some(p) if *p.canaries == canaries => p.canaries.clone(),
             _ => Arc::new(canaries),
         };
+        let resources: BTreeMap<ResourceKey, (String, u64)> =
+            index.entries().iter().map(|(k, e)| (k.clone(), (e.origin.clone(), e.version))).collect();
+        // Warnings are about the resources in force: judged again only when they changed (a
+        // canary step republishes the same resources).
+        let warnings = match previous {
+            Some(p) if *p.resources == resources => p.warnings.clone(),
+            _ => Arc::new(crate::analyze::warnings(index)),
+        };
         MeshState {
             generation,
             changed_at,
@@ -91,11 +99,9 @@ impl MeshState {
             services_wire,
             authorizations,
             canaries,
-            resources: Arc::new(
-                index.entries().iter().map(|(k, e)| (k.clone(), (e.origin.clone(), e.version))).collect(),
-            ),
+            resources: Arc::new(resources),
             rejections: Arc::new(index.rejections().to_vec()),
-            warnings: Arc::new(crate::analyze::warnings(index)),
+            warnings,
             resource_versions: std::sync::OnceLock::new(),
             inbound_limits: std::sync::OnceLock::new(),
             deltas: std::sync::Mutex::default(),

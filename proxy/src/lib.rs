@@ -310,7 +310,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         }
     });
 
-    let taps = tap::Taps::counted(metrics.taps_open.clone());
+    let taps = tap::Taps::counted(metrics.taps_open.clone(), metrics.tap_events.clone());
     // Shared by every request (one reference count each), not cloned per request.
     let out = Arc::new(outbound::Outbound {
         config: config_rx.clone(),

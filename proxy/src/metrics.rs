@@ -89,8 +89,9 @@ pub struct Metrics {
     pub replays: IntCounterVec,
     /// Inbound TLS connections that were not mesh mTLS, carried untouched to the application.
     pub tls_passthrough: IntCounter,
-    /// `weir tap`s open on this sidecar.
+    /// `weir tap`s open on this sidecar, and what became of the events they matched.
     pub taps_open: IntGauge,
+    pub tap_events: IntCounterVec,
     pub resilience: ResilienceMetrics,
     pub identity: crate::identity::IdentityMetrics,
 }
@@ -255,11 +256,21 @@ impl Metrics {
         registry.register(Box::new(tls_passthrough.clone())).unwrap();
         let taps_open = IntGauge::new("weir_taps_open", "weir tap streams open on this sidecar").unwrap();
         registry.register(Box::new(taps_open.clone())).unwrap();
+        let tap_events = IntCounterVec::new(
+            Opts::new(
+                "weir_tap_events_total",
+                "Requests a weir tap's filter matched, by what became of them: shown, rate_limited (past the tap's rate), queue_full (its client read too slowly)",
+            ),
+            &["result"],
+        )
+        .unwrap();
+        registry.register(Box::new(tap_events.clone())).unwrap();
         let identity = crate::identity::IdentityMetrics::register(&registry);
         Self {
             replays,
             tls_passthrough,
             taps_open,
+            tap_events,
             refused,
             tcp_connections,
             tcp_bytes,

@@ -148,8 +148,9 @@ struct Inner {
     open: AtomicUsize,
     subscribers: Mutex<Vec<Subscriber>>,
     next_id: std::sync::atomic::AtomicU64,
-    /// `weir_taps_open`, when registered.
+    /// `weir_taps_open` and `weir_tap_events_total{result}`, when registered.
     gauge: Option<prometheus::IntGauge>,
+    events: Option<prometheus::IntCounterVec>,
 }
 
 /// An open tap: its events, and its place among the open taps until dropped.
@@ -172,9 +173,16 @@ impl Drop for Open {
 }
 
 impl Taps {
-    /// Taps whose number open is the gauge `open`.
-    pub fn counted(open: prometheus::IntGauge) -> Self {
-        Taps { inner: Arc::new(Inner { gauge: Some(open), ..Default::default() }) }
+    /// Taps counted in metrics: how many are open (`open`), and what became of each event a
+    /// tap's filter matched (`events`, by result: shown, rate_limited, queue_full).
+    pub fn counted(open: prometheus::IntGauge, events: prometheus::IntCounterVec) -> Self {
+        Taps { inner: Arc::new(Inner { gauge: Some(open), events: Some(events), ..Default::default() }) }
+    }
+
+    fn count(&self, result: &str) {
+        if let Some(c) = &self.inner.events {
+            c.with_label_values(&[result]).inc();
+        }
     }
 
     fn set_open(&self, n: usize) {
@@ -213,11 +221,12 @@ impl Taps {
             s.tokens = (s.tokens + now.duration_since(s.last).as_secs_f64() * s.rate).min(s.rate.max(1.0));
             s.last = now;
             if s.tokens < 1.0 {
+                self.count("rate_limited");
                 continue;
             }
             s.tokens -= 1.0;
             let line = line.get_or_insert_with(|| render(event)).clone();
-            let _ = s.tx.try_send(line);
+            self.count(if s.tx.try_send(line).is_ok() { "shown" } else { "queue_full" });
         }
     }
 }

@@ -372,20 +372,33 @@ async fn tap_shows_exactly_the_matching_requests_at_its_rate() {
     .await;
 
     // At 2 events a second, a burst of 60 requests shows at most the burst (2) plus what the
-    // time taken refills.
-    let tap = start_tap(admin, &["tap", "--proxy-admin", &a, "--rate", "2", "-o", "json"]).await;
+    // time taken refills; the sidecar counts what it showed and what it held back.
+    let events = |m: &str, result: &str| {
+        let prefix = format!("weir_tap_events_total{{result=\"{result}\"}} ");
+        m.lines().find_map(|l| l.strip_prefix(&prefix)?.parse::<u64>().ok()).unwrap_or(0)
+    };
+    let before = admin_text(admin, "/metrics").await;
+    let mut tap = start_tap(admin, &["tap", "--proxy-admin", &a, "--rate", "2", "-o", "json"]).await;
     let started = std::time::Instant::now();
     for _ in 0..60 {
         send(&http1(), pair.client.addr("outbound"), "GET", "web.test", "/", &[]).await.unwrap();
     }
     let elapsed = started.elapsed().as_secs_f64();
-    // Give the last events time to arrive, then end the tap.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let mut tap = tap;
+    // Each event is handed to the tap before its response leaves the sidecar.
+    let after = admin_text(admin, "/metrics").await;
+    let shown = events(&after, "shown") - events(&before, "shown");
+    let limited = events(&after, "rate_limited") - events(&before, "rate_limited");
+    assert_eq!(shown + limited, 60, "{after}");
+    assert!(shown >= 2 && shown as f64 <= 2.0 + 2.0 * elapsed + 1.0, "{shown} shown in {elapsed:.2}s at rate 2");
+    // And the client prints exactly those.
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(tap.stdout.take().unwrap()));
+    for _ in 0..shown {
+        let line = tokio::time::timeout(Duration::from_secs(10), lines.next_line()).await.expect("an event").unwrap();
+        assert!(line.is_some_and(|l| l.contains("\"status\":200")));
+    }
     tap.start_kill().unwrap();
-    let out = tap.wait_with_output().await.unwrap();
-    let shown = String::from_utf8(out.stdout).unwrap().lines().count() as f64;
-    assert!(shown >= 2.0 && shown <= 2.0 + 2.0 * (elapsed + 0.3) + 1.0, "{shown} events in {elapsed:.2}s at rate 2");
+    assert_eq!(lines.next_line().await.unwrap(), None, "more events printed than the sidecar showed");
+    let _ = tap.wait().await;
 
     // A bad filter is refused with the reason.
     let (code, _, err) = run_weir(&["tap", "--proxy-admin", &a, "--status", "7xx"]).await;
