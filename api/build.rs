@@ -1,8 +1,13 @@
-//! Compiles `proto/weir/v1/*.proto` with the pure-Rust `protox` compiler (no protoc download)
-//! and hands the descriptors to tonic's code generator.
+//! Compiles `proto/weir/v1/*.proto` and the vendored OTLP trace protocol
+//! (`proto/opentelemetry/`) with the pure-Rust `protox` compiler (no protoc download) and hands
+//! the descriptors to tonic's code generator.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/weir/v1/discovery.proto", "proto/weir/v1/identity.proto"];
+    let protos = [
+        "proto/weir/v1/discovery.proto",
+        "proto/weir/v1/identity.proto",
+        "proto/opentelemetry/proto/collector/trace/v1/trace_service.proto",
+    ];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
     }

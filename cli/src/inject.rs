@@ -95,6 +95,8 @@ pub fn run(args: InjectArgs) -> anyhow::Result<()> {
         image_pull_secrets: args.proxy_image_pull_secrets,
         trust_anchors_pem: read_anchors(&args.trust_anchors)?,
         controller_identity: args.controller_identity,
+        // Pods ask for span export with their `weir.io/trace-*` annotations.
+        tracing: Default::default(),
     };
     let (yaml, report) = inject_text(&text, &settings)?;
     print!("{yaml}");

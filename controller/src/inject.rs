@@ -14,8 +14,11 @@
 //! `weir.io/skip-inbound-ports`, `weir.io/skip-outbound-ports`, `weir.io/skip-outbound-cidrs`,
 //! `weir.io/opaque-ports` (inbound ports carried as TCP without protocol detection),
 //! `weir.io/proxy-cpu-request`, `weir.io/proxy-memory-request`, `weir.io/proxy-cpu-limit`,
-//! `weir.io/proxy-memory-limit`, `weir.io/proxy-log-level`. A pod that already has a
-//! `weir-proxy` container is left as it is.
+//! `weir.io/proxy-memory-limit`, `weir.io/proxy-log-level`, and for span export
+//! `weir.io/trace-collector` (an OTLP collector's `http://` address, or `none`),
+//! `weir.io/trace-protocol` (`grpc` or `http`) and `weir.io/trace-sampling` (0 to 1), each
+//! over the installation's setting. A pod that already has a `weir-proxy` container is left
+//! as it is.
 
 use serde_json::{Value, json};
 
@@ -46,6 +49,25 @@ pub struct Settings {
     pub trust_anchors_pem: String,
     /// The controller's identity, `NAMESPACE/SERVICEACCOUNT`.
     pub controller_identity: String,
+    /// Span export for every injected sidecar (pods' annotations override it).
+    pub tracing: TraceSettings,
+}
+
+/// Where injected sidecars export spans (see `weir-proxy --trace-collector`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TraceSettings {
+    /// The OTLP collector; `None`: no span export unless a pod's annotation asks for it.
+    pub collector: Option<http::Uri>,
+    pub protocol: weir_api::telemetry::Protocol,
+    pub sampling: f64,
+    /// Resource attributes added to every sidecar's spans.
+    pub attributes: Vec<(String, String)>,
+}
+
+impl Default for TraceSettings {
+    fn default() -> Self {
+        Self { collector: None, protocol: weir_api::telemetry::Protocol::Grpc, sampling: 0.01, attributes: Vec::new() }
+    }
 }
 
 impl Default for Settings {
@@ -57,6 +79,7 @@ impl Default for Settings {
             image_pull_secrets: Vec::new(),
             trust_anchors_pem: String::new(),
             controller_identity: "weir-system/weir-controller".into(),
+            tracing: TraceSettings::default(),
         }
     }
 }
@@ -101,7 +124,7 @@ pub fn inject_pod(pod: &mut Value, settings: &Settings) -> Result<Option<Skipped
         return Ok(Some(skipped));
     }
     // Every annotation is checked before anything changes: a bad one leaves the pod as it was.
-    let options = Options::read(&annotations)?;
+    let options = Options::read(&annotations, settings)?;
     let probe_paths = serde_json::to_string(&app_probes(spec)).expect("probe paths serialise");
     let init = init_container(settings, &options);
     let proxy = proxy_container(settings, &options, &labels, &probe_paths);
@@ -131,10 +154,12 @@ struct Options {
     opaque_ports: String,
     resources: Value,
     log_level: String,
+    /// Span export as the annotations adjust the installation's (collector `None`: off).
+    tracing: TraceSettings,
 }
 
 impl Options {
-    fn read(annotations: &serde_json::Map<String, Value>) -> Result<Self, InjectError> {
+    fn read(annotations: &serde_json::Map<String, Value>, settings: &Settings) -> Result<Self, InjectError> {
         let annotation = |k: &str| annotations.get(k).and_then(|v| v.as_str()).map(str::to_string);
         // A comma-separated annotation, checked whole by `check`, then normalised.
         let list = |key: &str, check: fn(&str) -> Result<(), String>| -> Result<Option<String>, InjectError> {
@@ -179,7 +204,23 @@ impl Options {
                 format!("{log_level:?} is not a log level"),
             ));
         }
+        let mut tracing = settings.tracing.clone();
+        let checked = |key: &str| -> Option<(String, String)> { annotation(key).map(|v| (key.to_string(), v)) };
+        let bad = |key: &str, m: String| err(format!("metadata.annotations[{key}]"), m);
+        if let Some((key, v)) = checked("weir.io/trace-collector") {
+            tracing.collector = match v.trim() {
+                "none" => None,
+                v => Some(weir_api::telemetry::parse_collector(v).map_err(|m| bad(&key, m))?),
+            };
+        }
+        if let Some((key, v)) = checked("weir.io/trace-protocol") {
+            tracing.protocol = v.trim().parse().map_err(|m| bad(&key, m))?;
+        }
+        if let Some((key, v)) = checked("weir.io/trace-sampling") {
+            tracing.sampling = weir_api::telemetry::parse_sampling(&v).map_err(|m| bad(&key, m))?;
+        }
         Ok(Options {
+            tracing,
             skip_inbound,
             skip_outbound: list("weir.io/skip-outbound-ports", port_check)?,
             skip_cidrs: list("weir.io/skip-outbound-cidrs", cidr_check)?,
@@ -229,7 +270,7 @@ fn proxy_container(settings: &Settings, options: &Options, labels: &[String], pr
     let field = |path: &str| json!({"fieldRef": {"fieldPath": path}});
     let probe =
         |path: &str| json!({"httpGet": {"path": path, "port": ADMIN_PORT}, "periodSeconds": 5, "failureThreshold": 3});
-    json!({
+    let mut container = json!({
         "name": PROXY,
         "image": settings.proxy_image,
         "command": ["weir-proxy"],
@@ -265,7 +306,21 @@ fn proxy_container(settings: &Settings, options: &Options, labels: &[String], pr
             "capabilities": {"drop": ["ALL"]},
         },
         "volumeMounts": [{"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": true}],
-    })
+    });
+    let t = &options.tracing;
+    if let (Some(collector), Some(env)) = (&t.collector, container["env"].as_array_mut()) {
+        // The pod's own name, expanded by the kubelet from the variable above.
+        let attributes: Vec<String> = std::iter::once("k8s.pod.name=$(POD_NAME)".to_string())
+            .chain(t.attributes.iter().map(|(k, v)| format!("{k}={v}")))
+            .collect();
+        env.extend([
+            json!({"name": "WEIR_TRACE_COLLECTOR", "value": collector.to_string()}),
+            json!({"name": "WEIR_TRACE_PROTOCOL", "value": t.protocol.to_string()}),
+            json!({"name": "WEIR_TRACE_SAMPLING", "value": t.sampling.to_string()}),
+            json!({"name": "WEIR_TRACE_ATTRIBUTES", "value": attributes.join(",")}),
+        ]);
+    }
+    container
 }
 
 /// Puts the containers, the projected token volume and the image pull secrets into the spec.
@@ -488,6 +543,9 @@ mod tests {
             (json!({"weir.io/skip-outbound-cidrs": "fd00::/8"}), "weir.io/skip-outbound-cidrs", "IPv6"),
             (json!({"weir.io/skip-outbound-cidrs": "10.0.0.0"}), "weir.io/skip-outbound-cidrs", "is not ADDR/BITS"),
             (json!({"weir.io/proxy-memory-limit": "lots"}), "weir.io/proxy-memory-limit", "not a resource quantity"),
+            (json!({"weir.io/trace-collector": "otel:4317"}), "weir.io/trace-collector", "expected http://"),
+            (json!({"weir.io/trace-sampling": "5%"}), "weir.io/trace-sampling", "from 0 to 1"),
+            (json!({"weir.io/trace-protocol": "zipkin"}), "weir.io/trace-protocol", "grpc or http"),
         ] {
             let mut d = deployment(annotations);
             let e = inject_manifest(&mut d, &Settings::default()).unwrap_err();
@@ -496,5 +554,50 @@ mod tests {
         }
         let mut d = json!({"kind": "Deployment", "metadata": {"name": "x"}, "spec": {}});
         assert_eq!(inject_manifest(&mut d, &Settings::default()).unwrap_err().field, "spec.template");
+    }
+
+    #[test]
+    fn span_export_comes_from_the_installation_and_the_pods_annotations() {
+        let env = |d: &Value| -> serde_json::Map<String, Value> {
+            let proxy = &d["spec"]["template"]["spec"]["initContainers"][1];
+            proxy["env"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| (e["name"].as_str().unwrap().to_string(), e["value"].clone()))
+                .collect()
+        };
+        // Off by default.
+        let mut d = deployment(json!({}));
+        inject_manifest(&mut d, &Settings::default()).unwrap();
+        assert!(!env(&d).contains_key("WEIR_TRACE_COLLECTOR"));
+        // On for the installation; the pod's annotations adjust it, or turn it off.
+        let settings = Settings {
+            tracing: TraceSettings {
+                collector: Some("http://otel.observability:4317".parse().unwrap()),
+                attributes: vec![("deployment.environment".into(), "prod".into())],
+                ..TraceSettings::default()
+            },
+            ..Settings::default()
+        };
+        let mut d = deployment(json!({}));
+        inject_manifest(&mut d, &settings).unwrap();
+        let e = env(&d);
+        assert_eq!(e["WEIR_TRACE_COLLECTOR"], "http://otel.observability:4317/");
+        assert_eq!(e["WEIR_TRACE_PROTOCOL"], "grpc");
+        assert_eq!(e["WEIR_TRACE_SAMPLING"], "0.01");
+        assert_eq!(e["WEIR_TRACE_ATTRIBUTES"], "k8s.pod.name=$(POD_NAME),deployment.environment=prod");
+        let mut d = deployment(json!({"weir.io/trace-sampling": "1", "weir.io/trace-protocol": "http",
+                                      "weir.io/trace-collector": "http://otel:4318"}));
+        inject_manifest(&mut d, &settings).unwrap();
+        let e = env(&d);
+        assert_eq!(
+            (&e["WEIR_TRACE_COLLECTOR"], &e["WEIR_TRACE_PROTOCOL"]),
+            (&json!("http://otel:4318/"), &json!("http"))
+        );
+        assert_eq!(e["WEIR_TRACE_SAMPLING"], "1");
+        let mut d = deployment(json!({"weir.io/trace-collector": "none"}));
+        inject_manifest(&mut d, &settings).unwrap();
+        assert!(!env(&d).contains_key("WEIR_TRACE_COLLECTOR"));
     }
 }

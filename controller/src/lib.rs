@@ -143,6 +143,21 @@ pub struct Args {
     /// Where injected sidecars reach this controller.
     #[arg(long, env = "WEIR_INJECT_CONTROLLER_ADDR", default_value_t = inject::Settings::default().controller_addr)]
     pub inject_controller_addr: String,
+    /// The OpenTelemetry collector injected sidecars export spans to (`http://HOST:PORT`, its
+    /// OTLP receiver); without it they export none unless a pod's `weir.io/trace-collector`
+    /// annotation names one.
+    #[arg(long, env = "WEIR_INJECT_TRACE_COLLECTOR", value_parser = weir_api::telemetry::parse_collector)]
+    pub inject_trace_collector: Option<http::Uri>,
+    /// The injected sidecars' OTLP protocol: `grpc` or `http` (`weir.io/trace-protocol`).
+    #[arg(long, env = "WEIR_INJECT_TRACE_PROTOCOL", default_value = "grpc")]
+    pub inject_trace_protocol: weir_api::telemetry::Protocol,
+    /// The share of new traces injected sidecars record, 0 to 1 (`weir.io/trace-sampling`).
+    #[arg(long, env = "WEIR_INJECT_TRACE_SAMPLING", default_value = "0.01", value_parser = weir_api::telemetry::parse_sampling)]
+    pub inject_trace_sampling: f64,
+    /// Resource attributes of injected sidecars' spans, `key=value` (repeat, or separate with
+    /// commas).
+    #[arg(long = "inject-trace-attribute", env = "WEIR_INJECT_TRACE_ATTRIBUTES", value_delimiter = ',', value_parser = weir_api::telemetry::parse_attribute)]
+    pub inject_trace_attributes: Vec<(String, String)>,
     /// This replica's name in the Lease; default: `POD_NAME`, else `<hostname>-<pid>`.
     #[arg(long, env = "WEIR_REPLICA_NAME")]
     pub replica_name: Option<String>,
@@ -640,6 +655,12 @@ async fn start_webhook(
         // Filled from the CA in force at each admission.
         trust_anchors_pem: String::new(),
         controller_identity: format!("{}/{}", args.controller_identity.0, args.controller_identity.1),
+        tracing: inject::TraceSettings {
+            collector: args.inject_trace_collector.clone(),
+            protocol: args.inject_trace_protocol,
+            sampling: args.inject_trace_sampling,
+            attributes: args.inject_trace_attributes.clone(),
+        },
     };
     background.push(tokio::spawn(webhook::serve(
         listener,

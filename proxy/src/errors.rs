@@ -65,6 +65,28 @@ impl ProxyError {
         }
     }
 
+    /// A short name of what went wrong (a span's `error.type`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ProxyError::NoAuthority => "no_authority",
+            ProxyError::UnknownService { .. } => "unknown_service",
+            ProxyError::NoSuchPort { .. } => "no_such_port",
+            ProxyError::NoWeightedBackend { .. } => "no_weighted_backend",
+            ProxyError::NoEndpoints { .. } => "no_endpoints",
+            ProxyError::Connect { .. } => "connect",
+            ProxyError::Upstream { .. } => "upstream",
+            ProxyError::CircuitOpen { .. } => "circuit_open",
+            ProxyError::BulkheadFull { .. } | ProxyError::MaxConnections { .. } => "bulkhead_full",
+            ProxyError::RateLimited { .. } => "rate_limited",
+            ProxyError::FaultAbort { .. } => "fault",
+            ProxyError::ClientBody { .. } => "client_body",
+            ProxyError::Timeout { .. } => "timeout",
+            ProxyError::Forbidden { .. } => "forbidden",
+            ProxyError::NoApp => "no_app",
+            ProxyError::NotReady => "not_ready",
+        }
+    }
+
     /// The upstream never processed the request (see [`is_refused_stream`]).
     pub fn unprocessed(&self) -> bool {
         matches!(self, ProxyError::Upstream { refused: true, .. })

@@ -17,6 +17,8 @@
 //! - [`body`]: body types and hop-by-hop header handling.
 //! - [`replay`]: request bodies kept (bounded) so an attempt can be sent again.
 //! - [`metrics`]: Prometheus series and the Reports sent to the controller.
+//! - [`trace`]: request ids, W3C trace context, and spans exported over OTLP.
+//! - [`tap`]: `weir tap`'s live view of requests.
 //! - [`admin`]: `/live`, `/ready`, `/metrics`, `/config`.
 //! - [`init`]: `weir-proxy init`, the iptables rules for transparent interception.
 #![forbid(unsafe_code)]
@@ -146,6 +148,45 @@ pub struct Args {
     /// whatever the MeshAuthorizations say, so a strict policy does not fail the pod's probes.
     #[arg(long, env = "WEIR_PROBE_PATHS", default_value = "", value_parser = parse_probe_paths)]
     pub probe_paths: ProbePaths,
+    /// Export spans to this OpenTelemetry collector, `http://HOST:PORT` (its OTLP receiver;
+    /// without it no span is recorded, and trace context is only passed on).
+    #[arg(long, env = "WEIR_TRACE_COLLECTOR", value_parser = weir_api::telemetry::parse_collector)]
+    pub trace_collector: Option<http::Uri>,
+    /// How spans reach the collector: `grpc` (OTLP/gRPC, port 4317) or `http` (OTLP/HTTP
+    /// protobuf, port 4318, `POST /v1/traces` unless the address has a path).
+    #[arg(long, env = "WEIR_TRACE_PROTOCOL", default_value = "grpc")]
+    pub trace_protocol: trace::export::Protocol,
+    /// The share of new traces recorded, from 0 to 1. A request that arrives with trace
+    /// context follows its sampled flag whatever this says.
+    #[arg(long, env = "WEIR_TRACE_SAMPLING", default_value = "0.01", value_parser = weir_api::telemetry::parse_sampling)]
+    pub trace_sampling: f64,
+    /// Resource attributes of exported spans, `key=value`, repeated or comma-separated
+    /// (`service.name` defaults to the workload's `app.kubernetes.io/name` or `app` label, else
+    /// its name; `service.namespace` and `k8s.namespace.name` to its namespace).
+    #[arg(long = "trace-attribute", env = "WEIR_TRACE_ATTRIBUTES", value_delimiter = ',', value_parser = weir_api::telemetry::parse_attribute)]
+    pub trace_attributes: Vec<(String, String)>,
+}
+
+impl Args {
+    /// The spans' resource: the workload's defaults, overridden by `--trace-attribute`.
+    fn trace_resource(&self) -> Vec<(String, String)> {
+        let (ns, name) = &self.workload;
+        let label = |k: &str| self.labels.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone());
+        let service = label("app.kubernetes.io/name").or_else(|| label("app")).unwrap_or_else(|| name.clone());
+        let mut attrs: BTreeMap<String, String> = [
+            ("service.name", service),
+            ("service.namespace", ns.clone()),
+            ("k8s.namespace.name", ns.clone()),
+            ("weir.workload", format!("{ns}/{name}")),
+            ("telemetry.sdk.name", "weir-proxy".to_string()),
+            ("telemetry.sdk.version", env!("CARGO_PKG_VERSION").to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        attrs.extend(self.trace_attributes.iter().cloned());
+        attrs.into_iter().collect()
+    }
 }
 
 /// The kubelet's probes the inbound side admits (see [`Args::probe_paths`]).
@@ -311,6 +352,20 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     });
 
     let taps = tap::Taps::counted(metrics.taps_open.clone(), metrics.tap_events.clone());
+    let (trace_trigger, trace_drain) = rt::drain();
+    let (tracer, trace_task) = match &args.trace_collector {
+        Some(collector) => {
+            let cfg = trace::export::ExportConfig::new(
+                collector.clone(),
+                args.trace_protocol,
+                args.trace_sampling,
+                args.trace_resource(),
+            );
+            let (tracer, task) = trace::export::start(cfg, metrics.trace.clone(), trace_drain);
+            (tracer, Some(task))
+        }
+        None => (trace::Tracer::default(), None),
+    };
     // Shared by every request (one reference count each), not cloned per request.
     let out = Arc::new(outbound::Outbound {
         config: config_rx.clone(),
@@ -324,6 +379,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         tunnels: tunnel::Tunnels::new(drain.clone(), args.shutdown_grace),
         access_log: args.access_log,
         taps: taps.clone(),
+        tracer: tracer.clone(),
     });
     let mut inb = inbound::Inbound::new(
         args.app_addr,
@@ -339,6 +395,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     );
     inb.access_log = args.access_log;
     inb.taps = taps.clone();
+    inb.tracer = tracer;
     inb.probe_paths = args.probe_paths.0.clone().into();
     let inb = Arc::new(inb);
     let grace = args.shutdown_grace;
@@ -404,6 +461,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     draining.store(true, Ordering::Release);
     trigger.trigger();
     let _ = tokio::join!(outbound_task, inbound_task);
+    // The last requests' spans go out before the sidecar does.
+    trace_trigger.trigger();
+    if let Some(task) = trace_task {
+        let _ = task.await;
+    }
     // Traffic has drained; now the control stream and the admin port can go.
     control_trigger.trigger();
     admin_trigger.trigger();

@@ -92,6 +92,7 @@ pub struct Metrics {
     /// `weir tap`s open on this sidecar, and what became of the events they matched.
     pub taps_open: IntGauge,
     pub tap_events: IntCounterVec,
+    pub trace: crate::trace::TraceMetrics,
     pub resilience: ResilienceMetrics,
     pub identity: crate::identity::IdentityMetrics,
 }
@@ -266,11 +267,13 @@ impl Metrics {
         .unwrap();
         registry.register(Box::new(tap_events.clone())).unwrap();
         let identity = crate::identity::IdentityMetrics::register(&registry);
+        let trace = crate::trace::TraceMetrics::register(&registry);
         Self {
             replays,
             tls_passthrough,
             taps_open,
             tap_events,
+            trace,
             refused,
             tcp_connections,
             tcp_bytes,

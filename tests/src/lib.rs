@@ -229,6 +229,18 @@ impl IdentityMesh {
         clients: &[&str],
         server_flags: &[String],
     ) -> Self {
+        Self::start_with(scratch, name, app, clients, server_flags, &[]).await
+    }
+
+    /// [`IdentityMesh::start`] with extra flags for every client sidecar too.
+    pub async fn start_with(
+        scratch: &Scratch,
+        name: &str,
+        app: SocketAddr,
+        clients: &[&str],
+        server_flags: &[String],
+        client_flags: &[String],
+    ) -> Self {
         let accounts: Vec<(String, String)> = std::iter::once(name)
             .chain(clients.iter().copied())
             .map(|sa| (format!("t-{sa}"), format!("test/{sa}")))
@@ -243,9 +255,9 @@ impl IdentityMesh {
         let server = scratch.proxy_with(grpc, &format!("test/{name}"), Some(app), &flags).await;
         let mut started = Vec::new();
         for sa in clients {
-            started.push(
-                scratch.proxy_with(grpc, &format!("test/{sa}"), None, &scratch.token_flags(&format!("t-{sa}"))).await,
-            );
+            let mut flags = scratch.token_flags(&format!("t-{sa}"));
+            flags.extend_from_slice(client_flags);
+            started.push(scratch.proxy_with(grpc, &format!("test/{sa}"), None, &flags).await);
         }
         wait_ready(server.addr("admin")).await;
         for c in &started {

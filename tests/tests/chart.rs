@@ -64,7 +64,8 @@ fn everything_on(ca: &(String, String, String)) -> String {
         "controller:\n  replicas: 3\n  namespaces: [shop, payments]\n  podLabels: {{team: mesh}}\n  \
          nodeSelector: {{kubernetes.io/os: linux}}\n  tolerations: [{{key: dedicated, operator: Exists}}]\n  \
          priorityClassName: system-cluster-critical\n  imagePullSecrets: [{{name: regcred}}]\n\
-         proxy:\n  imagePullSecrets: [regcred]\n\
+         proxy:\n  imagePullSecrets: [regcred]\n  tracing:\n    collector: http://otel-collector.observability:4317\n    \
+         protocol: http\n    sampling: 0.1\n    attributes: {{deployment.environment: prod}}\n\
          identity:\n  trustDomain: mesh.example\n  trustAnchorPEM: |\n{}  issuer:\n    crtPEM: |\n{}    keyPEM: |\n{}\
          webhook:\n  failurePolicy: Ignore\n  excludeNamespaces: [monitoring]\n\
          metrics:\n  podMonitor:\n    enabled: true\n    labels: {{release: prometheus}}\n\
@@ -152,6 +153,14 @@ fn chart_lints_and_renders_valid_kubernetes_objects() {
     assert!(a.contains(&"--namespace=shop".into()) && a.contains(&"--namespace=payments".into()), "{a:?}");
     assert!(a.contains(&"--proxy-image-pull-secret=regcred".into()), "{a:?}");
     assert_eq!(flag(&docs, "trust-domain").as_deref(), Some("mesh.example"));
+    // Span export for injected sidecars, as flags the controller accepts.
+    assert_eq!(flag(&docs, "inject-trace-collector").as_deref(), Some("http://otel-collector.observability:4317"));
+    assert_eq!(flag(&docs, "inject-trace-protocol").as_deref(), Some("http"));
+    assert_eq!(flag(&docs, "inject-trace-sampling").as_deref(), Some("0.1"));
+    assert_eq!(flag(&docs, "inject-trace-attribute").as_deref(), Some("deployment.environment=prod"));
+    let argv = std::iter::once("weir-controller".to_string()).chain(a.iter().cloned());
+    let parsed = weir_controller::Args::try_parse_from(argv).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(parsed.inject_trace_sampling, 0.1);
     find(&docs, "PodMonitor", "weir-controller");
     assert_eq!(find(&docs, "PodMonitor", "weir-proxies")["spec"]["podMetricsEndpoints"][0]["port"], "weir-admin");
     let hooks = &find(&docs, "MutatingWebhookConfiguration", "weir-sidecar-injector")["webhooks"];
@@ -186,6 +195,9 @@ fn broken_values_are_refused_naming_the_field() {
         ("identity:\n  trustAnchorPEM: not a certificate\n", "/identity/trustAnchorPEM"),
         ("metrics:\n  podMonitor:\n    enabled: yes please\n", "/metrics/podMonitor/enabled"),
         ("proxy:\n  imagePullSecrets: [Reg Cred]\n", "/proxy/imagePullSecrets/0"),
+        ("proxy:\n  tracing:\n    collector: otel:4317\n", "/proxy/tracing/collector"),
+        ("proxy:\n  tracing:\n    sampling: 5\n", "/proxy/tracing/sampling"),
+        ("proxy:\n  tracing:\n    protocol: zipkin\n", "/proxy/tracing/protocol"),
         // A budget no drain could ever satisfy.
         ("controller:\n  podDisruptionBudget:\n    minAvailable: 2\n", "must be below controller.replicas (2)"),
         // Valid one by one, but not together.

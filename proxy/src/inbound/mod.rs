@@ -61,6 +61,8 @@ pub struct Inbound {
     pub probe_paths: Arc<[weir_api::service::ProbePath]>,
     /// Open `weir tap`s (shared with the outbound side and the admin port).
     pub taps: crate::tap::Taps,
+    /// Records this side's spans (one `SERVER` span per sampled request).
+    pub tracer: crate::trace::Tracer,
 }
 
 impl Inbound {
@@ -90,6 +92,7 @@ impl Inbound {
             tunnels,
             probe_paths: Arc::new([]),
             taps: crate::tap::Taps::default(),
+            tracer: crate::trace::Tracer::default(),
         }
     }
 
@@ -141,7 +144,15 @@ impl Inbound {
 
     pub async fn handle(self: Arc<Self>, mut req: Request<Incoming>, peer: crate::server::Peer) -> Response<Body> {
         let started = Instant::now();
-        let ctx = crate::trace::hop(req.headers_mut());
+        let ctx = crate::trace::hop(req.headers_mut(), &self.tracer);
+        let span = ctx.open(&self.tracer, crate::trace::Kind::Server, req.method().to_string()).map(|mut span| {
+            span.request(&req);
+            span.attr("client.address", peer.addr.ip().to_string());
+            if let Some(id) = &peer.identity {
+                span.attr("weir.client.identity", &**id);
+            }
+            span
+        });
         let tapped = self.taps.active();
         let seen = (self.access_log || tapped).then(|| {
             let authority = req
@@ -153,7 +164,10 @@ impl Inbound {
             (req.method().clone(), req.uri().path().to_string(), authority)
         });
         let who = peer.identity.clone();
-        let rsp = self.serve(req, peer, started).await;
+        let mut rsp = self.serve(req, peer, started).await;
+        if let Some(span) = span {
+            rsp = span.end_with(rsp);
+        }
         if let Some((method, path, authority)) = seen {
             let latency = started.elapsed();
             if self.access_log {

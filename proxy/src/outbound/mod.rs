@@ -30,6 +30,7 @@ use crate::errors::{ProxyError, grpc_error};
 use crate::grpc::is_grpc;
 use crate::metrics::{Direction, Labels, Metrics};
 use crate::replay::{MAX_REPLAY_BODY, ReplayBody};
+use crate::trace::Kind;
 use crate::tunnel::TcpFlow;
 
 #[derive(Clone)]
@@ -49,6 +50,9 @@ pub struct Outbound {
     pub access_log: bool,
     /// Open `weir tap`s (shared with the inbound side and the admin port).
     pub taps: crate::tap::Taps,
+    /// Records this side's spans (per sampled request, one `INTERNAL` span and a `CLIENT`
+    /// span per attempt).
+    pub tracer: crate::trace::Tracer,
 }
 
 /// What one request needs on its way upstream, decided before the first attempt.
@@ -63,6 +67,8 @@ struct Call<'a> {
     client: SocketAddr,
     /// The protocol the client switches to (see [`crate::upgrade`]).
     upgrade: Option<HeaderValue>,
+    /// The request's trace context, when its spans are recorded (each attempt gets a span).
+    trace: Option<&'a crate::trace::Context>,
 }
 
 /// The Service, route and backend that served (or failed) a request, for the access log and
@@ -80,10 +86,14 @@ impl Outbound {
             let config = self.config.borrow().clone();
             return self.tunnels.connect(req, config.as_deref(), self.clients.connect_timeout(), &self.metrics).await;
         }
-        let ctx = crate::trace::hop(req.headers_mut());
+        let ctx = crate::trace::hop(req.headers_mut(), &self.tracer);
+        let span = ctx.open(&self.tracer, Kind::Internal, req.method().to_string()).map(|mut span| {
+            span.request(&req);
+            span
+        });
         let tapped = self.taps.active();
-        if !self.access_log && !tapped {
-            return self.proxy_request(req, peer).await;
+        if !self.access_log && !tapped && span.is_none() {
+            return self.proxy_request(req, peer, None).await;
         }
         let started = Instant::now();
         let (method, uri) = (req.method().clone(), req.uri().clone());
@@ -93,15 +103,15 @@ impl Outbound {
             .map(|a| a.to_string())
             .or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string))
             .unwrap_or_default();
-        let rsp = self.proxy_request(req, peer).await;
+        let mut rsp = self.proxy_request(req, peer, span.is_some().then_some(&ctx)).await;
         let upstream = rsp.extensions().get::<Upstream>().cloned();
         let (service, route, backend) = match &upstream {
             Some(u) => (&*u.service, &*u.route, &*u.backend),
             None => ("", "", ""),
         };
         let latency = started.elapsed();
+        let attempts = rsp.headers().get(&ATTEMPTS).and_then(|v| v.to_str().ok()).unwrap_or("1");
         if self.access_log {
-            let attempts = rsp.headers().get(&ATTEMPTS).and_then(|v| v.to_str().ok()).unwrap_or("1");
             tracing::info!(
                 target: "weir::access",
                 direction = "outbound",
@@ -132,6 +142,15 @@ impl Outbound {
                 client_identity: "",
                 request_id: &request_id,
             });
+        }
+        if let Some(mut span) = span {
+            if !service.is_empty() {
+                span.attr("peer.service", service);
+                span.attr("weir.route", route);
+                span.attr("weir.backend", backend);
+            }
+            span.attr("weir.attempts", attempts.parse::<i64>().unwrap_or(1));
+            rsp = span.end_with(rsp);
         }
         rsp
     }
@@ -243,7 +262,12 @@ impl Outbound {
     /// rule, apply the policy's early answers (faults, rate limits), send within the bulkhead
     /// with retries ([`Self::within_bulkhead`], [`Self::attempts`]), record metrics and the
     /// access log.
-    async fn proxy_request(&self, req: Request<Incoming>, peer: crate::server::Peer) -> Response<Body> {
+    async fn proxy_request(
+        &self,
+        req: Request<Incoming>,
+        peer: crate::server::Peer,
+        trace: Option<&crate::trace::Context>,
+    ) -> Response<Body> {
         let client = peer.addr;
         let started = Instant::now();
         let version = req.version();
@@ -322,6 +346,7 @@ impl Outbound {
             authority: authority.to_string(),
             client,
             upgrade: upgrade.as_ref().map(|u| u.token.clone()),
+            trace,
         };
         let call_idle = call.policy.as_ref().and_then(|p| p.stream_idle_timeout);
         let deadline_at = deadline.map(|after| (tokio::time::Instant::now() + after, after));
@@ -547,11 +572,19 @@ impl Outbound {
                 Verdict { pass, outlier: outliers.clone().map(|o| (o, endpoint.addr, endpoints.len())), in_flight };
 
             let idle = policy.and_then(|p| p.stream_idle_timeout);
+            let (span, traceparent) = match self.attempt_span(call, &parts, endpoint, attempt) {
+                Some((span, header)) => (Some(span), Some(header)),
+                None => (None, None),
+            };
             let send = crate::client::replaying(&body, (&self.metrics.replays, "outbound"), |mut copy| {
                 if let Some(idle) = idle {
                     copy = with_idle_timeout(copy, idle);
                 }
-                self.send(call, endpoint, rebuild(&parts), copy)
+                let mut head = rebuild(&parts);
+                if let Some(tp) = &traceparent {
+                    head.headers.insert(crate::trace::TRACEPARENT.clone(), tp.clone());
+                }
+                self.send(call, endpoint, head, copy)
             });
             let outcome = match per_try {
                 Some(after) => tokio::time::timeout(after, send).await.unwrap_or(Err(ProxyError::Timeout { after })),
@@ -564,22 +597,51 @@ impl Outbound {
                     Err(e)
                 }
             };
-            let Some(r) = retry.as_ref().filter(|r| attempt <= r.retries && should_retry(&r.on, &outcome, safe_only))
-            else {
-                return outcome.map(|rsp| (rsp, attempt)).map_err(|e| (e, attempt));
+            let again =
+                match retry.as_ref().filter(|r| attempt <= r.retries && should_retry(&r.on, &outcome, safe_only)) {
+                    None => None,
+                    Some(_) if !body.replayable() => {
+                        rm.retries_skipped.with_label_values(&[service, "body"]).inc();
+                        None
+                    }
+                    Some(_) if !budget.as_ref().is_some_and(|b| b.withdraw()) => {
+                        rm.budget_exhausted.with_label_values(&[service]).inc();
+                        None
+                    }
+                    Some(r) => Some(r),
+                };
+            let Some(r) = again else {
+                return end_attempt(span, outcome, true).map(|rsp| (rsp, attempt)).map_err(|e| (e, attempt));
             };
-            if !body.replayable() {
-                rm.retries_skipped.with_label_values(&[service, "body"]).inc();
-                return outcome.map(|rsp| (rsp, attempt)).map_err(|e| (e, attempt));
-            }
-            if !budget.as_ref().is_some_and(|b| b.withdraw()) {
-                rm.budget_exhausted.with_label_values(&[service]).inc();
-                return outcome.map(|rsp| (rsp, attempt)).map_err(|e| (e, attempt));
-            }
             rm.retries.with_label_values(&[service]).inc();
-            previous = Some(outcome);
+            previous = Some(end_attempt(span, outcome, false));
             tokio::time::sleep(weir_api::rt::backoff(attempt - 1, r.backoff_base, r.backoff_max, Duration::ZERO)).await;
         }
+    }
+
+    /// The span of one attempt (when the request's spans are recorded) and the `traceparent`
+    /// that makes it the parent of the endpoint's own span.
+    fn attempt_span(
+        &self,
+        call: &Call<'_>,
+        parts: &http::request::Parts,
+        endpoint: &Endpoint,
+        attempt: u32,
+    ) -> Option<(crate::trace::Open, HeaderValue)> {
+        let (mut span, header) = call.trace?.child(&self.tracer, Kind::Client, parts.method.to_string())?;
+        span.attr("http.request.method", parts.method.as_str());
+        span.attr("url.path", parts.uri.path());
+        span.attr("peer.service", &*call.target.backend);
+        span.attr("server.address", endpoint.addr.ip().to_string());
+        span.attr("server.port", i64::from(endpoint.addr.port()));
+        if attempt > 1 {
+            span.attr("http.request.resend_count", i64::from(attempt - 1));
+        }
+        let ns = call.target.backend.split('/').next().unwrap_or_default();
+        if let Some(tls) = self.tls_target(ns, endpoint) {
+            span.attr("weir.server.identity", &*tls.expected);
+        }
+        Some((span, header))
     }
 
     /// One attempt: to the peer sidecar over the shared HTTP/2 connection (the client's
@@ -683,6 +745,28 @@ impl Judged {
         }
         if failed {
             self.late.failed();
+        }
+    }
+}
+
+/// Ends an attempt's span: when its response's body ends if the response goes to the client
+/// (`answered`), at the response's head if the attempt is retried, now if it failed.
+fn end_attempt(
+    span: Option<crate::trace::Open>,
+    outcome: Result<Response<Body>, ProxyError>,
+    answered: bool,
+) -> Result<Response<Body>, ProxyError> {
+    let Some(mut span) = span else { return outcome };
+    match outcome {
+        Ok(rsp) if answered => Ok(span.end_with(rsp)),
+        Ok(rsp) => {
+            span.end_at_head(&rsp);
+            Ok(rsp)
+        }
+        Err(e) => {
+            span.fail(e.kind(), e.to_string());
+            span.end();
+            Err(e)
         }
     }
 }
