@@ -145,7 +145,7 @@ impl Inbound {
     pub async fn handle(self: Arc<Self>, mut req: Request<Incoming>, peer: crate::server::Peer) -> Response<Body> {
         let started = Instant::now();
         let ctx = crate::trace::hop(req.headers_mut(), &self.tracer);
-        let span = ctx.open(&self.tracer, crate::trace::Kind::Server, req.method().to_string()).map(|mut span| {
+        let span = ctx.open(&self.tracer, crate::trace::Kind::Server, req.method().as_str()).map(|mut span| {
             span.request(&req);
             span.attr("client.address", peer.addr.ip().to_string());
             if let Some(id) = &peer.identity {

@@ -87,7 +87,7 @@ impl Outbound {
             return self.tunnels.connect(req, config.as_deref(), self.clients.connect_timeout(), &self.metrics).await;
         }
         let ctx = crate::trace::hop(req.headers_mut(), &self.tracer);
-        let span = ctx.open(&self.tracer, Kind::Internal, req.method().to_string()).map(|mut span| {
+        let span = ctx.open(&self.tracer, Kind::Internal, req.method().as_str()).map(|mut span| {
             span.request(&req);
             span
         });
@@ -628,7 +628,7 @@ impl Outbound {
         endpoint: &Endpoint,
         attempt: u32,
     ) -> Option<(crate::trace::Open, HeaderValue)> {
-        let (mut span, header) = call.trace?.child(&self.tracer, Kind::Client, parts.method.to_string())?;
+        let (mut span, header) = call.trace?.child(&self.tracer, Kind::Client, parts.method.as_str())?;
         span.attr("http.request.method", parts.method.as_str());
         span.attr("url.path", parts.uri.path());
         span.attr("peer.service", &*call.target.backend);

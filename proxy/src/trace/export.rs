@@ -4,21 +4,18 @@
 //! collector that is down or slow costs the spans of that batch, counted, and one log line
 //! per outage. Nothing is retried: a trace is worth less than the traffic it describes.
 
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
 use prost::Message;
 use tokio::sync::mpsc;
-use weir_api::otlp::collector::trace::v1::trace_service_client::TraceServiceClient;
-use weir_api::otlp::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
-use weir_api::otlp::common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value};
-use weir_api::otlp::resource::v1::Resource;
-use weir_api::otlp::trace::v1::{ResourceSpans, ScopeSpans, Span, Status, span, status};
+use weir_api::otlp::collector::trace::v1::ExportTraceServiceResponse;
 use weir_api::rt::Drain;
 
-use super::span::{Kind, SpanData, Tracer, Value};
+use super::span::{SpanData, Tracer};
+use super::wire;
 
 pub use weir_api::telemetry::Protocol;
 
@@ -117,7 +114,7 @@ pub fn start(cfg: ExportConfig, metrics: TraceMetrics, drain: Drain) -> (Tracer,
 
 async fn run(cfg: ExportConfig, mut rx: mpsc::Receiver<SpanData>, metrics: TraceMetrics, drain: Drain) {
     let mut sink = Sink::new(&cfg);
-    let resource = resource(&cfg.resource);
+    let resource = wire::resource(&cfg.resource);
     let mut batch: Vec<SpanData> = Vec::with_capacity(cfg.batch);
     let mut tick = tokio::time::interval(cfg.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -158,7 +155,7 @@ async fn run(cfg: ExportConfig, mut rx: mpsc::Receiver<SpanData>, metrics: Trace
 
 /// The collector's end of the wire.
 enum Sink {
-    Grpc(TraceServiceClient<tonic::transport::Channel>),
+    Grpc(tonic::client::Grpc<tonic::transport::Channel>),
     Http(Box<HttpSink>),
 }
 
@@ -177,7 +174,7 @@ impl Sink {
                     .connect_timeout(Duration::from_secs(2))
                     .tcp_nodelay(true)
                     .connect_lazy();
-                Sink::Grpc(TraceServiceClient::new(channel))
+                Sink::Grpc(tonic::client::Grpc::new(channel))
             }
             Protocol::Http => {
                 let mut parts = cfg.collector.clone().into_parts();
@@ -200,27 +197,14 @@ impl Sink {
     async fn export(
         &mut self,
         cfg: &ExportConfig,
-        resource: &Resource,
+        resource: &[u8],
         batch: &mut Vec<SpanData>,
         metrics: &TraceMetrics,
         down: &mut bool,
     ) {
         let count = batch.len() as u64;
-        let request = ExportTraceServiceRequest {
-            resource_spans: vec![ResourceSpans {
-                resource: Some(resource.clone()),
-                scope_spans: vec![ScopeSpans {
-                    scope: Some(InstrumentationScope {
-                        name: "weir-proxy".into(),
-                        version: env!("CARGO_PKG_VERSION").into(),
-                        ..Default::default()
-                    }),
-                    spans: batch.drain(..).map(to_otlp).collect(),
-                    schema_url: String::new(),
-                }],
-                schema_url: String::new(),
-            }],
-        };
+        let request = Bytes::from(wire::export_request(resource, batch));
+        batch.clear();
         let result = match tokio::time::timeout(cfg.timeout, self.send(request)).await {
             Ok(r) => r,
             Err(_) => Err(format!("no answer within {:?}", cfg.timeout)),
@@ -244,18 +228,24 @@ impl Sink {
         }
     }
 
-    /// One export; `Ok(spans the collector rejected)`.
-    async fn send(&mut self, request: ExportTraceServiceRequest) -> Result<u64, String> {
+    /// One export of an encoded `ExportTraceServiceRequest`; `Ok(spans the collector
+    /// rejected)`.
+    async fn send(&mut self, request: Bytes) -> Result<u64, String> {
         match self {
-            Sink::Grpc(client) => {
-                let rsp = client.export(request).await.map_err(|s| format!("{:?}: {}", s.code(), s.message()))?;
+            Sink::Grpc(grpc) => {
+                grpc.ready().await.map_err(|e| crate::errors::chain(&e))?;
+                let path = http::uri::PathAndQuery::from_static(EXPORT_PATH);
+                let rsp = grpc
+                    .unary(tonic::Request::new(request), path, Encoded)
+                    .await
+                    .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?;
                 Ok(rejected(&rsp.into_inner()))
             }
             Sink::Http(http) => {
                 let HttpSink { client, uri } = &**http;
                 let req = http::Request::post(uri.clone())
                     .header(http::header::CONTENT_TYPE, "application/x-protobuf")
-                    .body(Full::new(Bytes::from(request.encode_to_vec())))
+                    .body(Full::new(request))
                     .map_err(|e| e.to_string())?;
                 let rsp = client.request(req).await.map_err(|e| crate::errors::chain(&e))?;
                 let status = rsp.status();
@@ -270,65 +260,61 @@ impl Sink {
     }
 }
 
+/// The OTLP trace service's one method.
+const EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
+
+/// A gRPC codec that sends a message already encoded ([`wire::export_request`]) and decodes
+/// the collector's answer.
+#[derive(Clone, Copy, Default)]
+struct Encoded;
+
+impl tonic::codec::Codec for Encoded {
+    type Encode = Bytes;
+    type Decode = ExportTraceServiceResponse;
+    type Encoder = Encoded;
+    type Decoder = Encoded;
+
+    fn encoder(&mut self) -> Encoded {
+        Encoded
+    }
+
+    fn decoder(&mut self) -> Encoded {
+        Encoded
+    }
+}
+
+impl tonic::codec::Encoder for Encoded {
+    type Item = Bytes;
+    type Error = tonic::Status;
+
+    fn encode(&mut self, item: Bytes, dst: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        bytes::BufMut::put(dst, item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for Encoded {
+    type Item = ExportTraceServiceResponse;
+    type Error = tonic::Status;
+
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<ExportTraceServiceResponse>, tonic::Status> {
+        ExportTraceServiceResponse::decode(src)
+            .map(Some)
+            .map_err(|e| tonic::Status::internal(format!("the collector's answer: {e}")))
+    }
+}
+
 fn rejected(rsp: &ExportTraceServiceResponse) -> u64 {
     rsp.partial_success.as_ref().map_or(0, |p| u64::try_from(p.rejected_spans).unwrap_or(0))
-}
-
-fn resource(attributes: &[(String, String)]) -> Resource {
-    Resource {
-        attributes: attributes.iter().map(|(k, v)| key_value(k.clone(), Value::Str(v.clone()))).collect(),
-        ..Default::default()
-    }
-}
-
-fn key_value(key: String, value: Value) -> KeyValue {
-    let value = match value {
-        Value::Str(s) => any_value::Value::StringValue(s),
-        Value::Int(i) => any_value::Value::IntValue(i),
-        Value::Bool(b) => any_value::Value::BoolValue(b),
-    };
-    KeyValue { key, value: Some(AnyValue { value: Some(value) }), ..Default::default() }
-}
-
-fn unix_nanos(t: SystemTime) -> u64 {
-    t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
-}
-
-/// Trace flags: sampled, and whether the parent is known to be remote (OTLP's `SpanFlags`).
-const SAMPLED: u32 = 0x01;
-const HAS_IS_REMOTE: u32 = 0x100;
-const IS_REMOTE: u32 = 0x200;
-
-fn to_otlp(d: SpanData) -> Span {
-    let kind = match d.kind {
-        Kind::Server => span::SpanKind::Server,
-        Kind::Client => span::SpanKind::Client,
-        Kind::Internal => span::SpanKind::Internal,
-    };
-    // A server span's parent is in the calling process, an outbound request's in the
-    // application; an attempt's parent is the request span in this sidecar.
-    let remote = d.parent.is_some() && d.kind != Kind::Client;
-    Span {
-        trace_id: d.trace_id.to_vec(),
-        span_id: d.span_id.to_vec(),
-        parent_span_id: d.parent.map(|p| p.to_vec()).unwrap_or_default(),
-        flags: SAMPLED | HAS_IS_REMOTE | if remote { IS_REMOTE } else { 0 },
-        name: d.name,
-        kind: kind as i32,
-        start_time_unix_nano: unix_nanos(d.start),
-        end_time_unix_nano: unix_nanos(d.end),
-        attributes: d.attributes.into_iter().map(|(k, v)| key_value(k.to_string(), v)).collect(),
-        status: Some(match d.error {
-            Some(message) => Status { message, code: status::StatusCode::Error as i32 },
-            None => Status { message: String::new(), code: status::StatusCode::Unset as i32 },
-        }),
-        ..Default::default()
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::trace::Kind;
 
     #[test]
     fn a_disabled_tracer_samples_nothing_and_records_nothing() {
@@ -347,27 +333,5 @@ mod tests {
             t.open([1; 16], [2; 8], None, Kind::Server, "GET".into()).unwrap().end();
         }
         assert_eq!(metrics.queue_full.get(), 3);
-    }
-
-    #[test]
-    fn spans_become_otlp() {
-        let start = SystemTime::UNIX_EPOCH + Duration::from_secs(10);
-        let s = to_otlp(SpanData {
-            trace_id: [7; 16],
-            span_id: [8; 8],
-            parent: Some([9; 8]),
-            name: "GET".into(),
-            kind: Kind::Server,
-            start,
-            end: start + Duration::from_millis(3),
-            attributes: vec![("http.response.status_code", Value::Int(503))],
-            error: Some("503".into()),
-        });
-        assert_eq!((s.trace_id, s.span_id, s.parent_span_id), (vec![7; 16], vec![8; 8], vec![9; 8]));
-        assert_eq!(s.kind, span::SpanKind::Server as i32);
-        assert_eq!(s.end_time_unix_nano - s.start_time_unix_nano, 3_000_000);
-        assert_eq!(s.flags, SAMPLED | HAS_IS_REMOTE | IS_REMOTE);
-        assert_eq!(s.status.unwrap().code, status::StatusCode::Error as i32);
-        assert_eq!(s.attributes[0].key, "http.response.status_code");
     }
 }

@@ -14,6 +14,7 @@
 
 pub mod export;
 pub mod span;
+mod wire;
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 
@@ -56,17 +57,17 @@ impl Context {
     }
 
     /// This hop's span, to be recorded (`None` when the trace is not).
-    pub fn open(&self, tracer: &Tracer, kind: Kind, name: String) -> Option<Open> {
+    pub fn open(&self, tracer: &Tracer, kind: Kind, name: &str) -> Option<Open> {
         if !self.recorded {
             return None;
         }
         let tp = self.traceparent.as_bytes();
-        tracer.open(unhex::<16>(&tp[3..35]), unhex::<8>(&tp[36..52]), self.parent, kind, name)
+        tracer.open(unhex::<16>(&tp[3..35]), unhex::<8>(&tp[36..52]), self.parent, kind, name.to_owned())
     }
 
     /// A span under this hop's (an outbound attempt), to be recorded, with the `traceparent`
     /// that makes it the parent of the next hop. `None` when the trace is not recorded.
-    pub fn child(&self, tracer: &Tracer, kind: Kind, name: String) -> Option<(Open, HeaderValue)> {
+    pub fn child(&self, tracer: &Tracer, kind: Kind, name: &str) -> Option<(Open, HeaderValue)> {
         if !self.recorded {
             return None;
         }
@@ -75,7 +76,7 @@ impl Context {
         let id: [u8; 8] = rand::random();
         hex(&id, &mut tp[36..52]);
         let header = HeaderValue::from_bytes(&tp).ok()?;
-        let open = tracer.open(unhex::<16>(&tp[3..35]), id, Some(parent), kind, name)?;
+        let open = tracer.open(unhex::<16>(&tp[3..35]), id, Some(parent), kind, name.to_owned())?;
         Some((open, header))
     }
 }
@@ -232,8 +233,8 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(&TRACEPARENT, "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".parse().unwrap());
         let c = hop(&mut h, &tracer);
-        let request = c.open(&tracer, Kind::Internal, "GET".into()).unwrap();
-        let (attempt, header) = c.child(&tracer, Kind::Client, "GET".into()).unwrap();
+        let request = c.open(&tracer, Kind::Internal, "GET").unwrap();
+        let (attempt, header) = c.child(&tracer, Kind::Client, "GET").unwrap();
         let tp = header.to_str().unwrap();
         assert_eq!(&tp[3..35], "4bf92f3577b34da6a3ce929d0e0e4736");
         assert!(tp.ends_with("-01"));
@@ -259,7 +260,7 @@ mod tests {
         for (kind, code, failed) in [(Kind::Server, "5", false), (Kind::Server, "14", true), (Kind::Client, "5", true)]
         {
             let c = hop(&mut h.clone(), &tracer);
-            let span = c.open(&tracer, kind, "POST".into()).unwrap();
+            let span = c.open(&tracer, kind, "POST").unwrap();
             let mut trailers = HeaderMap::new();
             trailers.insert("grpc-status", code.parse().unwrap());
             let frames = vec![

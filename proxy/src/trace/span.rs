@@ -185,9 +185,14 @@ impl Open {
             .authority()
             .map(|a| a.as_str())
             .or_else(|| req.headers().get(http::header::HOST).and_then(|h| h.to_str().ok()));
-        if let Some(a) = authority.and_then(|a| a.parse::<http::uri::Authority>().ok()) {
-            self.attr("server.address", a.host());
-            if let Some(port) = a.port_u16() {
+        if let Some(a) = authority {
+            // `host[:port]`, the host of an IPv6 address in brackets.
+            let (host, port) = match a.rsplit_once(':') {
+                Some((h, p)) if !a.ends_with(']') => (h, p.parse::<u16>().ok()),
+                _ => (a, None),
+            };
+            self.attr("server.address", host.trim_start_matches('[').trim_end_matches(']'));
+            if let Some(port) = port {
                 self.attr("server.port", i64::from(port));
             }
         }
