@@ -12,6 +12,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={p}");
     }
     let fds = protox::compile(protos, ["proto"])?;
+    // OTLP's comments hold JSON examples indented like code, which rustdoc would run as
+    // doctests: its messages go without them (the vendored .proto files keep them).
+    let mut config = tonic_prost_build::Config::new();
+    config.disable_comments([".opentelemetry"]);
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
@@ -20,6 +24,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Map fields encode in key order: the same Service always gives the same bytes, which
         // incremental snapshots compare to find what changed.
         .btree_map(".")
-        .compile_fds(fds)?;
+        .compile_fds_with_config(fds, config)?;
     Ok(())
 }
