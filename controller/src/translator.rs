@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use weir_api::authorization::{AuthorizationMode, MeshAuthorizationSpec, WorkloadTarget};
 use weir_api::canary::{AbTest, CanarySpec, ForceHeader};
 use weir_api::proto;
-use weir_api::resilience::{LbAlgorithm, ResiliencePolicySpec, grpc_code};
+use weir_api::resilience::{LbAlgorithm, RateLimitAlgorithm, ResiliencePolicySpec, grpc_code};
 use weir_api::route::{PathMatchType, RouteSpec, ValueMatchType};
 
 use crate::index::{Index, Kind, Resource};
@@ -278,6 +278,12 @@ fn policy(ns: &str, name: &str, spec: &ResiliencePolicySpec) -> proto::Resilienc
             client_identity: r.key.as_ref().and_then(|k| k.client_identity).unwrap_or(false),
             max_keys: r.max_keys,
             inbound: r.direction == weir_api::resilience::Direction::Inbound,
+            algorithm: match r.algorithm {
+                RateLimitAlgorithm::TokenBucket => proto::RateLimitAlgorithm::TokenBucket,
+                RateLimitAlgorithm::SlidingWindow => proto::RateLimitAlgorithm::SlidingWindow,
+                RateLimitAlgorithm::LeakyBucket => proto::RateLimitAlgorithm::LeakyBucket,
+            } as i32,
+            window_ms: r.window.as_deref().map(ms).unwrap_or(0),
         }),
         faults: spec.faults.as_ref().map(|f| proto::Faults {
             delay_ms: f.delay.as_ref().map(|d| ms(&d.fixed)).unwrap_or(0),

@@ -517,3 +517,83 @@ async fn a_circuit_opened_by_an_attempt_returns_that_attempts_answer() {
     assert_eq!(r.status, 503);
     assert!(r.headers["weir-error"].to_str().unwrap().contains("circuit open"));
 }
+
+/// A sliding window admits its limit in any window-long span: a burst just after a window's
+/// edge finds the burst just before it still counted (a fixed window would admit both).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sliding_window_lets_no_second_burst_through_at_its_edge() {
+    let mesh = mesh_with("  rateLimit: { requestsPerSecond: 10, algorithm: SlidingWindow, window: 1s }\n").await;
+    let via = mesh.outbound();
+    let burst = |n: usize| async move {
+        let sent: Vec<_> = (0..n)
+            .map(|_| {
+                tokio::spawn(async move { send(&http1(), via, "GET", "web.test", "/", &[]).await.unwrap().status })
+            })
+            .collect();
+        let mut ok = 0;
+        for s in sent {
+            match s.await.unwrap() {
+                200 => ok += 1,
+                429 => {}
+                s => panic!("unexpected status {s}"),
+            }
+        }
+        ok
+    };
+    let t0 = Instant::now();
+    // The first request starts the window (at t0 or later).
+    assert_eq!(burst(1).await, 1);
+    tokio::time::sleep_until((t0 + Duration::from_millis(900)).into()).await;
+    let before_edge = burst(20).await;
+    tokio::time::sleep_until((t0 + Duration::from_millis(1050)).into()).await;
+    let after_edge = burst(20).await;
+    let elapsed = t0.elapsed().as_secs_f64();
+    let admitted = 1 + before_edge + after_edge;
+    // Past the edge by at most `elapsed - 1` of the window, the sliding window lets at most
+    // that share of the limit more through; a fixed window would have admitted 10 + 10.
+    let bound = 10 + (10.0 * (elapsed - 1.0).max(0.0)).ceil() as usize;
+    assert!(
+        admitted <= bound,
+        "{admitted} admitted ({before_edge} before the edge, {after_edge} after) within {elapsed:.2}s; at most {bound}"
+    );
+    assert!(admitted >= 9, "the limit is admitted when asked: only {admitted}");
+}
+
+/// A leaky bucket lets requests go on evenly at its rate, holding up to `burst` of them in
+/// its queue, and refuses the rest at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leaky_bucket_spaces_requests_at_its_rate_and_bounds_its_queue() {
+    // One request every 500 ms; three may wait.
+    let mesh = mesh_with("  rateLimit: { requestsPerSecond: 2, burst: 3, algorithm: LeakyBucket }\n").await;
+    let via = mesh.outbound();
+    let t0 = Instant::now();
+    let sent: Vec<_> = (0..12)
+        .map(|_| {
+            tokio::spawn(async move {
+                let r = send(&http1(), via, "GET", "web.test", "/", &[]).await.unwrap();
+                (r.status, t0.elapsed(), r.headers.contains_key("retry-after"))
+            })
+        })
+        .collect();
+    let mut admitted = Vec::new();
+    let mut refused = 0;
+    for s in sent {
+        match s.await.unwrap() {
+            (200, at, _) => admitted.push(at),
+            (429, at, retry_after) => {
+                refused += 1;
+                assert!(retry_after, "a refusal says when to come back");
+                assert!(at < Duration::from_millis(500 * 4), "a refusal is immediate, not queued: {at:?}");
+            }
+            (s, ..) => panic!("unexpected status {s}"),
+        }
+    }
+    admitted.sort();
+    // The queue holds three behind the one going on now (one more if the twelve took longer
+    // than an interval to arrive on a loaded machine); the rest are refused.
+    assert!((4..=5).contains(&admitted.len()), "{} admitted, {refused} refused: {admitted:?}", admitted.len());
+    // The k-th admitted request cannot finish before k - 1 intervals have passed.
+    for (k, at) in admitted.iter().enumerate() {
+        assert!(*at >= Duration::from_millis(500 * k as u64), "request {k} went on after {at:?}: {admitted:?}");
+    }
+}

@@ -225,8 +225,12 @@ fn default_pending_timeout() -> String {
     "1s".into()
 }
 
-/// A local token bucket: `requestsPerSecond` refill, `burst` capacity, one bucket per key;
-/// enforced by the callers (outbound) or by the Service's own sidecars (inbound). Exceeded: 429 with `retry-after`; gRPC callers get
+/// A local rate limit, one counter per key, enforced by the callers (outbound) or by the
+/// Service's own sidecars (inbound). Counted as `algorithm` says: a token bucket
+/// (`requestsPerSecond` refill, `burst` capacity: bursts allowed, the default), a sliding
+/// window (at most `requestsPerSecond` × `window` requests in any span of `window`, no burst
+/// at a window's edge), or a leaky bucket (requests leave at `requestsPerSecond`, evenly
+/// spaced; up to `burst` wait their turn). Exceeded: 429 with `retry-after`; gRPC callers get
 /// `RESOURCE_EXHAUSTED`.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -249,6 +253,27 @@ pub struct RateLimit {
     /// any caller ("protect me").
     #[serde(default)]
     pub direction: Direction,
+    /// How requests are counted. Default `TokenBucket`.
+    #[serde(default)]
+    pub algorithm: RateLimitAlgorithm,
+    /// `SlidingWindow` only: the window. Default 1s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^([0-9]{1,5}(h|m|s|ms)){1,4}$"))]
+    pub window: Option<String>,
+}
+
+/// How a rate limit counts (see [`RateLimit`]).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum RateLimitAlgorithm {
+    /// Tokens refill at `requestsPerSecond` up to `burst`; a request takes one. Allows bursts.
+    #[default]
+    TokenBucket,
+    /// A sliding-window counter: the current window's count plus the previous window's,
+    /// weighted by how much of it still overlaps, stays within `requestsPerSecond` × `window`.
+    SlidingWindow,
+    /// Queue-and-drain: requests go on one every 1/`requestsPerSecond`; up to `burst` wait
+    /// their turn (delayed, not refused), beyond that they are refused.
+    LeakyBucket,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
@@ -597,6 +622,24 @@ mod tests {
     }
 
     #[test]
+    fn rate_limit_algorithms_parse() {
+        let s = spec(
+            "targetRef: {service: web}\nrateLimit: {requestsPerSecond: 5, algorithm: SlidingWindow, window: 10s}\n",
+        );
+        s.validate().unwrap();
+        let r = s.rate_limit.unwrap();
+        assert_eq!((r.algorithm, r.window.as_deref()), (RateLimitAlgorithm::SlidingWindow, Some("10s")));
+        let s =
+            spec("targetRef: {service: web}\nrateLimit: {requestsPerSecond: 5, algorithm: LeakyBucket, burst: 20}\n");
+        s.validate().unwrap();
+        assert_eq!(s.rate_limit.unwrap().algorithm, RateLimitAlgorithm::LeakyBucket);
+        assert_eq!(
+            spec("targetRef: {service: web}\nrateLimit: {requestsPerSecond: 5}\n").rate_limit.unwrap().algorithm,
+            RateLimitAlgorithm::TokenBucket
+        );
+    }
+
+    #[test]
     fn bad_values_name_their_field() {
         let cases = [
             ("targetRef: {service: web}\ntimeouts: {request: 1s, perTry: 2s}\n", "spec.timeouts.perTry"),
@@ -628,6 +671,15 @@ mod tests {
             (
                 "targetRef: {service: web}\nrateLimit: {requestsPerSecond: 5, direction: Inbound, key: {clientIdentity: true, sourceIp: true}}\n",
                 "spec.rateLimit.key",
+            ),
+            ("targetRef: {service: web}\nrateLimit: {requestsPerSecond: 5, window: 2s}\n", "spec.rateLimit.window"),
+            (
+                "targetRef: {service: web}\nrateLimit: {requestsPerSecond: 5, algorithm: SlidingWindow, window: 100ms}\n",
+                "spec.rateLimit.window",
+            ),
+            (
+                "targetRef: {service: web}\nrateLimit: {requestsPerSecond: 5, algorithm: SlidingWindow, window: 2h}\n",
+                "spec.rateLimit.window",
             ),
             ("targetRef: {service: web}\nbulkhead: {maxInFlight: 0}\n", "spec.bulkhead.maxInFlight"),
             ("targetRef: {service: web}\nloadBalancer: {algorithm: RingHash}\n", "spec.loadBalancer.hashKey"),

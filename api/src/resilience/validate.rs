@@ -104,6 +104,24 @@ impl ResiliencePolicySpec {
             if r.max_keys == 0 {
                 return Err(FieldError::new("spec.rateLimit.maxKeys", "must be at least 1"));
             }
+            if let Some(w) = &r.window {
+                if r.algorithm != RateLimitAlgorithm::SlidingWindow {
+                    return Err(FieldError::new("spec.rateLimit.window", "only algorithm: SlidingWindow has a window"));
+                }
+                let window = positive_duration("spec.rateLimit.window", w)?;
+                if window > std::time::Duration::from_secs(3600) {
+                    return Err(FieldError::new("spec.rateLimit.window", "at most 1h"));
+                }
+                if f64::from(r.requests_per_second) * window.as_secs_f64() < 1.0 {
+                    return Err(FieldError::new(
+                        "spec.rateLimit.window",
+                        format!(
+                            "{w} at {} requests per second allows no request: requestsPerSecond × window must be at least 1",
+                            r.requests_per_second
+                        ),
+                    ));
+                }
+            }
             if let Some(k) = &r.key {
                 let identity = k.client_identity == Some(true);
                 if identity && r.direction != Direction::Inbound {

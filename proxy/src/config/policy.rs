@@ -95,9 +95,20 @@ pub enum RateKey {
 #[derive(Debug, Clone, PartialEq)]
 pub struct RateLimitPolicy {
     pub per_second: u32,
+    /// The token bucket's capacity; the leaky bucket's queue.
     pub burst: u32,
     pub key: RateKey,
     pub max_keys: u32,
+    pub algorithm: RateAlgorithm,
+}
+
+/// How a rate limit counts (see `weir_api::resilience::RateLimitAlgorithm`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RateAlgorithm {
+    TokenBucket,
+    /// At most `per_second` × the window in any window-long span.
+    SlidingWindow(Duration),
+    LeakyBucket,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -365,7 +376,25 @@ pub(super) fn rate_limit(r: &proto::RateLimit) -> Result<RateLimitPolicy, String
         ),
         _ => return Err("rate limit key: header, source IP and client identity are exclusive".into()),
     };
-    Ok(RateLimitPolicy { per_second: r.requests_per_second, burst: r.burst.max(1), key, max_keys: r.max_keys })
+    let algorithm = match proto::RateLimitAlgorithm::try_from(r.algorithm) {
+        Ok(proto::RateLimitAlgorithm::TokenBucket) => RateAlgorithm::TokenBucket,
+        Ok(proto::RateLimitAlgorithm::SlidingWindow) => {
+            let window = Duration::from_millis(if r.window_ms == 0 { 1000 } else { r.window_ms });
+            if f64::from(r.requests_per_second) * window.as_secs_f64() < 1.0 {
+                return Err(format!("rate limit window {window:?} allows no request"));
+            }
+            RateAlgorithm::SlidingWindow(window)
+        }
+        Ok(proto::RateLimitAlgorithm::LeakyBucket) => RateAlgorithm::LeakyBucket,
+        Err(_) => return Err(format!("unknown rate limit algorithm {}", r.algorithm)),
+    };
+    Ok(RateLimitPolicy {
+        per_second: r.requests_per_second,
+        burst: r.burst.max(1),
+        key,
+        max_keys: r.max_keys,
+        algorithm,
+    })
 }
 
 /// A rate limit this sidecar enforces on traffic it receives.

@@ -219,15 +219,19 @@ impl Inbound {
         self.metrics.inbound_by_identity.with_label_values(&[who, tls]).inc();
         let app = self.app_for(&peer);
         let config = self.config.borrow().clone();
-        let refused = match config.as_deref() {
-            Some(config) => self
-                .authorize(config, &mut req, peer.identity.as_deref(), app)
-                .or_else(|| self.rate_limited(config, &req, client, peer.identity.as_deref())),
-            None => Some(ProxyError::NotReady),
+        let admitted = match config.as_deref() {
+            Some(config) => match self.authorize(config, &mut req, peer.identity.as_deref(), app) {
+                Some(refused) => Err(refused),
+                None => self.rate_limited(config, &req, client, peer.identity.as_deref()),
+            },
+            None => Err(ProxyError::NotReady),
         };
         let grpc = crate::grpc::is_grpc(req.headers());
-        if let Some(e) = refused {
-            return self.metrics.response(labels, e.into_response_for(grpc), started.elapsed());
+        match admitted {
+            Err(e) => return self.metrics.response(labels, e.into_response_for(grpc), started.elapsed()),
+            // A leaky bucket's queue: this request's turn comes after the wait.
+            Ok(wait) if !wait.is_zero() => tokio::time::sleep(wait).await,
+            Ok(_) => {}
         }
         let result = self.forward(req, app, upgrade.as_ref().map(|u| &u.token)).await;
         let rsp = match result {
@@ -330,16 +334,18 @@ impl Inbound {
     }
 
     /// The inbound rate limits of the Service the request is for (all of this workload's, when
-    /// the authority names none of them).
+    /// the authority names none of them): `Ok(wait)` before the request goes on (a leaky
+    /// bucket's queue; zero otherwise), or the refusal.
     fn rate_limited(
         &self,
         config: &Config,
         req: &Request<Incoming>,
         client: SocketAddr,
         identity: Option<&str>,
-    ) -> Option<ProxyError> {
+    ) -> Result<std::time::Duration, ProxyError> {
+        let mut wait = std::time::Duration::ZERO;
         if config.inbound.is_empty() {
-            return None;
+            return Ok(wait);
         }
         let host = req.uri().host().map(str::to_string).or_else(|| {
             let h = req.headers().get(header::HOST)?.to_str().ok()?;
@@ -351,12 +357,15 @@ impl Inbound {
         let applies = |l: &&InboundLimit| target.as_ref().is_none_or(|t| &l.service == t);
         for l in config.inbound.iter().filter(applies) {
             let key = crate::outbound::resilience::rate_key(&l.limit.key, req.headers(), client, identity);
-            if let Err(retry_after) = self.resilience.limiter(&l.policy, &l.limit).check(&key) {
-                self.resilience.metrics.rate_limited.with_label_values(&[&*l.service, "inbound"]).inc();
-                return Some(ProxyError::RateLimited { retry_after });
+            match self.resilience.limiter(&l.policy, &l.limit).check(&key) {
+                Ok(w) => wait = wait.max(w),
+                Err(retry_after) => {
+                    self.resilience.metrics.rate_limited.with_label_values(&[&*l.service, "inbound"]).inc();
+                    return Err(ProxyError::RateLimited { retry_after });
+                }
             }
         }
-        None
+        Ok(wait)
     }
 
     /// Sends the request to the application in the protocol the client spoke (an upgrade, as

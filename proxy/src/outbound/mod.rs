@@ -407,9 +407,14 @@ impl Outbound {
         let service = &*labels.service;
         if let Some(rl) = &policy.rate_limit {
             let key = resilience::rate_key(&rl.key, &parts.headers, client, None);
-            if let Err(retry_after) = self.resilience.limiter(&policy.name, rl).check(&key) {
-                rm.rate_limited.with_label_values(&[service, "outbound"]).inc();
-                return Some(Early::Fail(ProxyError::RateLimited { retry_after }));
+            match self.resilience.limiter(&policy.name, rl).check(&key) {
+                Err(retry_after) => {
+                    rm.rate_limited.with_label_values(&[service, "outbound"]).inc();
+                    return Some(Early::Fail(ProxyError::RateLimited { retry_after }));
+                }
+                // A leaky bucket's queue: this request's turn comes after the wait.
+                Ok(wait) if !wait.is_zero() => tokio::time::sleep(wait).await,
+                Ok(_) => {}
             }
         }
         let faults = policy.faults.as_ref()?;

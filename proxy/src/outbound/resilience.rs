@@ -14,7 +14,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::config::{BreakerPolicy, BudgetPolicy, BulkheadPolicy, Endpoint, OutlierPolicy, RateLimitPolicy};
+use crate::config::{
+    BreakerPolicy, BudgetPolicy, BulkheadPolicy, Endpoint, OutlierPolicy, RateAlgorithm, RateLimitPolicy,
+};
 use crate::metrics::ResilienceMetrics;
 
 /// Most budgets and breakers kept; keys come from configuration, this is a backstop.
@@ -251,37 +253,110 @@ pub fn rate_key(
     }
 }
 
-/// Token buckets, one per key, in a table of bounded size.
+/// Rate limits, one counter per key, in a table of bounded size; counted as the policy's
+/// [`RateAlgorithm`] says.
 pub struct RateLimiter {
     policy: RateLimitPolicy,
-    buckets: Mutex<HashMap<String, (f64, Instant)>>,
+    keys: Mutex<HashMap<String, Counter>>,
+}
+
+/// One key's counter, and when it was last used (the least recently used key is forgotten
+/// when the table is full).
+struct Counter {
+    used: Instant,
+    state: Count,
+}
+
+enum Count {
+    /// Tokens left as of `used`.
+    Bucket(f64),
+    /// The current window's start and count, and the previous window's count.
+    Window { length: Duration, start: Instant, current: u32, previous: u32 },
+    /// When the next request may leave.
+    Leaky { next: Instant },
 }
 
 impl RateLimiter {
     fn new(policy: RateLimitPolicy) -> Self {
-        Self { policy, buckets: Mutex::new(HashMap::new()) }
+        Self { policy, keys: Mutex::new(HashMap::new()) }
     }
 
-    /// Takes a token for `key`; `Err(wait)` with how long until one is available.
-    pub fn check(&self, key: &str) -> Result<(), Duration> {
-        let now = Instant::now();
-        let rate = f64::from(self.policy.per_second);
-        let burst = f64::from(self.policy.burst);
-        let mut g = self.buckets.lock().unwrap();
-        if !g.contains_key(key) && g.len() >= self.policy.max_keys as usize {
+    /// Counts a request for `key`: `Ok(wait)` admits it, to go on after `wait` (zero but
+    /// behind a leaky bucket's queue); `Err(retry_after)` refuses it.
+    pub fn check(&self, key: &str) -> Result<Duration, Duration> {
+        self.check_at(key, Instant::now())
+    }
+
+    fn check_at(&self, key: &str, now: Instant) -> Result<Duration, Duration> {
+        let p = &self.policy;
+        let rate = f64::from(p.per_second);
+        let mut g = self.keys.lock().unwrap();
+        if !g.contains_key(key) && g.len() >= p.max_keys as usize {
             // Forget the key used least recently.
-            if let Some(oldest) = g.iter().min_by_key(|(_, (_, at))| *at).map(|(k, _)| k.clone()) {
+            if let Some(oldest) = g.iter().min_by_key(|(_, c)| c.used).map(|(k, _)| k.clone()) {
                 g.remove(&oldest);
             }
         }
-        let (tokens, at) = g.entry(key.to_string()).or_insert((burst, now));
-        *tokens = (*tokens + now.saturating_duration_since(*at).as_secs_f64() * rate).min(burst);
-        *at = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            Ok(())
-        } else {
-            Err(Duration::from_secs_f64((1.0 - *tokens) / rate))
+        let c = g.entry(key.to_string()).or_insert_with(|| Counter {
+            used: now,
+            state: match p.algorithm {
+                RateAlgorithm::TokenBucket => Count::Bucket(f64::from(p.burst)),
+                RateAlgorithm::SlidingWindow(length) => Count::Window { length, start: now, current: 0, previous: 0 },
+                RateAlgorithm::LeakyBucket => Count::Leaky { next: now },
+            },
+        });
+        let since = now.saturating_duration_since(c.used);
+        c.used = now;
+        match &mut c.state {
+            Count::Bucket(tokens) => {
+                *tokens = (*tokens + since.as_secs_f64() * rate).min(f64::from(p.burst));
+                if *tokens >= 1.0 {
+                    *tokens -= 1.0;
+                    Ok(Duration::ZERO)
+                } else {
+                    Err(Duration::from_secs_f64((1.0 - *tokens) / rate))
+                }
+            }
+            Count::Window { length, start, current, previous } => {
+                let w = length.as_nanos();
+                let windows = now.saturating_duration_since(*start).as_nanos() / w;
+                if windows >= 1 {
+                    *previous = if windows == 1 { *current } else { 0 };
+                    *current = 0;
+                    let into = now.saturating_duration_since(*start).as_nanos() % w;
+                    *start = now - Duration::from_nanos(u64::try_from(into).unwrap_or(0));
+                }
+                let length_s = length.as_secs_f64();
+                let into = now.saturating_duration_since(*start).as_secs_f64() / length_s;
+                let limit = rate * length_s;
+                // The previous window counts for the share of it the sliding window still covers.
+                let estimate = f64::from(*previous) * (1.0 - into) + f64::from(*current);
+                if estimate + 1.0 <= limit {
+                    *current += 1;
+                    return Ok(Duration::ZERO);
+                }
+                // Until enough of the previous window has slid out, or at the latest until this
+                // window ends (then the count is this window's, weighted down as it slides).
+                let rest = (1.0 - into) * length_s;
+                let wait = if *previous > 0 {
+                    ((estimate + 1.0 - limit) / f64::from(*previous) * length_s).min(rest)
+                } else {
+                    rest
+                };
+                Err(Duration::from_secs_f64(wait.max(0.001)))
+            }
+            Count::Leaky { next } => {
+                let interval = Duration::from_secs_f64(1.0 / rate);
+                let leaves = (*next).max(now);
+                let wait = leaves - now;
+                // Requests queued ahead of this one (each leaves one interval after the last).
+                let ahead = wait.as_nanos().div_ceil(interval.as_nanos().max(1));
+                if ahead > u128::from(p.burst) {
+                    return Err(wait.saturating_sub(interval * p.burst).max(interval));
+                }
+                *next = leaves + interval;
+                Ok(wait)
+            }
         }
     }
 }
@@ -556,19 +631,74 @@ mod tests {
         assert_eq!(b.acquire().unwrap(), Permit::Probe, "and no longer");
     }
 
+    fn limit(per_second: u32, burst: u32, algorithm: RateAlgorithm) -> RateLimiter {
+        RateLimiter::new(RateLimitPolicy {
+            per_second,
+            burst,
+            key: crate::config::RateKey::Whole,
+            max_keys: 2,
+            algorithm,
+        })
+    }
+
     #[test]
     fn token_bucket_refills_at_the_rate() {
         let r = resilience();
-        let l = r.limiter(
-            &"ns/p".into(),
-            &RateLimitPolicy { per_second: 10, burst: 5, key: crate::config::RateKey::Whole, max_keys: 2 },
-        );
+        let policy = RateLimitPolicy {
+            per_second: 10,
+            burst: 5,
+            key: crate::config::RateKey::Whole,
+            max_keys: 2,
+            algorithm: RateAlgorithm::TokenBucket,
+        };
+        let l = r.limiter(&"ns/p".into(), &policy);
         assert_eq!((0..10).filter(|_| l.check("a").is_ok()).count(), 5, "burst");
         let wait = l.check("a").unwrap_err();
         assert!(wait <= Duration::from_millis(100));
         assert!(l.check("b").is_ok(), "separate bucket per key");
         assert!(l.check("c").is_ok(), "a third key evicts the least recently used");
-        assert_eq!(l.buckets.lock().unwrap().len(), 2);
+        assert_eq!(l.keys.lock().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_sliding_window_admits_no_second_burst_at_the_edge() {
+        // 10 per second. A fixed window would admit 10 at 0.95 s and 10 more at 1.05 s.
+        let l = limit(10, 10, RateAlgorithm::SlidingWindow(Duration::from_secs(1)));
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        assert!(l.check_at("k", at(0)).is_ok(), "the window starts with the first request");
+        let burst = |ms| (0..20).filter(|_| l.check_at("k", at(ms)).is_ok()).count();
+        assert_eq!(burst(950), 9, "the first window's limit");
+        // 50 ms into the next window, 95 % of the previous one still counts: 9.5 of 10.
+        assert_eq!(burst(1050), 0, "no second burst across the edge");
+        let retry = l.check_at("k", at(1050)).unwrap_err();
+        assert!(retry > Duration::ZERO && retry <= Duration::from_millis(950), "{retry:?}");
+        // As the window slides, room comes back in proportion: at 1.5 s, half of the 10.
+        assert_eq!(burst(1500), 5);
+        // Any 1 s span from 0.5 s on holds at most the limit.
+        // At 2 s the previous window's 5 still count in full: 5 more fit.
+        assert_eq!(burst(2000), 5);
+        // Idle for more than a window: a fresh start.
+        assert_eq!(burst(5000), 10);
+    }
+
+    #[test]
+    fn a_leaky_bucket_spaces_requests_and_bounds_its_queue() {
+        // 10 per second: one every 100 ms; 3 may wait.
+        let l = limit(10, 3, RateAlgorithm::LeakyBucket);
+        let t0 = Instant::now();
+        let waits: Vec<Result<Duration, Duration>> = (0..6).map(|_| l.check_at("k", t0)).collect();
+        let ms = Duration::from_millis;
+        assert_eq!(waits[..4], [Ok(ms(0)), Ok(ms(100)), Ok(ms(200)), Ok(ms(300))], "evenly spaced");
+        assert!(waits[4].is_err() && waits[5].is_err(), "beyond the queue: refused");
+        assert_eq!(waits[4], Err(ms(100)), "room again when the first waiting one leaves");
+        // 250 ms on, two have left; the queue has room for two more.
+        let later = t0 + ms(250);
+        assert_eq!(l.check_at("k", later), Ok(ms(150)));
+        assert_eq!(l.check_at("k", later), Ok(ms(250)));
+        assert!(l.check_at("k", later).is_err());
+        // Idle: no wait.
+        assert_eq!(l.check_at("k", t0 + ms(5000)), Ok(ms(0)));
     }
 
     #[test]
